@@ -1,0 +1,116 @@
+//! The typed errors of the queue stores and the domain model.
+//!
+//! Every store operation returns [`QueueError`]; callers match on the kind
+//! (the seed's `ErrQueueFull`, `ErrItemNotFound`, ... in Rust form) and the
+//! message names what was wrong.
+
+use std::error::Error as StdError;
+
+/// A boxed error source kept inside [`QueueError::Storage`].
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// What went wrong in a queue operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The queue is at its item or byte limit and the overflow policy refuses
+    /// new items.
+    #[error("queue is full: {reason}")]
+    QueueFull {
+        /// Which limit was hit, with the numbers.
+        reason: String,
+    },
+
+    /// The queue was closed; no operation is accepted any more.
+    #[error("queue is closed")]
+    QueueClosed,
+
+    /// No item has this exact ID.
+    #[error("item not found: {id}")]
+    ItemNotFound {
+        /// The ID that was looked up.
+        id: String,
+    },
+
+    /// An item with the same ID or the same fingerprint is already pending or
+    /// being delivered.
+    #[error("duplicate item: already queued as {existing_id}")]
+    DuplicateItem {
+        /// The ID of the item already in the queue.
+        existing_id: String,
+    },
+
+    /// The item (or the request) is not acceptable as given.
+    #[error("invalid item: {reason}")]
+    InvalidItem {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// One item is larger than the queue's whole byte limit.
+    #[error("item too large: {size} bytes, the limit is {limit} bytes")]
+    TooLarge {
+        /// The item's size in bytes.
+        size: u64,
+        /// The limit it exceeds.
+        limit: u64,
+    },
+
+    /// A stored record failed its integrity check.
+    #[error("corrupt record {what}: {detail}")]
+    Corrupt {
+        /// Which record (an ID or a file name).
+        what: String,
+        /// What the check found.
+        detail: String,
+    },
+
+    /// The storage medium failed (I/O error, database error, full disk...).
+    #[error("storage error during {op}: {source}")]
+    Storage {
+        /// The operation that failed, e.g. "enqueue" or "open".
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl QueueError {
+    /// Wraps a lower-level error as [`QueueError::Storage`] for operation `op`.
+    pub fn storage(op: &'static str, source: impl Into<BoxError>) -> Self {
+        QueueError::Storage {
+            op,
+            source: source.into(),
+        }
+    }
+
+    /// Shorthand for [`QueueError::InvalidItem`].
+    pub fn invalid(reason: impl Into<String>) -> Self {
+        QueueError::InvalidItem {
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`QueueError::ItemNotFound`].
+    pub fn not_found(id: impl Into<String>) -> Self {
+        QueueError::ItemNotFound { id: id.into() }
+    }
+
+    /// A short stable name for the error kind, for logs, metrics and JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            QueueError::QueueFull { .. } => "queue_full",
+            QueueError::QueueClosed => "queue_closed",
+            QueueError::ItemNotFound { .. } => "item_not_found",
+            QueueError::DuplicateItem { .. } => "duplicate_item",
+            QueueError::InvalidItem { .. } => "invalid_item",
+            QueueError::TooLarge { .. } => "too_large",
+            QueueError::Corrupt { .. } => "corrupt",
+            QueueError::Storage { .. } => "storage",
+        }
+    }
+}
+
+/// Result alias for queue operations.
+pub type QueueResult<T> = Result<T, QueueError>;

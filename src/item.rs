@@ -1,0 +1,565 @@
+//! The queue item: what is stored, its identity (ID, fingerprint) and its
+//! delivery state.
+//!
+//! Field names follow the Go SDK's `QueueItem` so JSON written by either side
+//! reads on the other. The payload (the seed's `report`) is any JSON document;
+//! it is kept as compact JSON text in document order (whitespace outside
+//! strings removed, nothing reordered), so the default fingerprint, SHA-256 of
+//! those bytes, equals the one the Go SDK computes for the same report.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{QueueError, QueueResult};
+
+/// Default number of delivery attempts before an item becomes a dead letter.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+/// Longest caller-chosen ID that is not a UUID.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Where an item is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemStatus {
+    /// Waiting for its `next_retry`, or due.
+    Pending,
+    /// Claimed by a worker under a lease; returns to pending if the lease expires.
+    Processing,
+    /// A dead letter: retries exhausted or refused for good by the upstream.
+    Failed,
+}
+
+impl ItemStatus {
+    /// The seed's string for the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemStatus::Pending => "pending",
+            ItemStatus::Processing => "processing",
+            ItemStatus::Failed => "failed",
+        }
+    }
+
+    /// All statuses, in life order.
+    pub const ALL: [ItemStatus; 3] = [
+        ItemStatus::Pending,
+        ItemStatus::Processing,
+        ItemStatus::Failed,
+    ];
+}
+
+impl fmt::Display for ItemStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ItemStatus {
+    type Err = QueueError;
+    fn from_str(s: &str) -> QueueResult<Self> {
+        match s {
+            "pending" => Ok(ItemStatus::Pending),
+            "processing" => Ok(ItemStatus::Processing),
+            "failed" => Ok(ItemStatus::Failed),
+            other => Err(QueueError::invalid(format!(
+                "unknown status {other:?} (expected pending, processing or failed)"
+            ))),
+        }
+    }
+}
+
+/// What kind of report an item carries: the seed's three, or any other name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ItemType {
+    /// A findings report.
+    #[default]
+    Findings,
+    /// An asset inventory.
+    Assets,
+    /// An agent heartbeat.
+    Heartbeat,
+    /// Any other type name.
+    Other(String),
+}
+
+impl ItemType {
+    /// The type's wire name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ItemType::Findings => "findings",
+            ItemType::Assets => "assets",
+            ItemType::Heartbeat => "heartbeat",
+            ItemType::Other(s) => s,
+        }
+    }
+}
+
+impl From<&str> for ItemType {
+    fn from(s: &str) -> Self {
+        match s {
+            "findings" => ItemType::Findings,
+            "assets" => ItemType::Assets,
+            "heartbeat" => ItemType::Heartbeat,
+            other => ItemType::Other(other.to_owned()),
+        }
+    }
+}
+
+impl From<String> for ItemType {
+    fn from(s: String) -> Self {
+        ItemType::from(s.as_str())
+    }
+}
+
+impl fmt::Display for ItemType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ItemType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ItemType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(ItemType::from(s))
+    }
+}
+
+/// Checks a caller-chosen item ID: a UUID, or 1 to 64 of `[A-Za-z0-9_-]`.
+///
+/// The rule guarantees an ID can never name a path outside the queue
+/// directory (no `/`, `.`, `\` or NUL) and compares exactly.
+pub fn validate_id(id: &str) -> QueueResult<()> {
+    if uuid::Uuid::try_parse(id).is_ok() {
+        return Ok(());
+    }
+    if id.is_empty() {
+        return Err(QueueError::invalid("id is empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(QueueError::invalid(format!(
+            "id is {} characters long, the limit is {MAX_ID_LEN}",
+            id.len()
+        )));
+    }
+    if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(QueueError::invalid(format!(
+            "id {id:?} contains {bad:?}; only A-Z, a-z, 0-9, '_' and '-' are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// A new ID: a UUIDv7, so IDs sort roughly by creation time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// SHA-256 of `bytes`, as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest.iter() {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// CRC-32 of the payload bytes, kept beside each stored payload and verified
+/// on every read.
+pub fn payload_checksum(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+/// A JSON document, kept as compact text in document order.
+///
+/// Cheap to clone (shared). Built only through [`Payload::from_json_bytes`] /
+/// [`Payload::from_value`], which validate and compact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload(Arc<str>);
+
+impl Payload {
+    /// Parses `bytes` as one JSON document and keeps its compact form.
+    pub fn from_json_bytes(bytes: &[u8]) -> QueueResult<Self> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| QueueError::invalid(format!("payload is not UTF-8: {e}")))?;
+        Self::from_json_str(text)
+    }
+
+    /// Parses `text` as one JSON document and keeps its compact form.
+    pub fn from_json_str(text: &str) -> QueueResult<Self> {
+        // Validate with serde (exact error position), then compact by hand so
+        // key order and number spelling stay as the producer wrote them.
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde::de::IgnoredAny::deserialize(&mut de)
+            .and_then(|_| de.end())
+            .map_err(|e| QueueError::invalid(format!("payload is not valid JSON: {e}")))?;
+        Ok(Payload(Arc::from(compact_json(text))))
+    }
+
+    /// Serializes a JSON value (keys in the value's own order).
+    pub fn from_value(value: &serde_json::Value) -> Self {
+        // Serializing a Value cannot fail: keys are strings.
+        Payload(Arc::from(value.to_string()))
+    }
+
+    /// The compact JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The compact JSON bytes: what transports send and fingerprints hash.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True for an empty payload (never produced by the constructors).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Parses the payload into a `serde_json::Value`.
+    pub fn to_value(&self) -> serde_json::Value {
+        // The text was validated at construction.
+        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// SHA-256 hex of the payload bytes: the default fingerprint.
+    pub fn fingerprint(&self) -> String {
+        sha256_hex(self.as_bytes())
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print payloads in full: they can be large and sensitive.
+        write!(f, "Payload({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let raw: &serde_json::value::RawValue = serde_json::from_str(&self.0)
+            .map_err(|e| serde::ser::Error::custom(format!("payload: {e}")))?;
+        raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw: Box<serde_json::value::RawValue> = Deserialize::deserialize(d)?;
+        Ok(Payload(Arc::from(compact_json(raw.get()))))
+    }
+}
+
+/// Removes whitespace outside strings from valid JSON text, keeping
+/// everything else byte for byte.
+pub fn compact_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\n' | '\r' | '\t') {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// One report waiting for delivery, with its delivery state.
+///
+/// Serialized with the Go SDK's field names (`type`, `report`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueItem {
+    /// Unique ID: a UUIDv7 unless the caller chose one (see [`validate_id`]).
+    pub id: String,
+    /// Report type.
+    #[serde(rename = "type")]
+    pub item_type: ItemType,
+    /// Identity of the content for deduplication (SHA-256 of the payload by default).
+    pub fingerprint: String,
+    /// Delivery state.
+    pub status: ItemStatus,
+    /// The report itself.
+    pub report: Payload,
+    /// Delivery attempts made so far (every failed push counts one).
+    pub attempts: u32,
+    /// Attempts allowed before the item becomes a dead letter.
+    pub max_attempts: u32,
+    /// The reason of the last failure, empty if none.
+    #[serde(default)]
+    pub last_error: String,
+    /// When the last attempt was made; `None` before the first.
+    #[serde(default)]
+    pub last_attempt: Option<DateTime<Utc>>,
+    /// When the item is next due.
+    pub next_retry: DateTime<Utc>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// When its state last changed.
+    pub updated_at: DateTime<Utc>,
+    /// The producing agent, free text.
+    #[serde(default)]
+    pub agent_id: String,
+    /// The producing scanner, free text.
+    #[serde(default)]
+    pub scanner_name: String,
+    /// What was scanned, free text.
+    #[serde(default)]
+    pub target_path: String,
+    /// While `processing`: the time the claim expires and the item returns to pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_until: Option<DateTime<Utc>>,
+    /// Free-form attributes for transports (headers, routing...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl QueueItem {
+    /// True when the item is pending and due at `now`.
+    pub fn is_ready_for_retry(&self, now: DateTime<Utc>) -> bool {
+        self.status == ItemStatus::Pending && self.next_retry <= now
+    }
+
+    /// True when no attempt is left.
+    pub fn has_exhausted_retries(&self) -> bool {
+        self.attempts >= self.max_attempts
+    }
+
+    /// True when the item was created more than `ttl` before `now`.
+    pub fn is_expired(&self, ttl: std::time::Duration, now: DateTime<Utc>) -> bool {
+        match ChronoDuration::from_std(ttl) {
+            Ok(ttl) => match self.created_at.checked_add_signed(ttl) {
+                Some(deadline) => deadline < now,
+                None => false,
+            },
+            // A TTL too large to represent never expires anything.
+            Err(_) => false,
+        }
+    }
+
+    /// Bytes the item accounts for against the byte limit: payload plus metadata.
+    pub fn size_bytes(&self) -> u64 {
+        let meta = self.id.len()
+            + self.item_type.as_str().len()
+            + self.fingerprint.len()
+            + self.last_error.len()
+            + self.agent_id.len()
+            + self.scanner_name.len()
+            + self.target_path.len()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        (self.report.len() + meta) as u64
+    }
+}
+
+/// What a producer hands to `enqueue`: the payload and whatever the caller
+/// wants to choose; the store fills in the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewItem {
+    /// The report.
+    pub report: Payload,
+    /// Report type (default `findings`).
+    pub item_type: ItemType,
+    /// A caller-chosen ID; a UUIDv7 when `None`.
+    pub id: Option<String>,
+    /// A caller-chosen fingerprint; SHA-256 of the payload when `None`.
+    pub fingerprint: Option<String>,
+    /// Attempts allowed; the store's default when `None`.
+    pub max_attempts: Option<u32>,
+    /// Producing agent.
+    pub agent_id: String,
+    /// Producing scanner.
+    pub scanner_name: String,
+    /// What was scanned.
+    pub target_path: String,
+    /// First due time; now when `None`.
+    pub next_retry: Option<DateTime<Utc>>,
+    /// Attributes for transports.
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl NewItem {
+    /// A new item of type `findings` carrying `report`.
+    pub fn new(report: Payload) -> Self {
+        NewItem {
+            report,
+            item_type: ItemType::Findings,
+            id: None,
+            fingerprint: None,
+            max_attempts: None,
+            agent_id: String::new(),
+            scanner_name: String::new(),
+            target_path: String::new(),
+            next_retry: None,
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    /// A new item from JSON bytes (validated).
+    pub fn from_json(bytes: &[u8]) -> QueueResult<Self> {
+        Ok(Self::new(Payload::from_json_bytes(bytes)?))
+    }
+
+    /// Sets the type.
+    pub fn with_type(mut self, t: impl Into<ItemType>) -> Self {
+        self.item_type = t.into();
+        self
+    }
+
+    /// Sets a caller-chosen ID.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Sets a caller-chosen fingerprint.
+    pub fn with_fingerprint(mut self, fp: impl Into<String>) -> Self {
+        self.fingerprint = Some(fp.into());
+        self
+    }
+
+    /// Sets the attempts allowed.
+    pub fn with_max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    /// Adds an attribute.
+    pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(key.into(), value.into());
+        self
+    }
+
+    /// Validates the caller's choices and builds the stored item at `now`.
+    pub fn into_item(
+        self,
+        now: DateTime<Utc>,
+        default_max_attempts: u32,
+    ) -> QueueResult<QueueItem> {
+        let id = match self.id {
+            Some(id) => {
+                validate_id(&id)?;
+                id
+            }
+            None => new_id(),
+        };
+        let fingerprint = match self.fingerprint {
+            Some(fp) if fp.trim().is_empty() => {
+                return Err(QueueError::invalid("fingerprint is empty"))
+            }
+            Some(fp) if fp.len() > 256 => {
+                return Err(QueueError::invalid(format!(
+                    "fingerprint is {} characters long, the limit is 256",
+                    fp.len()
+                )))
+            }
+            Some(fp) => fp,
+            None => self.report.fingerprint(),
+        };
+        let max_attempts = self.max_attempts.unwrap_or(default_max_attempts);
+        if max_attempts == 0 {
+            return Err(QueueError::invalid("max_attempts must be at least 1"));
+        }
+        if self.item_type.as_str().is_empty() {
+            return Err(QueueError::invalid("type is empty"));
+        }
+        Ok(QueueItem {
+            id,
+            item_type: self.item_type,
+            fingerprint,
+            status: ItemStatus::Pending,
+            report: self.report,
+            attempts: 0,
+            max_attempts,
+            last_error: String::new(),
+            last_attempt: None,
+            next_retry: self.next_retry.unwrap_or(now),
+            created_at: now,
+            updated_at: now,
+            agent_id: self.agent_id,
+            scanner_name: self.scanner_name,
+            target_path: self.target_path,
+            lease_until: None,
+            attributes: self.attributes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_validated_exactly() {
+        assert!(validate_id("abc-DEF_123").is_ok());
+        assert!(validate_id(&new_id()).is_ok());
+        for bad in ["", "../etc", "a/b", "a.b", "a\0b", &"x".repeat(65)] {
+            assert!(validate_id(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn payload_is_compacted_in_document_order() {
+        let p = Payload::from_json_str("{ \"b\" : 1,\n \"a\": \"x y\\\" z\" }").unwrap();
+        assert_eq!(p.as_str(), r#"{"b":1,"a":"x y\" z"}"#);
+        assert!(Payload::from_json_str("{").is_err());
+        assert!(Payload::from_json_str("{} {}").is_err());
+    }
+
+    #[test]
+    fn default_fingerprint_is_sha256_of_compact_payload() {
+        let p = Payload::from_json_str("{\"a\": 1}").unwrap();
+        assert_eq!(p.fingerprint(), sha256_hex(b"{\"a\":1}"));
+    }
+
+    #[test]
+    fn expiry_and_exhaustion() {
+        let now = Utc::now();
+        let item = NewItem::from_json(b"{}")
+            .unwrap()
+            .into_item(now, 3)
+            .unwrap();
+        assert!(item.is_ready_for_retry(now));
+        assert!(!item.has_exhausted_retries());
+        assert!(!item.is_expired(std::time::Duration::from_secs(60), now));
+        assert!(item.is_expired(
+            std::time::Duration::from_secs(60),
+            now + ChronoDuration::seconds(61)
+        ));
+        assert!(!item.is_expired(std::time::Duration::MAX, now));
+    }
+}

@@ -1,0 +1,456 @@
+//! The durable queue: the blocking [`RetryQueue`] trait every backend
+//! implements, its options, filters and statistics.
+//!
+//! # Contract (what every backend guarantees; `tests/store_conformance.rs` checks it)
+//!
+//! - **Durable before return.** When a call that changes state returns `Ok`,
+//!   the change survives a crash or `kill -9` of the process (and, for the
+//!   default settings, a power loss). A call that returns `Err` changed
+//!   nothing.
+//! - **Exact identity.** IDs are compared exactly, never by prefix or
+//!   substring; a caller's ID is validated by [`crate::item::validate_id`].
+//! - **Deduplication** (on by default): an enqueue whose ID exists in any
+//!   status, or whose fingerprint matches a `pending` or `processing` item,
+//!   fails with [`QueueError::DuplicateItem`] naming the existing item.
+//! - **Limits.** `max_items` and `max_bytes` (payload plus metadata, see
+//!   [`QueueItem::size_bytes`]). When a new item does not fit, the
+//!   [`OverflowPolicy`] decides: `Reject` fails with `QueueFull`;
+//!   `DropOldest` evicts the oldest items, dead letters first, counting each.
+//!   An item larger than `max_bytes` on its own is `TooLarge`.
+//! - **Leases.** `claim` marks ready items `processing` until a lease
+//!   expires; an expired lease returns the item to `pending`
+//!   (`release_expired_leases`, and always when the store is opened).
+//! - **Integrity.** Every payload carries a checksum verified on read. A
+//!   record that fails it (torn, truncated, foreign, corrupt) is moved to a
+//!   quarantine, counted in [`QueueStats::quarantined`] and logged; it never
+//!   fails an operation on other items.
+//! - **Close** is idempotent; afterwards every call fails with `QueueClosed`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{system_clock, SharedClock};
+pub use crate::error::{QueueError, QueueResult};
+use crate::item::{ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS};
+
+pub mod file;
+pub mod sqlite;
+
+pub use file::FileRetryQueue;
+pub use sqlite::SqliteRetryQueue;
+
+/// Default item limit (the seed's).
+pub const DEFAULT_MAX_ITEMS: usize = 1000;
+/// Default byte limit: 256 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Default lease for `dequeue`.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5 * 60);
+/// Default number of quarantined records kept.
+pub const DEFAULT_MAX_QUARANTINED: usize = 1000;
+
+/// What to do when a new item does not fit within the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Refuse the new item with `QueueFull` (nothing already stored is lost).
+    #[default]
+    Reject,
+    /// Evict the oldest items, dead letters first, to make room.
+    DropOldest,
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most items held (all statuses).
+    pub max_items: usize,
+    /// Most bytes held (payload plus metadata, all statuses).
+    pub max_bytes: u64,
+    /// What to do when full.
+    pub overflow: OverflowPolicy,
+    /// Refuse duplicate fingerprints among pending and processing items.
+    pub dedupe: bool,
+    /// `max_attempts` for items that do not set their own.
+    pub default_max_attempts: u32,
+    /// How long dead letters are kept by `cleanup`; `None` uses the TTL
+    /// given to `cleanup`.
+    pub dead_letter_ttl: Option<Duration>,
+    /// Lease used by `dequeue`.
+    pub default_lease: Duration,
+    /// Quarantined records kept; `cleanup` removes the oldest beyond this.
+    pub max_quarantined: usize,
+    /// Where "now" comes from.
+    pub clock: SharedClock,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_items: DEFAULT_MAX_ITEMS,
+            max_bytes: DEFAULT_MAX_BYTES,
+            overflow: OverflowPolicy::Reject,
+            dedupe: true,
+            default_max_attempts: DEFAULT_MAX_ATTEMPTS,
+            dead_letter_ttl: None,
+            default_lease: DEFAULT_LEASE,
+            max_quarantined: DEFAULT_MAX_QUARANTINED,
+            clock: system_clock(),
+        }
+    }
+}
+
+/// The field `list` orders by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderBy {
+    /// Creation time.
+    #[default]
+    CreatedAt,
+    /// Next due time.
+    NextRetry,
+    /// Attempts made.
+    Attempts,
+}
+
+impl std::str::FromStr for OrderBy {
+    type Err = QueueError;
+    fn from_str(s: &str) -> QueueResult<Self> {
+        match s {
+            "created_at" => Ok(OrderBy::CreatedAt),
+            "next_retry" => Ok(OrderBy::NextRetry),
+            "attempts" => Ok(OrderBy::Attempts),
+            other => Err(QueueError::invalid(format!(
+                "unknown order {other:?} (expected created_at, next_retry or attempts)"
+            ))),
+        }
+    }
+}
+
+/// Which items `list` returns and in what order.
+///
+/// The order is total: ties on the chosen field are broken by `id`
+/// (ascending or descending with the rest). `offset` applies before `limit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListFilter {
+    /// Only items in this status.
+    pub status: Option<ItemStatus>,
+    /// Only items of this type.
+    pub item_type: Option<ItemType>,
+    /// Only pending items due now.
+    pub ready_only: bool,
+    /// Sort field.
+    pub order_by: OrderBy,
+    /// Sort descending.
+    pub descending: bool,
+    /// Items skipped after filtering and sorting.
+    pub offset: usize,
+    /// Most items returned; all when `None`.
+    pub limit: Option<usize>,
+}
+
+/// A snapshot of the queue, with the seed's JSON field names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Items in any status.
+    pub total_items: usize,
+    /// Items pending (due or not).
+    pub pending_items: usize,
+    /// Items claimed for delivery.
+    pub processing_items: usize,
+    /// Dead letters.
+    pub failed_items: usize,
+    /// Creation time of the oldest item.
+    pub oldest_item: Option<DateTime<Utc>>,
+    /// Creation time of the newest item.
+    pub newest_item: Option<DateTime<Utc>>,
+    /// Sum of `attempts` over the items held.
+    pub total_retries: u64,
+    /// The latest `last_attempt` over the items held.
+    pub last_retry: Option<DateTime<Utc>>,
+    /// Bytes the items account for against `max_bytes`.
+    pub total_bytes: u64,
+    /// Bytes the store occupies on disk (files, database and journal).
+    pub bytes_on_disk: u64,
+    /// Records in quarantine.
+    pub quarantined: u64,
+    /// Items evicted by `drop_oldest` since the store was opened.
+    pub evicted: u64,
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanupReport {
+    /// Pending or processing items older than the TTL.
+    pub expired: usize,
+    /// Dead letters older than the dead-letter TTL.
+    pub dead_letters_expired: usize,
+    /// Quarantined records removed beyond `max_quarantined`.
+    pub quarantine_trimmed: usize,
+}
+
+impl CleanupReport {
+    /// Items removed from the queue (expired plus dead letters).
+    pub fn removed(&self) -> usize {
+        self.expired + self.dead_letters_expired
+    }
+}
+
+/// One state change, for [`RetryQueue::apply_batch`] (group commit).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    /// [`RetryQueue::enqueue`].
+    Enqueue(NewItem),
+    /// [`RetryQueue::delete`] (an acknowledgement).
+    Delete {
+        /// Item ID.
+        id: String,
+    },
+    /// [`RetryQueue::requeue`].
+    Requeue {
+        /// Item ID.
+        id: String,
+        /// Why the attempt failed.
+        error: String,
+        /// When to try again.
+        next_retry: DateTime<Utc>,
+    },
+    /// [`RetryQueue::mark_failed`].
+    MarkFailed {
+        /// Item ID.
+        id: String,
+        /// Why it is a dead letter.
+        reason: String,
+    },
+    /// [`RetryQueue::release`].
+    Release {
+        /// Item ID.
+        id: String,
+    },
+}
+
+/// The result of one [`WriteOp`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOutcome {
+    /// An item was enqueued with this ID.
+    Enqueued(String),
+    /// The change was applied.
+    Applied,
+}
+
+/// A durable retry queue (the seed's `RetryQueue`, blocking).
+///
+/// Implementations are internally synchronized (`&self` everywhere) so one
+/// store can be shared by the store actor, admin commands and tests. Each
+/// method's doc says exactly what it changes; see the module doc for the
+/// guarantees every method keeps.
+pub trait RetryQueue: Send + Sync {
+    /// Stores a new item, durably, and returns its ID.
+    ///
+    /// Errors: `InvalidItem` (bad ID, fingerprint or max_attempts),
+    /// `DuplicateItem`, `QueueFull`, `TooLarge`, `Storage`, `QueueClosed`.
+    fn enqueue(&self, item: NewItem) -> QueueResult<String>;
+
+    /// Stores many items in one durable commit. The outer error means nothing
+    /// was stored; otherwise each item has its own result, in order (a
+    /// duplicate inside the batch is a `DuplicateItem` of the earlier one).
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>>;
+
+    /// Claims the next ready item with the default lease (`claim(1, ..)`).
+    fn dequeue(&self) -> QueueResult<Option<QueueItem>>;
+
+    /// The item `claim` would return next, without claiming it.
+    fn peek(&self) -> QueueResult<Option<QueueItem>>;
+
+    /// The item with exactly this ID.
+    fn get(&self, id: &str) -> QueueResult<QueueItem>;
+
+    /// Replaces the stored item with the same ID by `item` (all fields but
+    /// `id` and `created_at`; `updated_at` becomes now). `ItemNotFound` if absent.
+    fn update(&self, item: &QueueItem) -> QueueResult<()>;
+
+    /// Removes the item (an acknowledgement). `ItemNotFound` if absent.
+    fn delete(&self, id: &str) -> QueueResult<()>;
+
+    /// Records a final failed attempt and makes the item a dead letter:
+    /// `attempts + 1` (saturating), `last_error = reason`, `last_attempt = now`,
+    /// status `failed`, lease cleared. Returns the updated item.
+    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem>;
+
+    /// Records a failed attempt and schedules the next one: `attempts + 1`
+    /// (saturating), `last_error = error`, `last_attempt = now`,
+    /// `next_retry`, status `pending`, lease cleared. Returns the updated item.
+    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem>;
+
+    /// Brings a dead letter back: status `pending`, `attempts = 0`, due now,
+    /// `last_error` kept. `InvalidItem` if the item is not `failed`.
+    fn revive(&self, id: &str) -> QueueResult<QueueItem>;
+
+    /// Returns a `processing` item to `pending` without counting an attempt
+    /// (used on graceful stop). `next_retry` is unchanged. A no-op `Ok` for
+    /// an item that is not processing; `ItemNotFound` if absent.
+    fn release(&self, id: &str) -> QueueResult<()>;
+
+    /// Claims up to `limit` ready items (pending, `next_retry <= now`): marks
+    /// them `processing` with `lease_until = now + lease`, oldest
+    /// `next_retry` first, ties by `created_at` then `id`.
+    fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>>;
+
+    /// Returns every `processing` item whose lease has expired to `pending`;
+    /// returns how many.
+    fn release_expired_leases(&self) -> QueueResult<usize>;
+
+    /// The earliest time something becomes actionable: the smallest
+    /// `next_retry` among pending items or `lease_until` among processing
+    /// items. The scheduler sleeps until then.
+    fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>>;
+
+    /// Items held, in any status.
+    fn size(&self) -> QueueResult<usize>;
+
+    /// A snapshot of counts, times and sizes.
+    fn stats(&self) -> QueueResult<QueueStats>;
+
+    /// Removes pending and processing items created more than `ttl` ago,
+    /// dead letters older than the dead-letter TTL, and quarantined records
+    /// beyond the limit.
+    fn cleanup(&self, ttl: Duration) -> QueueResult<CleanupReport>;
+
+    /// Applies the item and byte limits to what is already stored (after the
+    /// limits were lowered): with `DropOldest` evicts until within limits and
+    /// returns the count; with `Reject` evicts nothing and returns 0.
+    fn enforce_limits(&self) -> QueueResult<usize>;
+
+    /// Items matching `filter`, in its order.
+    fn list(&self, filter: &ListFilter) -> QueueResult<Vec<QueueItem>>;
+
+    /// Applies many state changes together. Backends that can (SQLite) make
+    /// them one durable transaction; the default applies them one by one.
+    /// Each op has its own result; the outer error means nothing was applied.
+    fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let result = match op {
+                WriteOp::Enqueue(item) => self.enqueue(item).map(WriteOutcome::Enqueued),
+                WriteOp::Delete { id } => self.delete(&id).map(|_| WriteOutcome::Applied),
+                WriteOp::Requeue {
+                    id,
+                    error,
+                    next_retry,
+                } => self
+                    .requeue(&id, &error, next_retry)
+                    .map(|_| WriteOutcome::Applied),
+                WriteOp::MarkFailed { id, reason } => self
+                    .mark_failed(&id, &reason)
+                    .map(|_| WriteOutcome::Applied),
+                WriteOp::Release { id } => self.release(&id).map(|_| WriteOutcome::Applied),
+            };
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    /// Closes the store; idempotent. Afterwards every call fails with
+    /// `QueueClosed`.
+    fn close(&self) -> QueueResult<()>;
+}
+
+impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
+    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+        (**self).enqueue(item)
+    }
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+        (**self).enqueue_batch(items)
+    }
+    fn dequeue(&self) -> QueueResult<Option<QueueItem>> {
+        (**self).dequeue()
+    }
+    fn peek(&self) -> QueueResult<Option<QueueItem>> {
+        (**self).peek()
+    }
+    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+        (**self).get(id)
+    }
+    fn update(&self, item: &QueueItem) -> QueueResult<()> {
+        (**self).update(item)
+    }
+    fn delete(&self, id: &str) -> QueueResult<()> {
+        (**self).delete(id)
+    }
+    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+        (**self).mark_failed(id, reason)
+    }
+    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+        (**self).requeue(id, error, next_retry)
+    }
+    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+        (**self).revive(id)
+    }
+    fn release(&self, id: &str) -> QueueResult<()> {
+        (**self).release(id)
+    }
+    fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
+        (**self).claim(limit, lease)
+    }
+    fn release_expired_leases(&self) -> QueueResult<usize> {
+        (**self).release_expired_leases()
+    }
+    fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
+        (**self).next_due()
+    }
+    fn size(&self) -> QueueResult<usize> {
+        (**self).size()
+    }
+    fn stats(&self) -> QueueResult<QueueStats> {
+        (**self).stats()
+    }
+    fn cleanup(&self, ttl: Duration) -> QueueResult<CleanupReport> {
+        (**self).cleanup(ttl)
+    }
+    fn enforce_limits(&self) -> QueueResult<usize> {
+        (**self).enforce_limits()
+    }
+    fn list(&self, filter: &ListFilter) -> QueueResult<Vec<QueueItem>> {
+        (**self).list(filter)
+    }
+    fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
+        (**self).apply_batch(ops)
+    }
+    fn close(&self) -> QueueResult<()> {
+        (**self).close()
+    }
+}
+
+/// Sorts `items` as `filter` says (total order: ties by id) and applies
+/// offset and limit. Backends that filter in memory share this.
+pub fn sort_and_page(items: &mut Vec<QueueItem>, filter: &ListFilter) {
+    items.sort_by(|a, b| {
+        let primary = match filter.order_by {
+            OrderBy::CreatedAt => a.created_at.cmp(&b.created_at),
+            OrderBy::NextRetry => a.next_retry.cmp(&b.next_retry),
+            OrderBy::Attempts => a.attempts.cmp(&b.attempts),
+        };
+        let ord = primary.then_with(|| a.id.cmp(&b.id));
+        if filter.descending {
+            ord.reverse()
+        } else {
+            ord
+        }
+    });
+    let start = filter.offset.min(items.len());
+    items.drain(..start);
+    if let Some(limit) = filter.limit {
+        items.truncate(limit);
+    }
+}
+
+/// True when `item` passes the filter's predicates at `now`.
+pub fn filter_matches(item: &QueueItem, filter: &ListFilter, now: DateTime<Utc>) -> bool {
+    filter.status.is_none_or(|s| item.status == s)
+        && filter
+            .item_type
+            .as_ref()
+            .is_none_or(|t| &item.item_type == t)
+        && (!filter.ready_only || item.is_ready_for_retry(now))
+}

@@ -1,0 +1,4 @@
+//! The embedded default backend (placeholder).
+/// SQLite-backed queue.
+#[derive(Debug)]
+pub struct SqliteRetryQueue;
