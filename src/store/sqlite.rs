@@ -143,7 +143,7 @@ fn sql_err(op: &'static str) -> impl Fn(rusqlite::Error) -> QueueError {
 
 /// A row read back: the item, or why it failed its integrity check.
 enum Loaded {
-    Ok(QueueItem),
+    Ok(Box<QueueItem>),
     Bad { id: String, reason: String },
 }
 
@@ -193,7 +193,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
         }
     };
     let item_type: String = row.get(1)?;
-    Ok(Loaded::Ok(QueueItem {
+    Ok(Loaded::Ok(Box::new(QueueItem {
         id,
         item_type: ItemType::from(item_type),
         fingerprint: row.get(2)?,
@@ -211,7 +211,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
         target_path: row.get(13)?,
         lease_until: row.get::<_, Option<i64>>(14)?.map(from_nanos),
         attributes,
-    }))
+    })))
 }
 
 /// The embedded SQLite queue. See the module documentation.
@@ -325,7 +325,7 @@ impl SqliteRetryQueue {
         let mut items = Vec::with_capacity(rows.len());
         for row in rows {
             match row {
-                Loaded::Ok(item) => items.push(item),
+                Loaded::Ok(item) => items.push(*item),
                 Loaded::Bad { id, reason } => self.quarantine(tx, &id, &reason)?,
             }
         }
