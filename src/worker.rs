@@ -1,1 +1,742 @@
-//! Placeholder: filled in by its issue.
+//! `RetryWorker`: the host's handle on delivery (the seed's name, fixed).
+//!
+//! It starts the actors either inside the host's running actix System or,
+//! for a plain tokio program, on a dedicated thread running its own System.
+//! Its methods are plain async Rust: no actix type appears in them.
+//!
+//! Used as a write-ahead outbox: `enqueue` returns once the item is durable
+//! (through the store actor's group commit), then the first attempt follows
+//! immediately.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use retryq_plugin::{FingerprintChecker, Pusher};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::actors::checker::CheckerActor;
+use crate::actors::janitor::JanitorActor;
+use crate::actors::messages::{MaintenanceReport, Pause, Resume, Shutdown, Wake};
+use crate::actors::pusher::PusherActor;
+use crate::actors::scheduler::{run_cycle, Callbacks, DeliveryState, Io, SchedulerActor, Shared};
+use crate::actors::store::{StoreActor, StoreHandle};
+use crate::backoff::BackoffConfig;
+use crate::clock::{system_clock, SharedClock};
+use crate::error::{QueueError, QueueResult};
+use crate::item::NewItem;
+use crate::store::{QueueStats, RetryQueue, WriteOp, WriteOutcome};
+
+/// Circuit-breaker settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Consecutive retryable failures (across items) that open the circuit;
+    /// 0 disables the breaker.
+    pub threshold: u32,
+    /// How long the circuit stays open before one probe is let through.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// Each failed probe doubles the cool-down, up to this.
+    #[serde(with = "humantime_serde")]
+    pub max_cooldown: Duration,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        CircuitConfig {
+            threshold: 5,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// How the worker delivers (the seed's fields plus what the actors need).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryWorkerConfig {
+    /// Safety poll: the longest the scheduler sleeps even when nothing is due.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Items claimed per cycle.
+    pub batch_size: usize,
+    /// Attempts for items enqueued through the worker without their own.
+    pub max_attempts: u32,
+    /// Items older than this are expired by the janitor.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Retry timing.
+    pub backoff: BackoffConfig,
+    /// Transport threads.
+    pub concurrency: usize,
+    /// How long a claimed item stays leased before it returns to pending.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Deadline of one transport call.
+    #[serde(with = "humantime_serde")]
+    pub push_timeout: Duration,
+    /// How often the scheduler looks for items written by other processes.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Circuit breaker.
+    pub circuit: CircuitConfig,
+    /// Cap on an upstream's Retry-After.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// While paused by an unauthorized answer, how often one probe is tried.
+    #[serde(with = "humantime_serde")]
+    pub unauthorized_probe_interval: Duration,
+    /// How often the janitor runs.
+    #[serde(with = "humantime_serde")]
+    pub janitor_interval: Duration,
+    /// Where "now" comes from (tests inject a manual clock).
+    #[serde(skip, default = "system_clock")]
+    pub clock: SharedClock,
+}
+
+impl Default for RetryWorkerConfig {
+    fn default() -> Self {
+        RetryWorkerConfig {
+            interval: Duration::from_secs(5 * 60),
+            batch_size: 10,
+            max_attempts: crate::item::DEFAULT_MAX_ATTEMPTS,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            backoff: BackoffConfig::default(),
+            concurrency: 4,
+            lease: Duration::from_secs(5 * 60),
+            push_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+            circuit: CircuitConfig::default(),
+            max_retry_after: Duration::from_secs(3600),
+            unauthorized_probe_interval: Duration::from_secs(60),
+            janitor_interval: Duration::from_secs(60),
+            clock: system_clock(),
+        }
+    }
+}
+
+impl RetryWorkerConfig {
+    /// Checks the configuration, naming the first bad field.
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        let bad = |field: &'static str, reason: String| Err(WorkerError::Config { field, reason });
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1".into());
+        }
+        if self.concurrency == 0 {
+            return bad("concurrency", "must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts", "must be at least 1".into());
+        }
+        for (field, d) in [
+            ("interval", self.interval),
+            ("poll_interval", self.poll_interval),
+            ("janitor_interval", self.janitor_interval),
+            ("push_timeout", self.push_timeout),
+            ("ttl", self.ttl),
+            (
+                "unauthorized_probe_interval",
+                self.unauthorized_probe_interval,
+            ),
+        ] {
+            if d.is_zero() {
+                return bad(field, "must be greater than zero".into());
+            }
+        }
+        if self.lease <= self.push_timeout {
+            return bad(
+                "lease",
+                format!(
+                    "{} must be longer than push_timeout {} (or items are claimed twice)",
+                    humantime::format_duration(self.lease),
+                    humantime::format_duration(self.push_timeout)
+                ),
+            );
+        }
+        if self.circuit.max_cooldown < self.circuit.cooldown {
+            return bad(
+                "circuit.max_cooldown",
+                "must not be below circuit.cooldown".into(),
+            );
+        }
+        self.backoff.validate().map_err(|e| WorkerError::Config {
+            field: "backoff",
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The circuit breaker's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitState {
+    /// Delivering normally.
+    #[default]
+    Closed,
+    /// Not delivering until the cool-down ends.
+    Open,
+    /// Cool-down over: the next cycle sends one probe.
+    HalfOpen,
+}
+
+/// Counters (the seed's `WorkerStats`, plus state).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    /// Items whose attempt finished, any outcome.
+    pub total_processed: u64,
+    /// Delivered or skipped.
+    pub total_succeeded: u64,
+    /// Failed attempts (retried, dead-lettered, exhausted).
+    pub total_failed: u64,
+    /// Failed attempts rescheduled.
+    pub total_retried: u64,
+    /// Items that ran out of attempts.
+    pub total_exhausted: u64,
+    /// Items the upstream already had (fingerprint check).
+    pub total_skipped: u64,
+    /// Items released without an attempt (unauthorized, checker failure).
+    pub total_released: u64,
+    /// Items expired by the janitor.
+    pub total_expired: u64,
+    /// Items evicted by the janitor to fit the limits.
+    pub total_evicted: u64,
+    /// Times the circuit opened.
+    pub circuit_opened: u64,
+    /// Actor restarts by supervisors.
+    pub actor_restarts: u64,
+    /// End of the last cycle that processed something.
+    pub last_run: Option<DateTime<Utc>>,
+    /// Whether the worker runs.
+    pub is_running: bool,
+    /// Paused by the host or by an unauthorized answer.
+    pub paused: bool,
+    /// The circuit breaker.
+    pub circuit_state: CircuitState,
+}
+
+/// What happened to an item in a cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Acknowledged by the upstream and deleted.
+    Delivered,
+    /// The upstream already had its fingerprint; deleted without upload.
+    Skipped,
+    /// Failed, rescheduled.
+    Retried,
+    /// Refused for good; a dead letter.
+    DeadLettered,
+    /// Out of attempts; a dead letter.
+    Exhausted,
+    /// Credentials refused: released, delivery paused.
+    Paused,
+    /// Released without an attempt (the fingerprint check failed).
+    Released,
+}
+
+impl EventKind {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Delivered => "delivered",
+            EventKind::Skipped => "skipped",
+            EventKind::Retried => "retried",
+            EventKind::DeadLettered => "dead_lettered",
+            EventKind::Exhausted => "exhausted",
+            EventKind::Paused => "paused",
+            EventKind::Released => "released",
+        }
+    }
+}
+
+/// The result of processing one item (the seed's `RetryResult`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryResult {
+    /// The item.
+    pub item_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// Attempts after this one.
+    pub attempts: u32,
+    /// The failure, if any.
+    pub error: Option<String>,
+    /// When it is tried next, if rescheduled.
+    pub next_retry: Option<DateTime<Utc>>,
+}
+
+/// One outcome, as seen by callbacks and subscribers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkerEvent {
+    /// The item.
+    pub item_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// Attempts after this one.
+    pub attempts: u32,
+    /// The failure, if any.
+    pub error: Option<String>,
+    /// Transport latency, when a push was made.
+    pub latency: Option<Duration>,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+/// Why a worker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// `start` on a running worker.
+    #[error("the worker is already running")]
+    AlreadyRunning,
+    /// A configuration field is invalid.
+    #[error("invalid worker {field}: {reason}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The actor system could not be started.
+    #[error("could not start the worker: {0}")]
+    Start(String),
+    /// The queue refused.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+struct Running {
+    scheduler: Addr<SchedulerActor>,
+    janitor: Addr<JanitorActor>,
+    io: Arc<Io>,
+    store: StoreHandle,
+    system: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
+}
+
+/// The delivery worker. See the module documentation.
+pub struct RetryWorker {
+    shared: Arc<Shared>,
+    queue: Arc<dyn RetryQueue>,
+    pusher: Arc<dyn Pusher>,
+    checker: Option<Arc<dyn FingerprintChecker>>,
+    running: Mutex<Option<Running>>,
+}
+
+impl std::fmt::Debug for RetryWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryWorker")
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+impl RetryWorker {
+    /// A worker delivering `queue`'s items through `pusher`.
+    pub fn new(
+        config: RetryWorkerConfig,
+        queue: Arc<dyn RetryQueue>,
+        pusher: Arc<dyn Pusher>,
+    ) -> Result<Self, WorkerError> {
+        config.validate()?;
+        let (events, _) = broadcast::channel(4096);
+        Ok(RetryWorker {
+            shared: Arc::new(Shared {
+                clock: config.clock.clone(),
+                config,
+                state: Mutex::new(DeliveryState::default()),
+                in_flight: Mutex::new(Default::default()),
+                events,
+                callbacks: Default::default(),
+                shutdown: Default::default(),
+            }),
+            queue,
+            pusher,
+            checker: None,
+            running: Mutex::new(None),
+        })
+    }
+
+    /// Adds a fingerprint checker (call before `start`).
+    pub fn with_checker(mut self, checker: Arc<dyn FingerprintChecker>) -> Self {
+        self.checker = Some(checker);
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RetryWorkerConfig {
+        &self.shared.config
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &Arc<dyn RetryQueue> {
+        &self.queue
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts delivery: inside the current actix System if called from one,
+    /// otherwise on a dedicated thread running its own System.
+    pub async fn start(&self) -> Result<(), WorkerError> {
+        if self.is_running() {
+            return Err(WorkerError::AlreadyRunning);
+        }
+        self.shared.shutdown.store(false, Ordering::SeqCst);
+        let store = StoreHandle::spawn(self.queue.clone())
+            .map_err(|e| WorkerError::Start(format!("store thread: {e}")))?;
+        let parts = Parts {
+            shared: self.shared.clone(),
+            store: store.clone(),
+            pusher: self.pusher.clone(),
+            checker: self.checker.clone(),
+        };
+        let in_actix =
+            actix::System::try_current().is_some() && actix_rt::Arbiter::try_current().is_some();
+        let running = if in_actix {
+            let (scheduler, janitor, io) = parts.start();
+            Running {
+                scheduler,
+                janitor,
+                io,
+                store,
+                system: None,
+            }
+        } else {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name("retryq-actors".into())
+                .spawn(move || {
+                    let system = actix::System::new();
+                    // The System lives until `stop` (or the handle's drop)
+                    // says so; then the runtime and its actors are dropped.
+                    system.block_on(async move {
+                        let started = parts.start();
+                        if tx.send(started).is_ok() {
+                            let _ = stop_rx.await;
+                        }
+                        actix::System::current().stop();
+                    });
+                })
+                .map_err(|e| WorkerError::Start(format!("actor thread: {e}")))?;
+            let (scheduler, janitor, io) = rx
+                .await
+                .map_err(|_| WorkerError::Start("the actor thread died while starting".into()))?;
+            let system = (stop_tx, thread);
+            Running {
+                scheduler,
+                janitor,
+                io,
+                store,
+                system: Some(system),
+            }
+        };
+        *self.running() = Some(running);
+        tracing::info!("retry worker started");
+        Ok(())
+    }
+
+    /// True exactly while the worker runs (false once stopped, or if its
+    /// actor system was stopped by someone else).
+    pub fn is_running(&self) -> bool {
+        self.running()
+            .as_ref()
+            .is_some_and(|r| r.scheduler.connected())
+    }
+
+    /// Stops gracefully: no new claims, waits up to `timeout` for pushes in
+    /// flight, then releases the leases of whatever did not finish. Nothing
+    /// is lost. Idempotent.
+    pub async fn stop(&self, timeout: Duration) -> Result<(), WorkerError> {
+        let Some(running) = self.running().take() else {
+            return Ok(());
+        };
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        running.scheduler.do_send(Shutdown);
+        running.janitor.do_send(Shutdown);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.in_flight_ids().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let leftover = self.in_flight_ids();
+        if !leftover.is_empty() {
+            tracing::warn!(
+                count = leftover.len(),
+                "pushes still in flight at stop; releasing their leases"
+            );
+            let ops = leftover
+                .into_iter()
+                .map(|id| WriteOp::Release { id })
+                .collect();
+            let queue = self.queue.clone();
+            blocking(move || queue.apply_batch(ops)).await?;
+        }
+        let Running { system, .. } = running;
+        if let Some((stop, thread)) = system {
+            let _ = stop.send(());
+            // Bounded: a transport call stuck past its deadline must not hold
+            // up the host's shutdown; its item was released above.
+            let joined = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::task::spawn_blocking(move || thread.join()),
+            )
+            .await;
+            if joined.is_err() {
+                tracing::warn!("actor thread still busy after stop; detaching it");
+            }
+        }
+        tracing::info!("retry worker stopped");
+        Ok(())
+    }
+
+    fn in_flight_ids(&self) -> Vec<String> {
+        self.shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn io(&self) -> Arc<Io> {
+        match self.running().as_ref() {
+            Some(r) => r.io.clone(),
+            None => Arc::new(Io::Direct {
+                queue: self.queue.clone(),
+                pusher: self.pusher.clone(),
+                checker: self.checker.clone(),
+                timeout: self.shared.config.push_timeout,
+            }),
+        }
+    }
+
+    /// Processes what is due now and returns the results. Works whether or
+    /// not the worker runs; leases guarantee no item is pushed twice at once
+    /// even while the scheduler runs too.
+    pub async fn process_now(&self) -> QueueResult<Vec<RetryResult>> {
+        let io = self.io();
+        let mut all = Vec::new();
+        // Bounded: a cycle claims at most batch_size; stop when the queue
+        // has nothing more due or delivery is gated.
+        for _ in 0..10_000 {
+            let results = run_cycle(&self.shared, &io).await?;
+            let more = results.len() >= self.shared.config.batch_size
+                && results
+                    .iter()
+                    .all(|r| !matches!(r.kind, EventKind::Paused | EventKind::Released));
+            all.extend(results);
+            if !more {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    /// Stores one item durably (through the store actor's group commit while
+    /// running) and wakes delivery. Returns its ID.
+    pub async fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+        let mut ids = self.enqueue_batch(vec![item]).await?;
+        ids.pop().unwrap_or(Err(QueueError::QueueClosed))
+    }
+
+    /// Stores many items in one durable commit and wakes delivery.
+    pub async fn enqueue_batch(
+        &self,
+        items: Vec<NewItem>,
+    ) -> QueueResult<Vec<QueueResult<String>>> {
+        let max_attempts = self.shared.config.max_attempts;
+        let items: Vec<NewItem> = items
+            .into_iter()
+            .map(|mut i| {
+                i.max_attempts.get_or_insert(max_attempts);
+                i
+            })
+            .collect();
+        let running = self
+            .running()
+            .as_ref()
+            .map(|r| (r.store.clone(), r.scheduler.clone()));
+        let results = match running {
+            Some((store, scheduler)) => {
+                let ops = items.into_iter().map(WriteOp::Enqueue).collect();
+                let results = store.apply(ops).await?;
+                scheduler.do_send(Wake);
+                results
+                    .into_iter()
+                    .map(|r| {
+                        r.map(|o| match o {
+                            WriteOutcome::Enqueued(id) => id,
+                            WriteOutcome::Applied => String::new(),
+                        })
+                    })
+                    .collect()
+            }
+            None => {
+                let queue = self.queue.clone();
+                blocking(move || queue.enqueue_batch(items)).await?
+            }
+        };
+        Ok(results)
+    }
+
+    /// Wakes the scheduler (something may be due).
+    pub fn wake(&self) {
+        if let Some(r) = self.running().as_ref() {
+            r.scheduler.do_send(Wake);
+        }
+    }
+
+    /// Stops claiming until `resume`.
+    pub fn pause(&self) {
+        self.shared.state().paused = true;
+        if let Some(r) = self.running().as_ref() {
+            r.scheduler.do_send(Pause);
+        }
+    }
+
+    /// Resumes after `pause`, an unauthorized pause or an open circuit.
+    pub fn resume(&self) {
+        {
+            let mut state = self.shared.state();
+            state.paused = false;
+            state.unauthorized_since = None;
+            state.open_until = None;
+            state.cooldown = None;
+            state.consecutive_failures = 0;
+        }
+        if let Some(r) = self.running().as_ref() {
+            r.scheduler.do_send(Resume);
+        }
+    }
+
+    /// Counters and state.
+    pub fn stats(&self) -> WorkerStats {
+        let circuit_state = self.shared.circuit_state();
+        let is_running = self.is_running();
+        let state = self.shared.state();
+        WorkerStats {
+            is_running,
+            paused: state.paused || state.unauthorized_since.is_some(),
+            circuit_state,
+            ..state.stats.clone()
+        }
+    }
+
+    /// A snapshot of the queue.
+    pub async fn queue_stats(&self) -> QueueResult<QueueStats> {
+        let queue = self.queue.clone();
+        blocking(move || queue.stats()).await
+    }
+
+    /// Runs the janitor's pass now: TTL expiry, limits, lease recovery.
+    pub async fn trigger_cleanup(&self) -> QueueResult<MaintenanceReport> {
+        let queue = self.queue.clone();
+        let ttl = self.shared.config.ttl;
+        let report = blocking(move || {
+            Ok(MaintenanceReport {
+                cleanup: queue.cleanup(ttl)?,
+                evicted: queue.enforce_limits()?,
+                leases_released: queue.release_expired_leases()?,
+            })
+        })
+        .await?;
+        let mut state = self.shared.state();
+        state.stats.total_expired += report.cleanup.removed() as u64;
+        state.stats.total_evicted += report.evicted as u64;
+        Ok(report)
+    }
+
+    /// A stream of every outcome from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<crate::worker::WorkerEvent> {
+        self.shared.events.subscribe()
+    }
+
+    fn callbacks(&self) -> std::sync::RwLockWriteGuard<'_, Callbacks> {
+        self.shared
+            .callbacks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called for every delivered or skipped item.
+    pub fn on_success(&self, f: impl Fn(&WorkerEvent) + Send + Sync + 'static) {
+        self.callbacks().on_success.push(Box::new(f));
+    }
+
+    /// Called for every failed attempt (retried, dead-lettered, exhausted,
+    /// released).
+    pub fn on_fail(&self, f: impl Fn(&WorkerEvent) + Send + Sync + 'static) {
+        self.callbacks().on_fail.push(Box::new(f));
+    }
+
+    /// Called when an item runs out of attempts.
+    pub fn on_exhaust(&self, f: impl Fn(&WorkerEvent) + Send + Sync + 'static) {
+        self.callbacks().on_exhaust.push(Box::new(f));
+    }
+}
+
+impl Drop for RetryWorker {
+    fn drop(&mut self) {
+        if let Some(running) = self.running().take() {
+            // Not graceful (no await in drop): stop claiming; leases of
+            // anything in flight expire and the items are delivered again.
+            self.shared.shutdown.store(true, Ordering::SeqCst);
+            running.scheduler.do_send(Shutdown);
+            running.janitor.do_send(Shutdown);
+            if let Some((stop, _)) = running.system {
+                let _ = stop.send(());
+            }
+        }
+    }
+}
+
+struct Parts {
+    shared: Arc<Shared>,
+    store: StoreHandle,
+    pusher: Arc<dyn Pusher>,
+    checker: Option<Arc<dyn FingerprintChecker>>,
+}
+
+impl Parts {
+    /// Starts the actors; must run inside an actix System.
+    fn start(self) -> (Addr<SchedulerActor>, Addr<JanitorActor>, Arc<Io>) {
+        let config = &self.shared.config;
+        let timeout = config.push_timeout;
+        let store = StoreActor::new(self.store).start();
+        let pusher = self.pusher;
+        let pusher_pool = SyncArbiter::start(config.concurrency, move || {
+            PusherActor::new(pusher.clone(), timeout)
+        });
+        let checker = self
+            .checker
+            .map(|c| SyncArbiter::start(1, move || CheckerActor::new(c.clone(), timeout)));
+        let io = Arc::new(Io::Actors {
+            store: store.clone(),
+            pusher: pusher_pool,
+            checker,
+        });
+        let scheduler = {
+            let shared = self.shared.clone();
+            let io = io.clone();
+            Supervisor::start(move |_| SchedulerActor::new(shared, io))
+        };
+        let shared = self.shared;
+        let janitor = Supervisor::start(move |_| JanitorActor::new(shared, store));
+        (scheduler, janitor, io)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> QueueResult<T> + Send + 'static,
+) -> QueueResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| QueueError::storage("blocking task", e.to_string()))?
+}

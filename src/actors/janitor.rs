@@ -1,0 +1,83 @@
+//! The janitor: on an interval, expires items past their TTL, enforces the
+//! item and byte caps, trims the quarantine and recovers expired leases.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::messages::{Maintain, Tick};
+use super::scheduler::Shared;
+use super::store::StoreActor;
+
+/// The janitor actor.
+pub struct JanitorActor {
+    shared: Arc<Shared>,
+    store: Addr<StoreActor>,
+}
+
+impl JanitorActor {
+    /// A janitor maintaining `store`.
+    pub fn new(shared: Arc<Shared>, store: Addr<StoreActor>) -> Self {
+        JanitorActor { shared, store }
+    }
+}
+
+impl Actor for JanitorActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.shared.shutdown.load(Ordering::SeqCst) {
+            ctx.stop();
+            return;
+        }
+        ctx.run_interval(self.shared.config.janitor_interval, |_, ctx| {
+            ctx.notify(Tick)
+        });
+    }
+}
+
+impl Supervised for JanitorActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.shared.state().stats.actor_restarts += 1;
+        tracing::warn!("janitor restarted by its supervisor");
+    }
+}
+
+impl Handler<Tick> for JanitorActor {
+    type Result = ResponseActFuture<Self, ()>;
+    fn handle(&mut self, _: Tick, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let ttl = self.shared.config.ttl;
+        let shared = self.shared.clone();
+        Box::pin(
+            async move { store.send(Maintain { ttl }).await }
+                .into_actor(self)
+                .map(move |result, _, _| match result {
+                    Ok(Ok(report)) => {
+                        let mut state = shared.state();
+                        state.stats.total_expired += report.cleanup.removed() as u64;
+                        state.stats.total_evicted += report.evicted as u64;
+                        if report.cleanup.removed() + report.evicted + report.leases_released > 0 {
+                            tracing::info!(
+                                expired = report.cleanup.expired,
+                                dead_letters_expired = report.cleanup.dead_letters_expired,
+                                evicted = report.evicted,
+                                leases_released = report.leases_released,
+                                "janitor pass"
+                            );
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "janitor pass failed"),
+                    Err(e) => tracing::error!(error = %e, "store actor unreachable"),
+                }),
+        )
+    }
+}
+
+impl Handler<super::messages::Shutdown> for JanitorActor {
+    type Result = ();
+    fn handle(&mut self, _: super::messages::Shutdown, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

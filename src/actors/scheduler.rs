@@ -1,0 +1,748 @@
+//! The scheduler: decides when to deliver and what each outcome does to an
+//! item.
+//!
+//! A delivery cycle claims up to `batch_size` ready items (one when probing),
+//! asks the checker which fingerprints the upstream already has, pushes the
+//! rest concurrently through the pusher pool, and turns every outcome into
+//! one state change, all written in one group commit:
+//!
+//! | outcome                  | state change                                   |
+//! |--------------------------|------------------------------------------------|
+//! | delivered / fingerprint known | delete (acknowledged)                     |
+//! | retryable, attempts left | requeue: attempts+1, backoff (or a later Retry-After, capped) |
+//! | retryable, no attempt left | dead letter (exhausted)                      |
+//! | permanent                | dead letter at once                            |
+//! | unauthorized             | release (no attempt burned), pause delivery    |
+//! | checker failed           | release all (no attempt burned), circuit failure |
+//!
+//! Gates before claiming: a manual pause; an unauthorized pause (a single
+//! probe item per `unauthorized_probe_interval`); the circuit breaker (after
+//! `threshold` consecutive retryable failures it opens for `cooldown`, then
+//! lets one probe through; success closes it).
+//!
+//! The actor wakes at the earliest `next_due`, on `Wake` (after an enqueue),
+//! and on a short poll that notices items written by other processes.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use retryq_plugin::{CheckError, CheckResult, FingerprintChecker, PushOutcome, Pusher};
+use tokio::sync::broadcast;
+
+use super::checker::{check_guarded, CheckerActor};
+use super::messages::{
+    Apply, CheckFingerprints, Claim, NextDue, Pause, Push, PushReport, Resume, Shutdown, Wake,
+};
+use super::pusher::{push_guarded, PusherActor};
+use super::store::StoreActor;
+use crate::backoff::add_saturating;
+use crate::clock::SharedClock;
+use crate::error::{QueueError, QueueResult};
+use crate::item::QueueItem;
+use crate::store::{RetryQueue, WriteOp, WriteOutcome};
+use crate::worker::{
+    CircuitState, EventKind, RetryResult, RetryWorkerConfig, WorkerEvent, WorkerStats,
+};
+
+/// Callbacks registered by the host.
+pub type Callback = Box<dyn Fn(&WorkerEvent) + Send + Sync>;
+
+/// Host callbacks by kind.
+#[derive(Default)]
+pub struct Callbacks {
+    /// On delivery (or a fingerprint skip).
+    pub on_success: Vec<Callback>,
+    /// On every failed attempt (retried, dead-lettered, released).
+    pub on_fail: Vec<Callback>,
+    /// When retries are exhausted.
+    pub on_exhaust: Vec<Callback>,
+}
+
+/// Gate state: pauses and the circuit breaker.
+#[derive(Debug, Default)]
+pub struct DeliveryState {
+    /// Paused by the host.
+    pub paused: bool,
+    /// Paused by an unauthorized answer since this time.
+    pub unauthorized_since: Option<DateTime<Utc>>,
+    /// Consecutive retryable failures across items.
+    pub consecutive_failures: u32,
+    /// The circuit is open until this time.
+    pub open_until: Option<DateTime<Utc>>,
+    /// The cool-down used when the circuit last opened.
+    pub cooldown: Option<Duration>,
+    /// Counters.
+    pub stats: WorkerStats,
+}
+
+/// State shared by the worker handle and its actors; it outlives actor
+/// restarts, which is what keeps a restarted actor's state intact.
+pub struct Shared {
+    /// Configuration.
+    pub config: RetryWorkerConfig,
+    /// Where "now" comes from.
+    pub clock: SharedClock,
+    /// Gates and counters.
+    pub state: Mutex<DeliveryState>,
+    /// IDs claimed by this worker and not yet settled.
+    pub in_flight: Mutex<HashSet<String>>,
+    /// Event stream.
+    pub events: broadcast::Sender<WorkerEvent>,
+    /// Host callbacks.
+    pub callbacks: std::sync::RwLock<Callbacks>,
+    /// Set by `stop`: a supervisor restart must not resume delivery.
+    pub shutdown: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// Locks the delivery state (a poisoned lock is still usable: the state
+    /// is plain counters and flags).
+    pub fn state(&self) -> std::sync::MutexGuard<'_, DeliveryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The circuit as the host sees it now.
+    pub fn circuit_state(&self) -> CircuitState {
+        let state = self.state();
+        match state.open_until {
+            None => CircuitState::Closed,
+            Some(until) if self.clock.now() < until => CircuitState::Open,
+            Some(_) => CircuitState::HalfOpen,
+        }
+    }
+
+    fn emit(&self, event: WorkerEvent) {
+        let callbacks = self.callbacks.read().unwrap_or_else(|p| p.into_inner());
+        let list = match event.kind {
+            EventKind::Delivered | EventKind::Skipped => &callbacks.on_success,
+            EventKind::Exhausted => &callbacks.on_exhaust,
+            _ => &callbacks.on_fail,
+        };
+        for cb in list {
+            cb(&event);
+        }
+        if event.kind == EventKind::Exhausted {
+            // An exhausted item is also a failure.
+            for cb in &callbacks.on_fail {
+                cb(&event);
+            }
+        }
+        let _ = self.events.send(event);
+    }
+}
+
+/// How a cycle reaches the store and the transports: through the actors
+/// while the worker runs, directly (on blocking threads) when it does not.
+pub enum Io {
+    /// Through the running actors.
+    Actors {
+        /// Store actor.
+        store: Addr<StoreActor>,
+        /// Pusher pool.
+        pusher: Addr<PusherActor>,
+        /// Checker, if configured.
+        checker: Option<Addr<CheckerActor>>,
+    },
+    /// Direct calls, for `process_now` before start or after stop.
+    Direct {
+        /// The queue.
+        queue: Arc<dyn RetryQueue>,
+        /// The transport.
+        pusher: Arc<dyn Pusher>,
+        /// The checker, if configured.
+        checker: Option<Arc<dyn FingerprintChecker>>,
+        /// Per-call deadline.
+        timeout: Duration,
+    },
+}
+
+fn mailbox_closed(e: MailboxError) -> QueueError {
+    QueueError::storage("actor mailbox", e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> QueueResult<T> + Send + 'static,
+) -> QueueResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| QueueError::storage("blocking task", e.to_string()))?
+}
+
+impl Io {
+    async fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
+        match self {
+            Io::Actors { store, .. } => store
+                .send(Claim { limit, lease })
+                .await
+                .map_err(mailbox_closed)?,
+            Io::Direct { queue, .. } => {
+                let q = queue.clone();
+                blocking(move || q.claim(limit, lease)).await
+            }
+        }
+    }
+
+    fn has_checker(&self) -> bool {
+        match self {
+            Io::Actors { checker, .. } => checker.is_some(),
+            Io::Direct { checker, .. } => checker.is_some(),
+        }
+    }
+
+    async fn check(&self, fingerprints: Vec<String>) -> Result<CheckResult, CheckError> {
+        match self {
+            Io::Actors {
+                checker: Some(c), ..
+            } => c
+                .send(CheckFingerprints(fingerprints))
+                .await
+                .unwrap_or_else(|e| Err(CheckError::Unavailable(e.to_string()))),
+            Io::Direct {
+                checker: Some(c),
+                timeout,
+                ..
+            } => {
+                let c = c.clone();
+                let timeout = *timeout;
+                tokio::task::spawn_blocking(move || {
+                    check_guarded(c.as_ref(), &fingerprints, timeout)
+                })
+                .await
+                .unwrap_or_else(|e| Err(CheckError::Unavailable(e.to_string())))
+            }
+            _ => Ok(CheckResult {
+                existing: Vec::new(),
+                missing: fingerprints,
+            }),
+        }
+    }
+
+    async fn push(&self, item: QueueItem) -> PushReport {
+        match self {
+            Io::Actors { pusher, .. } => {
+                let fallback = item.clone();
+                pusher
+                    .send(Push(item))
+                    .await
+                    .unwrap_or_else(|e| PushReport {
+                        item: fallback,
+                        outcome: PushOutcome::retryable(format!("pusher pool unavailable: {e}")),
+                        latency: Duration::ZERO,
+                    })
+            }
+            Io::Direct {
+                pusher, timeout, ..
+            } => {
+                let p = pusher.clone();
+                let timeout = *timeout;
+                let fallback = item.clone();
+                tokio::task::spawn_blocking(move || push_guarded(p.as_ref(), item, timeout))
+                    .await
+                    .unwrap_or_else(|e| PushReport {
+                        item: fallback,
+                        outcome: PushOutcome::retryable(format!("push task failed: {e}")),
+                        latency: Duration::ZERO,
+                    })
+            }
+        }
+    }
+
+    /// Applies state changes (one group commit through the actor).
+    pub async fn apply(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
+        match self {
+            Io::Actors { store, .. } => store.send(Apply(ops)).await.map_err(mailbox_closed)?,
+            Io::Direct { queue, .. } => {
+                let q = queue.clone();
+                blocking(move || q.apply_batch(ops)).await
+            }
+        }
+    }
+}
+
+enum Gate {
+    Closed,
+    Probe,
+    Open,
+}
+
+fn gate(shared: &Shared, now: DateTime<Utc>) -> Gate {
+    let state = shared.state();
+    if state.paused {
+        return Gate::Closed;
+    }
+    if let Some(since) = state.unauthorized_since {
+        let probe_at = add_saturating(since, shared.config.unauthorized_probe_interval);
+        return if now >= probe_at {
+            Gate::Probe
+        } else {
+            Gate::Closed
+        };
+    }
+    match state.open_until {
+        Some(until) if now < until => Gate::Closed,
+        Some(_) => Gate::Probe,
+        None => Gate::Open,
+    }
+}
+
+/// What one push outcome does to its item.
+fn decide(
+    config: &RetryWorkerConfig,
+    item: &QueueItem,
+    outcome: &PushOutcome,
+    now: DateTime<Utc>,
+) -> (WriteOp, RetryResult) {
+    let id = item.id.clone();
+    let attempts_after = item.attempts.saturating_add(1);
+    let result = |kind, attempts, error: Option<String>, next_retry| RetryResult {
+        item_id: item.id.clone(),
+        kind,
+        attempts,
+        error,
+        next_retry,
+    };
+    match outcome {
+        PushOutcome::Delivered => (
+            WriteOp::Delete { id },
+            result(EventKind::Delivered, attempts_after, None, None),
+        ),
+        PushOutcome::Retryable {
+            message,
+            retry_after,
+        } => {
+            if attempts_after >= item.max_attempts {
+                let reason =
+                    format!("retries exhausted after {attempts_after} attempts: {message}");
+                (
+                    WriteOp::MarkFailed { id, reason },
+                    result(
+                        EventKind::Exhausted,
+                        attempts_after,
+                        Some(message.clone()),
+                        None,
+                    ),
+                )
+            } else {
+                let mut next = config.backoff.next_retry_from(attempts_after, now);
+                if let Some(after) = retry_after {
+                    let after = (*after).min(config.max_retry_after);
+                    next = next.max(add_saturating(now, after));
+                }
+                (
+                    WriteOp::Requeue {
+                        id,
+                        error: message.clone(),
+                        next_retry: next,
+                    },
+                    result(
+                        EventKind::Retried,
+                        attempts_after,
+                        Some(message.clone()),
+                        Some(next),
+                    ),
+                )
+            }
+        }
+        PushOutcome::Permanent { message } => (
+            WriteOp::MarkFailed {
+                id,
+                reason: message.clone(),
+            },
+            result(
+                EventKind::DeadLettered,
+                attempts_after,
+                Some(message.clone()),
+                None,
+            ),
+        ),
+        PushOutcome::Unauthorized { message } => (
+            WriteOp::Release { id },
+            result(
+                EventKind::Paused,
+                item.attempts,
+                Some(message.clone()),
+                None,
+            ),
+        ),
+    }
+}
+
+/// Runs one delivery cycle and returns what happened to each claimed item.
+pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>> {
+    let now = shared.clock.now();
+    let (limit, probing) = match gate(shared, now) {
+        Gate::Closed => return Ok(Vec::new()),
+        Gate::Probe => (1, true),
+        Gate::Open => (shared.config.batch_size, false),
+    };
+    let items = io.claim(limit, shared.config.lease).await?;
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    shared
+        .in_flight()
+        .extend(items.iter().map(|i| i.id.clone()));
+    let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
+    let outcome = deliver(shared, io, items, probing).await;
+    {
+        let mut in_flight = shared.in_flight();
+        for id in &ids {
+            in_flight.remove(id);
+        }
+    }
+    outcome
+}
+
+async fn deliver(
+    shared: &Shared,
+    io: &Io,
+    items: Vec<QueueItem>,
+    probing: bool,
+) -> QueueResult<Vec<RetryResult>> {
+    let mut ops = Vec::with_capacity(items.len());
+    let mut results = Vec::with_capacity(items.len());
+    let mut to_push = items;
+
+    if io.has_checker() {
+        let fingerprints: Vec<String> = to_push.iter().map(|i| i.fingerprint.clone()).collect();
+        match io.check(fingerprints).await {
+            Ok(check) => {
+                let existing: HashSet<&str> = check.existing.iter().map(String::as_str).collect();
+                let (known, unknown): (Vec<_>, Vec<_>) = to_push
+                    .into_iter()
+                    .partition(|i| existing.contains(i.fingerprint.as_str()));
+                for item in known {
+                    ops.push(WriteOp::Delete {
+                        id: item.id.clone(),
+                    });
+                    results.push(RetryResult {
+                        item_id: item.id.clone(),
+                        kind: EventKind::Skipped,
+                        attempts: item.attempts,
+                        error: None,
+                        next_retry: None,
+                    });
+                }
+                to_push = unknown;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fingerprint check failed; treating the upstream as unreachable");
+                let unauthorized = matches!(e, CheckError::Unauthorized(_));
+                record_failure(shared, probing, unauthorized);
+                for item in &to_push {
+                    ops.push(WriteOp::Release {
+                        id: item.id.clone(),
+                    });
+                    results.push(RetryResult {
+                        item_id: item.id.clone(),
+                        kind: EventKind::Released,
+                        attempts: item.attempts,
+                        error: Some(e.to_string()),
+                        next_retry: None,
+                    });
+                }
+                to_push.clear();
+            }
+        }
+    }
+
+    let reports =
+        futures_util::future::join_all(to_push.into_iter().map(|item| io.push(item))).await;
+    let now = shared.clock.now();
+    let mut latencies = Vec::with_capacity(reports.len());
+    for report in &reports {
+        let (op, result) = decide(&shared.config, &report.item, &report.outcome, now);
+        match &report.outcome {
+            PushOutcome::Delivered | PushOutcome::Permanent { .. } => record_success(shared),
+            PushOutcome::Retryable { message, .. } => {
+                tracing::warn!(item_id = %report.item.id, attempts = result.attempts, error = %message, "delivery failed");
+                record_failure(shared, probing, false);
+            }
+            PushOutcome::Unauthorized { message } => {
+                tracing::error!(item_id = %report.item.id, error = %message, "upstream refused our credentials; pausing delivery");
+                record_failure(shared, probing, true);
+            }
+        }
+        if let PushOutcome::Permanent { message } = &report.outcome {
+            tracing::warn!(item_id = %report.item.id, reason = %message, "upstream refused the item for good; dead-lettered");
+        }
+        latencies.push(report.latency);
+        ops.push(op);
+        results.push(result);
+    }
+
+    let applied = io.apply(ops).await?;
+    let mut latency_iter = std::iter::repeat_n(None, results.len() - latencies.len())
+        .chain(latencies.into_iter().map(Some));
+    {
+        let mut state = shared.state();
+        let stats = &mut state.stats;
+        stats.last_run = Some(now);
+        for (result, applied) in results.iter().zip(&applied) {
+            if let Err(e) = applied {
+                tracing::warn!(item_id = %result.item_id, error = %e, "could not record the outcome");
+            }
+            stats.total_processed += 1;
+            match result.kind {
+                EventKind::Delivered => stats.total_succeeded += 1,
+                EventKind::Skipped => {
+                    stats.total_succeeded += 1;
+                    stats.total_skipped += 1
+                }
+                EventKind::Retried => {
+                    stats.total_failed += 1;
+                    stats.total_retried += 1
+                }
+                EventKind::DeadLettered => stats.total_failed += 1,
+                EventKind::Exhausted => {
+                    stats.total_failed += 1;
+                    stats.total_exhausted += 1
+                }
+                EventKind::Paused | EventKind::Released => stats.total_released += 1,
+            }
+        }
+    }
+    for result in &results {
+        shared.emit(WorkerEvent {
+            item_id: result.item_id.clone(),
+            kind: result.kind,
+            attempts: result.attempts,
+            error: result.error.clone(),
+            latency: latency_iter.next().flatten(),
+            at: now,
+        });
+    }
+    Ok(results)
+}
+
+fn record_success(shared: &Shared) {
+    let mut state = shared.state();
+    if state.open_until.take().is_some() {
+        tracing::info!("upstream answered the probe; circuit closed");
+    }
+    state.cooldown = None;
+    if state.unauthorized_since.take().is_some() {
+        tracing::info!("credentials accepted again; delivery resumed");
+    }
+    state.consecutive_failures = 0;
+}
+
+fn record_failure(shared: &Shared, probing: bool, unauthorized: bool) {
+    let now = shared.clock.now();
+    let mut state = shared.state();
+    if unauthorized {
+        state.unauthorized_since = Some(now);
+        return;
+    }
+    if state.unauthorized_since.is_some() && probing {
+        // A probe that failed for another reason: keep the pause, retry later.
+        state.unauthorized_since = Some(now);
+        return;
+    }
+    state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+    let threshold = shared.config.circuit.threshold;
+    if threshold > 0 && (state.consecutive_failures >= threshold || state.open_until.is_some()) {
+        let circuit = &shared.config.circuit;
+        // A failed probe doubles the cool-down: an hour-long outage costs
+        // the upstream a handful of probes.
+        let cooldown = match state.cooldown {
+            Some(previous) if state.open_until.is_some() => {
+                previous.saturating_mul(2).min(circuit.max_cooldown)
+            }
+            _ => circuit.cooldown,
+        };
+        state.cooldown = Some(cooldown);
+        let until = add_saturating(now, cooldown);
+        if state.open_until.is_none() {
+            tracing::warn!(
+                failures = state.consecutive_failures,
+                "circuit opened: upstream looks down"
+            );
+            state.stats.circuit_opened += 1;
+        }
+        state.open_until = Some(until);
+    }
+}
+
+/// The scheduler actor. Its state lives in [`Shared`], so a restart by its
+/// supervisor loses nothing.
+pub struct SchedulerActor {
+    shared: Arc<Shared>,
+    io: Arc<Io>,
+    cycle_running: bool,
+    rerun: bool,
+    shutting_down: bool,
+    next_timer: Option<SpawnHandle>,
+}
+
+impl SchedulerActor {
+    /// A scheduler driving deliveries through `io`.
+    pub fn new(shared: Arc<Shared>, io: Arc<Io>) -> Self {
+        SchedulerActor {
+            shared,
+            io,
+            cycle_running: false,
+            rerun: false,
+            shutting_down: false,
+            next_timer: None,
+        }
+    }
+
+    fn start_cycle(&mut self, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
+        if self.cycle_running {
+            self.rerun = true;
+            return;
+        }
+        self.cycle_running = true;
+        self.rerun = false;
+        let shared = self.shared.clone();
+        let io = self.io.clone();
+        let batch = self.shared.config.batch_size;
+        let fut = async move {
+            let results = run_cycle(&shared, &io).await;
+            let next_due = match &*io {
+                Io::Actors { store, .. } => store.send(NextDue).await.ok().and_then(|r| r.ok()),
+                Io::Direct { queue, .. } => queue.next_due().ok(),
+            }
+            .flatten();
+            (results, next_due)
+        };
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(move |(results, next_due), act, ctx| {
+                    act.cycle_running = false;
+                    let full = match &results {
+                        Ok(r) => r.len() >= batch,
+                        Err(e) => {
+                            tracing::error!(error = %e, "delivery cycle failed");
+                            false
+                        }
+                    };
+                    if act.shutting_down {
+                        ctx.stop();
+                        return;
+                    }
+                    if full || act.rerun {
+                        ctx.notify(Wake);
+                    } else {
+                        act.arm_timer(ctx, next_due);
+                    }
+                }),
+        );
+    }
+
+    /// Sleeps until the next item is due (or the poll interval, whichever
+    /// is sooner).
+    fn arm_timer(&mut self, ctx: &mut Context<Self>, next_due: Option<DateTime<Utc>>) {
+        if let Some(handle) = self.next_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let mut sleep = self.shared.config.interval;
+        if let Some(due) = next_due {
+            let until = (due - self.shared.clock.now())
+                .to_std()
+                .unwrap_or(Duration::ZERO);
+            sleep = sleep.min(until);
+        }
+        // Open circuit or pause: wake when the probe is allowed.
+        {
+            let state = self.shared.state();
+            let now = self.shared.clock.now();
+            for t in [
+                state.open_until,
+                state
+                    .unauthorized_since
+                    .map(|s| add_saturating(s, self.shared.config.unauthorized_probe_interval)),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                sleep = sleep.min((t - now).to_std().unwrap_or(Duration::ZERO));
+            }
+        }
+        let sleep = sleep.max(Duration::from_millis(1));
+        self.next_timer = Some(ctx.run_later(sleep, |act, ctx| {
+            act.next_timer = None;
+            act.start_cycle(ctx);
+        }));
+    }
+}
+
+impl Actor for SchedulerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self
+            .shared
+            .shutdown
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            ctx.stop();
+            return;
+        }
+        // The poll notices items that other processes wrote to a shared store.
+        ctx.run_interval(self.shared.config.poll_interval, |act, ctx| {
+            if !act.cycle_running {
+                act.start_cycle(ctx);
+            }
+        });
+        ctx.notify(Wake);
+    }
+}
+
+impl Supervised for SchedulerActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.cycle_running = false;
+        self.shared.state().stats.actor_restarts += 1;
+        tracing::warn!("scheduler restarted by its supervisor");
+    }
+}
+
+impl Handler<Wake> for SchedulerActor {
+    type Result = ();
+    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.start_cycle(ctx);
+    }
+}
+
+impl Handler<Pause> for SchedulerActor {
+    type Result = ();
+    fn handle(&mut self, _: Pause, _: &mut Context<Self>) {
+        self.shared.state().paused = true;
+    }
+}
+
+impl Handler<Resume> for SchedulerActor {
+    type Result = ();
+    fn handle(&mut self, _: Resume, ctx: &mut Context<Self>) {
+        {
+            let mut state = self.shared.state();
+            state.paused = false;
+            state.unauthorized_since = None;
+            state.open_until = None;
+            state.cooldown = None;
+            state.consecutive_failures = 0;
+        }
+        self.start_cycle(ctx);
+    }
+}
+
+impl Handler<Shutdown> for SchedulerActor {
+    type Result = ();
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
+        self.shutting_down = true;
+        if !self.cycle_running {
+            ctx.stop();
+        }
+    }
+}

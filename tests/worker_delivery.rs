@@ -1,0 +1,664 @@
+//! Delivery semantics of `RetryWorker`, made deterministic with a manual
+//! clock and `process_now` (no sleeping on backoff).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use retryq::backoff::{BackoffConfig, BackoffStrategy};
+use retryq::clock::{Clock, ManualClock};
+use retryq::plugin_sdk::{
+    CallContext, CheckError, CheckResult, FingerprintChecker, ItemMeta, PushOutcome, Pusher,
+};
+use retryq::store::{ListFilter, RetryQueue, SqliteRetryQueue, StoreOptions};
+use retryq::worker::{EventKind, RetryWorker, RetryWorkerConfig};
+use retryq::{ItemStatus, NewItem};
+
+/// A transport whose answers are scripted; it records every push and
+/// detects two concurrent pushes of the same item.
+#[derive(Default)]
+struct Scripted {
+    script: Mutex<VecDeque<PushOutcome>>,
+    fallback: Mutex<Option<PushOutcome>>,
+    pushes: Mutex<Vec<String>>,
+    active: Mutex<HashSet<String>>,
+    overlapped: AtomicBool,
+    delay: Mutex<Duration>,
+}
+
+impl Scripted {
+    fn always(outcome: PushOutcome) -> Arc<Self> {
+        let s = Scripted::default();
+        *s.fallback.lock().unwrap() = Some(outcome);
+        Arc::new(s)
+    }
+    fn set(&self, outcome: PushOutcome) {
+        *self.fallback.lock().unwrap() = Some(outcome);
+    }
+    fn push_count(&self) -> usize {
+        self.pushes.lock().unwrap().len()
+    }
+    fn counts(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for id in self.pushes.lock().unwrap().iter() {
+            *m.entry(id.clone()).or_default() += 1;
+        }
+        m
+    }
+}
+
+impl Pusher for Scripted {
+    fn push(&self, item: &ItemMeta, _payload: &[u8], _ctx: &CallContext) -> PushOutcome {
+        if !self.active.lock().unwrap().insert(item.id.clone()) {
+            self.overlapped.store(true, Ordering::SeqCst);
+        }
+        let delay = *self.delay.lock().unwrap();
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        self.pushes.lock().unwrap().push(item.id.clone());
+        let outcome = self
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .or_else(|| self.fallback.lock().unwrap().clone())
+            .unwrap_or(PushOutcome::Delivered);
+        self.active.lock().unwrap().remove(&item.id);
+        outcome
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    clock: ManualClock,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        Env {
+            _dir: dir,
+            path,
+            clock: ManualClock::new(Utc::now()),
+        }
+    }
+    fn store(&self) -> Arc<dyn RetryQueue> {
+        Arc::new(
+            SqliteRetryQueue::open(
+                &self.path,
+                StoreOptions {
+                    clock: Arc::new(self.clock.clone()),
+                    max_items: 100_000,
+                    ..StoreOptions::default()
+                },
+            )
+            .unwrap(),
+        )
+    }
+    fn config(&self) -> RetryWorkerConfig {
+        RetryWorkerConfig {
+            backoff: BackoffConfig::new(
+                BackoffStrategy::Exponential,
+                Duration::from_secs(10),
+                Duration::from_secs(3600),
+            )
+            .unwrap()
+            .with_jitter(0.0)
+            .unwrap(),
+            clock: Arc::new(self.clock.clone()),
+            ..RetryWorkerConfig::default()
+        }
+    }
+}
+
+fn item(n: usize) -> NewItem {
+    NewItem::from_json(format!("{{\"n\":{n}}}").as_bytes()).unwrap()
+}
+
+async fn enqueue_n(q: &Arc<dyn RetryQueue>, n: usize) -> Vec<String> {
+    (0..n).map(|i| q.enqueue(item(i)).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn upstream_down_then_up_with_growing_backoff_across_a_restart() {
+    let env = Env::new();
+    let queue = env.store();
+    let ids = enqueue_n(&queue, 3).await;
+    let transport = Scripted::always(PushOutcome::retryable("503"));
+    let worker = RetryWorker::new(env.config(), queue.clone(), transport.clone()).unwrap();
+
+    let t0 = env.clock.now();
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(r.len(), 3);
+    assert!(r
+        .iter()
+        .all(|r| r.kind == EventKind::Retried && r.attempts == 1));
+    let it = queue.get(&ids[0]).unwrap();
+    assert_eq!(it.attempts, 1);
+    assert_eq!(it.next_retry, t0 + chrono::Duration::seconds(10));
+    assert_eq!(it.last_error, "503");
+
+    // Not due yet: nothing happens.
+    env.clock.advance(Duration::from_secs(5));
+    assert!(worker.process_now().await.unwrap().is_empty());
+
+    env.clock.advance(Duration::from_secs(5));
+    let t1 = env.clock.now();
+    worker.process_now().await.unwrap();
+    let it = queue.get(&ids[0]).unwrap();
+    assert_eq!(it.attempts, 2);
+    assert_eq!(it.next_retry, t1 + chrono::Duration::seconds(20));
+
+    // Restart in the middle: a new store handle and a new worker.
+    drop(worker);
+    queue.close().unwrap();
+    let queue = env.store();
+    let it = queue.get(&ids[0]).unwrap();
+    assert_eq!(it.attempts, 2, "attempts are persisted");
+    let worker = RetryWorker::new(env.config(), queue.clone(), transport.clone()).unwrap();
+    env.clock.advance(Duration::from_secs(20));
+    let t2 = env.clock.now();
+    worker.process_now().await.unwrap();
+    assert_eq!(
+        queue.get(&ids[0]).unwrap().next_retry,
+        t2 + chrono::Duration::seconds(40)
+    );
+
+    // The upstream comes back.
+    transport.set(PushOutcome::Delivered);
+    env.clock.advance(Duration::from_secs(40));
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(r.len(), 3);
+    assert!(r.iter().all(|r| r.kind == EventKind::Delivered));
+    assert_eq!(queue.size().unwrap(), 0);
+    assert_eq!(transport.push_count(), 12);
+    let stats = worker.stats();
+    assert_eq!(stats.total_succeeded, 3);
+    // This worker (after the restart) saw one failed round and the delivery.
+    assert_eq!(stats.total_retried, 3);
+}
+
+#[tokio::test]
+async fn exhaustion_dead_letters_and_fires_on_exhaust() {
+    let env = Env::new();
+    let queue = env.store();
+    let id = queue.enqueue(item(1).with_max_attempts(3)).unwrap();
+    let transport = Scripted::always(PushOutcome::retryable("down"));
+    let worker = RetryWorker::new(env.config(), queue.clone(), transport.clone()).unwrap();
+    let exhausted = Arc::new(AtomicUsize::new(0));
+    let e2 = exhausted.clone();
+    worker.on_exhaust(move |ev| {
+        assert_eq!(ev.kind, EventKind::Exhausted);
+        e2.fetch_add(1, Ordering::SeqCst);
+    });
+    for _ in 0..5 {
+        worker.process_now().await.unwrap();
+        env.clock.advance(Duration::from_secs(3600));
+    }
+    let it = queue.get(&id).unwrap();
+    assert_eq!(it.status, ItemStatus::Failed);
+    assert_eq!(it.attempts, 3);
+    assert!(it.last_error.contains("exhausted"), "{}", it.last_error);
+    assert_eq!(transport.push_count(), 3, "no push after exhaustion");
+    assert_eq!(exhausted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn permanent_failure_is_a_dead_letter_at_once() {
+    let env = Env::new();
+    let queue = env.store();
+    let id = queue.enqueue(item(1)).unwrap();
+    let transport = Scripted::always(PushOutcome::permanent("400 invalid report"));
+    let worker = RetryWorker::new(env.config(), queue.clone(), transport.clone()).unwrap();
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(r[0].kind, EventKind::DeadLettered);
+    let it = queue.get(&id).unwrap();
+    assert_eq!(it.status, ItemStatus::Failed);
+    assert_eq!(it.attempts, 1);
+    assert_eq!(it.last_error, "400 invalid report");
+    env.clock.advance(Duration::from_secs(3600));
+    assert!(worker.process_now().await.unwrap().is_empty());
+    assert_eq!(transport.push_count(), 1);
+}
+
+#[tokio::test]
+async fn unauthorized_pauses_without_burning_attempts_until_resume() {
+    let env = Env::new();
+    let queue = env.store();
+    let ids = enqueue_n(&queue, 5).await;
+    let transport = Scripted::always(PushOutcome::unauthorized("401"));
+    let mut config = env.config();
+    config.batch_size = 1;
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].kind, EventKind::Paused);
+    assert!(worker.stats().paused);
+    // Paused: nothing is pushed, however often we ask.
+    for _ in 0..3 {
+        assert!(worker.process_now().await.unwrap().is_empty());
+    }
+    assert_eq!(transport.push_count(), 1);
+    for id in &ids {
+        assert_eq!(queue.get(id).unwrap().attempts, 0);
+        assert_eq!(queue.get(id).unwrap().status, ItemStatus::Pending);
+    }
+    transport.set(PushOutcome::Delivered);
+    worker.resume();
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(r.len(), 5);
+    assert_eq!(queue.size().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn unauthorized_pause_lifts_after_a_successful_probe() {
+    let env = Env::new();
+    let queue = env.store();
+    enqueue_n(&queue, 3).await;
+    let transport = Scripted::always(PushOutcome::unauthorized("403"));
+    let worker = RetryWorker::new(env.config(), queue.clone(), transport.clone()).unwrap();
+    worker.process_now().await.unwrap();
+    let pushes = transport.push_count();
+    transport.set(PushOutcome::Delivered);
+    env.clock.advance(Duration::from_secs(61));
+    let probe = worker.process_now().await.unwrap();
+    assert_eq!(probe.first().map(|r| r.kind), Some(EventKind::Delivered));
+    worker.process_now().await.unwrap();
+    assert_eq!(queue.size().unwrap(), 0);
+    assert!(!worker.stats().paused);
+    assert!(transport.push_count() > pushes);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_when_later_than_backoff_and_capped() {
+    let env = Env::new();
+    let queue = env.store();
+    let a = queue.enqueue(item(1)).unwrap();
+    let transport = Arc::new(Scripted::default());
+    transport
+        .script
+        .lock()
+        .unwrap()
+        .push_back(PushOutcome::Retryable {
+            message: "429".into(),
+            retry_after: Some(Duration::from_secs(120)),
+        });
+    let mut config = env.config();
+    config.max_retry_after = Duration::from_secs(600);
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    let t0 = env.clock.now();
+    worker.process_now().await.unwrap();
+    assert_eq!(
+        queue.get(&a).unwrap().next_retry,
+        t0 + chrono::Duration::seconds(120)
+    );
+
+    // A Retry-After beyond the cap is capped.
+    env.clock.advance(Duration::from_secs(120));
+    transport
+        .script
+        .lock()
+        .unwrap()
+        .push_back(PushOutcome::Retryable {
+            message: "429".into(),
+            retry_after: Some(Duration::from_secs(86_400)),
+        });
+    let t1 = env.clock.now();
+    worker.process_now().await.unwrap();
+    assert_eq!(
+        queue.get(&a).unwrap().next_retry,
+        t1 + chrono::Duration::seconds(600)
+    );
+
+    // A Retry-After shorter than the backoff does not shorten it.
+    env.clock.advance(Duration::from_secs(600));
+    transport
+        .script
+        .lock()
+        .unwrap()
+        .push_back(PushOutcome::Retryable {
+            message: "429".into(),
+            retry_after: Some(Duration::from_secs(1)),
+        });
+    let t2 = env.clock.now();
+    worker.process_now().await.unwrap();
+    assert_eq!(
+        queue.get(&a).unwrap().next_retry,
+        t2 + chrono::Duration::seconds(40),
+        "third failure: backoff 10s * 2^2"
+    );
+}
+
+#[tokio::test]
+async fn circuit_breaker_bounds_calls_during_an_hour_long_outage() {
+    let env = Env::new();
+    let queue = env.store();
+    let batch: Vec<NewItem> = (0..1000).map(item).collect();
+    queue.enqueue_batch(batch).unwrap();
+    let transport = Scripted::always(PushOutcome::retryable("connection refused"));
+    let mut config = env.config();
+    config.backoff = BackoffConfig::new(
+        BackoffStrategy::Constant,
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    config.max_attempts = 1000;
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    // One hour, a cycle every 10 seconds.
+    for _ in 0..360 {
+        worker.process_now().await.unwrap();
+        env.clock.advance(Duration::from_secs(10));
+    }
+    let during_outage = transport.push_count();
+    assert!(
+        during_outage <= 40,
+        "the upstream saw {during_outage} calls during the outage"
+    );
+    assert!(worker.stats().circuit_opened >= 1);
+
+    transport.set(PushOutcome::Delivered);
+    env.clock.advance(Duration::from_secs(600));
+    worker.process_now().await.unwrap();
+    worker.process_now().await.unwrap();
+    assert_eq!(
+        queue.size().unwrap(),
+        0,
+        "the backlog drains once it is back"
+    );
+}
+
+struct KnownFingerprints {
+    known: HashSet<String>,
+    fail: AtomicBool,
+    calls: AtomicUsize,
+}
+
+impl FingerprintChecker for KnownFingerprints {
+    fn check(&self, fps: &[String], _ctx: &CallContext) -> Result<CheckResult, CheckError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(CheckError::Unavailable("check endpoint down".into()));
+        }
+        let (existing, missing) = fps.iter().cloned().partition(|f| self.known.contains(f));
+        Ok(CheckResult { existing, missing })
+    }
+}
+
+#[tokio::test]
+async fn checker_skips_uploads_the_upstream_has() {
+    let env = Env::new();
+    let queue = env.store();
+    let known = queue
+        .enqueue(item(1).with_fingerprint("already-there"))
+        .unwrap();
+    let fresh = queue.enqueue(item(2)).unwrap();
+    let transport = Scripted::always(PushOutcome::Delivered);
+    let checker = Arc::new(KnownFingerprints {
+        known: ["already-there".to_owned()].into(),
+        fail: AtomicBool::new(false),
+        calls: AtomicUsize::new(0),
+    });
+    let worker = RetryWorker::new(env.config(), queue.clone(), transport.clone())
+        .unwrap()
+        .with_checker(checker.clone());
+    let r = worker.process_now().await.unwrap();
+    let kinds: HashMap<_, _> = r.iter().map(|r| (r.item_id.clone(), r.kind)).collect();
+    assert_eq!(kinds[&known], EventKind::Skipped);
+    assert_eq!(kinds[&fresh], EventKind::Delivered);
+    assert_eq!(transport.counts().get(&known), None, "no upload");
+    assert_eq!(
+        checker.calls.load(Ordering::SeqCst),
+        1,
+        "one check per claim"
+    );
+    assert_eq!(queue.size().unwrap(), 0);
+    assert_eq!(worker.stats().total_skipped, 1);
+}
+
+#[tokio::test]
+async fn checker_failure_burns_no_attempt_and_pushes_nothing() {
+    let env = Env::new();
+    let queue = env.store();
+    let ids = enqueue_n(&queue, 3).await;
+    let transport = Scripted::always(PushOutcome::Delivered);
+    let checker = Arc::new(KnownFingerprints {
+        known: HashSet::new(),
+        fail: AtomicBool::new(true),
+        calls: AtomicUsize::new(0),
+    });
+    let worker = RetryWorker::new(env.config(), queue.clone(), transport.clone())
+        .unwrap()
+        .with_checker(checker.clone());
+    let r = worker.process_now().await.unwrap();
+    assert!(r.iter().all(|r| r.kind == EventKind::Released));
+    assert_eq!(transport.push_count(), 0);
+    for id in &ids {
+        let it = queue.get(id).unwrap();
+        assert_eq!(it.attempts, 0);
+        assert_eq!(it.status, ItemStatus::Pending);
+    }
+    checker.fail.store(false, Ordering::SeqCst);
+    worker.resume();
+    worker.process_now().await.unwrap();
+    assert_eq!(queue.size().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_panicking_transport_costs_only_that_attempt() {
+    struct Panicky;
+    impl Pusher for Panicky {
+        fn push(&self, item: &ItemMeta, _: &[u8], _: &CallContext) -> PushOutcome {
+            if item.attempts == 0 {
+                panic!("plugin bug");
+            }
+            PushOutcome::Delivered
+        }
+    }
+    let env = Env::new();
+    let queue = env.store();
+    let id = queue.enqueue(item(1)).unwrap();
+    let worker = RetryWorker::new(env.config(), queue.clone(), Arc::new(Panicky)).unwrap();
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(r[0].kind, EventKind::Retried);
+    assert!(r[0].error.as_deref().unwrap().contains("panicked"));
+    assert_eq!(queue.get(&id).unwrap().attempts, 1);
+    env.clock.advance(Duration::from_secs(10));
+    worker.process_now().await.unwrap();
+    assert_eq!(queue.size().unwrap(), 0);
+}
+
+#[test]
+fn invalid_config_is_refused_naming_the_field() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.lease = Duration::from_secs(1);
+    let err = RetryWorker::new(
+        config,
+        env.store(),
+        Scripted::always(PushOutcome::Delivered),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("lease"), "{err}");
+    let mut config = env.config();
+    config.batch_size = 0;
+    let err = RetryWorker::new(
+        config,
+        env.store(),
+        Scripted::always(PushOutcome::Delivered),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("batch_size"), "{err}");
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    // A bounded wait for a background effect, not a timing assertion.
+    for _ in 0..3000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_producers_everything_delivered_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn RetryQueue> = Arc::new(
+        SqliteRetryQueue::open(
+            dir.path().join("q.db"),
+            StoreOptions {
+                max_items: 100_000,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let transport = Scripted::always(PushOutcome::Delivered);
+    let config = RetryWorkerConfig {
+        batch_size: 50,
+        ..RetryWorkerConfig::default()
+    };
+    let worker = Arc::new(RetryWorker::new(config, queue.clone(), transport.clone()).unwrap());
+    worker.start().await.unwrap();
+    assert!(worker.is_running());
+    let mut tasks = Vec::new();
+    for p in 0..64 {
+        let w = worker.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..20 {
+                ids.push(w.enqueue(item(p * 1000 + n)).await.unwrap());
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    assert_eq!(ids.len(), 1280);
+    wait_until("all delivered", || queue.size().unwrap() == 0).await;
+    let counts = transport.counts();
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "{id} delivered exactly once");
+    }
+    assert!(!transport.overlapped.load(Ordering::SeqCst));
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+    assert!(!worker.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_delivery_then_restart_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let open = || -> Arc<dyn RetryQueue> {
+        Arc::new(SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap())
+    };
+    let queue = open();
+    let ids = enqueue_n(&queue, 20).await;
+    let transport = Scripted::always(PushOutcome::Delivered);
+    *transport.delay.lock().unwrap() = Duration::from_millis(100);
+    let config = RetryWorkerConfig {
+        batch_size: 4,
+        concurrency: 4,
+        ..RetryWorkerConfig::default()
+    };
+    let worker = RetryWorker::new(config.clone(), queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    wait_until("a push in flight", || {
+        !transport.active.lock().unwrap().is_empty()
+    })
+    .await;
+    // A short timeout: some pushes do not finish; their leases are released.
+    worker.stop(Duration::from_millis(1)).await.unwrap();
+    assert!(!worker.is_running());
+    let processing = queue
+        .list(&ListFilter {
+            status: Some(ItemStatus::Processing),
+            ..ListFilter::default()
+        })
+        .unwrap();
+    assert!(processing.is_empty(), "stop released every lease");
+    drop(worker);
+    queue.close().unwrap();
+
+    let queue = open();
+    *transport.delay.lock().unwrap() = Duration::ZERO;
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    wait_until("all delivered", || queue.size().unwrap() == 0).await;
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+    let counts = transport.counts();
+    for id in &ids {
+        assert!(counts.get(id).copied().unwrap_or(0) >= 1, "{id} was lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_now_racing_the_scheduler_never_double_pushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn RetryQueue> =
+        Arc::new(SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default()).unwrap());
+    let ids = enqueue_n(&queue, 300).await;
+    let transport = Scripted::always(PushOutcome::Delivered);
+    *transport.delay.lock().unwrap() = Duration::from_millis(1);
+    let config = RetryWorkerConfig {
+        batch_size: 7,
+        concurrency: 4,
+        ..RetryWorkerConfig::default()
+    };
+    let worker = Arc::new(RetryWorker::new(config, queue.clone(), transport.clone()).unwrap());
+    worker.start().await.unwrap();
+    let racers: Vec<_> = (0..3)
+        .map(|_| {
+            let w = worker.clone();
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    w.process_now().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for r in racers {
+        r.await.unwrap();
+    }
+    wait_until("all delivered", || queue.size().unwrap() == 0).await;
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+    assert!(!transport.overlapped.load(Ordering::SeqCst));
+    let counts = transport.counts();
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "{id} pushed once");
+    }
+}
+
+#[tokio::test]
+async fn events_reach_subscribers() {
+    let env = Env::new();
+    let queue = env.store();
+    let id = queue.enqueue(item(1)).unwrap();
+    let worker = RetryWorker::new(
+        env.config(),
+        queue.clone(),
+        Scripted::always(PushOutcome::Delivered),
+    )
+    .unwrap();
+    let mut events = worker.subscribe();
+    let successes = Arc::new(AtomicUsize::new(0));
+    let s2 = successes.clone();
+    worker.on_success(move |_| {
+        s2.fetch_add(1, Ordering::SeqCst);
+    });
+    worker.process_now().await.unwrap();
+    let ev = events.recv().await.unwrap();
+    assert_eq!(ev.item_id, id);
+    assert_eq!(ev.kind, EventKind::Delivered);
+    assert!(ev.latency.is_some());
+    assert_eq!(successes.load(Ordering::SeqCst), 1);
+}
