@@ -1,0 +1,127 @@
+//! The file system seen by [`super::FileRetryQueue`]: every byte the backend
+//! reads or writes goes through [`StoreFs`], so tests can replace the disk
+//! with a simulated one that fails the Nth operation or "loses power".
+//!
+//! The trait is deliberately small and path based: each method is one
+//! system-call-sized step of the write protocol, so a fault can be injected
+//! between any two of them.
+
+use std::fmt::Debug;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// A held directory lock; the lock is released when the guard is dropped.
+pub trait LockGuard: Send + Sync + Debug {}
+
+impl LockGuard for File {}
+
+/// The operations the file backend performs on its directory.
+///
+/// Semantics follow POSIX: `write_file` and `rename` change what later reads
+/// see immediately, but only `sync_file` makes a file's *contents* durable
+/// and only `sync_dir` makes a directory's *entries* (creations, renames,
+/// removals) durable. An implementation used for crash tests must lose, at
+/// a simulated crash, exactly what was not made durable that way.
+pub trait StoreFs: Send + Sync + Debug {
+    /// Creates `dir` and its parents (mode 0700 for the ones created).
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Creates or truncates `path` (mode 0600) and writes `data` to it,
+    /// without syncing.
+    fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Makes the contents of `path` durable (fsync).
+    fn sync_file(&self, path: &Path) -> io::Result<()>;
+    /// Atomically renames `from` to `to`, replacing `to` if it exists.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes the file `path`.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Makes the entries of directory `dir` durable (fsync of the directory).
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// The names of the entries of `dir` (files and directories), in no
+    /// particular order. Names that are not UTF-8 are skipped.
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// The whole contents of `path`.
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Takes an exclusive, non-blocking lock on `path` (created 0600 if
+    /// absent) and records `owner` in it. `Ok(None)` when another holder has
+    /// it; the holder's record can then be read with `read_file`.
+    fn try_lock(&self, path: &Path, owner: &str) -> io::Result<Option<Box<dyn LockGuard>>>;
+}
+
+/// The real file system (`std::fs`), with the fsyncs the protocol asks for.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsFs;
+
+impl StoreFs for OsFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        // The umask may have masked the mode; the queue is private.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+    }
+
+    fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        file.write_all(data)
+    }
+
+    fn sync_file(&self, path: &Path) -> io::Result<()> {
+        // fsync through any descriptor flushes the inode's data.
+        File::open(path)?.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            if let Ok(name) = entry?.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+        fs::read(path)
+    }
+
+    fn try_lock(&self, path: &Path, owner: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        file.set_len(0)?;
+        file.write_all(owner.as_bytes())?;
+        Ok(Some(Box::new(file)))
+    }
+}
