@@ -55,7 +55,8 @@
 //!
 //! 1. Create the directory (0700) and take the lock (below).
 //! 2. Remove leftover `*.tmp` files (writes that never committed).
-//! 3. Read every item file; a file that does not parse, whose report fails
+//! 3. Read every item file (an I/O error reading one fails the open: it
+//!    says nothing about the record, which may be fine); a file that does not parse, whose report fails
 //!    its checksum, whose ID differs from its name, or that repeats an ID
 //!    already loaded is moved into `corrupt/`, counted in
 //!    [`QueueStats::quarantined`] and logged with `tracing::warn`. Nothing
@@ -398,10 +399,12 @@ impl FileRetryQueue {
             let path = dir.join(name);
             let bytes = match fs.read_file(&path) {
                 Ok(bytes) => bytes,
-                Err(e) => {
-                    bad.push((name.clone(), format!("unreadable: {e}")));
-                    continue;
-                }
+                // Gone since the listing: nothing to load.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // An I/O error says nothing about the record's content:
+                // quarantining a possibly good item would hide it, so the
+                // open fails and can be retried.
+                Err(e) => return Err(QueueError::storage("open", io_ctx(&path, e))),
             };
             match decode(&bytes, id) {
                 Ok(_) if index.entries.contains_key(id) => {
