@@ -25,7 +25,8 @@ impl LockGuard for File {}
 /// removals) durable. An implementation used for crash tests must lose, at
 /// a simulated crash, exactly what was not made durable that way.
 pub trait StoreFs: Send + Sync + Debug {
-    /// Creates `dir` and its parents (mode 0700 for the ones created).
+    /// Creates `dir` and its parents (mode 0700 for the ones created),
+    /// durably: each new directory's parent is synced.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// Creates or truncates `path` (mode 0600) and writes `data` to it,
     /// without syncing.
@@ -58,12 +59,28 @@ impl StoreFs for OsFs {
         if dir.is_dir() {
             return Ok(());
         }
+        // The directories this call creates, outermost first.
+        let mut created: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .collect();
+        created.reverse();
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
-        // The umask may have masked the mode; the queue is private.
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        for new_dir in created {
+            // The umask may have masked the mode; the queue is private.
+            fs::set_permissions(new_dir, fs::Permissions::from_mode(0o700))?;
+            // A new directory's own entry is durable only once its parent
+            // is synced.
+            match new_dir.parent() {
+                Some(parent) if parent.as_os_str().is_empty() => self.sync_dir(Path::new("."))?,
+                Some(parent) => self.sync_dir(parent)?,
+                None => {}
+            }
+        }
+        Ok(())
     }
 
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {

@@ -415,23 +415,36 @@ impl FileRetryQueue {
             }
         }
 
+        let mut quarantine: BTreeSet<String> = fs
+            .read_dir(&self.quarantine_dir)
+            .map_err(|e| QueueError::storage("open", io_ctx(&self.quarantine_dir, e)))?
+            .into_iter()
+            .filter(|n| !n.ends_with(TMP_SUFFIX))
+            .collect();
         let now = self.now();
-        let mut quarantined_now = Vec::new();
         let stamp = now.timestamp_nanos_opt().unwrap_or(0);
+        let mut moved_any = false;
         for (name, reason) in &bad {
-            let target = format!("{stamp}_{name}");
-            let moved = fs.rename(&dir.join(name), &self.quarantine_dir.join(&target));
-            match moved {
+            // Prefixed by the time so the oldest sorts first; never
+            // overwrite an earlier quarantined record.
+            let mut target = format!("{stamp}_{name}");
+            let mut n = 1;
+            while quarantine.contains(&target) {
+                target = format!("{stamp}_{n}_{name}");
+                n += 1;
+            }
+            match fs.rename(&dir.join(name), &self.quarantine_dir.join(&target)) {
                 Ok(()) => {
                     tracing::warn!(file = %name, quarantined_as = %target, %reason, "quarantined a bad queue record");
-                    quarantined_now.push(target);
+                    quarantine.insert(target);
+                    moved_any = true;
                 }
                 Err(e) => {
                     tracing::warn!(file = %name, %reason, error = %e, "bad queue record could not be quarantined; skipping it")
                 }
             }
         }
-        if removed_tmp > 0 || !quarantined_now.is_empty() {
+        if removed_tmp > 0 || moved_any {
             let synced = fs
                 .sync_dir(&self.quarantine_dir)
                 .and_then(|_| fs.sync_dir(dir));
@@ -439,12 +452,6 @@ impl FileRetryQueue {
                 return Err(QueueError::storage("open", io_ctx(dir, e)));
             }
         }
-        let quarantine: BTreeSet<String> = fs
-            .read_dir(&self.quarantine_dir)
-            .map_err(|e| QueueError::storage("open", io_ctx(&self.quarantine_dir, e)))?
-            .into_iter()
-            .filter(|n| !n.ends_with(TMP_SUFFIX))
-            .collect();
 
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.index = index;
@@ -663,52 +670,42 @@ impl FileRetryQueue {
                 limit: max_bytes,
             });
         }
-        let count = |b: &Admission| index.entries.len() + b.count - b.evict.len();
-        let bytes = |b: &Admission| index.total_bytes + b.bytes - b.evict_bytes;
-        let fits = |b: &Admission| count(b) < max_items && bytes(b) + size <= max_bytes;
-        if !fits(batch) {
-            let full = |b: &Admission| {
-                QueueError::QueueFull {
+        // Items and bytes in use once `evicted` items of `evicted_bytes`
+        // are gone (batch members count as stored).
+        let used_items = |evicted: usize| index.entries.len() + batch.count - evicted;
+        let used_bytes = |evicted_bytes: u64| index.total_bytes + batch.bytes - evicted_bytes;
+        let fits = |evicted: usize, evicted_bytes: u64| {
+            used_items(evicted) < max_items && used_bytes(evicted_bytes) + size <= max_bytes
+        };
+        let mut evicted = batch.evict.len();
+        let mut evicted_bytes = batch.evict_bytes;
+        if !fits(evicted, evicted_bytes) {
+            let full = QueueError::QueueFull {
                 reason: format!(
                     "{} of {max_items} items and {} of {max_bytes} bytes used; the new item needs {size} bytes",
-                    count(b),
-                    bytes(b)
+                    used_items(evicted),
+                    used_bytes(evicted_bytes)
                 ),
-            }
             };
             if self.options.overflow == OverflowPolicy::Reject {
-                return Err(full(batch));
+                return Err(full);
             }
             let mut plan = Vec::new();
-            let mut plan_bytes = 0;
             for id in index.eviction_order() {
+                if fits(evicted, evicted_bytes) {
+                    break;
+                }
                 if batch.evict_set.contains(id) {
                     continue;
                 }
-                let probe = Admission {
-                    count: batch.count,
-                    bytes: batch.bytes,
-                    evict: vec![String::new(); batch.evict.len() + plan.len()],
-                    evict_bytes: batch.evict_bytes + plan_bytes,
-                    ..Admission::default()
-                };
-                if fits(&probe) {
-                    break;
-                }
-                plan_bytes += index.entries.get(id).map_or(0, |e| e.item.size_bytes());
+                evicted += 1;
+                evicted_bytes += index.entries.get(id).map_or(0, |e| e.item.size_bytes());
                 plan.push(id.clone());
             }
-            let probe = Admission {
-                count: batch.count,
-                bytes: batch.bytes,
-                evict: vec![String::new(); batch.evict.len() + plan.len()],
-                evict_bytes: batch.evict_bytes + plan_bytes,
-                ..Admission::default()
-            };
-            if !fits(&probe) {
-                return Err(full(batch));
+            if !fits(evicted, evicted_bytes) {
+                return Err(full);
             }
-            batch.evict_bytes += plan_bytes;
+            batch.evict_bytes = evicted_bytes;
             batch.evict_set.extend(plan.iter().cloned());
             batch.evict.extend(plan);
         }
@@ -819,8 +816,8 @@ impl RetryQueue for FileRetryQueue {
     }
 
     fn update(&self, item: &QueueItem) -> QueueResult<()> {
-        Self::check_item(item)?;
         self.change_one("update", &item.id, |stored, _| {
+            Self::check_item(item)?;
             let mut replacement = item.clone();
             replacement.id = stored.id.clone();
             replacement.created_at = stored.created_at;
