@@ -31,6 +31,9 @@ enum Fault {
     Error(i32),
     /// Power loss: that operation and every later one fail and change nothing.
     Crash,
+    /// This many operations in a row fail with EIO (so the undo of a failed
+    /// commit can fail too).
+    ErrorRun(u64),
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +115,7 @@ impl SimDisk {
                 s.crashed = true;
                 Err(errno(EIO))
             }
+            Some((at, Fault::ErrorRun(len))) if (at..at + len).contains(&n) => Err(errno(EIO)),
             _ => Ok(s),
         }
     }
@@ -618,5 +622,165 @@ fn batch_is_all_or_nothing_at_a_crash() {
             0,
             "crash at {at}: nothing half stored"
         );
+    }
+}
+
+fn filled_store(disk: &SimDisk, clock: &ManualClock, options: StoreOptions) -> FileRetryQueue {
+    let store = FileRetryQueue::open_with_fs(DIR, options, Arc::new(disk.clone())).unwrap();
+    for id in ["a", "b", "c"] {
+        clock.advance(Duration::from_secs(1));
+        store.enqueue(item(id)).unwrap();
+    }
+    store
+}
+
+fn options(clock: &ManualClock) -> StoreOptions {
+    StoreOptions {
+        clock: Arc::new(clock.clone()),
+        ..StoreOptions::default()
+    }
+}
+
+/// The operations one call performs, measured on a fault-free disk.
+fn op_range(
+    options: &StoreOptions,
+    clock: &ManualClock,
+    call: &dyn Fn(&FileRetryQueue) -> QueueResult<()>,
+) -> std::ops::Range<u64> {
+    let disk = SimDisk::default();
+    let store = filled_store(&disk, clock, options.clone());
+    let start = disk.ops();
+    call(&store).unwrap();
+    start..disk.ops()
+}
+
+type Call = (
+    &'static str,
+    Box<dyn Fn(&FileRetryQueue) -> QueueResult<()>>,
+);
+
+fn calls(clock: &ManualClock) -> Vec<Call> {
+    let later = clock.now() + chrono::Duration::hours(1);
+    vec![
+        (
+            "requeue",
+            Box::new(move |s| s.requeue("a", "503", later).map(|_| ())),
+        ),
+        (
+            "mark_failed",
+            Box::new(|s| s.mark_failed("b", "no").map(|_| ())),
+        ),
+        ("delete", Box::new(|s| s.delete("c"))),
+        (
+            "claim",
+            Box::new(|s| s.claim(3, Duration::from_secs(60)).map(|_| ())),
+        ),
+        (
+            "batch",
+            Box::new(|s| s.enqueue_batch(vec![item("x"), item("y")]).map(|_| ())),
+        ),
+    ]
+}
+
+#[test]
+fn failed_undo_poisons_the_store_and_reopen_recovers_a_whole_state() {
+    let clock = clock();
+    let (mut undone, mut poisoned) = (0, 0);
+    for (name, call) in calls(&clock) {
+        let range = op_range(&options(&clock), &clock, &*call);
+        for at in range {
+            for len in 1..=4 {
+                let label = format!("{name}: {len} failing ops from {at}");
+                let disk = SimDisk::default();
+                let store = filled_store(&disk, &clock, options(&clock));
+                let before = contents(&store);
+                disk.inject(at, Fault::ErrorRun(len));
+                let err = call(&store).expect_err(&label);
+                assert!(matches!(err, QueueError::Storage { .. }), "{label}: {err}");
+                disk.inject(u64::MAX, Fault::ErrorRun(0));
+                match store.size() {
+                    // The undo worked: nothing changed, and the store goes on.
+                    Ok(_) => {
+                        undone += 1;
+                        assert_eq!(contents(&store), before, "{label}");
+                        call(&store).unwrap_or_else(|e| panic!("{label}: retry: {e}"));
+                    }
+                    // The undo failed too: every call refuses until reopened.
+                    Err(e) => {
+                        poisoned += 1;
+                        assert!(e.to_string().contains("reopen"), "{label}: {e}");
+                        assert!(store.get("a").is_err(), "{label}");
+                    }
+                }
+                drop(store);
+                // Whatever survived is whole: the items untouched by the
+                // call are exactly as before, none is half written.
+                let rebooted = disk.reboot();
+                let store = open(&rebooted, &clock).unwrap();
+                assert_eq!(store.stats().unwrap().quarantined, 0, "{label}");
+                let after = contents(&store);
+                for (id, old) in &before {
+                    if let Some(now) = after.get(id) {
+                        if now.updated_at == old.updated_at {
+                            assert_eq!(now, &after_open(old, now), "{label}: {id}");
+                        }
+                    }
+                }
+                for id in ["a", "b"] {
+                    assert!(after.contains_key(id), "{label}: {id} never removed");
+                }
+                store.enqueue(item("z")).unwrap();
+            }
+        }
+    }
+    assert!(
+        undone > 0 && poisoned > 0,
+        "both outcomes exercised: {undone} undone, {poisoned} poisoned"
+    );
+}
+
+#[test]
+fn drop_oldest_never_loses_the_new_item_or_unrequested_evictions() {
+    let clock = clock();
+    let mut opts = options(&clock);
+    opts.max_items = 3;
+    opts.overflow = retryq::store::OverflowPolicy::DropOldest;
+    let call = |s: &FileRetryQueue| s.enqueue(item("d")).map(|_| ());
+    let prepare = |disk: &SimDisk| {
+        let store = filled_store(disk, &clock, opts.clone());
+        store.mark_failed("c", "dead").unwrap();
+        store
+    };
+    let probe = SimDisk::default();
+    let store = prepare(&probe);
+    let start = probe.ops();
+    call(&store).unwrap();
+    assert!(store.get("c").is_err(), "the dead letter is evicted first");
+    let end = probe.ops();
+    drop(store);
+
+    for at in start..end {
+        for fault in [Fault::Crash, Fault::Error(EIO)] {
+            let label = format!("{fault:?} at {at}");
+            let disk = SimDisk::default();
+            let store = prepare(&disk);
+            disk.inject(at, fault);
+            let result = call(&store);
+            drop(store);
+            let store = open(&disk.reboot(), &clock).unwrap();
+            let ids: Vec<String> = contents(&store).into_keys().collect();
+            assert!(
+                ids.contains(&"a".to_owned()) && ids.contains(&"b".to_owned()),
+                "{label}: {ids:?}"
+            );
+            match result {
+                // Acknowledged: the new item is durable; the eviction may
+                // not be (the queue is then over its limit, never short).
+                Ok(()) => assert!(ids.contains(&"d".to_owned()), "{label}: {ids:?}"),
+                // Refused: nothing changed, nothing was evicted.
+                Err(_) => assert_eq!(ids, ["a", "b", "c"], "{label}"),
+            }
+            assert_eq!(store.stats().unwrap().quarantined, 0, "{label}");
+        }
     }
 }

@@ -291,3 +291,122 @@ fn corrupt_records_are_quarantined_and_trimmed() {
     );
     assert_eq!(q.stats().unwrap().quarantined, 1);
 }
+
+#[test]
+fn every_call_after_close_is_queue_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let q = FileRetryQueue::open(dir.path(), options(&clock)).unwrap();
+    let id = q.enqueue(new_item(1)).unwrap();
+    let item = q.get(&id).unwrap();
+    q.close().unwrap();
+    q.close().unwrap();
+    let closed = |r: QueueResult<()>| matches!(r, Err(QueueError::QueueClosed));
+    let d = Duration::from_secs(1);
+    assert!(closed(q.enqueue(new_item(2)).map(|_| ())));
+    assert!(closed(q.enqueue_batch(vec![new_item(3)]).map(|_| ())));
+    assert!(closed(q.dequeue().map(|_| ())));
+    assert!(closed(q.peek().map(|_| ())));
+    assert!(closed(q.get(&id).map(|_| ())));
+    assert!(closed(q.update(&item)));
+    assert!(closed(q.delete(&id)));
+    assert!(closed(q.mark_failed(&id, "x").map(|_| ())));
+    assert!(closed(q.requeue(&id, "x", clock.now()).map(|_| ())));
+    assert!(closed(q.revive(&id).map(|_| ())));
+    assert!(closed(q.release(&id)));
+    assert!(closed(q.claim(1, d).map(|_| ())));
+    assert!(closed(q.release_expired_leases().map(|_| ())));
+    assert!(closed(q.next_due().map(|_| ())));
+    assert!(closed(q.size().map(|_| ())));
+    assert!(closed(q.stats().map(|_| ())));
+    assert!(closed(q.cleanup(d).map(|_| ())));
+    assert!(closed(q.enforce_limits().map(|_| ())));
+    assert!(closed(q.list(&ListFilter::default()).map(|_| ())));
+    assert!(closed(
+        q.apply_batch(vec![crate::store::WriteOp::Delete { id }])
+            .and_then(|mut r| r.pop().unwrap_or(Ok(crate::store::WriteOutcome::Applied)))
+            .map(|_| ())
+    ));
+}
+
+#[test]
+fn byte_limit_eviction_and_enforce_limits_after_lowering() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let mut opts = options(&clock);
+    let q = FileRetryQueue::open(dir.path(), opts.clone()).unwrap();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        clock.advance(Duration::from_secs(1));
+        ids.push(q.enqueue(new_item(n)).unwrap());
+    }
+    let one = q.get(&ids[0]).unwrap().size_bytes();
+    let total = q.stats().unwrap().total_bytes;
+    assert_eq!(
+        total,
+        (0..5)
+            .map(|i| q.get(&ids[i]).unwrap().size_bytes())
+            .sum::<u64>()
+    );
+    q.close().unwrap();
+
+    // Lowered limits: Reject evicts nothing, DropOldest evicts the oldest.
+    opts.max_items = 3;
+    let q = FileRetryQueue::open(dir.path(), opts.clone()).unwrap();
+    assert_eq!(q.enforce_limits().unwrap(), 0);
+    q.close().unwrap();
+    opts.overflow = OverflowPolicy::DropOldest;
+    let q = FileRetryQueue::open(dir.path(), opts.clone()).unwrap();
+    assert_eq!(q.enforce_limits().unwrap(), 2);
+    assert!(q.get(&ids[0]).is_err() && q.get(&ids[1]).is_err());
+    assert_eq!(q.size().unwrap(), 3);
+    q.close().unwrap();
+
+    // Byte limit with room for two items: the third evicts the oldest.
+    opts.max_items = 100;
+    opts.max_bytes = one * 2 + one / 2;
+    let q = FileRetryQueue::open(dir.path(), opts).unwrap();
+    assert_eq!(q.enforce_limits().unwrap(), 1);
+    clock.advance(Duration::from_secs(1));
+    let newest = q.enqueue(new_item(9)).unwrap();
+    assert!(q.get(&ids[3]).is_err());
+    let left: Vec<String> = q
+        .list(&ListFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(left, vec![ids[4].clone(), newest]);
+    assert_eq!(q.stats().unwrap().evicted, 2);
+}
+
+#[test]
+fn creates_nested_directories_and_counts_disk_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let q = FileRetryQueue::open(dir.path().join("a/b/c"), options(&clock)).unwrap();
+    let id = q.enqueue(new_item(1)).unwrap();
+    let file = q.dir().join(file_name(&q.get(&id).unwrap()));
+    let on_disk = std::fs::metadata(&file).unwrap().len();
+    assert_eq!(q.stats().unwrap().bytes_on_disk, on_disk);
+    q.requeue(&id, "a longer error message than before", clock.now())
+        .unwrap();
+    let on_disk = std::fs::metadata(&file).unwrap().len();
+    assert_eq!(q.stats().unwrap().bytes_on_disk, on_disk);
+    q.delete(&id).unwrap();
+    assert_eq!(q.stats().unwrap().bytes_on_disk, 0);
+    assert!(!file.exists());
+}
+
+#[test]
+fn leftover_temp_files_are_removed_and_foreign_files_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    std::fs::write(dir.path().join("1_x.json.tmp"), b"{\"id\":").unwrap();
+    std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
+    let q = FileRetryQueue::open(dir.path(), options(&clock)).unwrap();
+    assert!(!dir.path().join("1_x.json.tmp").exists());
+    assert!(dir.path().join("config.json").exists());
+    assert_eq!(q.size().unwrap(), 0);
+    assert_eq!(q.stats().unwrap().quarantined, 0);
+}
