@@ -10,7 +10,15 @@ use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Most threads [`OsFs::sync_files`] uses for one batch.
+const MAX_SYNC_THREADS: usize = 16;
+
+/// `e` with the path it concerns in its message (kind kept).
+pub(crate) fn with_path(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
 
 /// A held directory lock; the lock is released when the guard is dropped.
 pub trait LockGuard: Send + Sync + Debug {}
@@ -33,6 +41,15 @@ pub trait StoreFs: Send + Sync + Debug {
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
     /// Makes the contents of `path` durable (fsync).
     fn sync_file(&self, path: &Path) -> io::Result<()>;
+    /// Makes the contents of all `paths` durable. The default syncs them one
+    /// after the other; an implementation may overlap them (the file
+    /// system then folds them into fewer journal commits). Fails if any
+    /// sync fails.
+    fn sync_files(&self, paths: &[PathBuf]) -> io::Result<()> {
+        paths
+            .iter()
+            .try_for_each(|p| self.sync_file(p).map_err(|e| with_path(p, e)))
+    }
     /// Atomically renames `from` to `to`, replacing `to` if it exists.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes the file `path`.
@@ -96,6 +113,34 @@ impl StoreFs for OsFs {
     fn sync_file(&self, path: &Path) -> io::Result<()> {
         // fsync through any descriptor flushes the inode's data.
         File::open(path)?.sync_all()
+    }
+
+    fn sync_files(&self, paths: &[PathBuf]) -> io::Result<()> {
+        // fsyncs issued together are merged by the journal into a few
+        // commits; one after the other, each waits for its own. The work is
+        // waiting, not CPU, so a few threads suffice even on small machines.
+        if paths.len() < 2 {
+            return paths
+                .iter()
+                .try_for_each(|p| self.sync_file(p).map_err(|e| with_path(p, e)));
+        }
+        let threads = paths.len().min(MAX_SYNC_THREADS);
+        let chunk = paths.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = paths
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .try_for_each(|p| self.sync_file(p).map_err(|e| with_path(p, e)))
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a sync thread panicked")))
+            })
+        })
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
