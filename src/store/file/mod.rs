@@ -16,7 +16,8 @@
 //! (`id` and `created_at` are immutable), so every state change rewrites
 //! the same name. Other entries of the directory:
 //!
-//! - `*.tmp`: a write in progress; never read, removed at open.
+//! - `{item file name}.tmp`: a write in progress; never read, removed at
+//!   open.
 //! - `corrupt/`: the quarantine, files moved aside as
 //!   `{quarantine unix nanos}_{original name}` (so oldest sorts first).
 //! - `.retryq.lock`: the process lock, holding the owner's pid.
@@ -57,12 +58,14 @@
 //!
 //! 1. Create the directory (0700) and take the lock (below).
 //! 2. Remove leftover `*.tmp` files (writes that never committed).
-//! 3. Read every item file (an I/O error reading one fails the open: it
-//!    says nothing about the record, which may be fine); a file that does not parse, whose report fails
+//! 3. Read every item file. A file that does not parse, whose report fails
 //!    its checksum, whose ID differs from its name, or that repeats an ID
-//!    already loaded is moved into `corrupt/`, counted in
-//!    [`QueueStats::quarantined`] and logged with `tracing::warn`. Nothing
-//!    about one bad file stops the others from loading.
+//!    already loaded (the lower name is kept) is moved into `corrupt/`,
+//!    counted in [`QueueStats::quarantined`] and logged with
+//!    `tracing::warn`; nothing about one bad record stops the others from
+//!    loading. An I/O error *reading* a file fails the open instead: it says
+//!    nothing about the record, which may be fine, and quarantining it would
+//!    hide an acknowledged item.
 //! 4. Every item left `processing` (its process died; a Go file has no
 //!    lease) returns to `pending` with its attempts and `next_retry` kept,
 //!    persisted as one commit before `open` returns.
@@ -87,12 +90,33 @@
 //!
 //! # What each call guarantees
 //!
-//! See [`RetryQueue`]: every state-changing call is one commit, durable
-//! when it returns `Ok`, and unchanged on `Err`. `enqueue` with
-//! `DropOldest` commits the new item first, then evicts in a second commit,
-//! so a failure while evicting never loses the new item (the queue is then
-//! briefly over its limit and the failure is logged). Deletes are unlink
-//! plus a directory fsync.
+//! Every state-changing call is one commit: durable when it returns `Ok`,
+//! unchanged on `Err` (see [`RetryQueue`] for the semantics of each).
+//!
+//! | call | files touched | directory fsyncs |
+//! |---|---|---|
+//! | `enqueue`, `enqueue_batch` | one new file per accepted item | 1 (+1 if `DropOldest` evicts) |
+//! | `requeue`, `mark_failed`, `revive`, `update`, `release` | the item's file rewritten | 1 |
+//! | `claim`, `release_expired_leases` | each claimed / released item rewritten | 1 |
+//! | `delete` | the item's file unlinked | 1 |
+//! | `cleanup` | expired items unlinked; oldest quarantined files beyond `max_quarantined` unlinked | 1 per directory |
+//! | `enforce_limits` | evicted items unlinked | 1 |
+//! | `get`, `peek`, `list`, `size`, `stats`, `next_due` | none (memory only) | 0 |
+//!
+//! `enqueue` with `DropOldest` commits the new item first, then evicts in a
+//! second commit, so a failure while evicting never loses the new item (the
+//! queue is then over its limit until the next eviction, and the failure
+//! is logged). Evictions take dead letters oldest first, then any item
+//! oldest first, and are counted in [`QueueStats::evicted`].
+//! `stats().bytes_on_disk` is the sum of the item files' sizes (the
+//! quarantine is not counted); `total_bytes` is
+//! [`QueueItem::size_bytes`] summed, the measure `max_bytes` limits.
+//!
+//! Go interoperability: Go reads every file we write (it ignores our extra
+//! fields; a lease is invisible to it, so an item we hold `processing`
+//! looks claimed to Go, as its own claims do). Two processes never share a
+//! directory: the Go SDK takes no lock, so do not run it on a directory
+//! this store has open.
 //!
 //! # Fault injection
 //!
@@ -377,7 +401,13 @@ impl FileRetryQueue {
         names.sort();
 
         let mut removed_tmp = 0usize;
-        for name in names.iter().filter(|n| n.ends_with(TMP_SUFFIX)) {
+        // Only temp files of item files are ours; a foreign `x.tmp` stays.
+        let is_item_tmp = |n: &&String| {
+            n.strip_suffix(TMP_SUFFIX)
+                .and_then(parse_file_name)
+                .is_some()
+        };
+        for name in names.iter().filter(is_item_tmp) {
             match fs.remove_file(&dir.join(name)) {
                 Ok(()) => removed_tmp += 1,
                 Err(e) => {

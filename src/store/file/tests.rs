@@ -404,9 +404,11 @@ fn leftover_temp_files_are_removed_and_foreign_files_kept() {
     let clock = clock();
     std::fs::write(dir.path().join("1_x.json.tmp"), b"{\"id\":").unwrap();
     std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
+    std::fs::write(dir.path().join("notes.tmp"), b"mine").unwrap();
     let q = FileRetryQueue::open(dir.path(), options(&clock)).unwrap();
     assert!(!dir.path().join("1_x.json.tmp").exists());
     assert!(dir.path().join("config.json").exists());
+    assert!(dir.path().join("notes.tmp").exists());
     assert_eq!(q.size().unwrap(), 0);
     assert_eq!(q.stats().unwrap().quarantined, 0);
 }
