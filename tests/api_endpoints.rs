@@ -231,6 +231,45 @@ async fn ingest_stores_the_payload_with_query_and_header_parameters() {
 }
 
 #[actix_web::test]
+async fn ingest_takes_every_parameter_from_headers_alone() {
+    let fx = fixture();
+    let svc = service(&fx, &config_with_token()).await;
+    let req = post_item("", "[1,2,3]")
+        .insert_header(("X-Retryq-Type", "heartbeat"))
+        .insert_header(("X-Retryq-Id", "hdr-id"))
+        .insert_header(("X-Retryq-Fingerprint", "hdr-fp"))
+        .insert_header(("X-Retryq-Max-Attempts", "4"))
+        .insert_header(("X-Retryq-Agent-Id", "agent"))
+        .insert_header(("X-Retryq-Scanner-Name", "scanner"))
+        .insert_header(("X-Retryq-Target-Path", "target"))
+        .insert_header(("X-Retryq-Attr-Trace", "t-1"));
+    let (status, body) = call(&svc, req).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["id"], "hdr-id");
+    let item = fx.queue.get("hdr-id").unwrap();
+    assert_eq!(item.item_type.as_str(), "heartbeat");
+    assert_eq!(item.fingerprint, "hdr-fp");
+    assert_eq!(item.max_attempts, 4);
+    assert_eq!(
+        (
+            item.agent_id.as_str(),
+            item.scanner_name.as_str(),
+            item.target_path.as_str()
+        ),
+        ("agent", "scanner", "target")
+    );
+    assert_eq!(
+        item.attributes.get("trace").map(String::as_str),
+        Some("t-1")
+    );
+    assert_eq!(item.report.as_str(), "[1,2,3]");
+    // The same value given both ways is accepted.
+    let req = post_item("?type=assets", "{\"k\":1}").insert_header(("X-Retryq-Type", "assets"));
+    let (status, body) = call(&svc, req).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+#[actix_web::test]
 async fn duplicate_is_409_with_the_existing_id() {
     let fx = fixture();
     let svc = service(&fx, &config_with_token()).await;

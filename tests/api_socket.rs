@@ -102,6 +102,34 @@ async fn serves_over_a_real_socket_with_a_token() {
 }
 
 #[actix_web::test]
+async fn oversized_body_is_413_on_the_wire() {
+    let fx = Fixture::new(100, 1024 * 1024);
+    let config = AdminConfig {
+        body_limit: 64,
+        ..config_with_token()
+    };
+    let server = admin::bind(config, fx.state.clone()).expect("bind");
+    let addr = server.local_addr();
+    let handle = server.handle();
+    let running = actix_web::rt::spawn(server.run());
+    let (too_big, fits) = actix_web::rt::task::spawn_blocking(move || {
+        let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(100));
+        let too_big = http(addr, "POST", "/v1/items", Some(TOKEN), &body);
+        let fits = http(addr, "POST", "/v1/items", Some(TOKEN), "{\"ok\":true}");
+        (too_big, fits)
+    })
+    .await
+    .unwrap();
+    assert_eq!(too_big.0, 413, "{}", too_big.1);
+    let error: serde_json::Value = serde_json::from_str(&too_big.1).unwrap();
+    assert_eq!(error["error"], "too_large");
+    assert_eq!(fits.0, 201, "{}", fits.1);
+    assert_eq!(fx.queue.size().unwrap(), 1);
+    handle.stop(true).await;
+    running.await.unwrap().expect("server stopped cleanly");
+}
+
+#[actix_web::test]
 async fn refuses_a_non_loopback_address_without_a_token() {
     let fx = Fixture::new(10, 1024);
     for listen in ["0.0.0.0:0", "[::]:0", "192.0.2.10:8080"] {
