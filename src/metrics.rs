@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::store::QueueStats;
+use crate::store::{CleanupReport, QueueStats};
 
 /// The content type of the text exposition format this module writes.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -194,6 +194,12 @@ impl Metrics {
     /// (pending, processing and dead letters alike).
     pub fn record_expired(&self, n: u64) {
         self.expired.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts what a cleanup removed for age: expired items and expired dead
+    /// letters (quarantine trimming is reflected by the quarantine gauge).
+    pub fn record_cleanup(&self, report: &CleanupReport) {
+        self.record_expired(report.removed() as u64);
     }
 
     /// Counts `n` records moved to quarantine, for callers that learn of
@@ -638,7 +644,12 @@ mod tests {
             Some(Duration::from_secs(500)),
         );
         metrics.record_outcome(DeliveryOutcome::Skipped, None);
-        metrics.record_expired(2);
+        metrics.record_expired(1);
+        metrics.record_cleanup(&CleanupReport {
+            expired: 0,
+            dead_letters_expired: 1,
+            quarantine_trimmed: 5,
+        });
         metrics.set_circuit_state(CircuitState::HalfOpen);
         let text = metrics.render(None, now());
         for (series, value) in [

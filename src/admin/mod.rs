@@ -16,6 +16,11 @@
 //! | `GET /readyz` | readiness: store open and worker running, no token | 200, 503 |
 //! | `GET /metrics` | Prometheus text format 0.0.4 (token unless disabled) | 200, 401 |
 //!
+//! `GET /v1/items` takes `status`, `type`, `ready`, `limit` (default 100,
+//! capped at [`AdminConfig::max_list_limit`]), `offset`, `order_by`
+//! (`created_at`, `next_retry`, `attempts`) and `desc`; an unknown parameter
+//! or a bad value is a 400 naming it.
+//!
 //! Every error is a JSON body `{"error": "<kind>", "message": "..."}` (a 409
 //! duplicate adds `existing_id`); see [`ApiError`].
 //!
