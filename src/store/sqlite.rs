@@ -1,4 +1,1217 @@
-//! The embedded default backend (placeholder).
-/// SQLite-backed queue.
+//! `SqliteRetryQueue`: the default, embedded backend.
+//!
+//! # Format
+//!
+//! One SQLite database file (bundled SQLite, WAL journal,
+//! `synchronous=FULL`, so a committed transaction survives power loss):
+//!
+//! - `items`: one row of metadata per item (status, attempts, times as
+//!   integer Unix nanoseconds, lease, attributes as a JSON object, and the
+//!   item's accounted size). Rescheduling an item rewrites only this row.
+//! - `payloads`: the compact JSON payload and its CRC-32, keyed by item ID.
+//!   Written once at enqueue, verified on every read.
+//! - `quarantine`: rows that failed their integrity check, with the reason,
+//!   moved out of the way so they never block the rest of the queue.
+//!
+//! Indexes: ready order `(status, next_retry, created_at, id)` (so `claim`
+//! costs the same with a thousand or a million items queued), fingerprint
+//! among pending/processing items (dedupe), `created_at` (expiry, eviction)
+//! and `(status, lease_until)` (lease recovery). `PRAGMA user_version`
+//! records the schema version; a database written by a newer retryq is
+//! refused rather than misread.
+//!
+//! # Commit protocol
+//!
+//! Every state-changing call is one `BEGIN IMMEDIATE` transaction committed
+//! before the call returns. `enqueue_batch` and `apply_batch` put many
+//! changes in one transaction (group commit): each change runs inside its
+//! own savepoint, so one refused item (a duplicate, say) does not undo the
+//! others, and one fsync covers them all. An error from SQLite (full disk,
+//! I/O error) rolls the whole transaction back: nothing half-applied is
+//! ever visible.
+//!
+//! # Recovery at open
+//!
+//! SQLite replays or discards its WAL itself. retryq then returns every
+//! `processing` item whose lease has expired to `pending`: a claim that a
+//! crashed process never acknowledged is delivered again (at-least-once).
+//!
+//! # Sharing
+//!
+//! Several processes may open the same file (the daemon and the admin CLI):
+//! WAL lets readers run beside the writer and `busy_timeout` makes writers
+//! wait their turn instead of failing.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use super::{
+    CleanupReport, ListFilter, OrderBy, OverflowPolicy, QueueStats, RetryQueue, StoreOptions,
+    WriteOp, WriteOutcome,
+};
+use crate::error::{QueueError, QueueResult};
+use crate::item::{payload_checksum, ItemStatus, ItemType, NewItem, Payload, QueueItem};
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY NOT NULL,
+    item_type TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    last_error TEXT NOT NULL,
+    last_attempt INTEGER,
+    next_retry INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    scanner_name TEXT NOT NULL,
+    target_path TEXT NOT NULL,
+    lease_until INTEGER,
+    attributes TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payloads (
+    id TEXT PRIMARY KEY NOT NULL,
+    body BLOB NOT NULL,
+    checksum INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    qid INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_at INTEGER NOT NULL,
+    body BLOB
+);
+CREATE INDEX IF NOT EXISTS items_ready ON items(status, next_retry, created_at, id);
+CREATE INDEX IF NOT EXISTS items_fingerprint ON items(fingerprint) WHERE status IN (0, 1);
+CREATE INDEX IF NOT EXISTS items_created ON items(created_at, id);
+CREATE INDEX IF NOT EXISTS items_lease ON items(status, lease_until);
+";
+
+const ITEM_COLUMNS: &str =
+    "i.id, i.item_type, i.fingerprint, i.status, i.attempts, i.max_attempts, \
+     i.last_error, i.last_attempt, i.next_retry, i.created_at, i.updated_at, i.agent_id, \
+     i.scanner_name, i.target_path, i.lease_until, i.attributes, p.body, p.checksum";
+
+const STATUS_PENDING: i64 = 0;
+const STATUS_PROCESSING: i64 = 1;
+const STATUS_FAILED: i64 = 2;
+
+fn status_code(s: ItemStatus) -> i64 {
+    match s {
+        ItemStatus::Pending => STATUS_PENDING,
+        ItemStatus::Processing => STATUS_PROCESSING,
+        ItemStatus::Failed => STATUS_FAILED,
+    }
+}
+
+fn status_from_code(c: i64) -> Option<ItemStatus> {
+    match c {
+        STATUS_PENDING => Some(ItemStatus::Pending),
+        STATUS_PROCESSING => Some(ItemStatus::Processing),
+        STATUS_FAILED => Some(ItemStatus::Failed),
+        _ => None,
+    }
+}
+
+/// A time as Unix nanoseconds, saturating outside 1677..2262.
+fn to_nanos(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
+}
+
+fn from_nanos(n: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_nanos(n)
+}
+
+fn sql_err(op: &'static str) -> impl Fn(rusqlite::Error) -> QueueError {
+    move |e| QueueError::storage(op, e)
+}
+
+/// A row read back: the item, or why it failed its integrity check.
+enum Loaded {
+    Ok(Box<QueueItem>),
+    Bad { id: String, reason: String },
+}
+
+fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
+    let id: String = row.get(0)?;
+    let body: Option<Vec<u8>> = row.get(16)?;
+    let checksum: Option<i64> = row.get(17)?;
+    let (body, checksum) = match (body, checksum) {
+        (Some(b), Some(c)) => (b, c),
+        _ => {
+            return Ok(Loaded::Bad {
+                id,
+                reason: "payload row missing".into(),
+            })
+        }
+    };
+    if i64::from(payload_checksum(&body)) != checksum {
+        return Ok(Loaded::Bad {
+            id,
+            reason: "payload checksum mismatch".into(),
+        });
+    }
+    let report = match Payload::from_json_bytes(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(Loaded::Bad {
+                id,
+                reason: e.to_string(),
+            })
+        }
+    };
+    let status_raw: i64 = row.get(3)?;
+    let Some(status) = status_from_code(status_raw) else {
+        return Ok(Loaded::Bad {
+            id,
+            reason: format!("unknown status code {status_raw}"),
+        });
+    };
+    let attributes: String = row.get(15)?;
+    let attributes = match serde_json::from_str(&attributes) {
+        Ok(a) => a,
+        Err(e) => {
+            return Ok(Loaded::Bad {
+                id,
+                reason: format!("attributes are not a JSON object of strings: {e}"),
+            })
+        }
+    };
+    let item_type: String = row.get(1)?;
+    Ok(Loaded::Ok(Box::new(QueueItem {
+        id,
+        item_type: ItemType::from(item_type),
+        fingerprint: row.get(2)?,
+        status,
+        report,
+        attempts: u32::try_from(row.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+        max_attempts: u32::try_from(row.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+        last_error: row.get(6)?,
+        last_attempt: row.get::<_, Option<i64>>(7)?.map(from_nanos),
+        next_retry: from_nanos(row.get(8)?),
+        created_at: from_nanos(row.get(9)?),
+        updated_at: from_nanos(row.get(10)?),
+        agent_id: row.get(11)?,
+        scanner_name: row.get(12)?,
+        target_path: row.get(13)?,
+        lease_until: row.get::<_, Option<i64>>(14)?.map(from_nanos),
+        attributes,
+    })))
+}
+
+/// The embedded SQLite queue. See the module documentation.
 #[derive(Debug)]
-pub struct SqliteRetryQueue;
+pub struct SqliteRetryQueue {
+    conn: Mutex<Option<Connection>>,
+    path: PathBuf,
+    options: StoreOptions,
+    evicted: AtomicU64,
+}
+
+impl SqliteRetryQueue {
+    /// Opens (creating if needed) the queue database at `path`.
+    pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> QueueResult<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            create_private_dir(parent)?;
+        }
+        let conn = Connection::open(&path).map_err(sql_err("open"))?;
+        set_private_file(&path)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(sql_err("open"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql_err("open"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql_err("open"))?;
+        conn.pragma_update(None, "foreign_keys", "OFF")
+            .map_err(sql_err("open"))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql_err("open"))?;
+        if version > SCHEMA_VERSION {
+            return Err(QueueError::storage(
+                "open",
+                format!(
+                    "{} has schema version {version}, newer than this retryq understands \
+                     ({SCHEMA_VERSION}); upgrade retryq",
+                    path.display()
+                ),
+            ));
+        }
+        conn.execute_batch(SCHEMA).map_err(sql_err("open"))?;
+        if version < SCHEMA_VERSION {
+            // Future migrations go here, one step per version.
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(sql_err("open"))?;
+        }
+        let queue = SqliteRetryQueue {
+            conn: Mutex::new(Some(conn)),
+            path,
+            options,
+            evicted: AtomicU64::new(0),
+        };
+        let released = queue.release_expired_leases()?;
+        if released > 0 {
+            tracing::info!(released, "returned items with expired leases to pending");
+        }
+        Ok(queue)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.options.clock.now()
+    }
+
+    fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> QueueResult<T>) -> QueueResult<T> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(conn) => f(conn),
+            None => Err(QueueError::QueueClosed),
+        }
+    }
+
+    /// Runs `f` in one immediate transaction, committed before returning.
+    fn write<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Transaction<'_>) -> QueueResult<T>,
+    ) -> QueueResult<T> {
+        self.with_conn(|conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_err(op))?;
+            let out = f(&tx)?;
+            tx.commit().map_err(sql_err(op))?;
+            Ok(out)
+        })
+    }
+
+    /// Loads items by a query over `items i LEFT JOIN payloads p`, moving
+    /// rows that fail their check to quarantine.
+    fn load(
+        &self,
+        tx: &Connection,
+        where_sql: &str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> QueueResult<Vec<QueueItem>> {
+        let sql = format!(
+            "SELECT {ITEM_COLUMNS} FROM items i LEFT JOIN payloads p ON p.id = i.id {where_sql}"
+        );
+        let mut stmt = tx.prepare_cached(&sql).map_err(sql_err("read"))?;
+        let rows = stmt
+            .query_map(params, read_row)
+            .map_err(sql_err("read"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql_err("read"))?;
+        let mut items = Vec::with_capacity(rows.len());
+        for row in rows {
+            match row {
+                Loaded::Ok(item) => items.push(*item),
+                Loaded::Bad { id, reason } => self.quarantine(tx, &id, &reason)?,
+            }
+        }
+        Ok(items)
+    }
+
+    fn quarantine(&self, conn: &Connection, id: &str, reason: &str) -> QueueResult<()> {
+        tracing::warn!(item_id = id, reason, "quarantining corrupt queue record");
+        let body: Option<Vec<u8>> = conn
+            .query_row("SELECT body FROM payloads WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql_err("quarantine"))?;
+        conn.execute(
+            "INSERT INTO quarantine (item_id, reason, quarantined_at, body) VALUES (?1, ?2, ?3, ?4)",
+            params![id, reason, to_nanos(self.now()), body],
+        )
+        .map_err(sql_err("quarantine"))?;
+        conn.execute("DELETE FROM items WHERE id = ?1", [id])
+            .map_err(sql_err("quarantine"))?;
+        conn.execute("DELETE FROM payloads WHERE id = ?1", [id])
+            .map_err(sql_err("quarantine"))?;
+        Ok(())
+    }
+
+    fn get_in(&self, conn: &Connection, id: &str) -> QueueResult<QueueItem> {
+        let exists: bool = conn
+            .query_row("SELECT 1 FROM items WHERE id = ?1", [id], |_| Ok(true))
+            .optional()
+            .map_err(sql_err("get"))?
+            .unwrap_or(false);
+        if !exists {
+            return Err(QueueError::not_found(id));
+        }
+        let mut items = self.load(conn, "WHERE i.id = ?1", &[&id])?;
+        items.pop().ok_or_else(|| QueueError::Corrupt {
+            what: id.to_owned(),
+            detail: "record failed its integrity check and was quarantined".into(),
+        })
+    }
+
+    fn totals(conn: &Connection) -> QueueResult<(u64, u64)> {
+        conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM items",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )
+        .map_err(sql_err("enqueue"))
+    }
+
+    /// Makes room for an item of `size` bytes, or refuses it.
+    fn make_room(&self, conn: &Connection, size: u64) -> QueueResult<()> {
+        if size > self.options.max_bytes {
+            return Err(QueueError::TooLarge {
+                size,
+                limit: self.options.max_bytes,
+            });
+        }
+        loop {
+            let (count, bytes) = Self::totals(conn)?;
+            let fits_items = (count as usize) < self.options.max_items;
+            let fits_bytes = bytes.saturating_add(size) <= self.options.max_bytes;
+            if fits_items && fits_bytes {
+                return Ok(());
+            }
+            if self.options.overflow == OverflowPolicy::Reject || count == 0 {
+                let reason = if !fits_items {
+                    format!(
+                        "{count} items held, the limit is {}",
+                        self.options.max_items
+                    )
+                } else {
+                    format!(
+                        "{bytes} bytes held and {size} more requested, the limit is {} bytes",
+                        self.options.max_bytes
+                    )
+                };
+                return Err(QueueError::QueueFull { reason });
+            }
+            self.evict_oldest(conn)?;
+        }
+    }
+
+    fn evict_oldest(&self, conn: &Connection) -> QueueResult<()> {
+        let victim: Option<(String, i64)> = conn
+            .query_row(
+                "SELECT id, status FROM items ORDER BY CASE status WHEN 2 THEN 0 WHEN 0 THEN 1 ELSE 2 END, \
+                 created_at, id LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql_err("evict"))?;
+        if let Some((id, status)) = victim {
+            conn.execute("DELETE FROM items WHERE id = ?1", [&id])
+                .map_err(sql_err("evict"))?;
+            conn.execute("DELETE FROM payloads WHERE id = ?1", [&id])
+                .map_err(sql_err("evict"))?;
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(item_id = %id, status = status_from_code(status).map(|s| s.as_str()).unwrap_or("?"), "evicted by overflow = drop_oldest");
+        }
+        Ok(())
+    }
+
+    fn enqueue_in(&self, conn: &Connection, new: NewItem) -> QueueResult<String> {
+        let item = new.into_item(self.now(), self.options.default_max_attempts)?;
+        let existing: Option<String> = conn
+            .query_row("SELECT id FROM items WHERE id = ?1", [&item.id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql_err("enqueue"))?;
+        if let Some(existing_id) = existing {
+            return Err(QueueError::DuplicateItem { existing_id });
+        }
+        if self.options.dedupe {
+            let existing: Option<String> = conn
+                .query_row(
+                    "SELECT id FROM items WHERE fingerprint = ?1 AND status IN (0, 1) LIMIT 1",
+                    [&item.fingerprint],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql_err("enqueue"))?;
+            if let Some(existing_id) = existing {
+                return Err(QueueError::DuplicateItem { existing_id });
+            }
+        }
+        let size = item.size_bytes();
+        self.make_room(conn, size)?;
+        insert_item(conn, &item, size)?;
+        let mut stmt = conn
+            .prepare_cached("INSERT INTO payloads (id, body, checksum) VALUES (?1, ?2, ?3)")
+            .map_err(sql_err("enqueue"))?;
+        stmt.execute(params![
+            item.id,
+            item.report.as_bytes(),
+            i64::from(payload_checksum(item.report.as_bytes()))
+        ])
+        .map_err(sql_err("enqueue"))?;
+        Ok(item.id)
+    }
+
+    /// Changes the state of one item; `change` edits the loaded item.
+    fn change_in(
+        &self,
+        conn: &Connection,
+        id: &str,
+        change: impl FnOnce(&mut QueueItem) -> QueueResult<()>,
+    ) -> QueueResult<QueueItem> {
+        let mut item = self.get_in(conn, id)?;
+        change(&mut item)?;
+        item.updated_at = self.now();
+        write_meta(conn, &item)?;
+        Ok(item)
+    }
+
+    fn requeue_in(
+        &self,
+        conn: &Connection,
+        id: &str,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem> {
+        let now = self.now();
+        self.change_in(conn, id, |item| {
+            item.attempts = item.attempts.saturating_add(1);
+            item.last_error = error.to_owned();
+            item.last_attempt = Some(now);
+            item.next_retry = next_retry;
+            item.status = ItemStatus::Pending;
+            item.lease_until = None;
+            Ok(())
+        })
+    }
+
+    fn mark_failed_in(&self, conn: &Connection, id: &str, reason: &str) -> QueueResult<QueueItem> {
+        let now = self.now();
+        self.change_in(conn, id, |item| {
+            item.attempts = item.attempts.saturating_add(1);
+            item.last_error = reason.to_owned();
+            item.last_attempt = Some(now);
+            item.status = ItemStatus::Failed;
+            item.lease_until = None;
+            Ok(())
+        })
+    }
+
+    fn delete_in(conn: &Connection, id: &str) -> QueueResult<()> {
+        let n = conn
+            .prepare_cached("DELETE FROM items WHERE id = ?1")
+            .and_then(|mut s| s.execute([id]))
+            .map_err(sql_err("delete"))?;
+        conn.prepare_cached("DELETE FROM payloads WHERE id = ?1")
+            .and_then(|mut s| s.execute([id]))
+            .map_err(sql_err("delete"))?;
+        if n == 0 {
+            return Err(QueueError::not_found(id));
+        }
+        Ok(())
+    }
+
+    fn release_in(conn: &Connection, id: &str) -> QueueResult<()> {
+        let status: Option<i64> = conn
+            .query_row("SELECT status FROM items WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(sql_err("release"))?;
+        match status {
+            None => Err(QueueError::not_found(id)),
+            Some(STATUS_PROCESSING) => {
+                conn.execute(
+                    "UPDATE items SET status = 0, lease_until = NULL WHERE id = ?1",
+                    [id],
+                )
+                .map_err(sql_err("release"))?;
+                Ok(())
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn apply_one(&self, conn: &Connection, op: WriteOp) -> QueueResult<WriteOutcome> {
+        match op {
+            WriteOp::Enqueue(item) => self.enqueue_in(conn, item).map(WriteOutcome::Enqueued),
+            WriteOp::Delete { id } => Self::delete_in(conn, &id).map(|_| WriteOutcome::Applied),
+            WriteOp::Requeue {
+                id,
+                error,
+                next_retry,
+            } => self
+                .requeue_in(conn, &id, &error, next_retry)
+                .map(|_| WriteOutcome::Applied),
+            WriteOp::MarkFailed { id, reason } => self
+                .mark_failed_in(conn, &id, &reason)
+                .map(|_| WriteOutcome::Applied),
+            WriteOp::Release { id } => Self::release_in(conn, &id).map(|_| WriteOutcome::Applied),
+        }
+    }
+
+    /// Runs each op in its own savepoint inside one transaction. A storage
+    /// error aborts the whole batch (nothing applied); any other error is
+    /// that op's result.
+    fn batch<T>(
+        &self,
+        op_name: &'static str,
+        ops: Vec<T>,
+        mut apply: impl FnMut(&Connection, T) -> QueueResult<WriteOutcome>,
+    ) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
+        self.with_conn(|conn| {
+            let mut tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_err(op_name))?;
+            let mut results = Vec::with_capacity(ops.len());
+            for op in ops {
+                let sp = tx.savepoint().map_err(sql_err(op_name))?;
+                let result = apply(&sp, op);
+                match result {
+                    Err(e @ QueueError::Storage { .. }) => return Err(e),
+                    Ok(_) => sp.commit().map_err(sql_err(op_name))?,
+                    Err(_) => drop(sp), // rolls back this op only
+                }
+                results.push(result);
+            }
+            tx.commit().map_err(sql_err(op_name))?;
+            Ok(results)
+        })
+    }
+}
+
+fn insert_item(conn: &Connection, item: &QueueItem, size: u64) -> QueueResult<()> {
+    let attributes = serde_json::to_string(&item.attributes)
+        .map_err(|e| QueueError::invalid(format!("attributes: {e}")))?;
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO items (id, item_type, fingerprint, status, attempts, max_attempts, last_error, \
+             last_attempt, next_retry, created_at, updated_at, agent_id, scanner_name, target_path, \
+             lease_until, attributes, size_bytes) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        )
+        .map_err(sql_err("enqueue"))?;
+    stmt.execute(params![
+        item.id,
+        item.item_type.as_str(),
+        item.fingerprint,
+        status_code(item.status),
+        i64::from(item.attempts),
+        i64::from(item.max_attempts),
+        item.last_error,
+        item.last_attempt.map(to_nanos),
+        to_nanos(item.next_retry),
+        to_nanos(item.created_at),
+        to_nanos(item.updated_at),
+        item.agent_id,
+        item.scanner_name,
+        item.target_path,
+        item.lease_until.map(to_nanos),
+        attributes,
+        size as i64,
+    ])
+    .map_err(sql_err("enqueue"))?;
+    Ok(())
+}
+
+/// Rewrites an item's metadata row (never its payload).
+fn write_meta(conn: &Connection, item: &QueueItem) -> QueueResult<()> {
+    let attributes = serde_json::to_string(&item.attributes)
+        .map_err(|e| QueueError::invalid(format!("attributes: {e}")))?;
+    let mut stmt = conn
+        .prepare_cached(
+            "UPDATE items SET item_type = ?2, fingerprint = ?3, status = ?4, attempts = ?5, \
+             max_attempts = ?6, last_error = ?7, last_attempt = ?8, next_retry = ?9, updated_at = ?10, \
+             agent_id = ?11, scanner_name = ?12, target_path = ?13, lease_until = ?14, \
+             attributes = ?15, size_bytes = ?16 WHERE id = ?1",
+        )
+        .map_err(sql_err("update"))?;
+    let n = stmt
+        .execute(params![
+            item.id,
+            item.item_type.as_str(),
+            item.fingerprint,
+            status_code(item.status),
+            i64::from(item.attempts),
+            i64::from(item.max_attempts),
+            item.last_error,
+            item.last_attempt.map(to_nanos),
+            to_nanos(item.next_retry),
+            to_nanos(item.updated_at),
+            item.agent_id,
+            item.scanner_name,
+            item.target_path,
+            item.lease_until.map(to_nanos),
+            attributes,
+            item.size_bytes() as i64,
+        ])
+        .map_err(sql_err("update"))?;
+    if n == 0 {
+        return Err(QueueError::not_found(&item.id));
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn create_private_dir(dir: &Path) -> QueueResult<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| QueueError::storage("open", format!("creating {}: {e}", dir.display())))
+}
+
+#[cfg(not(unix))]
+fn create_private_dir(dir: &Path) -> QueueResult<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| QueueError::storage("open", format!("creating {}: {e}", dir.display())))
+}
+
+#[cfg(unix)]
+fn set_private_file(path: &Path) -> QueueResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| QueueError::storage("open", format!("chmod {}: {e}", path.display())))
+}
+
+#[cfg(not(unix))]
+fn set_private_file(_path: &Path) -> QueueResult<()> {
+    Ok(())
+}
+
+fn order_sql(filter: &ListFilter) -> String {
+    let column = match filter.order_by {
+        OrderBy::CreatedAt => "i.created_at",
+        OrderBy::NextRetry => "i.next_retry",
+        OrderBy::Attempts => "i.attempts",
+    };
+    let dir = if filter.descending { "DESC" } else { "ASC" };
+    format!("ORDER BY {column} {dir}, i.id {dir}")
+}
+
+impl RetryQueue for SqliteRetryQueue {
+    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+        self.write("enqueue", |tx| self.enqueue_in(tx, item))
+    }
+
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+        let results = self.batch("enqueue_batch", items, |conn, item| {
+            self.enqueue_in(conn, item).map(WriteOutcome::Enqueued)
+        })?;
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.map(|o| match o {
+                    WriteOutcome::Enqueued(id) => id,
+                    WriteOutcome::Applied => String::new(),
+                })
+            })
+            .collect())
+    }
+
+    fn dequeue(&self) -> QueueResult<Option<QueueItem>> {
+        Ok(self
+            .claim(1, self.options.default_lease)?
+            .into_iter()
+            .next())
+    }
+
+    fn peek(&self) -> QueueResult<Option<QueueItem>> {
+        let now = to_nanos(self.now());
+        self.write("peek", |tx| {
+            // Loop: a corrupt head is quarantined and the next one tried.
+            loop {
+                let head: Option<String> = tx
+                    .query_row(
+                        "SELECT id FROM items WHERE status = 0 AND next_retry <= ?1 \
+                         ORDER BY status, next_retry, created_at, id LIMIT 1",
+                        [now],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(sql_err("peek"))?;
+                let Some(id) = head else { return Ok(None) };
+                if let Some(item) = self.load(tx, "WHERE i.id = ?1", &[&id])?.pop() {
+                    return Ok(Some(item));
+                }
+            }
+        })
+    }
+
+    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+        self.write("get", |tx| self.get_in(tx, id))
+    }
+
+    fn update(&self, item: &QueueItem) -> QueueResult<()> {
+        crate::item::validate_id(&item.id)?;
+        if item.max_attempts == 0 {
+            return Err(QueueError::invalid("max_attempts must be at least 1"));
+        }
+        self.write("update", |tx| {
+            let stored = self.get_in(tx, &item.id)?;
+            let mut next = item.clone();
+            next.created_at = stored.created_at;
+            next.updated_at = self.now();
+            write_meta(tx, &next)?;
+            if next.report != stored.report {
+                tx.execute(
+                    "UPDATE payloads SET body = ?2, checksum = ?3 WHERE id = ?1",
+                    params![
+                        next.id,
+                        next.report.as_bytes(),
+                        i64::from(payload_checksum(next.report.as_bytes()))
+                    ],
+                )
+                .map_err(sql_err("update"))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn delete(&self, id: &str) -> QueueResult<()> {
+        self.write("delete", |tx| Self::delete_in(tx, id))
+    }
+
+    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+        self.write("mark_failed", |tx| self.mark_failed_in(tx, id, reason))
+    }
+
+    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+        self.write("requeue", |tx| self.requeue_in(tx, id, error, next_retry))
+    }
+
+    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+        let now = self.now();
+        self.write("revive", |tx| {
+            self.change_in(tx, id, |item| {
+                if item.status != ItemStatus::Failed {
+                    return Err(QueueError::invalid(format!(
+                        "item {} is {}, not a dead letter",
+                        item.id, item.status
+                    )));
+                }
+                item.status = ItemStatus::Pending;
+                item.attempts = 0;
+                item.next_retry = now;
+                item.lease_until = None;
+                Ok(())
+            })
+        })
+    }
+
+    fn release(&self, id: &str) -> QueueResult<()> {
+        self.write("release", |tx| Self::release_in(tx, id))
+    }
+
+    fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
+        if limit == 0 {
+            return self.with_conn(|_| Ok(Vec::new()));
+        }
+        let now = self.now();
+        let lease_until = crate::backoff::add_saturating(now, lease);
+        self.write("claim", |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT id FROM items WHERE status = 0 AND next_retry <= ?1 \
+                     ORDER BY status, next_retry, created_at, id LIMIT ?2",
+                )
+                .map_err(sql_err("claim"))?;
+            let ids = stmt
+                .query_map(params![to_nanos(now), limit as i64], |r| r.get::<_, String>(0))
+                .map_err(sql_err("claim"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err("claim"))?;
+            drop(stmt);
+            let mut claimed = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(mut item) = self.load(tx, "WHERE i.id = ?1", &[&id])?.pop() {
+                    item.status = ItemStatus::Processing;
+                    item.lease_until = Some(lease_until);
+                    item.updated_at = now;
+                    tx.prepare_cached(
+                        "UPDATE items SET status = 1, lease_until = ?2, updated_at = ?3 WHERE id = ?1",
+                    )
+                    .and_then(|mut s| s.execute(params![id, to_nanos(lease_until), to_nanos(now)]))
+                    .map_err(sql_err("claim"))?;
+                    claimed.push(item);
+                }
+            }
+            Ok(claimed)
+        })
+    }
+
+    fn release_expired_leases(&self) -> QueueResult<usize> {
+        let now = to_nanos(self.now());
+        self.write("release_expired_leases", |tx| {
+            tx.execute(
+                "UPDATE items SET status = 0, lease_until = NULL \
+                 WHERE status = 1 AND (lease_until IS NULL OR lease_until <= ?1)",
+                [now],
+            )
+            .map_err(sql_err("release_expired_leases"))
+        })
+    }
+
+    fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
+        self.with_conn(|conn| {
+            let pending: Option<i64> = conn
+                .query_row(
+                    "SELECT next_retry FROM items WHERE status = 0 ORDER BY status, next_retry LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql_err("next_due"))?;
+            let lease: Option<i64> = conn
+                .query_row(
+                    "SELECT lease_until FROM items WHERE status = 1 ORDER BY status, lease_until LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql_err("next_due"))?
+                .flatten();
+            Ok(match (pending, lease) {
+                (Some(a), Some(b)) => Some(from_nanos(a.min(b))),
+                (a, b) => a.or(b).map(from_nanos),
+            })
+        })
+    }
+
+    fn size(&self) -> QueueResult<usize> {
+        self.with_conn(|conn| Ok(Self::totals(conn)?.0 as usize))
+    }
+
+    fn stats(&self) -> QueueResult<QueueStats> {
+        let evicted = self.evicted.load(Ordering::Relaxed);
+        let mut stats = self.with_conn(|conn| {
+            let mut stats = QueueStats {
+                evicted,
+                ..QueueStats::default()
+            };
+            let mut stmt = conn
+                .prepare_cached("SELECT status, COUNT(*) FROM items GROUP BY status")
+                .map_err(sql_err("stats"))?;
+            let counts = stmt
+                .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(sql_err("stats"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err("stats"))?;
+            for (status, n) in counts {
+                let n = n as usize;
+                stats.total_items += n;
+                match status {
+                    STATUS_PENDING => stats.pending_items = n,
+                    STATUS_PROCESSING => stats.processing_items = n,
+                    _ => stats.failed_items += n,
+                }
+            }
+            let (oldest, newest, retries, last, bytes): (
+                Option<i64>,
+                Option<i64>,
+                i64,
+                Option<i64>,
+                i64,
+            ) = conn
+                .query_row(
+                    "SELECT MIN(created_at), MAX(created_at), COALESCE(SUM(attempts), 0), \
+                     MAX(last_attempt), COALESCE(SUM(size_bytes), 0) FROM items",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .map_err(sql_err("stats"))?;
+            stats.oldest_item = oldest.map(from_nanos);
+            stats.newest_item = newest.map(from_nanos);
+            stats.total_retries = retries as u64;
+            stats.last_retry = last.map(from_nanos);
+            stats.total_bytes = bytes as u64;
+            stats.quarantined = conn
+                .query_row("SELECT COUNT(*) FROM quarantine", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(sql_err("stats"))? as u64;
+            Ok(stats)
+        })?;
+        stats.bytes_on_disk = ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                std::fs::metadata(p).ok().map(|m| m.len())
+            })
+            .sum();
+        Ok(stats)
+    }
+
+    fn cleanup(&self, ttl: Duration) -> QueueResult<CleanupReport> {
+        let now = self.now();
+        let cutoff = |ttl: Duration| {
+            chrono::Duration::from_std(ttl)
+                .ok()
+                .and_then(|d| now.checked_sub_signed(d))
+                .map(to_nanos)
+                .unwrap_or(i64::MIN)
+        };
+        let live_cutoff = cutoff(ttl);
+        let dead_cutoff = cutoff(self.options.dead_letter_ttl.unwrap_or(ttl));
+        let keep = self.options.max_quarantined as i64;
+        self.write("cleanup", |tx| {
+            let mut report = CleanupReport::default();
+            for (status_sql, cutoff, slot) in [
+                ("status IN (0, 1)", live_cutoff, &mut report.expired),
+                ("status = 2", dead_cutoff, &mut report.dead_letters_expired),
+            ] {
+                tx.execute(
+                    &format!(
+                        "DELETE FROM payloads WHERE id IN \
+                         (SELECT id FROM items WHERE {status_sql} AND created_at < ?1)"
+                    ),
+                    [cutoff],
+                )
+                .map_err(sql_err("cleanup"))?;
+                *slot = tx
+                    .execute(
+                        &format!("DELETE FROM items WHERE {status_sql} AND created_at < ?1"),
+                        [cutoff],
+                    )
+                    .map_err(sql_err("cleanup"))?;
+            }
+            report.quarantine_trimmed = tx
+                .execute(
+                    "DELETE FROM quarantine WHERE qid NOT IN \
+                     (SELECT qid FROM quarantine ORDER BY qid DESC LIMIT ?1)",
+                    [keep],
+                )
+                .map_err(sql_err("cleanup"))?;
+            Ok(report)
+        })
+    }
+
+    fn enforce_limits(&self) -> QueueResult<usize> {
+        if self.options.overflow == OverflowPolicy::Reject {
+            return self.with_conn(|_| Ok(0));
+        }
+        self.write("enforce_limits", |tx| {
+            let mut evicted = 0;
+            loop {
+                let (count, bytes) = Self::totals(tx)?;
+                if (count as usize) <= self.options.max_items && bytes <= self.options.max_bytes
+                    || count == 0
+                {
+                    return Ok(evicted);
+                }
+                self.evict_oldest(tx)?;
+                evicted += 1;
+            }
+        })
+    }
+
+    fn list(&self, filter: &ListFilter) -> QueueResult<Vec<QueueItem>> {
+        let now = to_nanos(self.now());
+        let mut clauses = Vec::new();
+        let status = filter.status.map(status_code);
+        let item_type = filter.item_type.as_ref().map(|t| t.as_str().to_owned());
+        if status.is_some() {
+            clauses.push("i.status = ?1");
+        }
+        if item_type.is_some() {
+            clauses.push("i.item_type = ?2");
+        }
+        if filter.ready_only {
+            clauses.push("i.status = 0 AND i.next_retry <= ?3");
+        }
+        let where_sql = if clauses.is_empty() {
+            "WHERE (?1 IS NULL OR 1) AND (?2 IS NULL OR 1) AND (?3 IS NULL OR 1)".to_owned()
+        } else {
+            format!(
+                "WHERE {} AND (?1 IS NULL OR 1) AND (?2 IS NULL OR 1) AND (?3 IS NULL OR 1)",
+                clauses.join(" AND ")
+            )
+        };
+        let limit = filter.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64);
+        let sql = format!(
+            "{where_sql} {} LIMIT {limit} OFFSET {}",
+            order_sql(filter),
+            filter.offset.min(i64::MAX as usize)
+        );
+        self.write("list", |tx| {
+            self.load(tx, &sql, &[&status, &item_type, &now])
+        })
+    }
+
+    fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
+        self.batch("apply_batch", ops, |conn, op| self.apply_one(conn, op))
+    }
+
+    fn close(&self) -> QueueResult<()> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(conn) = guard.take() {
+            // Fold the WAL back so the file is self-contained; failure here
+            // loses nothing (the WAL is replayed at the next open).
+            let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+            conn.close()
+                .map_err(|(_, e)| QueueError::storage("close", e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use std::sync::Arc;
+
+    fn opts(clock: &ManualClock) -> StoreOptions {
+        StoreOptions {
+            clock: Arc::new(clock.clone()),
+            ..StoreOptions::default()
+        }
+    }
+
+    fn item(n: u32) -> NewItem {
+        NewItem::from_json(format!("{{\"n\":{n}}}").as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn state_survives_reopen_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let clock = ManualClock::new(Utc::now());
+        let q = SqliteRetryQueue::open(&path, opts(&clock)).unwrap();
+        let id = q.enqueue(item(1)).unwrap();
+        let next = clock.now() + chrono::Duration::nanoseconds(123_456_789);
+        let updated = q.requeue(&id, "boom", next).unwrap();
+        q.close().unwrap();
+        let q = SqliteRetryQueue::open(&path, opts(&clock)).unwrap();
+        let back = q.get(&id).unwrap();
+        assert_eq!(back, updated);
+        assert_eq!(back.attempts, 1);
+        assert_eq!(back.next_retry, next);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        let err = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_payload_is_quarantined_and_others_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let clock = ManualClock::new(Utc::now());
+        let q = SqliteRetryQueue::open(&path, opts(&clock)).unwrap();
+        let bad = q.enqueue(item(1)).unwrap();
+        let good = q.enqueue(item(2)).unwrap();
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute("UPDATE payloads SET body = X'7B7D7D' WHERE id = ?1", [&bad])
+                .unwrap();
+        }
+        let claimed = q.claim(10, Duration::from_secs(60)).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].id, good);
+        assert!(matches!(q.get(&bad), Err(QueueError::ItemNotFound { .. })));
+        assert_eq!(q.stats().unwrap().quarantined, 1);
+    }
+
+    #[test]
+    fn full_disk_is_a_clean_storage_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let clock = ManualClock::new(Utc::now());
+        let options = StoreOptions {
+            max_bytes: u64::MAX,
+            max_items: usize::MAX,
+            ..opts(&clock)
+        };
+        let q = SqliteRetryQueue::open(&path, options.clone()).unwrap();
+        let mut acked = Vec::new();
+        for n in 0..5 {
+            acked.push(q.enqueue(item(n)).unwrap());
+        }
+        let pages: i64 = q
+            .with_conn(|c| {
+                Ok(c.pragma_query_value(None, "page_count", |r| r.get(0))
+                    .unwrap())
+            })
+            .unwrap();
+        q.with_conn(|c| {
+            c.pragma_update(None, "max_page_count", pages).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let big = "x".repeat(64 * 1024);
+        let mut saw_full = false;
+        for n in 0..50 {
+            let payload = format!("{{\"n\":{n},\"pad\":\"{big}\"}}");
+            match q.enqueue(NewItem::from_json(payload.as_bytes()).unwrap()) {
+                Ok(id) => acked.push(id),
+                Err(QueueError::Storage { .. }) => {
+                    saw_full = true;
+                    break;
+                }
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(saw_full, "max_page_count should have filled the database");
+        q.close().unwrap();
+        let q = SqliteRetryQueue::open(&path, options).unwrap();
+        for id in &acked {
+            q.get(id).unwrap();
+        }
+        assert_eq!(q.size().unwrap(), acked.len());
+    }
+
+    #[test]
+    fn claim_uses_the_ready_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default()).unwrap();
+        let plan: String = q
+            .with_conn(|c| {
+                let mut s = c
+                    .prepare(
+                        "EXPLAIN QUERY PLAN SELECT id FROM items WHERE status = 0 AND next_retry <= 1 \
+                         ORDER BY status, next_retry, created_at, id LIMIT 10",
+                    )
+                    .unwrap();
+                let rows: Vec<String> = s
+                    .query_map([], |r| r.get::<_, String>(3))
+                    .unwrap()
+                    .map(|r| r.unwrap())
+                    .collect();
+                Ok(rows.join("\n"))
+            })
+            .unwrap();
+        assert!(plan.contains("items_ready"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+    }
+}
