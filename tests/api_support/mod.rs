@@ -16,6 +16,7 @@ use retryq::item::ItemStatus;
 use retryq::metrics::Metrics;
 use retryq::store::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, QueueStats, RetryQueue,
+    SqliteRetryQueue, StoreOptions,
 };
 use retryq::{NewItem, QueueError, QueueItem};
 
@@ -287,9 +288,8 @@ impl RetryQueue for TestQueue {
 }
 
 /// A worker that delivers by deleting every ready item on `process_now`.
-#[derive(Debug)]
 pub struct FakeWorker {
-    pub queue: Arc<TestQueue>,
+    pub queue: Arc<dyn RetryQueue>,
     pub running: AtomicBool,
     pub nudges: AtomicUsize,
     pub default_ttl: Duration,
@@ -297,7 +297,7 @@ pub struct FakeWorker {
 }
 
 impl FakeWorker {
-    pub fn new(queue: Arc<TestQueue>) -> Self {
+    pub fn new(queue: Arc<dyn RetryQueue>) -> Self {
         FakeWorker {
             queue,
             running: AtomicBool::new(true),
@@ -354,7 +354,7 @@ impl WorkerControl for FakeWorker {
 /// Everything a test needs: the store, the fake worker, the metrics, the
 /// clock and the API state over them.
 pub struct Fixture {
-    pub queue: Arc<TestQueue>,
+    pub queue: Arc<dyn RetryQueue>,
     pub worker: Arc<FakeWorker>,
     pub metrics: Arc<Metrics>,
     pub clock: ManualClock,
@@ -362,14 +362,29 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// Over the in-memory [`TestQueue`].
     pub fn new(max_items: usize, max_bytes: u64) -> Self {
-        let clock = ManualClock::new(
-            DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
-                .unwrap()
-                .with_timezone(&Utc),
-        );
+        let clock = start_clock();
         let shared: SharedClock = Arc::new(clock.clone());
         let queue = Arc::new(TestQueue::new(max_items, max_bytes, shared.clone()));
+        Self::over(queue, clock)
+    }
+
+    /// Over a SQLite store in `dir` with these limits and the fixture's clock.
+    pub fn sqlite(dir: &std::path::Path, max_items: usize, max_bytes: u64) -> Self {
+        let clock = start_clock();
+        let options = StoreOptions {
+            max_items,
+            max_bytes,
+            clock: Arc::new(clock.clone()),
+            ..StoreOptions::default()
+        };
+        let queue = Arc::new(SqliteRetryQueue::open(dir.join("queue.db"), options).unwrap());
+        Self::over(queue, clock)
+    }
+
+    fn over(queue: Arc<dyn RetryQueue>, clock: ManualClock) -> Self {
+        let shared: SharedClock = Arc::new(clock.clone());
         let worker = Arc::new(FakeWorker::new(queue.clone()));
         let metrics = Arc::new(Metrics::new());
         let state =
@@ -382,6 +397,14 @@ impl Fixture {
             state,
         }
     }
+}
+
+fn start_clock() -> ManualClock {
+    ManualClock::new(
+        DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc),
+    )
 }
 
 /// A loopback config requiring [`TOKEN`].
