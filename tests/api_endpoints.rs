@@ -364,6 +364,12 @@ async fn bad_ingest_input_is_400_naming_the_problem() {
                 "x-retryq-colour",
             ),
             (post_item("?fingerprint=", "{}"), "fingerprint"),
+            (
+                post_item("", "{}")
+                    .append_header(("X-Retryq-Type", "a"))
+                    .append_header(("X-Retryq-Type", "b")),
+                "x-retryq-type",
+            ),
         ];
         for (req, needle) in cases {
             let (status, body) = call(&svc, req).await;
