@@ -1,0 +1,413 @@
+//! The admin and ingest HTTP API (actix-web) that `retryq run` serves.
+//!
+//! # Endpoints
+//!
+//! | method and path | what | statuses |
+//! |---|---|---|
+//! | `POST /v1/items` | enqueue the body (a JSON document) | 201, 400, 401, 409, 413, 507 |
+//! | `GET /v1/items` | list items (no payloads) | 200, 400, 401 |
+//! | `GET /v1/items/{id}` | one item; `?payload=true` adds the report | 200, 400, 401, 404 |
+//! | `DELETE /v1/items/{id}` | remove an item | 204, 400, 401, 404 |
+//! | `POST /v1/items/{id}/retry` | bring a dead letter back, due now | 200, 400, 401, 404, 409 |
+//! | `POST /v1/process-now` | run a delivery round now | 200, 401, 503 |
+//! | `POST /v1/cleanup` | expire old items (`?ttl=7d` optional) | 200, 400, 401, 503 |
+//! | `GET /v1/stats` | queue statistics (the seed's names) and `worker` | 200, 401 |
+//! | `GET /healthz` | liveness: always 200 while serving, no token | 200 |
+//! | `GET /readyz` | readiness: store open and worker running, no token | 200, 503 |
+//! | `GET /metrics` | Prometheus text format 0.0.4 (token unless disabled) | 200, 401 |
+//!
+//! `GET /v1/items` takes `status`, `type`, `ready`, `limit` (default 100,
+//! capped at [`AdminConfig::max_list_limit`]), `offset`, `order_by`
+//! (`created_at`, `next_retry`, `attempts`) and `desc`; an unknown parameter
+//! or a bad value is a 400 naming it.
+//!
+//! Every error is a JSON body `{"error": "<kind>", "message": "..."}` (a 409
+//! duplicate adds `existing_id`); see [`ApiError`].
+//!
+//! # Ingest parameters
+//!
+//! `POST /v1/items` takes the payload as the body and everything else as
+//! query parameters or `X-Retryq-*` headers: `type`, `fingerprint`, `id`,
+//! `agent_id`, `scanner_name`, `target_path`, `max_attempts`, and attributes
+//! as `attr.KEY=VALUE` query parameters or `X-Retryq-Attr-KEY` headers (a
+//! header name is case-insensitive, so a header attribute's key is taken in
+//! lower case). Header names use `-` for `_` (`X-Retryq-Agent-Id`). An
+//! unknown parameter, a repeated one, or a query parameter and a header that
+//! disagree is a 400 naming it.
+//!
+//! # Security
+//!
+//! The server listens on loopback by default. When a bearer token is
+//! configured ([`AdminToken`], from a file or an environment variable, read
+//! once at startup) every endpoint but `/healthz` and `/readyz` requires
+//! `Authorization: Bearer <token>`, compared in constant time; `/metrics`
+//! requires it too unless [`AdminConfig::metrics_require_token`] is false.
+//! [`bind`] refuses a non-loopback address without a token. Request bodies
+//! are limited to [`AdminConfig::body_limit`] bytes. Neither payloads nor
+//! tokens are ever logged.
+//!
+//! # Wiring
+//!
+//! The API needs the store ([`RetryQueue`]), the running worker (through the
+//! object-safe [`WorkerControl`], so this module does not depend on the
+//! worker's types) and the [`Metrics`] registry, gathered in [`AdminState`].
+//! Store calls run on actix's blocking pool (`web::block`) so they never
+//! block an HTTP worker thread.
+
+mod auth;
+mod error;
+mod handlers;
+
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+
+use crate::clock::{system_clock, SharedClock};
+use crate::error::QueueError;
+use crate::metrics::Metrics;
+use crate::store::{CleanupReport, RetryQueue};
+
+pub use auth::{AdminToken, DEFAULT_TOKEN_ENV};
+pub use error::ApiError;
+
+/// Default listen address: loopback only.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT);
+/// Default port of the admin API.
+pub const DEFAULT_PORT: u16 = 7878;
+/// Default request body limit: 10 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 10 * 1024 * 1024;
+/// Default page size of `GET /v1/items`.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+/// Default cap on `limit` for `GET /v1/items`.
+pub const DEFAULT_MAX_LIST_LIMIT: usize = 1000;
+
+/// A future returned by [`WorkerControl`] methods. Not required to be
+/// `Send`: actix-web runs each request on one thread.
+pub type ControlFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ControlError>> + 'a>>;
+
+/// Why the worker could not do what the API asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The worker is stopped or was never started (HTTP 503).
+    #[error("the worker is not running")]
+    NotRunning,
+    /// The store refused or failed (mapped like any store error).
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// Anything else (HTTP 500).
+    #[error("worker error: {0}")]
+    Other(String),
+}
+
+/// What the API needs from the running worker, object-safe so the API does
+/// not depend on the worker's types. The daemon implements it for
+/// `RetryWorker`; tests use a fake.
+pub trait WorkerControl: Send + Sync {
+    /// Runs a delivery round now (the seed's `ProcessNow`) and returns its
+    /// summary as JSON (the worker's own result type, serialized).
+    fn process_now(&self) -> ControlFuture<'_, serde_json::Value>;
+
+    /// The worker's statistics as JSON (the seed's `WorkerStats`, serialized);
+    /// shown under `worker` in `GET /v1/stats`.
+    fn stats(&self) -> ControlFuture<'_, serde_json::Value>;
+
+    /// Runs a cleanup now with `ttl`, or the configured TTL when `None`.
+    /// The implementation records expired items in [`Metrics`], as it does
+    /// for periodic cleanups.
+    fn trigger_cleanup(&self, ttl: Option<Duration>) -> ControlFuture<'_, CleanupReport>;
+
+    /// Tells the worker that items became due now (an item was enqueued or
+    /// revived through the API), so it need not wait for its next timer.
+    /// Must not block.
+    fn notify_enqueued(&self);
+
+    /// True while the worker is running (for `/readyz`).
+    fn is_running(&self) -> bool;
+}
+
+/// A [`WorkerControl`] for serving the API without a worker: reads and
+/// store changes work, worker calls answer 503 and `/readyz` is not ready.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoWorker;
+
+impl WorkerControl for NoWorker {
+    fn process_now(&self) -> ControlFuture<'_, serde_json::Value> {
+        Box::pin(async { Err(ControlError::NotRunning) })
+    }
+    fn stats(&self) -> ControlFuture<'_, serde_json::Value> {
+        Box::pin(async { Err(ControlError::NotRunning) })
+    }
+    fn trigger_cleanup(&self, _ttl: Option<Duration>) -> ControlFuture<'_, CleanupReport> {
+        Box::pin(async { Err(ControlError::NotRunning) })
+    }
+    fn notify_enqueued(&self) {}
+    fn is_running(&self) -> bool {
+        false
+    }
+}
+
+/// What the handlers share: the store, the worker and the metrics.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The store the API reads and changes (internally synchronized).
+    pub queue: Arc<dyn RetryQueue>,
+    /// The running worker.
+    pub worker: Arc<dyn WorkerControl>,
+    /// The metrics registry rendered by `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Where "now" comes from (age of the oldest item).
+    pub clock: SharedClock,
+}
+
+impl AdminState {
+    /// State over `queue`, `worker` and `metrics`, with the system clock.
+    pub fn new(
+        queue: Arc<dyn RetryQueue>,
+        worker: Arc<dyn WorkerControl>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        AdminState {
+            queue,
+            worker,
+            metrics,
+            clock: system_clock(),
+        }
+    }
+
+    /// Replaces the clock.
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("worker_running", &self.worker.is_running())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the API is served.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address to listen on (loopback by default).
+    pub listen: SocketAddr,
+    /// The bearer token; `None` leaves the API open (loopback only).
+    pub token: Option<AdminToken>,
+    /// Whether `/metrics` requires the token (default true).
+    pub metrics_require_token: bool,
+    /// Largest request body accepted, in bytes (default 10 MiB).
+    pub body_limit: usize,
+    /// Cap on `limit` for `GET /v1/items` (default 1000).
+    pub max_list_limit: usize,
+    /// HTTP worker threads (default 2: the API is light next to delivery).
+    pub workers: usize,
+    /// How long a graceful stop waits for requests in flight.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: DEFAULT_LISTEN,
+            token: None,
+            metrics_require_token: true,
+            body_limit: DEFAULT_BODY_LIMIT,
+            max_list_limit: DEFAULT_MAX_LIST_LIMIT,
+            workers: 2,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the API could not be set up or served.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// A non-loopback listen address without a token.
+    #[error(
+        "refusing to listen on {addr}: the admin API would be reachable from other hosts \
+         without authentication; configure an admin token (token file or the \
+         {DEFAULT_TOKEN_ENV} environment variable) or listen on a loopback address"
+    )]
+    InsecureListen {
+        /// The address refused.
+        addr: SocketAddr,
+    },
+    /// The token file could not be read.
+    #[error("cannot read the admin token file {}: {source}", path.display())]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The token is empty or not acceptable.
+    #[error("invalid admin token from {origin}: {reason}")]
+    InvalidToken {
+        /// Where the token came from (a file path or an environment variable).
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid admin setting {key} = {value}: {reason}")]
+    InvalidSetting {
+        /// The setting's name.
+        key: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The server failed while running.
+    #[error("admin server failed: {0}")]
+    Server(#[source] io::Error),
+}
+
+/// Settings the handlers read (kept in app data).
+#[derive(Debug, Clone)]
+pub(crate) struct ApiSettings {
+    pub(crate) token: Option<AdminToken>,
+    pub(crate) metrics_require_token: bool,
+    pub(crate) body_limit: usize,
+    pub(crate) max_list_limit: usize,
+}
+
+impl AdminConfig {
+    /// Checks the settings and the loopback-or-token rule.
+    pub fn validate(&self) -> Result<(), AdminError> {
+        if self.body_limit == 0 {
+            return Err(AdminError::InvalidSetting {
+                key: "body_limit",
+                value: self.body_limit.to_string(),
+                reason: "must be at least 1 byte",
+            });
+        }
+        if self.max_list_limit == 0 {
+            return Err(AdminError::InvalidSetting {
+                key: "max_list_limit",
+                value: self.max_list_limit.to_string(),
+                reason: "must be at least 1",
+            });
+        }
+        if self.workers == 0 {
+            return Err(AdminError::InvalidSetting {
+                key: "workers",
+                value: self.workers.to_string(),
+                reason: "must be at least 1",
+            });
+        }
+        if self.token.is_none() && !self.listen.ip().is_loopback() {
+            return Err(AdminError::InsecureListen { addr: self.listen });
+        }
+        Ok(())
+    }
+
+    fn settings(&self) -> ApiSettings {
+        ApiSettings {
+            token: self.token.clone(),
+            metrics_require_token: self.metrics_require_token,
+            body_limit: self.body_limit,
+            max_list_limit: self.max_list_limit,
+        }
+    }
+}
+
+/// The API's routes and shared data, for `App::configure`. [`bind`] uses
+/// it; tests use it with `actix_web::test::init_service`.
+pub fn routes(
+    config: &AdminConfig,
+    state: &AdminState,
+) -> impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static {
+    let settings = web::Data::new(config.settings());
+    let state = web::Data::new(state.clone());
+    move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(settings.clone())
+            .app_data(state.clone())
+            .configure(handlers::register);
+    }
+}
+
+/// A bound, not yet running admin server.
+pub struct AdminServer {
+    server: actix_web::dev::Server,
+    addrs: Vec<SocketAddr>,
+}
+
+impl std::fmt::Debug for AdminServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminServer")
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminServer {
+    /// The address actually bound (the real port when the config said 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addrs.first().copied().unwrap_or(DEFAULT_LISTEN)
+    }
+
+    /// A handle to stop the server (`handle.stop(true).await` is graceful).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until stopped through [`AdminServer::handle`].
+    pub async fn run(self) -> Result<(), AdminError> {
+        self.server.await.map_err(AdminError::Server)
+    }
+}
+
+/// Validates `config` and binds the API to `config.listen`.
+///
+/// Must be called inside an actix system (the daemon's `actix_rt` runtime).
+/// The server installs no signal handlers: the daemon stops it through
+/// [`AdminServer::handle`].
+pub fn bind(config: AdminConfig, state: AdminState) -> Result<AdminServer, AdminError> {
+    config.validate()?;
+    let routes = routes(&config, &state);
+    let server = HttpServer::new(move || App::new().configure(routes.clone()))
+        .workers(config.workers)
+        .disable_signals()
+        .shutdown_timeout(config.shutdown_timeout.as_secs())
+        .bind(config.listen)
+        .map_err(|source| AdminError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addrs = server.addrs();
+    let server = server.run();
+    tracing::info!(
+        addr = %addrs.first().copied().unwrap_or(config.listen),
+        token_required = config.token.is_some(),
+        metrics_require_token = config.metrics_require_token,
+        "admin API listening"
+    );
+    Ok(AdminServer { server, addrs })
+}
+
+/// Binds and serves the API until the server is stopped (see [`bind`] for
+/// a handle to stop it).
+pub async fn serve(config: AdminConfig, state: AdminState) -> Result<(), AdminError> {
+    bind(config, state)?.run().await
+}
