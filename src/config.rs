@@ -631,20 +631,32 @@ pub struct LoadOptions {
 struct Merged {
     tree: serde_json::Map<String, serde_json::Value>,
     origins: BTreeMap<String, Layer>,
+    layers: Vec<Layer>,
+}
+
+/// A loaded configuration with where each value came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The effective settings.
+    pub settings: Settings,
+    /// For each key some layer set, the layer that set it last.
+    pub origins: BTreeMap<String, Layer>,
+    /// The layers read, in order (built-in defaults first; the environment
+    /// appears once per variable used).
+    pub layers: Vec<Layer>,
 }
 
 impl Settings {
     /// Loads, validates and merges every layer `options` names.
     pub fn load(options: &LoadOptions) -> Result<Settings, ConfigError> {
-        Ok(Self::load_with_origins(options)?.0)
+        Ok(Self::load_with_origins(options)?.settings)
     }
 
-    /// Like [`Settings::load`], also returning for each key that some layer
-    /// set the layer that set it last (for `config show`).
-    pub fn load_with_origins(
-        options: &LoadOptions,
-    ) -> Result<(Settings, BTreeMap<String, Layer>), ConfigError> {
+    /// Like [`Settings::load`], also saying which layers were read and which
+    /// layer set each key (for `config check`).
+    pub fn load_with_origins(options: &LoadOptions) -> Result<Loaded, ConfigError> {
         let mut merged = Merged::default();
+        merged.layers.push(Layer::Defaults);
 
         let defaults =
             serde_json::to_value(Settings::default()).map_err(|e| ConfigError::Parse {
@@ -683,7 +695,11 @@ impl Settings {
             message: format!("merged configuration does not fit the schema: {e}"),
         })?;
         settings.check_rules(&merged.origins)?;
-        Ok((settings, merged.origins))
+        Ok(Loaded {
+            settings,
+            origins: merged.origins,
+            layers: merged.layers,
+        })
     }
 
     /// Rules across keys, checked on the merged result.
@@ -863,6 +879,7 @@ fn load_file(merged: &mut Merged, path: &Path) -> Result<(), ConfigError> {
         layer: layer.clone(),
         message: e.to_string(),
     })?;
+    merged.layers.push(layer.clone());
     apply_layer(merged, &map, "", &|_| layer.clone())
 }
 
@@ -878,6 +895,7 @@ fn load_env(merged: &mut Merged, vars: &[(String, String)]) -> Result<(), Config
                 .join(".")
                 .to_lowercase();
             names.insert(key, name.clone());
+            merged.layers.push(Layer::Env(name.clone()));
             ours.insert(name.clone(), value.clone());
         }
     }

@@ -428,14 +428,9 @@ fn plugins_check(ctx: &Ctx, plugin: &str, settings_json: Option<&str>) -> anyhow
 }
 
 fn config_check(ctx: &Ctx) -> anyhow::Result<()> {
-    let (settings, origins) = Settings::load_with_origins(&ctx.load)?;
-    let mut layers: Vec<String> = Vec::new();
-    for layer in origins.values() {
-        let name = layer.to_string();
-        if !layers.contains(&name) {
-            layers.push(name);
-        }
-    }
+    let loaded = Settings::load_with_origins(&ctx.load)?;
+    let settings = loaded.settings;
+    let layers: Vec<String> = loaded.layers.iter().map(ToString::to_string).collect();
     if ctx.json {
         print_json(&json!({
             "ok": true,
