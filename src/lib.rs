@@ -20,6 +20,7 @@ pub mod admin;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod item;
 pub mod metrics;

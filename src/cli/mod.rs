@@ -1,0 +1,287 @@
+//! The `retryq` command line: argument definitions (clap derive) and the
+//! dispatch to each command. This is the binary edge: errors are `anyhow`
+//! here, and [`exit_code`] maps them to the documented exit codes.
+//!
+//! Exit codes: 0 success, 2 usage or configuration errors, 1 any other
+//! failure. Errors are one line on stderr; results go to stdout (as JSON
+//! with `--json`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod commands;
+pub mod logging;
+mod migrate;
+mod output;
+mod plugin_check;
+
+pub use commands::run_command;
+
+/// A mistake in how the command was called (exit code 2), found after clap
+/// parsed the arguments.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit code for an error: 2 for usage and configuration errors, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    let usage = err.chain().any(|e| {
+        e.downcast_ref::<UsageError>().is_some()
+            || e.downcast_ref::<retryq::config::ConfigError>().is_some()
+    });
+    if usage {
+        2
+    } else {
+        1
+    }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the
+/// message before it already contains (errors that print their source).
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// retryq: a durable store-and-forward retry queue.
+///
+/// Configuration layers, later wins: built-in defaults, CONFIG_DIR/default.toml
+/// (./config/default.toml unless --config-dir), each --config FILE in order,
+/// then RETRYQ__SECTION__KEY environment variables.
+#[derive(Debug, Parser)]
+#[command(name = "retryq", version, propagate_version = true)]
+pub struct Cli {
+    /// A configuration file layered over the defaults (repeatable; later wins).
+    #[arg(long = "config", short = 'c', global = true, value_name = "FILE")]
+    pub config: Vec<PathBuf>,
+
+    /// Directory holding default.toml [default: ./config, optional there].
+    #[arg(long, global = true, value_name = "DIR", env = "RETRYQ_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Print results as JSON (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: deliver queued items and serve the admin API until
+    /// SIGTERM or SIGINT.
+    Run,
+    /// Queue a JSON report (from FILE, or stdin with `-` or no FILE); prints its ID.
+    Enqueue(EnqueueArgs),
+    /// List items (no payloads).
+    List(ListArgs),
+    /// Show one item.
+    Show {
+        /// Item ID (exact).
+        id: String,
+        /// Include the payload (the report).
+        #[arg(long)]
+        payload: bool,
+    },
+    /// Queue statistics.
+    Stats,
+    /// Delete one item.
+    Delete {
+        /// Item ID (exact).
+        id: String,
+    },
+    /// Bring dead letters back to pending, due now (attempts reset).
+    Retry(RetryArgs),
+    /// Delete every item in a status.
+    Purge {
+        /// The status to purge.
+        #[arg(long, value_enum)]
+        status: StatusArg,
+    },
+    /// Remove items older than the TTL and expired dead letters.
+    Cleanup {
+        /// TTL to apply [default: worker.ttl from the configuration].
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// The retry schedule and total backoff time the configuration gives.
+    Schedule {
+        /// Attempts to plan for [default: worker.max_attempts].
+        #[arg(long)]
+        max_attempts: Option<u32>,
+    },
+    /// Plugin tools.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+    /// Import a Go SDK retry-queue directory into the configured store.
+    Migrate {
+        /// The Go SDK queue directory (left untouched: a copy is read).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+    },
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `retryq plugins ...`.
+#[derive(Debug, Subcommand)]
+pub enum PluginsCommand {
+    /// Load a plugin, run the SDK's conformance checks and print its metadata.
+    Check {
+        /// A plugin name (looked up on plugins.search_path) or a library path.
+        plugin: String,
+        /// Settings (JSON) handed to the plugin [default: the [pusher] settings
+        /// when it is the configured pusher, else {}].
+        #[arg(long, value_name = "JSON")]
+        settings: Option<String>,
+    },
+}
+
+/// `retryq config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the layered configuration (exit 0, or 2 with the error).
+    Check,
+    /// Print the effective configuration, secrets redacted (TOML, or JSON with --json).
+    Show,
+}
+
+/// `retryq enqueue`.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// JSON file to queue; `-` or nothing reads stdin.
+    #[arg(value_name = "FILE|-")]
+    pub file: Option<PathBuf>,
+    /// Report type (findings, assets, heartbeat or any name).
+    #[arg(long = "type", default_value = "findings")]
+    pub item_type: String,
+    /// Fingerprint [default: SHA-256 of the compact payload].
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+    /// Item ID [default: a new UUIDv7].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Producing agent.
+    #[arg(long, default_value = "")]
+    pub agent_id: String,
+    /// Producing scanner.
+    #[arg(long, default_value = "")]
+    pub scanner_name: String,
+    /// What was scanned.
+    #[arg(long, default_value = "")]
+    pub target_path: String,
+    /// Attempts allowed [default: worker.max_attempts].
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// An attribute for the transport (repeatable).
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_attr)]
+    pub attrs: Vec<(String, String)>,
+}
+
+/// `retryq list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only items in this status.
+    #[arg(long, value_enum)]
+    pub status: Option<StatusArg>,
+    /// Only items of this type.
+    #[arg(long = "type")]
+    pub item_type: Option<String>,
+    /// Only pending items due now.
+    #[arg(long)]
+    pub ready: bool,
+    /// Most items shown.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Items skipped first.
+    #[arg(long, default_value_t = 0)]
+    pub offset: usize,
+    /// Sort field.
+    #[arg(long, value_enum, default_value_t = OrderArg::CreatedAt)]
+    pub order_by: OrderArg,
+    /// Sort descending.
+    #[arg(long)]
+    pub desc: bool,
+}
+
+/// `retryq retry`.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RetryArgs {
+    /// The dead letter to bring back.
+    pub id: Option<String>,
+    /// Bring back every dead letter.
+    #[arg(long)]
+    pub failed: bool,
+}
+
+/// An item status on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusArg {
+    /// Waiting or due.
+    Pending,
+    /// Claimed for delivery.
+    Processing,
+    /// Dead letters.
+    Failed,
+}
+
+impl From<StatusArg> for retryq::ItemStatus {
+    fn from(s: StatusArg) -> Self {
+        match s {
+            StatusArg::Pending => retryq::ItemStatus::Pending,
+            StatusArg::Processing => retryq::ItemStatus::Processing,
+            StatusArg::Failed => retryq::ItemStatus::Failed,
+        }
+    }
+}
+
+/// A `list` sort field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum OrderArg {
+    /// Creation time.
+    CreatedAt,
+    /// Next due time.
+    NextRetry,
+    /// Attempts made.
+    Attempts,
+}
+
+impl From<OrderArg> for retryq::store::OrderBy {
+    fn from(o: OrderArg) -> Self {
+        match o {
+            OrderArg::CreatedAt => retryq::store::OrderBy::CreatedAt,
+            OrderArg::NextRetry => retryq::store::OrderBy::NextRetry,
+            OrderArg::Attempts => retryq::store::OrderBy::Attempts,
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected a duration such as \"30s\", \"5m\" or \"7d\")"))
+}
+
+fn parse_attr(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
