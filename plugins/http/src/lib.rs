@@ -74,6 +74,13 @@
 //! rustls with the `ring` crypto provider, verified against the platform's
 //! roots plus `ca_file`. If the process has no default rustls provider yet,
 //! constructing a client installs `ring` as the default.
+//!
+//! # Threads
+//!
+//! The client is reqwest's blocking client. Constructing and dropping a
+//! pusher or checker is safe on any thread, including an async runtime's;
+//! `push` and `check` block and must run on blocking threads (as the
+//! [`Pusher`] contract says). One instance serves all threads.
 
 #![deny(missing_docs)]
 // `deny` rather than `forbid`: the SDK's export macro expands to the ABI's

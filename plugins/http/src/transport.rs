@@ -104,9 +104,7 @@ impl Transport {
             }
             builder = builder.tls_certs_merge(certs);
         }
-        let client = builder
-            .build()
-            .map_err(|e| SettingsError::Client(error_chain(&e)))?;
+        let client = build_client(builder)?;
         Ok(Transport {
             client,
             push_url,
@@ -141,6 +139,20 @@ impl Transport {
         }
         request
     }
+}
+
+/// Builds the blocking client on a short-lived plain thread: reqwest panics
+/// when a blocking client is built on an async runtime's thread, and hosts
+/// may create transports there (the pushes themselves run on blocking
+/// threads, as the `Pusher` contract says).
+fn build_client(builder: reqwest::blocking::ClientBuilder) -> Result<Client, SettingsError> {
+    std::thread::Builder::new()
+        .name("retryq-http-client-init".to_owned())
+        .spawn(move || builder.build())
+        .map_err(|e| SettingsError::Client(format!("cannot start a thread: {e}")))?
+        .join()
+        .map_err(|_| SettingsError::Client("building the client panicked".to_owned()))?
+        .map_err(|e| SettingsError::Client(error_chain(&e)))
 }
 
 fn header_map(settings: &HttpSettings) -> Result<HeaderMap, SettingsError> {

@@ -332,3 +332,59 @@ fn connection_refused_is_retryable() {
         other => panic!("expected retryable, got {other:?}"),
     }
 }
+
+const TEST_CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/test-ca.pem");
+
+fn tls_server() -> ScriptedServer {
+    ScriptedServer::start_tls(
+        vec![Reply::status(200)],
+        include_bytes!("fixtures/test-server.pem"),
+        include_bytes!("fixtures/test-server.key"),
+    )
+}
+
+#[test]
+fn https_with_ca_file_delivers() {
+    let server = tls_server();
+    let base_url = server.base_url().replace("http://", "https://");
+    let pusher =
+        HttpPusher::from_settings(&json!({ "base_url": base_url, "ca_file": TEST_CA })).unwrap();
+    assert_eq!(
+        pusher.push(&item(), PAYLOAD, &ctx()),
+        PushOutcome::Delivered
+    );
+    assert_eq!(server.only_request().body, PAYLOAD);
+}
+
+#[test]
+fn https_with_an_untrusted_certificate_is_retryable() {
+    let server = tls_server();
+    let base_url = server.base_url().replace("http://", "https://");
+    let pusher = HttpPusher::from_settings(&json!({ "base_url": base_url })).unwrap();
+    let outcome = pusher.push(&item(), PAYLOAD, &ctx());
+    assert_eq!(outcome.kind(), "retryable", "{outcome:?}");
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn building_and_dropping_inside_an_async_runtime_is_safe() {
+    // Hosts may create and destroy transports on an async (actix/tokio)
+    // thread; the blocking client must neither panic there nor on drop.
+    let server = ScriptedServer::start(vec![Reply::status(200)]);
+    let settings = json!({ "base_url": server.base_url() });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let pusher = runtime
+        .block_on(async { HttpPusher::from_settings(&settings) })
+        .unwrap();
+    // Pushes run on blocking threads, as the host's pool does.
+    let outcome = std::thread::spawn({
+        let pusher = pusher.clone();
+        move || pusher.push(&item(), PAYLOAD, &ctx())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(outcome, PushOutcome::Delivered);
+    runtime.block_on(async move { drop(pusher) });
+}

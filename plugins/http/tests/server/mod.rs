@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -76,6 +76,29 @@ impl ScriptedServer {
     /// Starts a server answering with `replies` in order.
     pub fn start(replies: Vec<Reply>) -> Self {
         assert!(!replies.is_empty(), "script at least one reply");
+        Self::start_inner(replies, None)
+    }
+
+    /// Starts an HTTPS server with the PEM certificate chain and PKCS#8 key.
+    pub fn start_tls(replies: Vec<Reply>, cert_chain_pem: &[u8], key_pem: &[u8]) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_chain_pem)
+            .collect::<Result<_, _>>()
+            .expect("test certificate");
+        let key = PrivateKeyDer::from_pem_slice(key_pem).expect("test key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+        Self::start_inner(replies, Some(Arc::new(config)))
+    }
+
+    fn start_inner(replies: Vec<Reply>, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let port = listener.local_addr().expect("local addr").port();
         let script = Arc::new(Mutex::new(VecDeque::from(replies)));
@@ -87,8 +110,19 @@ impl ScriptedServer {
                 let Ok(stream) = stream else { continue };
                 let script = Arc::clone(&script);
                 let recorded = Arc::clone(&recorded_by_server);
+                let tls = tls.clone();
                 thread::spawn(move || {
-                    let _ = serve_one(stream, &script, &recorded);
+                    let _ = match tls {
+                        None => serve_one(stream, &script, &recorded),
+                        Some(config) => match rustls::ServerConnection::new(config) {
+                            Ok(connection) => serve_one(
+                                rustls::StreamOwned::new(connection, stream),
+                                &script,
+                                &recorded,
+                            ),
+                            Err(_) => Ok(()),
+                        },
+                    };
                 });
             }
         });
@@ -114,12 +148,12 @@ impl ScriptedServer {
     }
 }
 
-fn serve_one(
-    stream: TcpStream,
+fn serve_one<S: Read + Write>(
+    stream: S,
     script: &Mutex<VecDeque<Reply>>,
     recorded: &Mutex<Vec<Recorded>>,
 ) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
     if reader.read_line(&mut request_line)? == 0 {
         return Ok(()); // connection opened and closed without a request
@@ -164,7 +198,7 @@ fn serve_one(
         }
     };
     thread::sleep(reply.delay);
-    let mut out = stream;
+    let out = reader.get_mut();
     let mut head = format!(
         "HTTP/1.1 {} Scripted\r\nContent-Length: {}\r\nConnection: close\r\n",
         reply.status,
