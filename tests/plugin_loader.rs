@@ -20,14 +20,15 @@ fn target_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
-/// Builds the chaos plugin (once per test binary) and returns its library.
+/// Builds the bundled plugins (once per test binary) and returns the
+/// chaos plugin's library.
 fn chaos_lib() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
-                .args(["build", "-p", "retryq-chaos"])
+                .args(["build", "-p", "retryq-chaos", "-p", "retryq-http"])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .unwrap();
@@ -362,4 +363,36 @@ async fn a_worker_delivers_retries_and_dead_letters_through_the_plugin() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(recorded, [format!("{id}__0.json")]);
+}
+
+#[test]
+fn the_bundled_http_plugin_loads_and_maps_a_refused_connection_to_retryable() {
+    let http = chaos_lib().with_file_name(format!(
+        "{}retryq_http{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    // Port 9 (discard) on loopback: nothing listens there.
+    let pusher = load_pusher(
+        &spec_path(
+            &http,
+            serde_json::json!({"base_url": "http://127.0.0.1:9", "timeout": "2s"}),
+        ),
+        &[],
+    )
+    .unwrap();
+    assert!(matches!(
+        pusher.push(&meta("h"), b"{}", &ctx()),
+        PushOutcome::Retryable { .. }
+    ));
+    match load_err(&spec_path(&http, serde_json::json!({"token": "secret"}))) {
+        PluginError::BadSettings { message, .. } => {
+            assert!(message.contains("token"), "{message}");
+            assert!(
+                !message.contains("secret"),
+                "the refused value is not echoed"
+            );
+        }
+        other => panic!("{other}"),
+    }
 }
