@@ -851,18 +851,14 @@ pub fn open_store(
     }
 }
 
-fn open_sqlite(_path: &Path, _options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {
-    Err(QueueError::storage(
-        "open",
-        "the sqlite backend is not built into this binary yet",
-    ))
+fn open_sqlite(path: &Path, options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {
+    Ok(Arc::new(crate::store::SqliteRetryQueue::open(
+        path, options,
+    )?))
 }
 
-fn open_files(_path: &Path, _options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {
-    Err(QueueError::storage(
-        "open",
-        "the files backend is not built into this binary yet",
-    ))
+fn open_files(path: &Path, options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {
+    Ok(Arc::new(crate::store::FileRetryQueue::open(path, options)?))
 }
 
 fn load_file(merged: &mut Merged, path: &Path) -> Result<(), ConfigError> {
