@@ -779,6 +779,30 @@ impl Settings {
         }
     }
 
+    /// The worker configuration `[worker]`, `[backoff]` and `[circuit]` give
+    /// (other worker fields keep their defaults).
+    pub fn worker_config(&self) -> crate::worker::RetryWorkerConfig {
+        let defaults = crate::worker::RetryWorkerConfig::default();
+        crate::worker::RetryWorkerConfig {
+            interval: self.worker.interval,
+            batch_size: self.worker.batch_size,
+            max_attempts: self.worker.max_attempts,
+            ttl: self.worker.ttl,
+            backoff: self.backoff.clone(),
+            concurrency: self.worker.concurrency,
+            lease: self.worker.lease,
+            push_timeout: self.worker.push_timeout,
+            max_retry_after: self.worker.max_retry_after,
+            janitor_interval: self.worker.janitor_interval,
+            circuit: crate::worker::CircuitConfig {
+                threshold: self.circuit.threshold,
+                cooldown: self.circuit.cooldown,
+                max_cooldown: defaults.circuit.max_cooldown.max(self.circuit.cooldown),
+            },
+            ..defaults
+        }
+    }
+
     /// Opens the configured store.
     pub fn open_store(&self) -> Result<Arc<dyn RetryQueue>, QueueError> {
         open_store(&self.store, self.store_options())
@@ -851,18 +875,14 @@ pub fn open_store(
     }
 }
 
-fn open_sqlite(_path: &Path, _options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {
-    Err(QueueError::storage(
-        "open",
-        "the sqlite backend is not built into this binary yet",
-    ))
+fn open_sqlite(path: &Path, options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {
+    Ok(Arc::new(crate::store::SqliteRetryQueue::open(
+        path, options,
+    )?))
 }
 
-fn open_files(_path: &Path, _options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {
-    Err(QueueError::storage(
-        "open",
-        "the files backend is not built into this binary yet",
-    ))
+fn open_files(path: &Path, options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {
+    Ok(Arc::new(crate::store::FileRetryQueue::open(path, options)?))
 }
 
 fn load_file(merged: &mut Merged, path: &Path) -> Result<(), ConfigError> {
@@ -1302,6 +1322,8 @@ mod tests {
         assert!(matches!(s, Err(ConfigError::FileNotFound { .. })));
         let s = load_str("", &[]).unwrap();
         assert_eq!(s, Settings::default());
+        // The defaults make a worker configuration the worker accepts.
+        s.worker_config().validate().unwrap();
     }
 
     #[test]
