@@ -73,20 +73,18 @@ pub fn run_until_signal(settings: Settings) -> Result<(), DaemonError> {
 async fn run(settings: Settings) -> Result<(), DaemonError> {
     let queue = settings.open_store()?;
     let search_path = &settings.plugins.search_path;
-    let pusher = load_pusher(&settings.pusher, search_path).map_err(|source| {
-        DaemonError::Plugin {
+    let pusher =
+        load_pusher(&settings.pusher, search_path).map_err(|source| DaemonError::Plugin {
             section: "pusher",
             source,
-        }
-    })?;
+        })?;
     let mut worker = RetryWorker::new(worker_config(&settings), queue.clone(), pusher)?;
     if settings.checker.is_configured() {
-        let checker = load_checker(&settings.checker, search_path).map_err(|source| {
-            DaemonError::Plugin {
+        let checker =
+            load_checker(&settings.checker, search_path).map_err(|source| DaemonError::Plugin {
                 section: "checker",
                 source,
-            }
-        })?;
+            })?;
         worker = worker.with_checker(checker);
     }
     let worker = Arc::new(worker);
@@ -115,8 +113,9 @@ async fn run(settings: Settings) -> Result<(), DaemonError> {
     let handle = server.handle();
     let serving = actix_rt::spawn(server.run());
 
-    let mut terminate = actix_rt::signal::unix::signal(actix_rt::signal::unix::SignalKind::terminate())
-        .map_err(DaemonError::Signal)?;
+    let mut terminate =
+        actix_rt::signal::unix::signal(actix_rt::signal::unix::SignalKind::terminate())
+            .map_err(DaemonError::Signal)?;
     tokio::select! {
         _ = actix_rt::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
