@@ -451,6 +451,25 @@ fn drop_oldest_evicts_dead_letters_first_and_counts(b: &'static Backend) {
     assert_eq!(g.q.stats().unwrap().evicted, 0);
 }
 
+fn drop_oldest_after_dead_letters_goes_by_age_whatever_the_status(b: &'static Backend) {
+    let f = Fixture::with(
+        b,
+        StoreOptions {
+            max_items: 2,
+            overflow: OverflowPolicy::DropOldest,
+            ..StoreOptions::default()
+        },
+    );
+    f.q.enqueue(item("old")).unwrap();
+    f.q.claim(1, secs(600)).unwrap();
+    f.advance(1);
+    f.q.enqueue(item("young")).unwrap();
+    f.advance(1);
+    f.q.enqueue(item("new")).unwrap();
+    assert_eq!(f.ids(&ListFilter::default()), strs(&["young", "new"]));
+    assert_eq!(f.q.stats().unwrap().evicted, 1);
+}
+
 fn drop_oldest_by_bytes_evicts_as_many_as_needed(b: &'static Backend) {
     let small = |id: &str| {
         NewItem::new(payload(&format!("\"{}\"", "s".repeat(40))))
@@ -633,8 +652,10 @@ fn state_changes_record_attempts(b: &'static Backend) {
     // release: processing back to pending, no attempt, next_retry unchanged.
     let claimed = f.q.claim(1, secs(60)).unwrap();
     assert_eq!(claimed[0].id, "b");
+    f.advance(1);
     f.q.release("b").unwrap();
     let rel = f.q.get("b").unwrap();
+    assert_eq!(rel.updated_at, at(21), "release is a state change");
     assert_eq!(rel.status, ItemStatus::Pending);
     assert_eq!(rel.lease_until, None);
     assert_eq!(rel.attempts, 0);
@@ -1087,7 +1108,14 @@ fn expired_lease_returns_to_pending(b: &'static Backend) {
     f.q.claim(1, secs(10)).unwrap();
     f.advance(5); // a's lease (10) is over, b's (15) is not
     assert_eq!(f.q.release_expired_leases().unwrap(), 1);
-    assert_eq!(f.q.get("a").unwrap().status, ItemStatus::Pending);
+    let a = f.q.get("a").unwrap();
+    assert_eq!(a.status, ItemStatus::Pending);
+    assert_eq!(a.lease_until, None);
+    assert_eq!(
+        a.updated_at,
+        at(10),
+        "returning to pending is a state change"
+    );
     assert_eq!(f.q.get("b").unwrap().status, ItemStatus::Processing);
     assert_eq!(f.q.claim(5, secs(10)).unwrap()[0].id, "a");
     f.advance(100);
@@ -1145,6 +1173,7 @@ macro_rules! conformance_suite {
                 reject_when_full_by_items,
                 reject_when_full_by_bytes_and_too_large,
                 drop_oldest_evicts_dead_letters_first_and_counts,
+                drop_oldest_after_dead_letters_goes_by_age_whatever_the_status,
                 drop_oldest_by_bytes_evicts_as_many_as_needed,
                 enforce_limits_after_lowering_them,
                 claim_order_lease_peek_and_next_due,
