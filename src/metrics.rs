@@ -9,7 +9,10 @@
 //! - the worker integration records every delivery outcome
 //!   ([`Metrics::record_outcome`], with the push latency), expired items from
 //!   the cleanups it runs (periodic or triggered), plugin errors and circuit
-//!   state changes, and `enqueued` for items enqueued through the worker;
+//!   state changes, and `enqueued` for items enqueued through the worker.
+//!   For `RetryWorker` this is done by `admin::record_worker_metrics`
+//!   (outcome callbacks) and `admin::RetryWorkerControl::refresh_metrics`
+//!   (circuit state and expired total, copied at each scrape);
 //! - gauges (items by status, bytes, age of the oldest item, quarantine
 //!   size) come from a [`QueueStats`] snapshot taken at scrape time, and so do
 //!   the eviction counter (the store counts evictions since it was opened)
@@ -194,6 +197,13 @@ impl Metrics {
     /// (pending, processing and dead letters alike).
     pub fn record_expired(&self, n: u64) {
         self.expired.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Raises the expired counter to `total` when it is below, for callers
+    /// that keep their own running total (the worker's `total_expired`).
+    /// Never lowers it: a counter only grows.
+    pub fn raise_expired_total(&self, total: u64) {
+        self.expired.fetch_max(total, Ordering::Relaxed);
     }
 
     /// Counts what a cleanup removed for age: expired items and expired dead

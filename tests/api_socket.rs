@@ -167,3 +167,29 @@ async fn refuses_a_non_loopback_address_without_a_token() {
     let err = config.validate().unwrap_err().to_string();
     assert!(err.contains("body_limit"), "{err}");
 }
+
+#[test]
+fn config_from_the_admin_settings_reads_the_token_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let mut settings = retryq::config::AdminSettings {
+        listen: "0.0.0.0:7878".parse().unwrap(),
+        token_env: "RETRYQ_API_TEST_SURELY_UNSET".into(),
+        max_body: 1234,
+        ..Default::default()
+    };
+    let err = AdminConfig::from_settings(&settings).unwrap_err();
+    assert!(matches!(err, AdminError::InsecureListen { .. }), "{err}");
+
+    settings.token_file = Some(token_file);
+    let config = AdminConfig::from_settings(&settings).unwrap();
+    assert!(config.token.as_ref().unwrap().matches(TOKEN));
+    assert_eq!(config.body_limit, 1234);
+
+    settings.token_file = Some(dir.path().join("missing"));
+    let err = AdminConfig::from_settings(&settings)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing"), "{err}");
+}

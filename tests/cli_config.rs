@@ -200,7 +200,11 @@ fn missing_config_file_and_usage_errors_exit_2() {
         let out = retryq(dir.path(), args, &[]);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         let err = stderr(&out);
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
         assert!(err.starts_with("retryq: error: "), "{args:?}: {err}");
     }
 }

@@ -162,6 +162,7 @@ async fn metrics(
             None
         }
     };
+    state.worker.refresh_metrics(&state.metrics);
     let text = state.metrics.render(snapshot.as_ref(), state.clock.now());
     Ok(HttpResponse::Ok()
         .content_type(METRICS_CONTENT_TYPE)

@@ -57,6 +57,7 @@
 mod auth;
 mod error;
 mod handlers;
+mod worker_control;
 
 use std::future::Future;
 use std::io;
@@ -75,6 +76,7 @@ use crate::store::{CleanupReport, RetryQueue};
 
 pub use auth::{AdminToken, DEFAULT_TOKEN_ENV};
 pub use error::ApiError;
+pub use worker_control::{record_worker_metrics, RetryWorkerControl};
 
 /// Default listen address: loopback only.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -130,6 +132,10 @@ pub trait WorkerControl: Send + Sync {
 
     /// True while the worker is running (for `/readyz`).
     fn is_running(&self) -> bool;
+
+    /// Copies worker-held state into `metrics` just before a scrape (the
+    /// circuit state, totals only the worker knows). Default: nothing.
+    fn refresh_metrics(&self, _metrics: &Metrics) {}
 }
 
 /// A [`WorkerControl`] for serving the API without a worker: reads and
@@ -293,6 +299,25 @@ pub(crate) struct ApiSettings {
 }
 
 impl AdminConfig {
+    /// The config from the `[admin]` settings: reads the token (from
+    /// `token_file`, else the `token_env` variable) once, here.
+    pub fn from_settings(settings: &crate::config::AdminSettings) -> Result<Self, AdminError> {
+        let body_limit =
+            usize::try_from(settings.max_body).map_err(|_| AdminError::InvalidSetting {
+                key: "admin.max_body",
+                value: settings.max_body.to_string(),
+                reason: "too large for this platform",
+            })?;
+        let config = AdminConfig {
+            listen: settings.listen,
+            token: AdminToken::load(settings.token_file.as_deref(), &settings.token_env)?,
+            body_limit,
+            ..AdminConfig::default()
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Checks the settings and the loopback-or-token rule.
     pub fn validate(&self) -> Result<(), AdminError> {
         if self.body_limit == 0 {

@@ -1,6 +1,10 @@
 //! `retryq plugins check`: load a plugin and run the SDK's conformance kit.
 
+use std::path::{Path, PathBuf};
+
 use retryq::config::Settings;
+use retryq::plugin::effective_search_path;
+use retryq_plugin::testing::{check_plugin, Report};
 use serde::Serialize;
 
 /// What `plugins check` prints.
@@ -8,16 +12,33 @@ use serde::Serialize;
 pub struct CheckReport {
     /// The plugin as given.
     pub plugin: String,
+    /// The library file checked.
+    pub path: PathBuf,
+    /// Whether every check passed.
+    pub passed: bool,
+    /// Metadata and every finding.
+    #[serde(flatten)]
+    pub report: Report,
 }
 
 /// Loads `plugin` (a name on the search path, or a path) with `settings`
-/// and runs the conformance checks.
+/// and runs the conformance checks. A failed check is an error (exit 1)
+/// after the report is printed.
 pub fn check(
     plugin: &str,
-    _settings: serde_json::Map<String, serde_json::Value>,
-    _config: &Settings,
+    settings: serde_json::Map<String, serde_json::Value>,
+    config: &Settings,
 ) -> anyhow::Result<CheckReport> {
-    anyhow::bail!(
-        "cannot check plugin {plugin}: the plugin loader is not built into this binary yet"
-    )
+    let path = if plugin.contains(std::path::MAIN_SEPARATOR) || Path::new(plugin).is_file() {
+        PathBuf::from(plugin)
+    } else {
+        retryq_plugin::host::resolve(plugin, &effective_search_path(&config.plugins.search_path))?
+    };
+    let report = check_plugin(&path, &serde_json::Value::Object(settings));
+    Ok(CheckReport {
+        plugin: plugin.to_owned(),
+        path,
+        passed: report.passed(),
+        report,
+    })
 }

@@ -11,6 +11,17 @@
 
 #![deny(missing_docs)]
 
+pub mod abi;
+pub mod export;
+#[cfg(feature = "host")]
+pub mod host;
+#[cfg(feature = "host")]
+pub mod testing;
+
+pub use export::host_log;
+#[doc(hidden)]
+pub use serde_json;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 

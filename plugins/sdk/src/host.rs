@@ -1,0 +1,681 @@
+//! The host side of the ABI: finding, verifying and loading plugin
+//! libraries, and wrapping their instances in the safe traits.
+//!
+//! Libraries are loaded once per canonical path and never unloaded (a
+//! plugin may have left threads or callbacks behind; unloading would turn
+//! them into dangling code). Every failure is a [`PluginError`] naming the
+//! plugin and what to do about it.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::abi::*;
+use crate::{
+    CallContext, CheckError, CheckResult, FingerprintChecker, ItemMeta, PushOutcome, Pusher,
+};
+
+/// Why a plugin could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    /// No library file was found.
+    #[error("plugin {plugin:?}: no library found (looked for {looked_in:?}); build it or fix [plugins] search_path / the path")]
+    NotFound {
+        /// The plugin as configured.
+        plugin: String,
+        /// Every file tried.
+        looked_in: Vec<PathBuf>,
+    },
+    /// The file could not be loaded as a shared library.
+    #[error("plugin {plugin:?} ({path}): not a loadable library: {reason}")]
+    NotALibrary {
+        /// The plugin.
+        plugin: String,
+        /// Its file.
+        path: String,
+        /// The loader's message.
+        reason: String,
+    },
+    /// The entry symbol is missing.
+    #[error("plugin {plugin:?} ({path}): symbol retryq_plugin_entry_v1 not found; is it a retryq plugin built with export_plugin!?")]
+    MissingSymbol {
+        /// The plugin.
+        plugin: String,
+        /// Its file.
+        path: String,
+    },
+    /// The plugin speaks another ABI version.
+    #[error("plugin {plugin:?}: built for ABI version {found}, this retryq speaks {expected}; rebuild it against retryq-plugin {expected}")]
+    AbiMismatch {
+        /// The plugin.
+        plugin: String,
+        /// Its version.
+        found: u32,
+        /// Ours.
+        expected: u32,
+    },
+    /// The table is shorter than version 1's.
+    #[error(
+        "plugin {plugin:?}: its table is {found} bytes, at least {expected} are needed; rebuild it"
+    )]
+    TableTooSmall {
+        /// The plugin.
+        plugin: String,
+        /// Its size.
+        found: u32,
+        /// The minimum.
+        expected: u32,
+    },
+    /// The plugin does not provide what was asked.
+    #[error("plugin {plugin:?} does not provide a {kind}")]
+    MissingKind {
+        /// The plugin.
+        plugin: String,
+        /// "pusher" or "fingerprint checker".
+        kind: &'static str,
+    },
+    /// The plugin refused its settings.
+    #[error("plugin {plugin:?} refused its settings: {message}")]
+    BadSettings {
+        /// The plugin.
+        plugin: String,
+        /// The plugin's message.
+        message: String,
+    },
+    /// The file or its folder is writable by others.
+    #[error("plugin {plugin:?}: {path} is writable by group or others; refusing to load it (chmod go-w)")]
+    InsecurePermissions {
+        /// The plugin.
+        plugin: String,
+        /// The file or folder.
+        path: String,
+    },
+    /// The file's SHA-256 is not the pinned one.
+    #[error("plugin {plugin:?}: {path} has sha256 {found}, the configuration pins {expected}; refusing to load it")]
+    HashMismatch {
+        /// The plugin.
+        plugin: String,
+        /// Its file.
+        path: String,
+        /// Its hash.
+        found: String,
+        /// The pinned hash.
+        expected: String,
+    },
+    /// Reading the file failed.
+    #[error("plugin {plugin:?}: cannot read {path}: {reason}")]
+    Io {
+        /// The plugin.
+        plugin: String,
+        /// The file.
+        path: String,
+        /// The error.
+        reason: String,
+    },
+}
+
+/// Candidate file names for a plugin called `name` on this platform:
+/// `lib{name}.so` and `libretryq_{name}.so` (dashes become underscores, as
+/// cargo names libraries).
+pub fn library_file_names(name: &str) -> Vec<String> {
+    let base = name.replace('-', "_");
+    let mut names = vec![base.clone()];
+    if !base.starts_with("retryq_") {
+        names.push(format!("retryq_{base}"));
+    }
+    names
+        .into_iter()
+        .map(|n| {
+            format!(
+                "{}{n}{}",
+                std::env::consts::DLL_PREFIX,
+                std::env::consts::DLL_SUFFIX
+            )
+        })
+        .collect()
+}
+
+/// Finds the library for `name` on `search_path`.
+pub fn resolve(name: &str, search_path: &[PathBuf]) -> Result<PathBuf, PluginError> {
+    let mut looked_in = Vec::new();
+    for dir in search_path {
+        for file in library_file_names(name) {
+            let candidate = dir.join(file);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            looked_in.push(candidate);
+        }
+    }
+    Err(PluginError::NotFound {
+        plugin: name.to_owned(),
+        looked_in,
+    })
+}
+
+#[cfg(unix)]
+fn check_permissions(plugin: &str, path: &Path) -> Result<(), PluginError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    for p in [path, dir] {
+        let meta = std::fs::metadata(p).map_err(|e| PluginError::Io {
+            plugin: plugin.to_owned(),
+            path: p.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let mode = meta.permissions().mode();
+        // A sticky world-writable folder (like /tmp) still lets others
+        // replace only their own files, but a plugin folder has no reason to
+        // be shared: refuse any group/other write bit.
+        if mode & 0o022 != 0 {
+            return Err(PluginError::InsecurePermissions {
+                plugin: plugin.to_owned(),
+                path: p.display().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_permissions(_plugin: &str, _path: &Path) -> Result<(), PluginError> {
+    Ok(())
+}
+
+/// SHA-256 of a file, as lowercase hex.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let bytes = std::fs::read(path)?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// A loaded plugin library (lives for the rest of the process).
+#[derive(Debug)]
+pub struct Library {
+    /// Name the plugin reports.
+    pub name: String,
+    /// Version the plugin reports.
+    pub version: String,
+    /// `RQ_KIND_*` bits.
+    pub kinds: u32,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    table: &'static PluginTable,
+}
+
+impl Library {
+    /// True when it provides a pusher.
+    pub fn has_pusher(&self) -> bool {
+        self.kinds & RQ_KIND_PUSHER != 0
+    }
+    /// True when it provides a checker.
+    pub fn has_checker(&self) -> bool {
+        self.kinds & RQ_KIND_CHECKER != 0
+    }
+    /// The ABI version it reports.
+    pub fn abi_version(&self) -> u32 {
+        self.table.abi_version
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<PathBuf, &'static Library>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, &'static Library>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// Loads (once) the plugin library at `path`, after the permission check
+/// and, if `sha256` is given, the hash check.
+pub fn load(
+    plugin: &str,
+    path: &Path,
+    sha256: Option<&str>,
+) -> Result<&'static Library, PluginError> {
+    let io = |e: std::io::Error| PluginError::Io {
+        plugin: plugin.to_owned(),
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    if !path.exists() {
+        return Err(PluginError::NotFound {
+            plugin: plugin.to_owned(),
+            looked_in: vec![path.to_path_buf()],
+        });
+    }
+    let canonical = path.canonicalize().map_err(io)?;
+    check_permissions(plugin, &canonical)?;
+    if let Some(expected) = sha256 {
+        let found = file_sha256(&canonical).map_err(io)?;
+        if !found.eq_ignore_ascii_case(expected.trim()) {
+            return Err(PluginError::HashMismatch {
+                plugin: plugin.to_owned(),
+                path: canonical.display().to_string(),
+                found,
+                expected: expected.to_owned(),
+            });
+        }
+    }
+    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(lib) = reg.get(&canonical) {
+        return Ok(lib);
+    }
+    let shown = canonical.display().to_string();
+    // SAFETY: loading a library runs its initializers. We only load files
+    // that passed the permission (and optional hash) checks: the operator
+    // chose this file as a retryq plugin.
+    let library =
+        unsafe { libloading::Library::new(&canonical) }.map_err(|e| PluginError::NotALibrary {
+            plugin: plugin.to_owned(),
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+    // Never unloaded: leak it so the table and code stay valid forever.
+    let library: &'static libloading::Library = Box::leak(Box::new(library));
+    // SAFETY: the symbol, if present, is the ABI's entry function with this
+    // exact signature (that is the contract of the exported name).
+    let entry: libloading::Symbol<'static, unsafe extern "C" fn() -> *const PluginTable> =
+        unsafe { library.get(ENTRY_SYMBOL) }.map_err(|_| PluginError::MissingSymbol {
+            plugin: plugin.to_owned(),
+            path: shown.clone(),
+        })?;
+    // SAFETY: calling the entry function has no preconditions.
+    let table_ptr = unsafe { entry() };
+    if table_ptr.is_null() {
+        return Err(PluginError::MissingSymbol {
+            plugin: plugin.to_owned(),
+            path: shown,
+        });
+    }
+    // SAFETY: the first two u32 fields are present in every ABI version;
+    // read them before trusting the rest of the struct.
+    let (abi_version, struct_size) = unsafe {
+        let head = table_ptr as *const u32;
+        (head.read(), head.add(1).read())
+    };
+    if abi_version != ABI_VERSION {
+        return Err(PluginError::AbiMismatch {
+            plugin: plugin.to_owned(),
+            found: abi_version,
+            expected: ABI_VERSION,
+        });
+    }
+    let needed = std::mem::size_of::<PluginTable>() as u32;
+    if struct_size < needed {
+        return Err(PluginError::TableTooSmall {
+            plugin: plugin.to_owned(),
+            found: struct_size,
+            expected: needed,
+        });
+    }
+    // SAFETY: version and size checked: the table has every v1 field, and
+    // it is static data of a library we never unload.
+    let table: &'static PluginTable = unsafe { &*table_ptr };
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: the ABI requires NUL-terminated static strings.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    let lib: &'static Library = Box::leak(Box::new(Library {
+        name: text(table.name),
+        version: text(table.version),
+        kinds: table.kinds,
+        path: canonical.clone(),
+        table,
+    }));
+    tracing::info!(plugin = %lib.name, version = %lib.version, path = %shown, "loaded plugin");
+    reg.insert(canonical, lib);
+    Ok(lib)
+}
+
+thread_local! {
+    static CURRENT_PLUGIN: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+unsafe extern "C" fn host_log_callback(level: i32, msg: *const u8, len: usize) {
+    let text = if msg.is_null() {
+        String::new()
+    } else {
+        // SAFETY: the plugin passes `len` readable bytes for this call.
+        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(msg, len) }).into_owned()
+    };
+    CURRENT_PLUGIN.with(|p| {
+        let plugin = p.borrow();
+        let plugin = if plugin.is_empty() {
+            "plugin"
+        } else {
+            plugin.as_str()
+        };
+        match level {
+            RQ_LOG_ERROR => tracing::error!(target: "retryq::plugin", plugin, "{text}"),
+            RQ_LOG_WARN => tracing::warn!(target: "retryq::plugin", plugin, "{text}"),
+            RQ_LOG_INFO => tracing::info!(target: "retryq::plugin", plugin, "{text}"),
+            _ => tracing::debug!(target: "retryq::plugin", plugin, "{text}"),
+        }
+    });
+}
+
+static HOST_CALLBACKS: HostCallbacks = HostCallbacks {
+    struct_size: std::mem::size_of::<HostCallbacks>() as u32,
+    log: Some(host_log_callback),
+};
+
+fn with_plugin_name<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    CURRENT_PLUGIN.with(|p| name.clone_into(&mut p.borrow_mut()));
+    f()
+}
+
+/// Takes a plugin-allocated buffer's bytes and frees it.
+fn take_buf(lib: &Library, buf: RqBuf) -> Vec<u8> {
+    if buf.ptr.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: the plugin returned this buffer; it is valid for `len` bytes
+    // until we free it, once, with the plugin's own free_buffer.
+    let bytes = unsafe { std::slice::from_raw_parts(buf.ptr, buf.len) }.to_vec();
+    // SAFETY: as above.
+    unsafe { (lib.table.free_buffer)(buf) };
+    bytes
+}
+
+struct RawInstance(*mut c_void);
+// SAFETY: instances are created for use from any host thread: the ABI
+// requires plugin instances to be thread-safe (the Rust SDK's traits are
+// Send + Sync).
+unsafe impl Send for RawInstance {}
+// SAFETY: as above.
+unsafe impl Sync for RawInstance {}
+
+/// One plugin instance: created from settings, recreated after a panic.
+struct Instance {
+    lib: &'static Library,
+    kind: u32,
+    settings: Vec<u8>,
+    raw: RwLock<RawInstance>,
+}
+
+impl Instance {
+    fn create(
+        lib: &'static Library,
+        kind: u32,
+        settings: &serde_json::Value,
+    ) -> Result<Self, PluginError> {
+        let settings = serde_json::to_vec(settings).unwrap_or_else(|_| b"{}".to_vec());
+        let raw = Self::create_raw(lib, kind, &settings)?;
+        Ok(Instance {
+            lib,
+            kind,
+            settings,
+            raw: RwLock::new(RawInstance(raw)),
+        })
+    }
+
+    fn create_raw(
+        lib: &'static Library,
+        kind: u32,
+        settings: &[u8],
+    ) -> Result<*mut c_void, PluginError> {
+        let mut out: *mut c_void = std::ptr::null_mut();
+        let mut err = RqBuf::EMPTY;
+        // SAFETY: valid settings buffer, static host callbacks, writable out
+        // slots, per the CreateFn contract.
+        let status = with_plugin_name(&lib.name, || unsafe {
+            (lib.table.create)(
+                kind,
+                settings.as_ptr(),
+                settings.len(),
+                &HOST_CALLBACKS,
+                &mut out,
+                &mut err,
+            )
+        });
+        let message = String::from_utf8_lossy(&take_buf(lib, err)).into_owned();
+        if status != RQ_OK || out.is_null() {
+            return Err(PluginError::BadSettings {
+                plugin: lib.name.clone(),
+                message: if message.is_empty() {
+                    format!("create returned status {status}")
+                } else {
+                    message
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Replaces the instance after it panicked.
+    fn recreate(&self) {
+        let mut raw = self.raw.write().unwrap_or_else(|p| p.into_inner());
+        match Self::create_raw(self.lib, self.kind, &self.settings) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut raw.0, fresh);
+                // SAFETY: we hold the write lock: no call uses `old` now.
+                unsafe { (self.lib.table.destroy)(old) };
+                tracing::warn!(plugin = %self.lib.name, "plugin instance panicked; recreated it");
+            }
+            Err(e) => {
+                tracing::error!(plugin = %self.lib.name, error = %e, "could not recreate the plugin instance")
+            }
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let raw = self.raw.get_mut().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: we own the instance and no call is in progress (&mut self).
+        unsafe { (self.lib.table.destroy)(raw.0) };
+    }
+}
+
+fn deadline_ms(ctx: &CallContext) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now + ctx.remaining()).as_millis() as u64
+}
+
+/// A pusher living in a dynamic plugin.
+pub struct DynPusher {
+    instance: Instance,
+}
+
+impl DynPusher {
+    /// Creates a pusher instance of `lib` from `settings`.
+    pub fn new(lib: &'static Library, settings: &serde_json::Value) -> Result<Self, PluginError> {
+        if !lib.has_pusher() {
+            return Err(PluginError::MissingKind {
+                plugin: lib.name.clone(),
+                kind: "pusher",
+            });
+        }
+        Ok(DynPusher {
+            instance: Instance::create(lib, RQ_KIND_PUSHER, settings)?,
+        })
+    }
+
+    /// The library.
+    pub fn library(&self) -> &'static Library {
+        self.instance.lib
+    }
+}
+
+impl Pusher for DynPusher {
+    fn push(&self, item: &ItemMeta, payload: &[u8], ctx: &CallContext) -> PushOutcome {
+        let lib = self.instance.lib;
+        let meta = match serde_json::to_vec(item) {
+            Ok(m) => m,
+            Err(e) => return PushOutcome::permanent(format!("cannot encode item metadata: {e}")),
+        };
+        let mut out = RqPushResult {
+            status: RQ_PANICKED,
+            retry_after_ms: -1,
+            message: RqBuf::EMPTY,
+        };
+        let status = {
+            let raw = self.instance.raw.read().unwrap_or_else(|p| p.into_inner());
+            // SAFETY: live instance (read lock held), valid input buffers,
+            // writable result slot, per the PushFn contract.
+            with_plugin_name(&lib.name, || unsafe {
+                (lib.table.push)(
+                    raw.0,
+                    meta.as_ptr(),
+                    meta.len(),
+                    payload.as_ptr(),
+                    payload.len(),
+                    deadline_ms(ctx),
+                    &mut out,
+                )
+            })
+        };
+        let message = String::from_utf8_lossy(&take_buf(lib, out.message)).into_owned();
+        match status {
+            RQ_OK => PushOutcome::Delivered,
+            RQ_RETRYABLE => PushOutcome::Retryable {
+                message,
+                retry_after: u64::try_from(out.retry_after_ms)
+                    .ok()
+                    .map(Duration::from_millis),
+            },
+            RQ_PERMANENT => PushOutcome::Permanent { message },
+            RQ_UNAUTHORIZED => PushOutcome::Unauthorized { message },
+            other => {
+                self.instance.recreate();
+                PushOutcome::retryable(if other == RQ_PANICKED {
+                    message
+                } else {
+                    format!("plugin returned unknown status {other}: {message}")
+                })
+            }
+        }
+    }
+}
+
+/// A fingerprint checker living in a dynamic plugin.
+pub struct DynChecker {
+    instance: Instance,
+}
+
+impl DynChecker {
+    /// Creates a checker instance of `lib` from `settings`.
+    pub fn new(lib: &'static Library, settings: &serde_json::Value) -> Result<Self, PluginError> {
+        if !lib.has_checker() {
+            return Err(PluginError::MissingKind {
+                plugin: lib.name.clone(),
+                kind: "fingerprint checker",
+            });
+        }
+        Ok(DynChecker {
+            instance: Instance::create(lib, RQ_KIND_CHECKER, settings)?,
+        })
+    }
+}
+
+impl FingerprintChecker for DynChecker {
+    fn check(&self, fingerprints: &[String], ctx: &CallContext) -> Result<CheckResult, CheckError> {
+        let lib = self.instance.lib;
+        let input =
+            serde_json::to_vec(fingerprints).map_err(|e| CheckError::Unavailable(e.to_string()))?;
+        let mut out = RqBuf::EMPTY;
+        let status = {
+            let raw = self.instance.raw.read().unwrap_or_else(|p| p.into_inner());
+            // SAFETY: live instance, valid input, writable out slot (CheckFn).
+            with_plugin_name(&lib.name, || unsafe {
+                (lib.table.check)(
+                    raw.0,
+                    input.as_ptr(),
+                    input.len(),
+                    deadline_ms(ctx),
+                    &mut out,
+                )
+            })
+        };
+        let bytes = take_buf(lib, out);
+        match status {
+            RQ_OK => serde_json::from_slice(&bytes).map_err(|e| {
+                CheckError::Unavailable(format!("plugin {} answered malformed JSON: {e}", lib.name))
+            }),
+            RQ_UNAUTHORIZED => Err(CheckError::Unauthorized(
+                String::from_utf8_lossy(&bytes).into_owned(),
+            )),
+            RQ_PANICKED => {
+                self.instance.recreate();
+                Err(CheckError::Unavailable(
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                ))
+            }
+            _ => Err(CheckError::Unavailable(
+                String::from_utf8_lossy(&bytes).into_owned(),
+            )),
+        }
+    }
+}
+
+/// Runs each call of the inner transport on its own thread and waits only
+/// until the call's deadline: a call past it is a retryable failure, and the
+/// stuck thread is abandoned (the next call gets a fresh one) instead of
+/// holding a pool thread forever.
+pub struct WithDeadline<T: ?Sized> {
+    inner: Arc<T>,
+}
+
+impl<T: ?Sized> WithDeadline<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<T>) -> Self {
+        WithDeadline { inner }
+    }
+}
+
+fn run_with_deadline<R: Send + 'static>(
+    ctx: &CallContext,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Option<R> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("retryq-plugin-call".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    if spawned.is_err() {
+        return None;
+    }
+    rx.recv_timeout(ctx.remaining()).ok()
+}
+
+impl<T: Pusher + ?Sized + 'static> Pusher for WithDeadline<T> {
+    fn push(&self, item: &ItemMeta, payload: &[u8], ctx: &CallContext) -> PushOutcome {
+        let inner = self.inner.clone();
+        let (item2, payload2, ctx2) = (item.clone(), payload.to_vec(), *ctx);
+        run_with_deadline(ctx, move || inner.push(&item2, &payload2, &ctx2)).unwrap_or_else(|| {
+            tracing::warn!(item_id = %item.id, "transport call passed its deadline; abandoning it");
+            PushOutcome::retryable(format!(
+                "transport call timed out (deadline {:?})",
+                ctx.deadline()
+                    .saturating_duration_since(std::time::Instant::now())
+            ))
+        })
+    }
+}
+
+impl<T: FingerprintChecker + ?Sized + 'static> FingerprintChecker for WithDeadline<T> {
+    fn check(&self, fingerprints: &[String], ctx: &CallContext) -> Result<CheckResult, CheckError> {
+        let inner = self.inner.clone();
+        let (fps, ctx2) = (fingerprints.to_vec(), *ctx);
+        run_with_deadline(ctx, move || inner.check(&fps, &ctx2)).unwrap_or_else(|| {
+            Err(CheckError::Unavailable(
+                "fingerprint check timed out".into(),
+            ))
+        })
+    }
+}

@@ -1,0 +1,162 @@
+//! The admin API over the real `RetryWorker` and `SqliteRetryQueue`:
+//! `RetryWorkerControl` and `record_worker_metrics` as the daemon wires them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{test, App};
+use retryq::admin::{self, record_worker_metrics, AdminConfig, AdminState, RetryWorkerControl};
+use retryq::metrics::Metrics;
+use retryq::plugin_sdk::{CallContext, ItemMeta, PushOutcome, Pusher};
+use retryq::store::{RetryQueue, SqliteRetryQueue, StoreOptions};
+use retryq::worker::{EventKind, RetryWorker, RetryWorkerConfig};
+use serde_json::Value;
+
+/// Delivers everything except payloads containing "refuse", which the
+/// upstream refuses for good.
+struct Upstream;
+
+impl Pusher for Upstream {
+    fn push(&self, _item: &ItemMeta, payload: &[u8], _ctx: &CallContext) -> PushOutcome {
+        if String::from_utf8_lossy(payload).contains("refuse") {
+            PushOutcome::Permanent {
+                message: "422 from upstream".into(),
+            }
+        } else {
+            PushOutcome::Delivered
+        }
+    }
+}
+
+#[actix_web::test]
+async fn api_drives_the_real_worker_and_metrics_follow_its_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn RetryQueue> =
+        Arc::new(SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default()).unwrap());
+    let worker = Arc::new(
+        RetryWorker::new(
+            RetryWorkerConfig::default(),
+            queue.clone(),
+            Arc::new(Upstream),
+        )
+        .unwrap(),
+    );
+    let metrics = Arc::new(Metrics::new());
+    record_worker_metrics(&worker, metrics.clone());
+    let mut events = worker.subscribe();
+    worker.start().await.unwrap();
+
+    let control = Arc::new(RetryWorkerControl::new(worker.clone()));
+    let state = AdminState::new(queue.clone(), control, metrics.clone());
+    let config = AdminConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..AdminConfig::default()
+    };
+    let svc = test::init_service(App::new().configure(admin::routes(&config, &state))).await;
+
+    let resp = test::call_service(&svc, test::TestRequest::get().uri("/readyz").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // One item the upstream takes, one it refuses.
+    let mut ids = Vec::new();
+    for body in ["{\"ok\":1}", "{\"refuse\":1}"] {
+        let req = test::TestRequest::post()
+            .uri("/v1/items")
+            .set_payload(body)
+            .to_request();
+        let resp = test::call_service(&svc, req).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let body: Value = test::read_body_json(resp).await;
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let req = test::TestRequest::post()
+        .uri("/v1/process-now")
+        .to_request();
+    let resp = test::call_service(&svc, req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let summary: Value = test::read_body_json(resp).await;
+    assert!(summary["processed"].is_u64(), "{summary}");
+
+    // Whether process-now or the woken scheduler got there first, both
+    // outcomes arrive on the event stream.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("the worker reports both outcomes")
+            .unwrap();
+        seen.push((event.item_id, event.kind));
+    }
+    assert!(
+        seen.contains(&(ids[0].clone(), EventKind::Delivered)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&(ids[1].clone(), EventKind::DeadLettered)),
+        "{seen:?}"
+    );
+
+    // The dead letter is listed as failed and can be revived.
+    let req = test::TestRequest::get()
+        .uri("/v1/items?status=failed")
+        .to_request();
+    let list: Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(list["items"][0]["id"], ids[1].as_str());
+    assert_eq!(list["items"][0]["last_error"], "422 from upstream");
+
+    let req = test::TestRequest::get().uri("/metrics").to_request();
+    let text = String::from_utf8(
+        test::read_body(test::call_service(&svc, req).await)
+            .await
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.contains("\nretryq_enqueued_total 2\n"), "{text}");
+    assert!(text.contains("\nretryq_delivered_total 1\n"), "{text}");
+    assert!(text.contains("\nretryq_dead_lettered_total 1\n"), "{text}");
+    assert!(text.contains("\nretryq_circuit_state 0\n"), "{text}");
+    assert!(
+        text.contains("\nretryq_items{status=\"failed\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nretryq_push_latency_seconds_count 2\n"),
+        "{text}"
+    );
+
+    let req = test::TestRequest::get().uri("/v1/stats").to_request();
+    let stats: Value = test::read_body_json(test::call_service(&svc, req).await).await;
+    assert_eq!(stats["failed_items"], 1);
+    assert_eq!(stats["worker"]["is_running"], true);
+    assert_eq!(stats["worker"]["total_succeeded"], 1);
+
+    // A cleanup with a TTL removes the (old enough) dead letter and counts it.
+    let req = test::TestRequest::post()
+        .uri("/v1/cleanup?ttl=1ns")
+        .to_request();
+    let resp = test::call_service(&svc, req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let report: Value = test::read_body_json(resp).await;
+    assert_eq!(report["removed"], 1, "{report}");
+    let req = test::TestRequest::get().uri("/metrics").to_request();
+    let text = String::from_utf8(
+        test::read_body(test::call_service(&svc, req).await)
+            .await
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.contains("\nretryq_expired_total 1\n"), "{text}");
+
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+    let resp = test::call_service(&svc, test::TestRequest::get().uri("/readyz").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let resp = test::call_service(
+        &svc,
+        test::TestRequest::post()
+            .uri("/v1/process-now")
+            .to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
