@@ -36,9 +36,11 @@ pub use crate::error::{QueueError, QueueResult};
 use crate::item::{ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS};
 
 pub mod file;
+pub mod memory;
 pub mod sqlite;
 
 pub use file::FileRetryQueue;
+pub use memory::MemoryRetryQueue;
 pub use sqlite::SqliteRetryQueue;
 
 /// Default item limit (the seed's).

@@ -1,0 +1,655 @@
+//! `MemoryRetryQueue`: a complete, non-durable, in-memory [`RetryQueue`].
+//!
+//! It is the reference model of the store contract (the model-based test
+//! compares every durable backend against it) and a test double for the
+//! actors. It is written to be obviously correct, not fast: every item
+//! lives in one `BTreeMap` keyed by ID behind one mutex, and every query
+//! scans it.
+//!
+//! # Semantics (the contract of `store/mod.rs`, spelled out)
+//!
+//! - `enqueue` checks, in this order: closed (`QueueClosed`), the item's own
+//!   validity (`InvalidItem`), an existing item with the same ID in any
+//!   status (`DuplicateItem`, always, whatever `dedupe` says), the same
+//!   fingerprint among pending and processing items when `dedupe` is on
+//!   (`DuplicateItem` naming that item), larger than `max_bytes` on its own
+//!   (`TooLarge`), and finally the limits (`QueueFull` with `Reject`;
+//!   with `DropOldest`, eviction of dead letters oldest first, then every
+//!   other item oldest first, ties by ID, each eviction counted).
+//! - `enqueue_batch` is `enqueue` applied to each item in order, so an
+//!   item duplicating an earlier one of the same batch is `DuplicateItem`.
+//! - A lease has expired when `lease_until <= now`; `claim` does not take
+//!   back expired leases by itself (`release_expired_leases` and reopening
+//!   do). Claim order: `next_retry`, then `created_at`, then `id`.
+//! - Every state change sets `updated_at = now`; a no-op (`release` of an
+//!   item that is not processing) changes nothing.
+//! - `cleanup` measures age from `created_at` for every status, with
+//!   `dead_letter_ttl` (or the given TTL) for dead letters.
+//! - Nothing is on disk: `bytes_on_disk` and `quarantined` are always 0.
+//!
+//! [`MemoryRetryQueue::reopen`] does to the contents what opening a durable
+//! store does (every processing item returns to pending, the eviction
+//! counter restarts), so the model can follow a backend across a reopen.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    filter_matches, sort_and_page, CleanupReport, ListFilter, OverflowPolicy, QueueStats,
+    RetryQueue, StoreOptions, WriteOp, WriteOutcome,
+};
+use crate::backoff::add_saturating;
+use crate::error::{QueueError, QueueResult};
+use crate::item::{ItemStatus, NewItem, QueueItem};
+
+/// The mutable state behind the store's mutex.
+#[derive(Debug, Default)]
+struct State {
+    items: BTreeMap<String, QueueItem>,
+    closed: bool,
+    evicted: u64,
+}
+
+impl State {
+    fn total_bytes(&self) -> u64 {
+        self.items.values().map(QueueItem::size_bytes).sum()
+    }
+
+    fn fits(&self, options: &StoreOptions, size: u64) -> bool {
+        self.items.len() < options.max_items
+            && self.total_bytes().saturating_add(size) <= options.max_bytes
+    }
+
+    /// The ID `DropOldest` evicts next: dead letters first, then any item,
+    /// oldest `created_at` first, ties by ID.
+    fn eviction_victim(&self) -> Option<String> {
+        self.items
+            .values()
+            .min_by(|a, b| {
+                let a_key = (a.status != ItemStatus::Failed, a.created_at, &a.id);
+                let b_key = (b.status != ItemStatus::Failed, b.created_at, &b.id);
+                a_key.cmp(&b_key)
+            })
+            .map(|item| item.id.clone())
+    }
+
+    fn item_mut(&mut self, id: &str) -> QueueResult<&mut QueueItem> {
+        self.items
+            .get_mut(id)
+            .ok_or_else(|| QueueError::not_found(id))
+    }
+
+    /// Ready items in claim order.
+    fn ready(&self, now: DateTime<Utc>) -> Vec<QueueItem> {
+        let mut ready: Vec<QueueItem> = self
+            .items
+            .values()
+            .filter(|item| item.is_ready_for_retry(now))
+            .cloned()
+            .collect();
+        ready.sort_by(|a, b| {
+            (a.next_retry, a.created_at, &a.id).cmp(&(b.next_retry, b.created_at, &b.id))
+        });
+        ready
+    }
+}
+
+/// A non-durable [`RetryQueue`] held in memory; see the module doc.
+#[derive(Debug)]
+pub struct MemoryRetryQueue {
+    options: StoreOptions,
+    state: Mutex<State>,
+}
+
+impl MemoryRetryQueue {
+    /// An empty, open queue with `options`.
+    pub fn new(options: StoreOptions) -> Self {
+        MemoryRetryQueue {
+            options,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Does to the contents what opening a durable store holding them does:
+    /// reopens a closed queue, returns every processing item to pending
+    /// (lease cleared, `updated_at = now`) and restarts the eviction count.
+    /// Returns how many items were returned to pending.
+    pub fn reopen(&self) -> usize {
+        let now = self.now();
+        let mut state = self.lock_any();
+        state.closed = false;
+        state.evicted = 0;
+        let mut released = 0;
+        for item in state.items.values_mut() {
+            if item.status == ItemStatus::Processing {
+                item.status = ItemStatus::Pending;
+                item.lease_until = None;
+                item.updated_at = now;
+                released += 1;
+            }
+        }
+        released
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.options.clock.now()
+    }
+
+    /// The state, whether closed or not. A poisoned mutex only means a
+    /// panic elsewhere; the map itself is always consistent between calls.
+    fn lock_any(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state of an open queue, or `QueueClosed`.
+    fn lock_open(&self) -> QueueResult<MutexGuard<'_, State>> {
+        let state = self.lock_any();
+        if state.closed {
+            return Err(QueueError::QueueClosed);
+        }
+        Ok(state)
+    }
+
+    fn enqueue_locked(&self, state: &mut State, new: NewItem) -> QueueResult<String> {
+        let item = new.into_item(self.now(), self.options.default_max_attempts)?;
+        if state.items.contains_key(&item.id) {
+            return Err(QueueError::DuplicateItem {
+                existing_id: item.id,
+            });
+        }
+        if self.options.dedupe {
+            if let Some(existing) = state.items.values().find(|other| {
+                other.fingerprint == item.fingerprint && other.status != ItemStatus::Failed
+            }) {
+                return Err(QueueError::DuplicateItem {
+                    existing_id: existing.id.clone(),
+                });
+            }
+        }
+        let size = item.size_bytes();
+        if size > self.options.max_bytes {
+            return Err(QueueError::TooLarge {
+                size,
+                limit: self.options.max_bytes,
+            });
+        }
+        if !state.fits(&self.options, size) {
+            let full = QueueError::QueueFull {
+                reason: format!(
+                    "{} of {} items and {} of {} bytes used; the new item needs {size} bytes",
+                    state.items.len(),
+                    self.options.max_items,
+                    state.total_bytes(),
+                    self.options.max_bytes
+                ),
+            };
+            if self.options.overflow == OverflowPolicy::Reject {
+                return Err(full);
+            }
+            // Plan the evictions first: a refused item must change nothing.
+            let mut trial = State {
+                items: state.items.clone(),
+                ..State::default()
+            };
+            let mut victims = Vec::new();
+            while !trial.fits(&self.options, size) {
+                let Some(victim) = trial.eviction_victim() else {
+                    return Err(full);
+                };
+                trial.items.remove(&victim);
+                victims.push(victim);
+            }
+            for victim in victims {
+                state.items.remove(&victim);
+                state.evicted += 1;
+            }
+        }
+        let id = item.id.clone();
+        state.items.insert(id.clone(), item);
+        Ok(id)
+    }
+
+    fn delete_locked(state: &mut State, id: &str) -> QueueResult<()> {
+        state
+            .items
+            .remove(id)
+            .map(|_| ())
+            .ok_or_else(|| QueueError::not_found(id))
+    }
+
+    fn mark_failed_locked(
+        &self,
+        state: &mut State,
+        id: &str,
+        reason: &str,
+    ) -> QueueResult<QueueItem> {
+        let now = self.now();
+        let item = state.item_mut(id)?;
+        item.attempts = item.attempts.saturating_add(1);
+        item.last_error = reason.to_owned();
+        item.last_attempt = Some(now);
+        item.status = ItemStatus::Failed;
+        item.lease_until = None;
+        item.updated_at = now;
+        Ok(item.clone())
+    }
+
+    fn requeue_locked(
+        &self,
+        state: &mut State,
+        id: &str,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem> {
+        let now = self.now();
+        let item = state.item_mut(id)?;
+        item.attempts = item.attempts.saturating_add(1);
+        item.last_error = error.to_owned();
+        item.last_attempt = Some(now);
+        item.next_retry = next_retry;
+        item.status = ItemStatus::Pending;
+        item.lease_until = None;
+        item.updated_at = now;
+        Ok(item.clone())
+    }
+
+    fn release_locked(&self, state: &mut State, id: &str) -> QueueResult<()> {
+        let now = self.now();
+        let item = state.item_mut(id)?;
+        if item.status == ItemStatus::Processing {
+            item.status = ItemStatus::Pending;
+            item.lease_until = None;
+            item.updated_at = now;
+        }
+        Ok(())
+    }
+
+    fn evict_to_limits(&self, state: &mut State) -> usize {
+        let mut evicted = 0;
+        while state.items.len() > self.options.max_items
+            || state.total_bytes() > self.options.max_bytes
+        {
+            let Some(victim) = state.eviction_victim() else {
+                break;
+            };
+            state.items.remove(&victim);
+            state.evicted += 1;
+            evicted += 1;
+        }
+        evicted
+    }
+}
+
+impl Default for MemoryRetryQueue {
+    fn default() -> Self {
+        MemoryRetryQueue::new(StoreOptions::default())
+    }
+}
+
+impl RetryQueue for MemoryRetryQueue {
+    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+        let mut state = self.lock_open()?;
+        self.enqueue_locked(&mut state, item)
+    }
+
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+        let mut state = self.lock_open()?;
+        Ok(items
+            .into_iter()
+            .map(|item| self.enqueue_locked(&mut state, item))
+            .collect())
+    }
+
+    fn dequeue(&self) -> QueueResult<Option<QueueItem>> {
+        Ok(self.claim(1, self.options.default_lease)?.pop())
+    }
+
+    fn peek(&self) -> QueueResult<Option<QueueItem>> {
+        let state = self.lock_open()?;
+        Ok(state.ready(self.now()).into_iter().next())
+    }
+
+    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+        let state = self.lock_open()?;
+        state
+            .items
+            .get(id)
+            .cloned()
+            .ok_or_else(|| QueueError::not_found(id))
+    }
+
+    fn update(&self, item: &QueueItem) -> QueueResult<()> {
+        let now = self.now();
+        let mut state = self.lock_open()?;
+        let stored = state.item_mut(&item.id)?;
+        let created_at = stored.created_at;
+        *stored = item.clone();
+        stored.created_at = created_at;
+        stored.updated_at = now;
+        Ok(())
+    }
+
+    fn delete(&self, id: &str) -> QueueResult<()> {
+        let mut state = self.lock_open()?;
+        Self::delete_locked(&mut state, id)
+    }
+
+    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+        let mut state = self.lock_open()?;
+        self.mark_failed_locked(&mut state, id, reason)
+    }
+
+    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+        let mut state = self.lock_open()?;
+        self.requeue_locked(&mut state, id, error, next_retry)
+    }
+
+    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+        let now = self.now();
+        let mut state = self.lock_open()?;
+        let item = state.item_mut(id)?;
+        if item.status != ItemStatus::Failed {
+            return Err(QueueError::invalid(format!(
+                "item {id} is {}, only a failed item can be revived",
+                item.status
+            )));
+        }
+        item.status = ItemStatus::Pending;
+        item.attempts = 0;
+        item.next_retry = now;
+        item.lease_until = None;
+        item.updated_at = now;
+        Ok(item.clone())
+    }
+
+    fn release(&self, id: &str) -> QueueResult<()> {
+        let mut state = self.lock_open()?;
+        self.release_locked(&mut state, id)
+    }
+
+    fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
+        let now = self.now();
+        let lease_until = add_saturating(now, lease);
+        let mut state = self.lock_open()?;
+        let mut claimed = Vec::new();
+        for ready in state.ready(now).into_iter().take(limit) {
+            let item = state.item_mut(&ready.id)?;
+            item.status = ItemStatus::Processing;
+            item.lease_until = Some(lease_until);
+            item.updated_at = now;
+            claimed.push(item.clone());
+        }
+        Ok(claimed)
+    }
+
+    fn release_expired_leases(&self) -> QueueResult<usize> {
+        let now = self.now();
+        let mut state = self.lock_open()?;
+        let mut released = 0;
+        for item in state.items.values_mut() {
+            let expired = item.lease_until.is_none_or(|until| until <= now);
+            if item.status == ItemStatus::Processing && expired {
+                item.status = ItemStatus::Pending;
+                item.lease_until = None;
+                item.updated_at = now;
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
+        let state = self.lock_open()?;
+        Ok(state
+            .items
+            .values()
+            .filter_map(|item| match item.status {
+                ItemStatus::Pending => Some(item.next_retry),
+                // A processing item without a lease is actionable at once.
+                ItemStatus::Processing => {
+                    Some(item.lease_until.unwrap_or(DateTime::<Utc>::MIN_UTC))
+                }
+                ItemStatus::Failed => None,
+            })
+            .min())
+    }
+
+    fn size(&self) -> QueueResult<usize> {
+        Ok(self.lock_open()?.items.len())
+    }
+
+    fn stats(&self) -> QueueResult<QueueStats> {
+        let state = self.lock_open()?;
+        let mut stats = QueueStats {
+            total_items: state.items.len(),
+            evicted: state.evicted,
+            ..QueueStats::default()
+        };
+        for item in state.items.values() {
+            match item.status {
+                ItemStatus::Pending => stats.pending_items += 1,
+                ItemStatus::Processing => stats.processing_items += 1,
+                ItemStatus::Failed => stats.failed_items += 1,
+            }
+            stats.oldest_item = Some(
+                stats
+                    .oldest_item
+                    .map_or(item.created_at, |t| t.min(item.created_at)),
+            );
+            stats.newest_item = Some(
+                stats
+                    .newest_item
+                    .map_or(item.created_at, |t| t.max(item.created_at)),
+            );
+            stats.total_retries += u64::from(item.attempts);
+            stats.last_retry = stats.last_retry.max(item.last_attempt);
+            stats.total_bytes += item.size_bytes();
+        }
+        Ok(stats)
+    }
+
+    fn cleanup(&self, ttl: Duration) -> QueueResult<CleanupReport> {
+        let now = self.now();
+        let dead_ttl = self.options.dead_letter_ttl.unwrap_or(ttl);
+        let mut state = self.lock_open()?;
+        let mut report = CleanupReport::default();
+        state.items.retain(|_, item| {
+            let (item_ttl, counter) = if item.status == ItemStatus::Failed {
+                (dead_ttl, &mut report.dead_letters_expired)
+            } else {
+                (ttl, &mut report.expired)
+            };
+            let expired = item.is_expired(item_ttl, now);
+            if expired {
+                *counter += 1;
+            }
+            !expired
+        });
+        Ok(report)
+    }
+
+    fn enforce_limits(&self) -> QueueResult<usize> {
+        let mut state = self.lock_open()?;
+        if self.options.overflow == OverflowPolicy::Reject {
+            return Ok(0);
+        }
+        Ok(self.evict_to_limits(&mut state))
+    }
+
+    fn list(&self, filter: &ListFilter) -> QueueResult<Vec<QueueItem>> {
+        let now = self.now();
+        let state = self.lock_open()?;
+        let mut items: Vec<QueueItem> = state
+            .items
+            .values()
+            .filter(|item| filter_matches(item, filter, now))
+            .cloned()
+            .collect();
+        sort_and_page(&mut items, filter);
+        Ok(items)
+    }
+
+    fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
+        let mut state = self.lock_open()?;
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let result = match op {
+                WriteOp::Enqueue(item) => self
+                    .enqueue_locked(&mut state, item)
+                    .map(WriteOutcome::Enqueued),
+                WriteOp::Delete { id } => {
+                    Self::delete_locked(&mut state, &id).map(|()| WriteOutcome::Applied)
+                }
+                WriteOp::Requeue {
+                    id,
+                    error,
+                    next_retry,
+                } => self
+                    .requeue_locked(&mut state, &id, &error, next_retry)
+                    .map(|_| WriteOutcome::Applied),
+                WriteOp::MarkFailed { id, reason } => self
+                    .mark_failed_locked(&mut state, &id, &reason)
+                    .map(|_| WriteOutcome::Applied),
+                WriteOp::Release { id } => self
+                    .release_locked(&mut state, &id)
+                    .map(|()| WriteOutcome::Applied),
+            };
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    fn close(&self) -> QueueResult<()> {
+        self.lock_any().closed = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::item::Payload;
+    use chrono::TimeZone;
+    use std::sync::Arc;
+
+    fn setup(options: StoreOptions) -> (MemoryRetryQueue, ManualClock) {
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap());
+        let queue = MemoryRetryQueue::new(StoreOptions {
+            clock: Arc::new(clock.clone()),
+            ..options
+        });
+        (queue, clock)
+    }
+
+    fn item(id: &str, json: &str) -> NewItem {
+        NewItem::new(Payload::from_json_str(json).unwrap()).with_id(id)
+    }
+
+    fn kind<T: std::fmt::Debug>(r: QueueResult<T>) -> &'static str {
+        r.unwrap_err().kind()
+    }
+
+    #[test]
+    fn dedupe_by_id_and_by_live_fingerprint_only() {
+        let (q, _) = setup(StoreOptions::default());
+        q.enqueue(item("a", "1")).unwrap();
+        assert_eq!(kind(q.enqueue(item("a", "2"))), "duplicate_item");
+        match q.enqueue(item("b", "1")) {
+            Err(QueueError::DuplicateItem { existing_id }) => assert_eq!(existing_id, "a"),
+            other => panic!("expected a duplicate of a, got {other:?}"),
+        }
+        q.mark_failed("a", "gone").unwrap();
+        assert_eq!(q.enqueue(item("b", "1")).unwrap(), "b");
+        assert_eq!(kind(q.enqueue(item("a", "3"))), "duplicate_item");
+        assert_eq!(kind(q.enqueue(item("../x", "4"))), "invalid_item");
+        assert_eq!(
+            kind(q.enqueue(item("c", "5").with_fingerprint(" "))),
+            "invalid_item"
+        );
+    }
+
+    #[test]
+    fn limits_reject_or_evict_dead_letters_first() {
+        let (q, clock) = setup(StoreOptions {
+            max_items: 2,
+            ..StoreOptions::default()
+        });
+        q.enqueue(item("a", "1")).unwrap();
+        clock.advance(Duration::from_secs(1));
+        q.enqueue(item("b", "2")).unwrap();
+        assert_eq!(kind(q.enqueue(item("c", "3"))), "queue_full");
+        assert_eq!(q.size().unwrap(), 2);
+
+        let (q, clock) = setup(StoreOptions {
+            max_items: 2,
+            overflow: OverflowPolicy::DropOldest,
+            ..StoreOptions::default()
+        });
+        q.enqueue(item("a", "1")).unwrap();
+        clock.advance(Duration::from_secs(1));
+        q.enqueue(item("b", "2")).unwrap();
+        q.mark_failed("b", "dead").unwrap();
+        q.enqueue(item("c", "3")).unwrap();
+        assert_eq!(kind(q.get("b")), "item_not_found");
+        q.enqueue(item("d", "4")).unwrap();
+        assert_eq!(kind(q.get("a")), "item_not_found");
+        assert_eq!(q.stats().unwrap().evicted, 2);
+
+        let (q, _) = setup(StoreOptions {
+            max_bytes: 10,
+            ..StoreOptions::default()
+        });
+        assert_eq!(kind(q.enqueue(item("big", "\"0123456789\""))), "too_large");
+    }
+
+    #[test]
+    fn claim_order_leases_and_reopen() {
+        let (q, clock) = setup(StoreOptions::default());
+        let t0 = clock.now();
+        q.enqueue(item("late", "1").with_fingerprint("f1")).unwrap();
+        q.enqueue(item("b", "2")).unwrap();
+        q.enqueue(item("a", "3")).unwrap();
+        q.requeue("late", "boom", t0 + chrono::Duration::seconds(5))
+            .unwrap();
+        let claimed = q.claim(10, Duration::from_secs(30)).unwrap();
+        let ids: Vec<_> = claimed.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(
+            q.next_due().unwrap(),
+            Some(t0 + chrono::Duration::seconds(5))
+        );
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(q.release_expired_leases().unwrap(), 2);
+        assert_eq!(q.claim(10, Duration::from_secs(30)).unwrap().len(), 3);
+        q.close().unwrap();
+        q.close().unwrap();
+        assert_eq!(kind(q.size()), "queue_closed");
+        assert_eq!(q.reopen(), 3);
+        assert_eq!(q.stats().unwrap().pending_items, 3);
+    }
+
+    #[test]
+    fn cleanup_counts_and_stats_are_truthful() {
+        let (q, clock) = setup(StoreOptions {
+            dead_letter_ttl: Some(Duration::from_secs(100)),
+            ..StoreOptions::default()
+        });
+        q.enqueue(item("a", "1")).unwrap();
+        q.enqueue(item("b", "2")).unwrap();
+        q.requeue("a", "x", clock.now()).unwrap();
+        q.mark_failed("b", "y").unwrap();
+        let stats = q.stats().unwrap();
+        assert_eq!(stats.total_retries, 2);
+        assert_eq!(stats.last_retry, Some(clock.now()));
+        clock.advance(Duration::from_secs(50));
+        assert_eq!(q.cleanup(Duration::from_secs(10)).unwrap().removed(), 1);
+        clock.advance(Duration::from_secs(51));
+        let report = q.cleanup(Duration::from_secs(1000)).unwrap();
+        assert_eq!(report.dead_letters_expired, 1);
+        assert_eq!(q.size().unwrap(), 0);
+    }
+}

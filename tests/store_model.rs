@@ -1,0 +1,303 @@
+//! Model-based test: random sequences of operations applied to a durable
+//! backend and to `MemoryRetryQueue` (the reference model) must agree,
+//! step by step, on every result (value, or error kind and the duplicate's
+//! ID) and on the whole contents (`list` of everything), including across
+//! close and reopen.
+//!
+//! IDs always come from the caller (a small pool, so duplicates, misses and
+//! prefix look-alikes happen), payloads from a pool of sizes (so the byte
+//! limit bites), time from a shared `ManualClock` moved in whole seconds.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use proptest::prelude::*;
+use retryq::clock::ManualClock;
+use retryq::item::{NewItem, Payload, QueueItem};
+use retryq::store::{
+    CleanupReport, FileRetryQueue, ListFilter, MemoryRetryQueue, OverflowPolicy, QueueStats,
+    RetryQueue, SqliteRetryQueue, StoreOptions,
+};
+use retryq::{QueueError, QueueResult};
+
+/// Caller IDs; "a" and "a1" look alike on purpose (exact matching).
+const IDS: [&str; 8] = ["a", "a1", "b", "c", "d", "e", "f", "a1b"];
+/// Payload string lengths: from tiny to a third of the byte limit.
+const SIZES: [usize; 4] = [0, 10, 100, 400];
+const MAX_BYTES: u64 = 1300;
+const MAX_ITEMS: usize = 6;
+
+#[derive(Debug, Clone)]
+struct Enq {
+    id: usize,
+    fingerprint: Option<usize>,
+    size: usize,
+    delay: u8,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Enqueue(Enq),
+    EnqueueBatch(Vec<Enq>),
+    Claim { limit: usize, lease: u16 },
+    Dequeue,
+    Peek,
+    Get(usize),
+    Requeue { id: usize, delay: u16 },
+    MarkFailed(usize),
+    Delete(usize),
+    Revive(usize),
+    Release(usize),
+    ReleaseExpired,
+    NextDue,
+    Advance(u16),
+    Cleanup(u16),
+    Stats,
+    EnforceLimits,
+    Reopen,
+}
+
+fn enq() -> impl Strategy<Value = Enq> {
+    (
+        0..IDS.len(),
+        prop::option::of(0..3usize),
+        0..SIZES.len(),
+        prop_oneof![Just(0u8), 0..60u8],
+    )
+        .prop_map(|(id, fingerprint, size, delay)| Enq {
+            id,
+            fingerprint,
+            size,
+            delay,
+        })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let id = 0..IDS.len();
+    prop_oneof![
+        6 => enq().prop_map(Op::Enqueue),
+        1 => prop::collection::vec(enq(), 0..4).prop_map(Op::EnqueueBatch),
+        3 => (0..4usize, 1..120u16).prop_map(|(limit, lease)| Op::Claim { limit, lease }),
+        1 => Just(Op::Dequeue),
+        1 => Just(Op::Peek),
+        1 => id.clone().prop_map(Op::Get),
+        2 => (id.clone(), 0..120u16).prop_map(|(id, delay)| Op::Requeue { id, delay }),
+        2 => id.clone().prop_map(Op::MarkFailed),
+        2 => id.clone().prop_map(Op::Delete),
+        1 => id.clone().prop_map(Op::Revive),
+        1 => id.prop_map(Op::Release),
+        1 => Just(Op::ReleaseExpired),
+        1 => Just(Op::NextDue),
+        2 => (1..200u16).prop_map(Op::Advance),
+        1 => (1..600u16).prop_map(Op::Cleanup),
+        1 => Just(Op::Stats),
+        1 => Just(Op::EnforceLimits),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap()
+}
+
+fn new_item(e: &Enq, now: DateTime<Utc>) -> NewItem {
+    let report =
+        Payload::from_json_str(&format!("{{\"p\":\"{}\"}}", "x".repeat(SIZES[e.size]))).unwrap();
+    let mut item = NewItem::new(report).with_id(IDS[e.id]);
+    if let Some(fp) = e.fingerprint {
+        item = item.with_fingerprint(format!("fp{fp}"));
+    }
+    if e.delay > 0 {
+        item.next_retry = Some(now + chrono::Duration::seconds(i64::from(e.delay)));
+    }
+    item
+}
+
+/// What one operation returned, comparable across backends.
+#[derive(Debug, Clone, PartialEq)]
+enum Out {
+    Err(&'static str, Option<String>),
+    Unit,
+    Id(String),
+    Ids(Vec<Out>),
+    Item(Option<QueueItem>),
+    Items(Vec<QueueItem>),
+    Count(usize),
+    Time(Option<DateTime<Utc>>),
+    Cleanup(CleanupReport),
+    Stats(QueueStats),
+}
+
+fn err(e: QueueError) -> Out {
+    let dup = match &e {
+        QueueError::DuplicateItem { existing_id } => Some(existing_id.clone()),
+        _ => None,
+    };
+    Out::Err(e.kind(), dup)
+}
+
+fn out<T>(r: QueueResult<T>, f: impl FnOnce(T) -> Out) -> Out {
+    match r {
+        Ok(v) => f(v),
+        Err(e) => err(e),
+    }
+}
+
+fn normalize_ids(results: Vec<QueueResult<String>>) -> Out {
+    Out::Ids(results.into_iter().map(|r| out(r, Out::Id)).collect())
+}
+
+/// Applies `op` to `q`; `reopen` is how this store is closed and reopened.
+fn apply(
+    q: &mut Box<dyn RetryQueue>,
+    op: &Op,
+    clock: &ManualClock,
+    reopen: &mut dyn FnMut(&mut Box<dyn RetryQueue>),
+) -> Out {
+    let now = clock_now(clock);
+    let secs = |s: u16| Duration::from_secs(u64::from(s));
+    match op {
+        Op::Enqueue(e) => out(q.enqueue(new_item(e, now)), Out::Id),
+        Op::EnqueueBatch(items) => out(
+            q.enqueue_batch(items.iter().map(|e| new_item(e, now)).collect()),
+            normalize_ids,
+        ),
+        Op::Claim { limit, lease } => out(q.claim(*limit, secs(*lease)), Out::Items),
+        Op::Dequeue => out(q.dequeue(), Out::Item),
+        Op::Peek => out(q.peek(), Out::Item),
+        Op::Get(id) => out(q.get(IDS[*id]), |i| Out::Item(Some(i))),
+        Op::Requeue { id, delay } => out(
+            q.requeue(
+                IDS[*id],
+                "retry later",
+                now + chrono::Duration::seconds(i64::from(*delay)),
+            ),
+            |i| Out::Item(Some(i)),
+        ),
+        Op::MarkFailed(id) => out(q.mark_failed(IDS[*id], "dead"), |i| Out::Item(Some(i))),
+        Op::Delete(id) => out(q.delete(IDS[*id]), |()| Out::Unit),
+        Op::Revive(id) => out(q.revive(IDS[*id]), |i| Out::Item(Some(i))),
+        Op::Release(id) => out(q.release(IDS[*id]), |()| Out::Unit),
+        Op::ReleaseExpired => out(q.release_expired_leases(), Out::Count),
+        Op::NextDue => out(q.next_due(), Out::Time),
+        Op::Advance(s) => {
+            clock.advance(secs(*s));
+            Out::Unit
+        }
+        Op::Cleanup(ttl) => out(q.cleanup(secs(*ttl)), Out::Cleanup),
+        Op::Stats => out(q.stats(), |mut s| {
+            // The one figure a model cannot know.
+            s.bytes_on_disk = 0;
+            Out::Stats(s)
+        }),
+        Op::EnforceLimits => out(q.enforce_limits(), Out::Count),
+        Op::Reopen => {
+            reopen(q);
+            Out::Unit
+        }
+    }
+}
+
+fn clock_now(clock: &ManualClock) -> DateTime<Utc> {
+    use retryq::clock::Clock;
+    clock.now()
+}
+
+type Opener = fn(&Path, StoreOptions) -> QueueResult<Box<dyn RetryQueue>>;
+
+fn open_sqlite(dir: &Path, options: StoreOptions) -> QueueResult<Box<dyn RetryQueue>> {
+    Ok(Box::new(SqliteRetryQueue::open(
+        dir.join("queue.db"),
+        options,
+    )?))
+}
+
+fn open_file(dir: &Path, options: StoreOptions) -> QueueResult<Box<dyn RetryQueue>> {
+    Ok(Box::new(FileRetryQueue::open(dir.join("queue"), options)?))
+}
+
+fn run(
+    open: Opener,
+    drop_oldest: bool,
+    dead_letter_ttl: Option<u16>,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    let clock = ManualClock::new(t0());
+    let options = StoreOptions {
+        max_items: MAX_ITEMS,
+        max_bytes: MAX_BYTES,
+        overflow: if drop_oldest {
+            OverflowPolicy::DropOldest
+        } else {
+            OverflowPolicy::Reject
+        },
+        dead_letter_ttl: dead_letter_ttl.map(|s| Duration::from_secs(u64::from(s))),
+        default_lease: Duration::from_secs(30),
+        clock: Arc::new(clock.clone()),
+        ..StoreOptions::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = Arc::new(MemoryRetryQueue::new(options.clone()));
+    let mut model_q: Box<dyn RetryQueue> = Box::new(model.clone());
+    let mut real: Box<dyn RetryQueue> = open(dir.path(), options.clone()).unwrap();
+    let mut reopen_model = |_: &mut Box<dyn RetryQueue>| {
+        model.close().unwrap();
+        model.reopen();
+    };
+    let mut reopen_real = |q: &mut Box<dyn RetryQueue>| {
+        q.close().unwrap();
+        *q = Box::new(MemoryRetryQueue::default());
+        *q = open(dir.path(), options.clone()).unwrap();
+    };
+    let all = ListFilter::default();
+    for (step, op) in ops.iter().enumerate() {
+        let expected = apply(&mut model_q, op, &clock, &mut reopen_model);
+        // The clock was moved by the model's Advance already.
+        let op_for_real = match op {
+            Op::Advance(_) => None,
+            other => Some(other),
+        };
+        let got = match op_for_real {
+            Some(op) => apply(&mut real, op, &clock, &mut reopen_real),
+            None => Out::Unit,
+        };
+        prop_assert_eq!(&got, &expected, "step {} {:?}", step, op);
+        let want_all = model_q.list(&all).unwrap();
+        let got_all = real.list(&all).unwrap();
+        prop_assert_eq!(got_all, want_all, "contents after step {} {:?}", step, op);
+    }
+    real.close().unwrap();
+    Ok(())
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 40,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn sqlite_agrees_with_the_model(
+        drop_oldest in any::<bool>(),
+        dead_letter_ttl in prop::option::of(1..600u16),
+        ops in prop::collection::vec(op(), 1..40),
+    ) {
+        run(open_sqlite, drop_oldest, dead_letter_ttl, &ops)?;
+    }
+
+    #[test]
+    fn file_agrees_with_the_model(
+        drop_oldest in any::<bool>(),
+        dead_letter_ttl in prop::option::of(1..600u16),
+        ops in prop::collection::vec(op(), 1..40),
+    ) {
+        run(open_file, drop_oldest, dead_letter_ttl, &ops)?;
+    }
+}
