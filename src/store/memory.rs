@@ -118,13 +118,25 @@ impl MemoryRetryQueue {
     /// (lease cleared, `updated_at = now`) and restarts the eviction count.
     /// Returns how many items were returned to pending.
     pub fn reopen(&self) -> usize {
+        self.reopen_releasing(false)
+    }
+
+    /// Like [`reopen`](Self::reopen), but returns only processing items
+    /// whose lease has expired, as `SqliteRetryQueue` does (another process
+    /// may hold live leases on a shared database file).
+    pub fn reopen_keeping_live_leases(&self) -> usize {
+        self.reopen_releasing(true)
+    }
+
+    fn reopen_releasing(&self, keep_live_leases: bool) -> usize {
         let now = self.now();
         let mut state = self.lock_any();
         state.closed = false;
         state.evicted = 0;
         let mut released = 0;
         for item in state.items.values_mut() {
-            if item.status == ItemStatus::Processing {
+            let live = keep_live_leases && item.lease_until.is_some_and(|until| until > now);
+            if item.status == ItemStatus::Processing && !live {
                 item.status = ItemStatus::Pending;
                 item.lease_until = None;
                 item.updated_at = now;

@@ -413,8 +413,7 @@ impl SqliteRetryQueue {
     fn evict_oldest(&self, conn: &Connection) -> QueueResult<()> {
         let victim: Option<(String, i64)> = conn
             .query_row(
-                "SELECT id, status FROM items ORDER BY CASE status WHEN 2 THEN 0 WHEN 0 THEN 1 ELSE 2 END, \
-                 created_at, id LIMIT 1",
+                "SELECT id, status FROM items ORDER BY CASE status WHEN 2 THEN 0 ELSE 1 END, created_at, id LIMIT 1",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -529,7 +528,7 @@ impl SqliteRetryQueue {
         Ok(())
     }
 
-    fn release_in(conn: &Connection, id: &str) -> QueueResult<()> {
+    fn release_in(conn: &Connection, id: &str, now: i64) -> QueueResult<()> {
         let status: Option<i64> = conn
             .query_row("SELECT status FROM items WHERE id = ?1", [id], |r| r.get(0))
             .optional()
@@ -538,8 +537,8 @@ impl SqliteRetryQueue {
             None => Err(QueueError::not_found(id)),
             Some(STATUS_PROCESSING) => {
                 conn.execute(
-                    "UPDATE items SET status = 0, lease_until = NULL WHERE id = ?1",
-                    [id],
+                    "UPDATE items SET status = 0, lease_until = NULL, updated_at = ?2 WHERE id = ?1",
+                    params![id, now],
                 )
                 .map_err(sql_err("release"))?;
                 Ok(())
@@ -562,7 +561,9 @@ impl SqliteRetryQueue {
             WriteOp::MarkFailed { id, reason } => self
                 .mark_failed_in(conn, &id, &reason)
                 .map(|_| WriteOutcome::Applied),
-            WriteOp::Release { id } => Self::release_in(conn, &id).map(|_| WriteOutcome::Applied),
+            WriteOp::Release { id } => {
+                Self::release_in(conn, &id, to_nanos(self.now())).map(|_| WriteOutcome::Applied)
+            }
         }
     }
 
@@ -820,7 +821,8 @@ impl RetryQueue for SqliteRetryQueue {
     }
 
     fn release(&self, id: &str) -> QueueResult<()> {
-        self.write("release", |tx| Self::release_in(tx, id))
+        let now = to_nanos(self.now());
+        self.write("release", |tx| Self::release_in(tx, id, now))
     }
 
     fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
@@ -864,7 +866,7 @@ impl RetryQueue for SqliteRetryQueue {
         let now = to_nanos(self.now());
         self.write("release_expired_leases", |tx| {
             tx.execute(
-                "UPDATE items SET status = 0, lease_until = NULL \
+                "UPDATE items SET status = 0, lease_until = NULL, updated_at = ?1 \
                  WHERE status = 1 AND (lease_until IS NULL OR lease_until <= ?1)",
                 [now],
             )
