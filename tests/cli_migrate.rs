@@ -5,14 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// `shared/fixtures/go-retry-queue` beside the checkout or one of its parents
-/// (the repository sits at `../shared`'s sibling, worktrees one level deeper).
+/// A copy of `shared/fixtures/go-retry-queue` (a queue directory as the Go
+/// SDK leaves it), kept in the repository so the test needs nothing beside
+/// the checkout.
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/fixtures/go-retry-queue"))
-        .find(|p| p.is_dir())
-        .expect("the Go SDK fixture shared/fixtures/go-retry-queue beside the checkout")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/go-retry-queue")
 }
 
 fn copy_dir(from: &Path, to: &Path) {

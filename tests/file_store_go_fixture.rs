@@ -9,7 +9,8 @@ use retryq::clock::ManualClock;
 use retryq::store::{FileRetryQueue, ListFilter, RetryQueue, StoreOptions};
 use retryq::{ItemStatus, ItemType};
 
-const FIXTURE: &str = "/work/shared/fixtures/go-retry-queue";
+/// A copy of `shared/fixtures/go-retry-queue`, kept in the repository.
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/go-retry-queue");
 const ID_PREFIX: &str = "3f1c2b9e-6a4d-4c1e-9b7a-0d2e5f8a1c0";
 
 fn fixture_dir() -> PathBuf {
