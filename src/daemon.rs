@@ -11,7 +11,7 @@ use crate::admin::{self, record_worker_metrics, AdminConfig, AdminState, RetryWo
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::plugin::{load_checker, load_pusher, PluginError};
-use crate::worker::{CircuitConfig, RetryWorker, RetryWorkerConfig, WorkerError};
+use crate::worker::{RetryWorker, WorkerError};
 
 /// How long a graceful stop waits for pushes in flight.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,30 +41,6 @@ pub enum DaemonError {
     Signal(std::io::Error),
 }
 
-/// The worker configuration the settings describe.
-pub fn worker_config(settings: &Settings) -> RetryWorkerConfig {
-    let w = &settings.worker;
-    let defaults = RetryWorkerConfig::default();
-    RetryWorkerConfig {
-        interval: w.interval,
-        batch_size: w.batch_size,
-        max_attempts: w.max_attempts,
-        ttl: w.ttl,
-        backoff: settings.backoff.clone(),
-        concurrency: w.concurrency,
-        lease: w.lease,
-        push_timeout: w.push_timeout,
-        circuit: CircuitConfig {
-            threshold: settings.circuit.threshold,
-            cooldown: settings.circuit.cooldown,
-            max_cooldown: defaults.circuit.max_cooldown.max(settings.circuit.cooldown),
-        },
-        max_retry_after: w.max_retry_after,
-        janitor_interval: w.janitor_interval,
-        ..defaults
-    }
-}
-
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run_until_signal(settings: Settings) -> Result<(), DaemonError> {
     actix_rt::System::new().block_on(run(settings))
@@ -78,7 +54,7 @@ async fn run(settings: Settings) -> Result<(), DaemonError> {
             section: "pusher",
             source,
         })?;
-    let mut worker = RetryWorker::new(worker_config(&settings), queue.clone(), pusher)?;
+    let mut worker = RetryWorker::new(settings.worker_config(), queue.clone(), pusher)?;
     if settings.checker.is_configured() {
         let checker =
             load_checker(&settings.checker, search_path).map_err(|source| DaemonError::Plugin {
