@@ -421,10 +421,28 @@ fn plugins_check(ctx: &Ctx, plugin: &str, settings_json: Option<&str>) -> anyhow
     };
     let report = super::plugin_check::check(plugin, plugin_settings, &settings)?;
     if ctx.json {
-        print_json(&report)
+        print_json(&report)?;
     } else {
-        println_out(&serde_json::to_string_pretty(&report).context("cannot format the report")?)
+        println_out(&serde_json::to_string_pretty(&report).context("cannot format the report")?)?;
     }
+    let failed: Vec<&str> = report
+        .report
+        .findings
+        .iter()
+        .filter(|f| !f.passed)
+        .map(|f| f.check.as_str())
+        .collect();
+    if !report.passed {
+        anyhow::bail!(
+            "plugin {plugin} failed the conformance checks: {}",
+            if failed.is_empty() {
+                "nothing could be checked".to_owned()
+            } else {
+                failed.join(", ")
+            }
+        );
+    }
+    Ok(())
 }
 
 fn config_check(ctx: &Ctx) -> anyhow::Result<()> {
