@@ -396,3 +396,109 @@ fn the_bundled_http_plugin_loads_and_maps_a_refused_connection_to_retryable() {
         other => panic!("{other}"),
     }
 }
+
+/// A loopback upstream answering the scripted statuses in order (then 200),
+/// recording each request's Idempotency-Key.
+fn scripted_upstream(statuses: Vec<u16>) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let keys = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = keys.clone();
+    std::thread::spawn(move || {
+        let mut script = statuses.into_iter();
+        for stream in listener.incoming().take(32) {
+            let Ok(stream) = stream else { return };
+            let mut reader = BufReader::new(stream);
+            let mut length = 0usize;
+            let mut key = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if lower.starts_with("idempotency-key:") {
+                    key = line["idempotency-key:".len()..].trim().to_owned();
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            seen.lock().unwrap().push(key);
+            let status = script.next().unwrap_or(200);
+            let reply = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nRetry-After: 7\r\nConnection: close\r\n\r\n"
+            );
+            let _ = reader.get_mut().write_all(reply.as_bytes());
+        }
+    });
+    (port, keys)
+}
+
+#[tokio::test]
+async fn a_worker_delivers_through_the_http_plugin_honouring_retry_after() {
+    let http = chaos_lib().with_file_name(format!(
+        "{}retryq_http{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    let (port, keys) = scripted_upstream(vec![503, 422]);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = retryq::clock::ManualClock::new(chrono::Utc::now());
+    let queue: Arc<dyn RetryQueue> = Arc::new(
+        SqliteRetryQueue::open(
+            dir.path().join("q.db"),
+            StoreOptions {
+                clock: Arc::new(clock.clone()),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let pusher = load_pusher(
+        &spec_path(
+            &http,
+            serde_json::json!({"base_url": format!("http://127.0.0.1:{port}"), "timeout": "5s"}),
+        ),
+        &[],
+    )
+    .unwrap();
+    let config = RetryWorkerConfig {
+        batch_size: 1,
+        clock: Arc::new(clock.clone()),
+        ..RetryWorkerConfig::default()
+    };
+    let worker = RetryWorker::new(config, queue.clone(), pusher).unwrap();
+    let good = queue
+        .enqueue(NewItem::from_json(b"{\"n\":1}").unwrap())
+        .unwrap();
+    let t0 = clock_now(&clock);
+    // 503 with Retry-After: 7 -> retried; the backoff (5 min) is later, so it wins.
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(r[0].kind, EventKind::Retried);
+    assert!(queue.get(&good).unwrap().next_retry >= t0 + chrono::Duration::seconds(7));
+    let bad = queue
+        .enqueue(NewItem::from_json(b"{\"n\":2}").unwrap())
+        .unwrap();
+    // 422 -> dead letter at once.
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(
+        (r[0].item_id.as_str(), r[0].kind),
+        (bad.as_str(), EventKind::DeadLettered)
+    );
+    clock.advance(Duration::from_secs(3600));
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(
+        (r[0].item_id.as_str(), r[0].kind),
+        (good.as_str(), EventKind::Delivered)
+    );
+    assert_eq!(*keys.lock().unwrap(), vec![good.clone(), bad, good]);
+}
+
+fn clock_now(clock: &retryq::clock::ManualClock) -> chrono::DateTime<chrono::Utc> {
+    use retryq::clock::Clock;
+    clock.now()
+}
