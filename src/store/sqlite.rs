@@ -12,6 +12,8 @@
 //!   Written once at enqueue, verified on every read.
 //! - `quarantine`: rows that failed their integrity check, with the reason,
 //!   moved out of the way so they never block the rest of the queue.
+//! - `totals`: one row with the item count and byte total, kept by triggers
+//!   in the same transaction as each change, so limits cost O(1).
 //!
 //! Indexes: ready order `(status, next_retry, created_at, id)` (so `claim`
 //! costs the same with a thousand or a million items queued), fingerprint
@@ -92,6 +94,25 @@ CREATE TABLE IF NOT EXISTS quarantine (
     quarantined_at INTEGER NOT NULL,
     body BLOB
 );
+-- Running item count and byte total, kept by triggers inside the same
+-- transaction as the change (so savepoint rollbacks undo them too): limits
+-- are checked without scanning the table.
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    items INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals (id, items, bytes)
+    SELECT 0, COUNT(*), COALESCE(SUM(size_bytes), 0) FROM items;
+CREATE TRIGGER IF NOT EXISTS totals_insert AFTER INSERT ON items BEGIN
+    UPDATE totals SET items = items + 1, bytes = bytes + NEW.size_bytes WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_delete AFTER DELETE ON items BEGIN
+    UPDATE totals SET items = items - 1, bytes = bytes - OLD.size_bytes WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_resize AFTER UPDATE OF size_bytes ON items BEGIN
+    UPDATE totals SET bytes = bytes - OLD.size_bytes + NEW.size_bytes WHERE id = 0;
+END;
 CREATE INDEX IF NOT EXISTS items_ready ON items(status, next_retry, created_at, id);
 CREATE INDEX IF NOT EXISTS items_fingerprint ON items(fingerprint) WHERE status IN (0, 1);
 CREATE INDEX IF NOT EXISTS items_created ON items(created_at, id);
@@ -369,11 +390,9 @@ impl SqliteRetryQueue {
     }
 
     fn totals(conn: &Connection) -> QueueResult<(u64, u64)> {
-        conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM items",
-            [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )
+        conn.query_row("SELECT items, bytes FROM totals WHERE id = 0", [], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })
         .map_err(sql_err("enqueue"))
     }
 
