@@ -58,7 +58,9 @@ fn open_file(dir: &Path) -> Box<dyn RetryQueue> {
 /// A JSON report of about `size` bytes, unique per `seq` (the store
 /// deduplicates by payload fingerprint).
 fn payload(seq: u64, size: usize) -> Payload {
-    let head = format!(r#"{{"seq":{seq},"scanner":"bench","findings":[{{"rule":"R1","line":42}}],"pad":""#);
+    let head = format!(
+        r#"{{"seq":{seq},"scanner":"bench","findings":[{{"rule":"R1","line":42}}],"pad":""#
+    );
     let pad = size.saturating_sub(head.len() + 2);
     let mut text = head;
     text.extend(std::iter::repeat_n('x', pad));

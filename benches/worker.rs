@@ -76,8 +76,8 @@ fn config() -> RetryWorkerConfig {
 /// A started worker that does not deliver (paused), so only enqueue is
 /// measured.
 async fn paused_worker(queue: Arc<dyn RetryQueue>) -> Arc<RetryWorker> {
-    let worker = RetryWorker::new(config(), queue, Arc::new(AcceptAll::default()))
-        .expect("worker config");
+    let worker =
+        RetryWorker::new(config(), queue, Arc::new(AcceptAll::default())).expect("worker config");
     worker.pause();
     worker.start().await.expect("start worker");
     Arc::new(worker)
@@ -135,7 +135,10 @@ async fn deliver(worker: &RetryWorker, pusher: &AcceptAll, count: usize) -> Dura
         if left == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "delivery stalled: {left} items left");
+        assert!(
+            Instant::now() < deadline,
+            "delivery stalled: {left} items left"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     started.elapsed()
