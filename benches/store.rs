@@ -1,0 +1,273 @@
+//! Storage benchmark: the same measurements for every `RetryQueue` backend,
+//! in one run, so the ratios between them mean something.
+//!
+//! - durable `enqueue_batch` of 4 KiB JSON payloads, 256 per batch (items/s);
+//! - `claim` of 100 ready items with a large backlog against 1,000 queued
+//!   (the cost must not grow with the backlog);
+//! - reopening a store holding the large backlog.
+//!
+//! Criterion reports each measurement; after the groups a plain summary,
+//! measured in the same run with `Instant`, prints the figures and ratios
+//! the issue asks for. Run with `cargo bench --bench store`.
+//!
+//! The file backend's large backlog is built under a time cap (one file and
+//! one fsync per item makes 100,000 slow on a shared disk); the summary
+//! prints the backlog each backend really had.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
+use retryq::item::{NewItem, Payload};
+use retryq::store::file::FileRetryQueue;
+use retryq::store::sqlite::SqliteRetryQueue;
+use retryq::store::{RetryQueue, StoreOptions, WriteOp};
+
+/// Opens (or reopens) a backend's store at a path.
+type Opener = fn(&Path) -> Box<dyn RetryQueue>;
+
+const BATCH: usize = 256;
+const PAYLOAD_BYTES: usize = 4096;
+/// Backlog items are smaller so the 100k stores build quickly; the claim
+/// cost under test is about the backlog's size, not its payloads.
+const BACKLOG_PAYLOAD_BYTES: usize = 512;
+const SMALL_BACKLOG: usize = 1_000;
+const LARGE_BACKLOG: usize = 100_000;
+const CLAIM: usize = 100;
+const LEASE: Duration = Duration::from_secs(600);
+/// Longest we spend building one backend's large backlog.
+const BACKLOG_BUILD_CAP: Duration = Duration::from_secs(25);
+
+fn options() -> StoreOptions {
+    StoreOptions {
+        max_items: 10_000_000,
+        max_bytes: 1 << 40,
+        ..StoreOptions::default()
+    }
+}
+
+fn open_sqlite(dir: &Path) -> Box<dyn RetryQueue> {
+    Box::new(SqliteRetryQueue::open(dir.join("queue.db"), options()).expect("open sqlite store"))
+}
+
+fn open_file(dir: &Path) -> Box<dyn RetryQueue> {
+    Box::new(FileRetryQueue::open(dir.join("queue"), options()).expect("open file store"))
+}
+
+/// A JSON report of about `size` bytes, unique per `seq` (the store
+/// deduplicates by payload fingerprint).
+fn payload(seq: u64, size: usize) -> Payload {
+    let head = format!(
+        r#"{{"seq":{seq},"scanner":"bench","findings":[{{"rule":"R1","line":42}}],"pad":""#
+    );
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut text = head;
+    text.extend(std::iter::repeat_n('x', pad));
+    text.push_str("\"}");
+    Payload::from_json_str(&text).expect("bench payload is valid JSON")
+}
+
+fn batch(seq: &mut u64, count: usize, size: usize) -> Vec<NewItem> {
+    (0..count)
+        .map(|_| {
+            *seq += 1;
+            NewItem::new(payload(*seq, size))
+        })
+        .collect()
+}
+
+fn enqueue_all(store: &dyn RetryQueue, items: Vec<NewItem>) {
+    let results = store.enqueue_batch(items).expect("enqueue_batch");
+    for r in results {
+        r.expect("item enqueued");
+    }
+}
+
+/// Fills `store` up to `target` items in batches of 1,000, stopping early
+/// at `cap`. Returns the number of items it holds.
+fn build_backlog(store: &dyn RetryQueue, seq: &mut u64, target: usize, cap: Duration) -> usize {
+    let started = Instant::now();
+    let mut held = store.size().expect("size");
+    while held < target && started.elapsed() < cap {
+        let n = (target - held).min(1_000);
+        enqueue_all(store, batch(seq, n, BACKLOG_PAYLOAD_BYTES));
+        held += n;
+    }
+    held
+}
+
+/// Claims `CLAIM` items (timed) and releases them again (untimed, one
+/// commit) so the backlog stays the same for the next iteration.
+fn timed_claim(store: &dyn RetryQueue) -> Duration {
+    let started = Instant::now();
+    let claimed = store.claim(CLAIM, LEASE).expect("claim");
+    let elapsed = started.elapsed();
+    assert_eq!(claimed.len(), CLAIM, "claim returned too few items");
+    let ops = claimed
+        .into_iter()
+        .map(|item| WriteOp::Release { id: item.id })
+        .collect();
+    for r in store.apply_batch(ops).expect("release batch") {
+        r.expect("release");
+    }
+    elapsed
+}
+
+fn mean_claim(store: &dyn RetryQueue, rounds: u32) -> Duration {
+    (0..rounds).map(|_| timed_claim(store)).sum::<Duration>() / rounds
+}
+
+fn timed_reopen(dir: &Path, open: Opener, expected: usize) -> Duration {
+    let started = Instant::now();
+    let store = open(dir);
+    let elapsed = started.elapsed();
+    assert_eq!(store.size().expect("size"), expected, "reopen lost items");
+    store.close().expect("close");
+    elapsed
+}
+
+/// What one backend's plain (non-criterion) measurements found.
+struct BackendSummary {
+    name: &'static str,
+    enqueue_items_per_sec: f64,
+    large_backlog: usize,
+    claim_large: Duration,
+    claim_small: Duration,
+    reopen: Duration,
+}
+
+fn bench_backend(c: &mut Criterion, name: &'static str, open: Opener) -> BackendSummary {
+    let root = tempfile::Builder::new()
+        .prefix(&format!("retryq-bench-{name}-"))
+        .tempdir()
+        .expect("temp dir");
+    let mut seq = 0u64;
+
+    // 1. Durable enqueue_batch of 4 KiB payloads.
+    let enqueue_dir = root.path().join("enqueue");
+    let store = open(&enqueue_dir);
+    {
+        let mut group = c.benchmark_group(format!("{name}/enqueue_batch"));
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3))
+            .throughput(Throughput::Elements(BATCH as u64));
+        group.bench_function(BenchmarkId::new("4KiB", BATCH), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let items = batch(&mut seq, BATCH, PAYLOAD_BYTES);
+                    let started = Instant::now();
+                    enqueue_all(store.as_ref(), black_box(items));
+                    total += started.elapsed();
+                }
+                total
+            })
+        });
+        group.finish();
+    }
+    let (mut items, mut spent) = (0usize, Duration::ZERO);
+    while (spent < Duration::from_secs(2) || items < 4 * BATCH) && items < 200 * BATCH {
+        let next = batch(&mut seq, BATCH, PAYLOAD_BYTES);
+        let started = Instant::now();
+        enqueue_all(store.as_ref(), next);
+        spent += started.elapsed();
+        items += BATCH;
+    }
+    let enqueue_items_per_sec = items as f64 / spent.as_secs_f64();
+    store.close().expect("close");
+    drop(store);
+
+    // 2. Claim 100 with a large backlog against 1,000 queued.
+    let small_dir = root.path().join("small");
+    let small = open(&small_dir);
+    build_backlog(small.as_ref(), &mut seq, SMALL_BACKLOG, Duration::MAX);
+    let large_dir = root.path().join("large");
+    let large = open(&large_dir);
+    let build_started = Instant::now();
+    let large_backlog = build_backlog(large.as_ref(), &mut seq, LARGE_BACKLOG, BACKLOG_BUILD_CAP);
+    println!(
+        "{name}: built a backlog of {large_backlog} items in {:.1?}",
+        build_started.elapsed()
+    );
+    {
+        let mut group = c.benchmark_group(format!("{name}/claim_{CLAIM}"));
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(2));
+        for (queued, store) in [(SMALL_BACKLOG, &small), (large_backlog, &large)] {
+            group.bench_function(BenchmarkId::new("queued", queued), |b| {
+                b.iter_custom(|iters| (0..iters).map(|_| timed_claim(store.as_ref())).sum())
+            });
+        }
+        group.finish();
+    }
+    let claim_small = mean_claim(small.as_ref(), 20);
+    let claim_large = mean_claim(large.as_ref(), 20);
+    small.close().expect("close");
+    large.close().expect("close");
+    drop((small, large));
+
+    // 3. Reopen the large store.
+    {
+        let mut group = c.benchmark_group(format!("{name}/reopen"));
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(100))
+            .measurement_time(Duration::from_secs(3));
+        group.bench_function(BenchmarkId::new("items", large_backlog), |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| timed_reopen(&large_dir, open, large_backlog))
+                    .sum()
+            })
+        });
+        group.finish();
+    }
+    let mut reopens: Vec<Duration> = (0..3)
+        .map(|_| timed_reopen(&large_dir, open, large_backlog))
+        .collect();
+    reopens.sort();
+
+    BackendSummary {
+        name,
+        enqueue_items_per_sec,
+        large_backlog,
+        claim_large,
+        claim_small,
+        reopen: reopens[1],
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().without_plots().configure_from_args();
+    let sqlite = bench_backend(&mut c, "sqlite", open_sqlite);
+    let file = bench_backend(&mut c, "file", open_file);
+    c.final_summary();
+
+    println!();
+    println!("=== retryq store summary (measured in this run with Instant) ===");
+    for s in [&sqlite, &file] {
+        println!(
+            "{:>6}: enqueue_batch {:>9.0} items/s | claim {CLAIM} @{} queued {:>8.2?} vs @{SMALL_BACKLOG} {:>8.2?} -> ratio {:.2} (target <= 2) | reopen of {} items {:.2?}",
+            s.name,
+            s.enqueue_items_per_sec,
+            s.large_backlog,
+            s.claim_large,
+            s.claim_small,
+            s.claim_large.as_secs_f64() / s.claim_small.as_secs_f64(),
+            s.large_backlog,
+            s.reopen,
+        );
+    }
+    println!(
+        "enqueue ratio sqlite/file: {:.1} (target >= 10); sqlite target >= 20,000 items/s",
+        sqlite.enqueue_items_per_sec / file.enqueue_items_per_sec
+    );
+}

@@ -1,0 +1,240 @@
+//! Worker benchmark on the SQLite store, in one run:
+//!
+//! - 64 concurrent producers calling `RetryWorker::enqueue` (one item per
+//!   call, so throughput comes from the store actor's group commit) against
+//!   one producer enqueueing the same number of items one by one;
+//! - end-to-end delivery through an in-process transport that accepts
+//!   everything: enqueue N items with `enqueue_batch`, wait until the queue
+//!   is empty.
+//!
+//! Criterion reports each measurement; a plain summary measured in the same
+//! run with `Instant` follows. Run with `cargo bench --bench worker`.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
+use retryq::plugin_sdk::{CallContext, ItemMeta, PushOutcome, Pusher};
+use retryq::worker::{RetryWorker, RetryWorkerConfig};
+use retryq::{NewItem, Payload, RetryQueue, SqliteRetryQueue, StoreOptions};
+use tokio::runtime::Runtime;
+
+const PRODUCERS: usize = 64;
+const PAYLOAD_BYTES: usize = 1024;
+/// Items per producer in the plain summary (64 x 32 = 2,048 items).
+const PER_PRODUCER: usize = 32;
+/// Items delivered end to end in the plain summary.
+const DELIVERY_ITEMS: usize = 20_000;
+const ENQUEUE_CHUNK: usize = 1_000;
+
+/// A transport that accepts everything and counts what it saw.
+#[derive(Default)]
+struct AcceptAll {
+    delivered: AtomicU64,
+}
+
+impl Pusher for AcceptAll {
+    fn push(&self, _item: &ItemMeta, payload: &[u8], _ctx: &CallContext) -> PushOutcome {
+        std::hint::black_box(payload);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        PushOutcome::Delivered
+    }
+}
+
+/// Unique payloads (the store deduplicates by fingerprint).
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn item() -> NewItem {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let head = format!(r#"{{"seq":{seq},"scanner":"bench","pad":""#);
+    let mut text = head;
+    let pad = PAYLOAD_BYTES.saturating_sub(text.len() + 2);
+    text.extend(std::iter::repeat_n('x', pad));
+    text.push_str("\"}");
+    NewItem::new(Payload::from_json_str(&text).expect("bench payload is valid JSON"))
+}
+
+fn open_store(dir: &Path, name: &str) -> Arc<dyn RetryQueue> {
+    let options = StoreOptions {
+        max_items: 10_000_000,
+        max_bytes: 1 << 40,
+        ..StoreOptions::default()
+    };
+    Arc::new(SqliteRetryQueue::open(dir.join(name), options).expect("open sqlite store"))
+}
+
+fn config() -> RetryWorkerConfig {
+    RetryWorkerConfig {
+        batch_size: 256,
+        concurrency: 4,
+        ..RetryWorkerConfig::default()
+    }
+}
+
+/// A started worker that does not deliver (paused), so only enqueue is
+/// measured.
+async fn paused_worker(queue: Arc<dyn RetryQueue>) -> Arc<RetryWorker> {
+    let worker =
+        RetryWorker::new(config(), queue, Arc::new(AcceptAll::default())).expect("worker config");
+    worker.pause();
+    worker.start().await.expect("start worker");
+    Arc::new(worker)
+}
+
+/// `producers` tasks each enqueue `per_producer` items one call at a time.
+async fn produce(worker: &Arc<RetryWorker>, producers: usize, per_producer: usize) -> Duration {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..producers)
+        .map(|_| {
+            let worker = worker.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_producer {
+                    worker.enqueue(item()).await.expect("enqueue");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("producer task");
+    }
+    started.elapsed()
+}
+
+/// Enqueues `count` items with `enqueue_batch` into a running worker and
+/// waits until the queue is empty again.
+async fn deliver(worker: &RetryWorker, pusher: &AcceptAll, count: usize) -> Duration {
+    let target = pusher.delivered.load(Ordering::Relaxed) + count as u64;
+    let started = Instant::now();
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(ENQUEUE_CHUNK);
+        for r in worker
+            .enqueue_batch((0..n).map(|_| item()).collect())
+            .await
+            .expect("enqueue_batch")
+        {
+            r.expect("item enqueued");
+        }
+        left -= n;
+    }
+    // Wait on the transport's counter first (cheap), then for the deletes
+    // of the last deliveries to commit.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pusher.delivered.load(Ordering::Relaxed) < target {
+        assert!(Instant::now() < deadline, "delivery stalled");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    loop {
+        let queue = worker.queue().clone();
+        let left = tokio::task::spawn_blocking(move || queue.size())
+            .await
+            .expect("size task")
+            .expect("queue size");
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivery stalled: {left} items left"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    started.elapsed()
+}
+
+fn per_sec(items: usize, spent: Duration) -> f64 {
+    items as f64 / spent.as_secs_f64()
+}
+
+fn main() {
+    let mut c = Criterion::default().without_plots().configure_from_args();
+    let rt = Runtime::new().expect("tokio runtime");
+    let root = tempfile::Builder::new()
+        .prefix("retryq-bench-worker-")
+        .tempdir()
+        .expect("temp dir");
+
+    // 1. Group commit: 64 concurrent producers against one.
+    let producer_worker = rt.block_on(paused_worker(open_store(root.path(), "enqueue.db")));
+    {
+        let mut group = c.benchmark_group("worker/enqueue");
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(4));
+        for (producers, per_producer) in [(PRODUCERS, 8), (1, PRODUCERS * 8)] {
+            group.throughput(Throughput::Elements((producers * per_producer) as u64));
+            group.bench_function(BenchmarkId::new("producers", producers), |b| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| rt.block_on(produce(&producer_worker, producers, per_producer)))
+                        .sum()
+                })
+            });
+        }
+        group.finish();
+    }
+    let total = PRODUCERS * PER_PRODUCER;
+    let concurrent = per_sec(
+        total,
+        rt.block_on(produce(&producer_worker, PRODUCERS, PER_PRODUCER)),
+    );
+    let sequential = per_sec(total, rt.block_on(produce(&producer_worker, 1, total)));
+    rt.block_on(producer_worker.stop(Duration::from_secs(5)))
+        .expect("stop worker");
+    drop(producer_worker);
+
+    // 2. End-to-end delivery through an accept-all transport.
+    let pusher = Arc::new(AcceptAll::default());
+    let delivery_worker = RetryWorker::new(
+        config(),
+        open_store(root.path(), "deliver.db"),
+        pusher.clone(),
+    )
+    .expect("worker config");
+    rt.block_on(delivery_worker.start()).expect("start worker");
+    {
+        let mut group = c.benchmark_group("worker/deliver");
+        let per_iter = 2_000;
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(5))
+            .throughput(Throughput::Elements(per_iter as u64));
+        group.bench_function(BenchmarkId::new("accept_all", per_iter), |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| rt.block_on(deliver(&delivery_worker, &pusher, per_iter)))
+                    .sum()
+            })
+        });
+        group.finish();
+    }
+    let before = pusher.delivered.load(Ordering::Relaxed);
+    let delivery = per_sec(
+        DELIVERY_ITEMS,
+        rt.block_on(deliver(&delivery_worker, &pusher, DELIVERY_ITEMS)),
+    );
+    let pushed = pusher.delivered.load(Ordering::Relaxed) - before;
+    rt.block_on(delivery_worker.stop(Duration::from_secs(5)))
+        .expect("stop worker");
+    c.final_summary();
+
+    println!();
+    println!("=== retryq worker summary (SQLite, measured in this run with Instant) ===");
+    println!(
+        "enqueue, {PRODUCERS} concurrent producers: {concurrent:>9.0} items/s ({total} items, one per call)"
+    );
+    println!("enqueue, 1 producer:                {sequential:>9.0} items/s ({total} items, one per call)");
+    println!(
+        "group-commit ratio: {:.1} (target >= 10)",
+        concurrent / sequential
+    );
+    println!(
+        "end-to-end delivery, accept-all transport: {delivery:>9.0} items/s ({DELIVERY_ITEMS} items, {pushed} pushes) (target >= 20,000)"
+    );
+}
