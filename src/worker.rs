@@ -22,7 +22,9 @@ use crate::actors::checker::CheckerActor;
 use crate::actors::janitor::JanitorActor;
 use crate::actors::messages::{MaintenanceReport, Pause, Resume, Shutdown, Wake};
 use crate::actors::pusher::PusherActor;
-use crate::actors::scheduler::{run_cycle, Callbacks, DeliveryState, Io, SchedulerActor, Shared};
+use crate::actors::scheduler::{
+    blocking, run_cycle, Callbacks, DeliveryState, Io, SchedulerActor, Shared,
+};
 use crate::actors::store::{StoreActor, StoreHandle};
 use crate::backoff::BackoffConfig;
 use crate::clock::{system_clock, SharedClock};
@@ -731,12 +733,4 @@ impl Parts {
         let janitor = Supervisor::start(move |_| JanitorActor::new(shared, store));
         (scheduler, janitor, io)
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> QueueResult<T> + Send + 'static,
-) -> QueueResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| QueueError::storage("blocking task", e.to_string()))?
 }

@@ -2,26 +2,14 @@
 //! passes the SDK's conformance kit; a file that is no plugin fails with a
 //! clear report and exit code 1.
 
-use std::path::PathBuf;
+mod support;
+
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_retryq");
 
-fn chaos_lib() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "-p", "retryq-chaos"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "building retryq-chaos failed");
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(format!(
-        "{}retryq_chaos{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ))
+fn chaos_lib() -> std::path::PathBuf {
+    support::plugin_lib("retryq_chaos")
 }
 
 #[test]

@@ -4,38 +4,19 @@
 
 #![cfg(unix)]
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_retryq");
 const TOKEN: &str = "test-token-0123456789abcdef";
 
 fn chaos_lib() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let ok = Command::new(cargo)
-                .args(["build", "-p", "retryq-chaos"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "building retryq-chaos failed");
-            let exe = std::env::current_exe().unwrap();
-            let lib = exe.parent().unwrap().parent().unwrap().join(format!(
-                "{}retryq_chaos{}",
-                std::env::consts::DLL_PREFIX,
-                std::env::consts::DLL_SUFFIX
-            ));
-            assert!(lib.is_file());
-            lib
-        })
-        .clone()
+    support::plugin_lib("retryq_chaos")
 }
 
 fn free_port() -> u16 {

@@ -2,9 +2,11 @@
 //! plugin's scripted outcomes through the C ABI, panics and hangs contained,
 //! a plugin written in C, and a worker delivering through a plugin.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use retryq::config::PluginSettings;
@@ -14,34 +16,8 @@ use retryq::store::{RetryQueue, SqliteRetryQueue, StoreOptions};
 use retryq::worker::{EventKind, RetryWorker, RetryWorkerConfig};
 use retryq::NewItem;
 
-fn target_dir() -> PathBuf {
-    // target/debug/deps/<test binary> -> target/debug
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-/// Builds the bundled plugins (once per test binary) and returns the
-/// chaos plugin's library.
 fn chaos_lib() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "retryq-chaos", "-p", "retryq-http"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .unwrap();
-            assert!(status.success(), "building retryq-chaos failed");
-            let lib = target_dir().join(format!(
-                "{}retryq_chaos{}",
-                std::env::consts::DLL_PREFIX,
-                std::env::consts::DLL_SUFFIX
-            ));
-            assert!(lib.is_file(), "{} missing", lib.display());
-            lib
-        })
-        .clone()
+    support::plugin_lib("retryq_chaos")
 }
 
 /// Compiles tests/c_plugin/echo.c with `defines` into a private folder.

@@ -167,7 +167,8 @@ fn mailbox_closed(e: MailboxError) -> QueueError {
     QueueError::storage("actor mailbox", e.to_string())
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs a blocking store call on tokio's blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> QueueResult<T> + Send + 'static,
 ) -> QueueResult<T> {
     tokio::task::spawn_blocking(f)
