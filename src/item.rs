@@ -368,6 +368,43 @@ impl QueueItem {
         }
     }
 
+    /// Records a failed attempt and schedules the next one (the state change
+    /// of `RetryQueue::requeue`, shared by every backend).
+    pub fn record_retry(&mut self, error: &str, next_retry: DateTime<Utc>, now: DateTime<Utc>) {
+        self.attempts = self.attempts.saturating_add(1);
+        self.last_error = error.to_owned();
+        self.last_attempt = Some(now);
+        self.next_retry = next_retry;
+        self.status = ItemStatus::Pending;
+        self.lease_until = None;
+    }
+
+    /// Records a final failed attempt and makes the item a dead letter (the
+    /// state change of `RetryQueue::mark_failed`).
+    pub fn record_dead_letter(&mut self, reason: &str, now: DateTime<Utc>) {
+        self.attempts = self.attempts.saturating_add(1);
+        self.last_error = reason.to_owned();
+        self.last_attempt = Some(now);
+        self.status = ItemStatus::Failed;
+        self.lease_until = None;
+    }
+
+    /// Brings a dead letter back, due at `now` with its attempts reset (the
+    /// state change of `RetryQueue::revive`); refuses any other status.
+    pub fn revive(&mut self, now: DateTime<Utc>) -> QueueResult<()> {
+        if self.status != ItemStatus::Failed {
+            return Err(QueueError::invalid(format!(
+                "item {} is {}, only a failed item (a dead letter) can be revived",
+                self.id, self.status
+            )));
+        }
+        self.status = ItemStatus::Pending;
+        self.attempts = 0;
+        self.next_retry = now;
+        self.lease_until = None;
+        Ok(())
+    }
+
     /// Bytes the item accounts for against the byte limit: payload plus metadata.
     pub fn size_bytes(&self) -> u64 {
         let meta = self.id.len()

@@ -240,11 +240,7 @@ impl MemoryRetryQueue {
     ) -> QueueResult<QueueItem> {
         let now = self.now();
         let item = state.item_mut(id)?;
-        item.attempts = item.attempts.saturating_add(1);
-        item.last_error = reason.to_owned();
-        item.last_attempt = Some(now);
-        item.status = ItemStatus::Failed;
-        item.lease_until = None;
+        item.record_dead_letter(reason, now);
         item.updated_at = now;
         Ok(item.clone())
     }
@@ -258,12 +254,7 @@ impl MemoryRetryQueue {
     ) -> QueueResult<QueueItem> {
         let now = self.now();
         let item = state.item_mut(id)?;
-        item.attempts = item.attempts.saturating_add(1);
-        item.last_error = error.to_owned();
-        item.last_attempt = Some(now);
-        item.next_retry = next_retry;
-        item.status = ItemStatus::Pending;
-        item.lease_until = None;
+        item.record_retry(error, next_retry, now);
         item.updated_at = now;
         Ok(item.clone())
     }
@@ -363,16 +354,7 @@ impl RetryQueue for MemoryRetryQueue {
         let now = self.now();
         let mut state = self.lock_open()?;
         let item = state.item_mut(id)?;
-        if item.status != ItemStatus::Failed {
-            return Err(QueueError::invalid(format!(
-                "item {id} is {}, only a failed item can be revived",
-                item.status
-            )));
-        }
-        item.status = ItemStatus::Pending;
-        item.attempts = 0;
-        item.next_retry = now;
-        item.lease_until = None;
+        item.revive(now)?;
         item.updated_at = now;
         Ok(item.clone())
     }

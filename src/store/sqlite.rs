@@ -511,12 +511,7 @@ impl SqliteRetryQueue {
     ) -> QueueResult<QueueItem> {
         let now = self.now();
         self.change_in(conn, id, |item| {
-            item.attempts = item.attempts.saturating_add(1);
-            item.last_error = error.to_owned();
-            item.last_attempt = Some(now);
-            item.next_retry = next_retry;
-            item.status = ItemStatus::Pending;
-            item.lease_until = None;
+            item.record_retry(error, next_retry, now);
             Ok(())
         })
     }
@@ -524,11 +519,7 @@ impl SqliteRetryQueue {
     fn mark_failed_in(&self, conn: &Connection, id: &str, reason: &str) -> QueueResult<QueueItem> {
         let now = self.now();
         self.change_in(conn, id, |item| {
-            item.attempts = item.attempts.saturating_add(1);
-            item.last_error = reason.to_owned();
-            item.last_attempt = Some(now);
-            item.status = ItemStatus::Failed;
-            item.lease_until = None;
+            item.record_dead_letter(reason, now);
             Ok(())
         })
     }
@@ -823,19 +814,7 @@ impl RetryQueue for SqliteRetryQueue {
     fn revive(&self, id: &str) -> QueueResult<QueueItem> {
         let now = self.now();
         self.write("revive", |tx| {
-            self.change_in(tx, id, |item| {
-                if item.status != ItemStatus::Failed {
-                    return Err(QueueError::invalid(format!(
-                        "item {} is {}, not a dead letter",
-                        item.id, item.status
-                    )));
-                }
-                item.status = ItemStatus::Pending;
-                item.attempts = 0;
-                item.next_retry = now;
-                item.lease_until = None;
-                Ok(())
-            })
+            self.change_in(tx, id, |item| item.revive(now))
         })
     }
 

@@ -865,41 +865,20 @@ impl RetryQueue for FileRetryQueue {
 
     fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
         self.change_one("mark_failed", id, |item, now| {
-            item.attempts = item.attempts.saturating_add(1);
-            item.last_error = reason.to_owned();
-            item.last_attempt = Some(now);
-            item.status = ItemStatus::Failed;
-            item.lease_until = None;
+            item.record_dead_letter(reason, now);
             Ok(())
         })
     }
 
     fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
         self.change_one("requeue", id, |item, now| {
-            item.attempts = item.attempts.saturating_add(1);
-            item.last_error = error.to_owned();
-            item.last_attempt = Some(now);
-            item.next_retry = next_retry;
-            item.status = ItemStatus::Pending;
-            item.lease_until = None;
+            item.record_retry(error, next_retry, now);
             Ok(())
         })
     }
 
     fn revive(&self, id: &str) -> QueueResult<QueueItem> {
-        self.change_one("revive", id, |item, now| {
-            if item.status != ItemStatus::Failed {
-                return Err(QueueError::invalid(format!(
-                    "item {} is {}, only failed items can be revived",
-                    item.id, item.status
-                )));
-            }
-            item.status = ItemStatus::Pending;
-            item.attempts = 0;
-            item.next_retry = now;
-            item.lease_until = None;
-            Ok(())
-        })
+        self.change_one("revive", id, |item, now| item.revive(now))
     }
 
     fn release(&self, id: &str) -> QueueResult<()> {
