@@ -179,6 +179,12 @@ fn sql_err(op: &'static str) -> impl Fn(rusqlite::Error) -> QueueError {
     move |e| QueueError::storage(op, e)
 }
 
+/// The item count and byte total as last read inside the current
+/// transaction and kept current by its enqueues, so a batch of enqueues
+/// reads the totals row once. `None` when it must be read again.
+#[derive(Debug, Default)]
+struct KnownTotals(Option<(u64, u64)>);
+
 /// A row read back: the item, or why it failed its integrity check.
 enum Loaded {
     Ok(Box<QueueItem>),
@@ -461,7 +467,7 @@ impl SqliteRetryQueue {
     }
 
     /// Makes room for an item of `size` bytes, or refuses it.
-    fn make_room(&self, conn: &Connection, size: u64) -> QueueResult<()> {
+    fn make_room(&self, conn: &Connection, size: u64, known: &mut KnownTotals) -> QueueResult<()> {
         if size > self.options.max_bytes {
             return Err(QueueError::TooLarge {
                 size,
@@ -475,7 +481,10 @@ impl SqliteRetryQueue {
             });
         }
         loop {
-            let (count, bytes) = Self::totals(conn)?;
+            let (count, bytes) = match known.0 {
+                Some(totals) => totals,
+                None => *known.0.insert(Self::totals(conn)?),
+            };
             let fits_items = (count as usize) < self.options.max_items;
             let fits_bytes = bytes.saturating_add(size) <= self.options.max_bytes;
             if fits_items && fits_bytes {
@@ -496,6 +505,7 @@ impl SqliteRetryQueue {
                 return Err(QueueError::QueueFull { reason });
             }
             self.evict_oldest(conn)?;
+            known.0 = None;
         }
     }
 
@@ -519,19 +529,28 @@ impl SqliteRetryQueue {
         Ok(())
     }
 
-    fn enqueue_in(&self, conn: &Connection, new: NewItem) -> QueueResult<String> {
+    fn enqueue_in(
+        &self,
+        conn: &Connection,
+        new: NewItem,
+        known: &mut KnownTotals,
+    ) -> QueueResult<String> {
         // Every check runs before the first write, so a refused item leaves
         // nothing behind (see "Commit protocol" above).
+        let caller_id = new.id.is_some();
         let item = new.into_item(self.now(), self.options.default_max_attempts)?;
         let attributes = attributes_json(&item)?;
-        let existing: Option<String> = query_optional(
-            conn,
-            "enqueue",
-            "SELECT id FROM items WHERE id = ?1",
-            [&item.id],
-        )?;
-        if let Some(existing_id) = existing {
-            return Err(QueueError::DuplicateItem { existing_id });
+        if caller_id {
+            // A fresh UUIDv7 cannot collide; only a caller's ID can.
+            let existing: Option<String> = query_optional(
+                conn,
+                "enqueue",
+                "SELECT id FROM items WHERE id = ?1",
+                [&item.id],
+            )?;
+            if let Some(existing_id) = existing {
+                return Err(QueueError::DuplicateItem { existing_id });
+            }
         }
         if self.options.dedupe {
             let existing: Option<String> = query_optional(
@@ -545,8 +564,12 @@ impl SqliteRetryQueue {
             }
         }
         let size = item.size_bytes();
-        self.make_room(conn, size)?;
+        self.make_room(conn, size, known)?;
         insert_item(conn, &item, &attributes, size)?;
+        if let Some((count, bytes)) = &mut known.0 {
+            *count += 1;
+            *bytes += size;
+        }
         conn.prepare_cached(
             "INSERT OR REPLACE INTO payloads (id, body, checksum) VALUES (?1, ?2, ?3)",
         )
@@ -632,9 +655,20 @@ impl SqliteRetryQueue {
         }
     }
 
-    fn apply_one(&self, conn: &Connection, op: WriteOp) -> QueueResult<WriteOutcome> {
+    fn apply_one(
+        &self,
+        conn: &Connection,
+        op: WriteOp,
+        known: &mut KnownTotals,
+    ) -> QueueResult<WriteOutcome> {
+        if !matches!(op, WriteOp::Enqueue(_)) {
+            // Deletes and state changes may change the totals.
+            known.0 = None;
+        }
         match op {
-            WriteOp::Enqueue(item) => self.enqueue_in(conn, item).map(WriteOutcome::Enqueued),
+            WriteOp::Enqueue(item) => self
+                .enqueue_in(conn, item, known)
+                .map(WriteOutcome::Enqueued),
             WriteOp::Delete { id } => Self::delete_in(conn, &id).map(|_| WriteOutcome::Applied),
             WriteOp::Requeue {
                 id,
@@ -661,16 +695,17 @@ impl SqliteRetryQueue {
         &self,
         op_name: &'static str,
         ops: Vec<T>,
-        mut apply: impl FnMut(&Connection, T) -> QueueResult<WriteOutcome>,
+        mut apply: impl FnMut(&Connection, T, &mut KnownTotals) -> QueueResult<WriteOutcome>,
     ) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
         self.with_conn(|conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_err(op_name))?;
             let mut results = Vec::with_capacity(ops.len());
+            let mut known = KnownTotals::default();
             for op in ops {
                 let changes_before = tx.total_changes();
-                match apply(&tx, op) {
+                match apply(&tx, op, &mut known) {
                     Err(e @ QueueError::Storage { .. }) => return Err(e),
                     Err(e) => {
                         debug_assert_refused_cleanly(
@@ -837,12 +872,15 @@ fn order_sql(filter: &ListFilter) -> String {
 
 impl RetryQueue for SqliteRetryQueue {
     fn enqueue(&self, item: NewItem) -> QueueResult<String> {
-        self.write("enqueue", |tx| self.enqueue_in(tx, item))
+        self.write("enqueue", |tx| {
+            self.enqueue_in(tx, item, &mut KnownTotals::default())
+        })
     }
 
     fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
-        let results = self.batch("enqueue_batch", items, |conn, item| {
-            self.enqueue_in(conn, item).map(WriteOutcome::Enqueued)
+        let results = self.batch("enqueue_batch", items, |conn, item, known| {
+            self.enqueue_in(conn, item, known)
+                .map(WriteOutcome::Enqueued)
         })?;
         Ok(results
             .into_iter()
@@ -1175,7 +1213,9 @@ impl RetryQueue for SqliteRetryQueue {
     }
 
     fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
-        self.batch("apply_batch", ops, |conn, op| self.apply_one(conn, op))
+        self.batch("apply_batch", ops, |conn, op, known| {
+            self.apply_one(conn, op, known)
+        })
     }
 
     fn close(&self) -> QueueResult<()> {

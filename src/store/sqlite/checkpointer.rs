@@ -15,15 +15,41 @@
 //! `wal_autocheckpoint` (kept as a high fallback) still bounds the WAL.
 
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rusqlite::Connection;
+
+/// Least time between two checkpoints. Each one costs two fsyncs and a
+/// sort of the WAL index whatever it copies, so one per commit would cost
+/// a stream of small commits more than it saves.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Default)]
+struct Signals {
+    /// A commit happened since the last checkpoint started.
+    nudged: bool,
+    /// The store is closing.
+    stop: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    signals: Mutex<Signals>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Signals> {
+        self.signals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// A handle to the checkpointer thread; dropping it stops and joins it.
 #[derive(Debug)]
 pub(super) struct Checkpointer {
-    nudge: Option<SyncSender<()>>,
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -46,14 +72,16 @@ impl Checkpointer {
                 return None;
             }
         };
-        // One pending nudge is enough: many commits, one checkpoint.
-        let (nudge, nudged) = sync_channel(1);
+        let shared = Arc::new(Shared::default());
         let thread = std::thread::Builder::new()
             .name("retryq-checkpoint".into())
-            .spawn(move || run(conn, nudged));
+            .spawn({
+                let shared = shared.clone();
+                move || run(&conn, &shared)
+            });
         match thread {
             Ok(thread) => Some(Checkpointer {
-                nudge: Some(nudge),
+                shared,
                 thread: Some(thread),
             }),
             Err(e) => {
@@ -63,24 +91,21 @@ impl Checkpointer {
         }
     }
 
-    /// Tells the thread that new frames were committed. Never blocks.
+    /// Tells the thread that new frames were committed. Never waits for a
+    /// checkpoint.
     pub(super) fn nudge(&self) {
-        if let Some(nudge) = &self.nudge {
-            match nudge.try_send(()) {
-                Ok(()) | Err(TrySendError::Full(())) => {}
-                Err(TrySendError::Disconnected(())) => {
-                    tracing::debug!("checkpointer thread has exited")
-                }
-            }
+        let mut signals = self.shared.lock();
+        if !signals.nudged {
+            signals.nudged = true;
+            self.shared.changed.notify_one();
         }
     }
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
-        // Closing the channel ends the thread's loop after at most one
-        // checkpoint in progress.
-        self.nudge.take();
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_one();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 tracing::warn!("the checkpointer thread panicked");
@@ -89,18 +114,40 @@ impl Drop for Checkpointer {
     }
 }
 
-fn run(conn: Connection, nudged: Receiver<()>) {
-    while nudged.recv().is_ok() {
-        let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
-        });
-        match result {
-            Ok((wal_frames, copied)) => {
-                tracing::trace!(wal_frames, copied, "passive checkpoint")
+fn run(conn: &Connection, shared: &Shared) {
+    loop {
+        {
+            let signals = shared.lock();
+            let mut signals = shared
+                .changed
+                .wait_while(signals, |s| !s.nudged && !s.stop)
+                .unwrap_or_else(|p| p.into_inner());
+            if signals.stop {
+                return;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "passive checkpoint failed; will retry on the next commit")
-            }
+            signals.nudged = false;
+        }
+        checkpoint(conn);
+        // Rest; a nudge meanwhile is remembered and served after.
+        let signals = shared.lock();
+        let (signals, _) = shared
+            .changed
+            .wait_timeout_while(signals, MIN_INTERVAL, |s| !s.stop)
+            .unwrap_or_else(|p| p.into_inner());
+        if signals.stop {
+            return;
+        }
+    }
+}
+
+fn checkpoint(conn: &Connection) {
+    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+    });
+    match result {
+        Ok((wal_frames, copied)) => tracing::trace!(wal_frames, copied, "passive checkpoint"),
+        Err(e) => {
+            tracing::warn!(error = %e, "passive checkpoint failed; will retry after the next commit")
         }
     }
 }
