@@ -169,11 +169,12 @@ pub fn new_id() -> String {
 
 /// SHA-256 of `bytes`, as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(bytes);
     let mut out = String::with_capacity(64);
     for b in digest.iter() {
-        use std::fmt::Write;
-        let _ = write!(out, "{b:02x}");
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
     }
     out
 }
@@ -273,27 +274,39 @@ impl<'de> Deserialize<'de> for Payload {
 /// Removes whitespace outside strings from valid JSON text, keeping
 /// everything else byte for byte.
 pub fn compact_json(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    for c in text.chars() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Copy the whole string literal in one go. Working on bytes
+                // is safe: the quote, the backslash and JSON whitespace are
+                // ASCII, and no byte of a multi-byte UTF-8 character is.
+                let start = i;
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\\' => i += 2,
+                        b'"' => {
+                            i += 1;
+                            break;
+                        }
+                        _ => i += 1,
+                    }
+                }
+                out.extend_from_slice(&bytes[start..i.min(bytes.len())]);
             }
-        } else if c == '"' {
-            in_string = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\n' | '\r' | '\t') {
-            out.push(c);
+            b' ' | b'\n' | b'\r' | b'\t' => i += 1,
+            b => {
+                out.push(b);
+                i += 1;
+            }
         }
     }
-    out
+    // Only ASCII whitespace between tokens was left out, so `out` is UTF-8;
+    // the lossy fallback is never taken.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// One report waiting for delivery, with its delivery state.
@@ -581,6 +594,48 @@ mod tests {
     fn default_fingerprint_is_sha256_of_compact_payload() {
         let p = Payload::from_json_str("{\"a\": 1}").unwrap();
         assert_eq!(p.fingerprint(), sha256_hex(b"{\"a\":1}"));
+    }
+
+    #[test]
+    fn sha256_hex_is_the_known_digest() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            // Any text: quotes, backslashes, control characters, whitespace
+            // and multi-byte characters, all of which must survive.
+            any::<String>().prop_map(Value::String),
+            "[ \\t\\n\"\\\\a-zé€😀]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map("[ a-z\"\\\\]{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Compacting a pretty-printed document gives exactly what serde
+        /// writes compactly: no byte inside a string changes, no whitespace
+        /// between tokens stays.
+        #[test]
+        fn compaction_matches_serde_compact_output(value in any_json()) {
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            let compact = serde_json::to_string(&value).unwrap();
+            proptest::prop_assert_eq!(compact_json(&pretty), compact.clone());
+            proptest::prop_assert_eq!(compact_json(&compact), compact);
+        }
     }
 
     #[test]
