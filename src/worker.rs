@@ -460,8 +460,17 @@ impl RetryWorker {
             return Ok(());
         };
         self.shared.shutdown.store(true, Ordering::SeqCst);
-        running.scheduler.do_send(Shutdown);
-        running.janitor.do_send(Shutdown);
+        let Running {
+            scheduler,
+            janitor,
+            system,
+            ..
+        } = running;
+        scheduler.do_send(Shutdown);
+        janitor.do_send(Shutdown);
+        // Drop our addresses now: a supervised actor that stops while an
+        // address to it lives is restarted by its supervisor, at once.
+        drop((scheduler, janitor));
         let deadline = tokio::time::Instant::now() + timeout;
         while !self.in_flight_ids().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -479,7 +488,6 @@ impl RetryWorker {
             let queue = self.queue.clone();
             blocking(move || queue.apply_batch(ops)).await?;
         }
-        let Running { system, .. } = running;
         if let Some((stop, thread)) = system {
             let _ = stop.send(());
             // Bounded: a transport call stuck past its deadline must not hold
@@ -690,9 +698,16 @@ impl Drop for RetryWorker {
             // Not graceful (no await in drop): stop claiming; leases of
             // anything in flight expire and the items are delivered again.
             self.shared.shutdown.store(true, Ordering::SeqCst);
-            running.scheduler.do_send(Shutdown);
-            running.janitor.do_send(Shutdown);
-            if let Some((stop, _)) = running.system {
+            let Running {
+                scheduler,
+                janitor,
+                system,
+                ..
+            } = running;
+            scheduler.do_send(Shutdown);
+            janitor.do_send(Shutdown);
+            drop((scheduler, janitor));
+            if let Some((stop, _)) = system {
                 let _ = stop.send(());
             }
         }

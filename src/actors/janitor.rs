@@ -28,7 +28,9 @@ impl Actor for JanitorActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         if self.shared.shutdown.load(Ordering::SeqCst) {
-            ctx.stop();
+            // Stay idle rather than stop: a supervised actor that stops
+            // while an address to it lives is restarted at once, and
+            // stopping again here would spin that loop on the actor thread.
             return;
         }
         ctx.run_interval(self.shared.config.janitor_interval, |_, ctx| {
@@ -39,6 +41,9 @@ impl Actor for JanitorActor {
 
 impl Supervised for JanitorActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        if self.shared.shutdown.load(Ordering::SeqCst) {
+            return; // stopped on purpose; `started` leaves it idle
+        }
         self.shared.state().stats.actor_restarts += 1;
         tracing::warn!("janitor restarted by its supervisor");
     }

@@ -688,7 +688,9 @@ impl Actor for SchedulerActor {
             .shutdown
             .load(std::sync::atomic::Ordering::SeqCst)
         {
-            ctx.stop();
+            // Stay idle rather than stop: a supervised actor that stops
+            // while an address to it lives is restarted at once, and
+            // stopping again here would spin that loop on the actor thread.
             return;
         }
         // The poll notices items that other processes wrote to a shared store.
@@ -704,6 +706,13 @@ impl Actor for SchedulerActor {
 impl Supervised for SchedulerActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.cycle_running = false;
+        if self
+            .shared
+            .shutdown
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return; // stopped on purpose; `started` leaves it idle
+        }
         self.shared.state().stats.actor_restarts += 1;
         tracing::warn!("scheduler restarted by its supervisor");
     }
