@@ -39,6 +39,14 @@
 //! I/O error) rolls the whole transaction back: nothing half-applied is
 //! ever visible.
 //!
+//! # Checkpoints
+//!
+//! A commit is durable once its WAL frames are synced; copying them into
+//! the database file (a checkpoint) is housekeeping. A checkpointer thread
+//! with its own connection does it (`PASSIVE`, at most every 100 ms) so no
+//! caller waits for it; the writer's own `wal_autocheckpoint` stays as a
+//! high bound in case that thread falls behind (`sqlite/checkpointer.rs`).
+//!
 //! # Recovery at open
 //!
 //! SQLite replays or discards its WAL itself. retryq then returns every
