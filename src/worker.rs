@@ -314,10 +314,25 @@ struct Running {
     janitor: Addr<JanitorActor>,
     io: Arc<Io>,
     store: StoreHandle,
-    system: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        std::thread::JoinHandle<()>,
-    )>,
+    system: Option<ActorThread>,
+}
+
+/// The dedicated actor thread: its stop signal and its handle.
+type ActorThread = (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+);
+
+impl Running {
+    /// Tells the scheduler and the janitor to stop and lets go of their
+    /// addresses at once: a supervised actor that stops while an address to
+    /// it lives is restarted by its supervisor straight away. Returns the
+    /// dedicated actor thread's stop signal and handle, if it has one.
+    fn shut_down_actors(self) -> Option<ActorThread> {
+        self.scheduler.do_send(Shutdown);
+        self.janitor.do_send(Shutdown);
+        self.system
+    }
 }
 
 /// The delivery worker. See the module documentation.
@@ -460,17 +475,7 @@ impl RetryWorker {
             return Ok(());
         };
         self.shared.shutdown.store(true, Ordering::SeqCst);
-        let Running {
-            scheduler,
-            janitor,
-            system,
-            ..
-        } = running;
-        scheduler.do_send(Shutdown);
-        janitor.do_send(Shutdown);
-        // Drop our addresses now: a supervised actor that stops while an
-        // address to it lives is restarted by its supervisor, at once.
-        drop((scheduler, janitor));
+        let system = running.shut_down_actors();
         let deadline = tokio::time::Instant::now() + timeout;
         while !self.in_flight_ids().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -698,16 +703,7 @@ impl Drop for RetryWorker {
             // Not graceful (no await in drop): stop claiming; leases of
             // anything in flight expire and the items are delivered again.
             self.shared.shutdown.store(true, Ordering::SeqCst);
-            let Running {
-                scheduler,
-                janitor,
-                system,
-                ..
-            } = running;
-            scheduler.do_send(Shutdown);
-            janitor.do_send(Shutdown);
-            drop((scheduler, janitor));
-            if let Some((stop, _)) = system {
+            if let Some((stop, _)) = running.shut_down_actors() {
                 let _ = stop.send(());
             }
         }
