@@ -1363,6 +1363,84 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_that_fills_the_disk_midway_leaves_nothing_of_itself() {
+        // Without per-op savepoints, the ops before the failing one have
+        // already written in the same transaction: the failure must roll
+        // all of them back, refusals included, and leave the totals true.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let clock = ManualClock::new(Utc::now());
+        let options = StoreOptions {
+            max_bytes: u64::MAX,
+            max_items: usize::MAX,
+            ..opts(&clock)
+        };
+        let q = SqliteRetryQueue::open(&path, options.clone()).unwrap();
+        let acked = q.enqueue(item(0)).unwrap();
+        let pages: i64 = q
+            .with_conn(|c| {
+                Ok(c.pragma_query_value(None, "page_count", |r| r.get(0))
+                    .unwrap())
+            })
+            .unwrap();
+        q.with_conn(|c| {
+            c.pragma_update(None, "max_page_count", pages + 4).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let big = "x".repeat(256 * 1024);
+        let batch = vec![
+            item(1),
+            item(0), // a duplicate of the stored item: refused, not an error
+            item(2),
+            NewItem::from_json(format!("{{\"pad\":\"{big}\"}}").as_bytes()).unwrap(),
+            item(3),
+        ];
+        match q.enqueue_batch(batch) {
+            Err(QueueError::Storage { .. }) => {}
+            other => panic!("expected a storage error, got {other:?}"),
+        }
+        q.close().unwrap();
+        let q = SqliteRetryQueue::open(&path, options).unwrap();
+        let ids: Vec<String> = q
+            .list(&ListFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(ids, vec![acked]);
+        assert_eq!(q.size().unwrap(), 1, "the totals row counts what is stored");
+        assert_eq!(q.stats().unwrap().total_items, 1);
+    }
+
+    #[test]
+    fn the_checkpointer_copies_commits_into_the_database_file() {
+        // The inline fallback would not checkpoint before 16k WAL pages, so
+        // the database file only grows here if the thread does its work.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+        let initial = std::fs::metadata(&path).unwrap().len();
+        let big = "y".repeat(64 * 1024);
+        for n in 0..8 {
+            q.enqueue(
+                NewItem::from_json(format!("{{\"n\":{n},\"pad\":\"{big}\"}}").as_bytes()).unwrap(),
+            )
+            .unwrap();
+        }
+        let mut waited = 0;
+        while std::fs::metadata(&path).unwrap().len() < initial + 8 * 64 * 1024 && waited < 500 {
+            std::thread::sleep(Duration::from_millis(10));
+            waited += 1;
+        }
+        assert!(
+            std::fs::metadata(&path).unwrap().len() >= initial + 8 * 64 * 1024,
+            "the database file did not receive the committed pages"
+        );
+        assert_eq!(q.size().unwrap(), 8);
+    }
+
+    #[test]
     fn claim_uses_the_ready_index() {
         let dir = tempfile::tempdir().unwrap();
         let q = SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default()).unwrap();
