@@ -51,7 +51,8 @@ fn corrupt_sqlite(dir: &Path, id: &str) {
     let conn = rusqlite::Connection::open(dir.join("queue.db")).unwrap();
     let changed = conn
         .execute(
-            "UPDATE payloads SET body = CAST('{\"tampered\":1}' AS BLOB) WHERE id = ?1",
+            "UPDATE payloads SET body = CAST('{\"tampered\":1}' AS BLOB) \
+             WHERE seq = (SELECT seq FROM items WHERE id = ?1)",
             [id],
         )
         .unwrap();

@@ -7,20 +7,28 @@
 //!
 //! - `items`: one row of metadata per item (status, attempts, times as
 //!   integer Unix nanoseconds, lease, attributes as a JSON object, and the
-//!   item's accounted size). Rescheduling an item rewrites only this row.
-//! - `payloads`: the compact JSON payload and its CRC-32, keyed by item ID.
-//!   Written once at enqueue, verified on every read.
+//!   item's accounted size), keyed by a rowid `seq`, with the item's ID
+//!   unique beside it. Rescheduling an item rewrites only this row.
+//! - `payloads`: the compact JSON payload and its CRC-32, keyed by the
+//!   item's `seq` (an integer key: no second index to keep). Written once
+//!   at enqueue, verified on every read.
 //! - `quarantine`: rows that failed their integrity check, with the reason,
 //!   moved out of the way so they never block the rest of the queue.
 //! - `totals`: one row with the item count and byte total, kept by triggers
 //!   in the same transaction as each change, so limits cost O(1).
 //!
-//! Indexes: ready order `(status, next_retry, created_at, id)` (so `claim`
-//! costs the same with a thousand or a million items queued), fingerprint
-//! among pending/processing items (dedupe), `created_at` (expiry, eviction)
-//! and `(status, lease_until)` (lease recovery). `PRAGMA user_version`
-//! records the schema version; a database written by a newer retryq is
-//! refused rather than misread.
+//! Indexes, each partial where it can be so an item sits only in those
+//! its state needs: ready order `(next_retry, created_at, id)` of pending
+//! items (so `claim` costs the same with a thousand or a million items
+//! queued), `lease_until` of processing items (lease recovery),
+//! `created_at` of all items (expiry, eviction, listing) and of dead
+//! letters (evicted first). `PRAGMA user_version` records the schema
+//! version; an older database is migrated at open, in one transaction, and
+//! one written by a newer retryq is refused rather than misread.
+//!
+//! Fingerprints have no SQLite index: dedupe looks them up in a set kept in
+//! memory and checked against the table (`sqlite/fingerprints.rs`), because
+//! an index of hashes costs a random page write per item.
 //!
 //! # Commit protocol
 //!
@@ -75,14 +83,17 @@ use crate::error::{QueueError, QueueResult};
 use crate::item::{payload_checksum, ItemStatus, ItemType, NewItem, Payload, QueueItem};
 
 mod checkpointer;
+mod fingerprints;
 use checkpointer::Checkpointer;
+use fingerprints::FingerprintIndex;
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (
-    id TEXT PRIMARY KEY NOT NULL,
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
     item_type TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     status INTEGER NOT NULL,
@@ -101,7 +112,7 @@ CREATE TABLE IF NOT EXISTS items (
     size_bytes INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS payloads (
-    id TEXT PRIMARY KEY NOT NULL,
+    seq INTEGER PRIMARY KEY,
     body BLOB NOT NULL,
     checksum INTEGER NOT NULL
 );
@@ -131,16 +142,67 @@ END;
 CREATE TRIGGER IF NOT EXISTS totals_resize AFTER UPDATE OF size_bytes ON items BEGIN
     UPDATE totals SET bytes = bytes - OLD.size_bytes + NEW.size_bytes WHERE id = 0;
 END;
-CREATE INDEX IF NOT EXISTS items_ready ON items(status, next_retry, created_at, id);
-CREATE INDEX IF NOT EXISTS items_fingerprint ON items(fingerprint) WHERE status IN (0, 1);
+CREATE INDEX IF NOT EXISTS items_ready ON items(next_retry, created_at, id) WHERE status = 0;
+CREATE INDEX IF NOT EXISTS items_leased ON items(lease_until) WHERE status = 1;
 CREATE INDEX IF NOT EXISTS items_created ON items(created_at, id);
-CREATE INDEX IF NOT EXISTS items_lease ON items(status, lease_until);
+CREATE INDEX IF NOT EXISTS items_dead ON items(created_at, id) WHERE status = 2;
 ";
+
+/// Schema 1 to 2: items gain the integer key `seq`, payloads are keyed by
+/// it, and the on-disk fingerprint and status-prefixed indexes go (dropping
+/// the old tables drops their indexes and triggers; `SCHEMA` then creates
+/// the new ones). Runs in the caller's transaction.
+const MIGRATE_1_TO_2: &str = "
+CREATE TABLE items_v2 (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    item_type TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    last_error TEXT NOT NULL,
+    last_attempt INTEGER,
+    next_retry INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    scanner_name TEXT NOT NULL,
+    target_path TEXT NOT NULL,
+    lease_until INTEGER,
+    attributes TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL
+);
+INSERT INTO items_v2 (id, item_type, fingerprint, status, attempts, max_attempts, last_error,
+    last_attempt, next_retry, created_at, updated_at, agent_id, scanner_name, target_path,
+    lease_until, attributes, size_bytes)
+    SELECT id, item_type, fingerprint, status, attempts, max_attempts, last_error,
+    last_attempt, next_retry, created_at, updated_at, agent_id, scanner_name, target_path,
+    lease_until, attributes, size_bytes FROM items ORDER BY created_at, id;
+CREATE TABLE payloads_v2 (
+    seq INTEGER PRIMARY KEY,
+    body BLOB NOT NULL,
+    checksum INTEGER NOT NULL
+);
+INSERT INTO payloads_v2 (seq, body, checksum)
+    SELECT i.seq, p.body, p.checksum FROM payloads p JOIN items_v2 i ON i.id = p.id;
+DROP TABLE items;
+DROP TABLE payloads;
+ALTER TABLE items_v2 RENAME TO items;
+ALTER TABLE payloads_v2 RENAME TO payloads;
+UPDATE totals SET items = (SELECT COUNT(*) FROM items),
+    bytes = (SELECT COALESCE(SUM(size_bytes), 0) FROM items) WHERE id = 0;
+";
+
+/// Which items `claim` takes: due pending ones, oldest `next_retry` first,
+/// ties by `created_at` then ID. `?1` is now, `?2` the limit.
+const CLAIM_WHERE: &str = "WHERE i.status = 0 AND i.next_retry <= ?1 \
+     ORDER BY i.next_retry, i.created_at, i.id LIMIT ?2";
 
 const ITEM_COLUMNS: &str =
     "i.id, i.item_type, i.fingerprint, i.status, i.attempts, i.max_attempts, \
      i.last_error, i.last_attempt, i.next_retry, i.created_at, i.updated_at, i.agent_id, \
-     i.scanner_name, i.target_path, i.lease_until, i.attributes, p.body, p.checksum";
+     i.scanner_name, i.target_path, i.lease_until, i.attributes, p.body, p.checksum, i.seq";
 
 /// Page cache per connection, in KiB.
 const CACHE_KIB: i64 = 16 * 1024;
@@ -195,18 +257,27 @@ struct KnownTotals(Option<(u64, u64)>);
 
 /// A row read back: the item, or why it failed its integrity check.
 enum Loaded {
-    Ok(Box<QueueItem>),
-    Bad { id: String, reason: String },
+    Ok {
+        seq: i64,
+        item: Box<QueueItem>,
+    },
+    Bad {
+        seq: i64,
+        id: String,
+        reason: String,
+    },
 }
 
 fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
     let id: String = row.get(0)?;
+    let seq: i64 = row.get(18)?;
     let body: Option<Vec<u8>> = row.get(16)?;
     let checksum: Option<i64> = row.get(17)?;
     let (body, checksum) = match (body, checksum) {
         (Some(b), Some(c)) => (b, c),
         _ => {
             return Ok(Loaded::Bad {
+                seq,
                 id,
                 reason: "payload row missing".into(),
             })
@@ -214,6 +285,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
     };
     if i64::from(payload_checksum(&body)) != checksum {
         return Ok(Loaded::Bad {
+            seq,
             id,
             reason: "payload checksum mismatch".into(),
         });
@@ -222,6 +294,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
         Ok(p) => p,
         Err(e) => {
             return Ok(Loaded::Bad {
+                seq,
                 id,
                 reason: e.to_string(),
             })
@@ -230,6 +303,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
     let status_raw: i64 = row.get(3)?;
     let Some(status) = status_from_code(status_raw) else {
         return Ok(Loaded::Bad {
+            seq,
             id,
             reason: format!("unknown status code {status_raw}"),
         });
@@ -239,31 +313,35 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
         Ok(a) => a,
         Err(e) => {
             return Ok(Loaded::Bad {
+                seq,
                 id,
                 reason: format!("attributes are not a JSON object of strings: {e}"),
             })
         }
     };
     let item_type: String = row.get(1)?;
-    Ok(Loaded::Ok(Box::new(QueueItem {
-        id,
-        item_type: ItemType::from(item_type),
-        fingerprint: row.get(2)?,
-        status,
-        report,
-        attempts: u32::try_from(row.get::<_, i64>(4)?).unwrap_or(u32::MAX),
-        max_attempts: u32::try_from(row.get::<_, i64>(5)?).unwrap_or(u32::MAX),
-        last_error: row.get(6)?,
-        last_attempt: row.get::<_, Option<i64>>(7)?.map(from_nanos),
-        next_retry: from_nanos(row.get(8)?),
-        created_at: from_nanos(row.get(9)?),
-        updated_at: from_nanos(row.get(10)?),
-        agent_id: row.get(11)?,
-        scanner_name: row.get(12)?,
-        target_path: row.get(13)?,
-        lease_until: row.get::<_, Option<i64>>(14)?.map(from_nanos),
-        attributes,
-    })))
+    Ok(Loaded::Ok {
+        seq,
+        item: Box::new(QueueItem {
+            id,
+            item_type: ItemType::from(item_type),
+            fingerprint: row.get(2)?,
+            status,
+            report,
+            attempts: u32::try_from(row.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+            max_attempts: u32::try_from(row.get::<_, i64>(5)?).unwrap_or(u32::MAX),
+            last_error: row.get(6)?,
+            last_attempt: row.get::<_, Option<i64>>(7)?.map(from_nanos),
+            next_retry: from_nanos(row.get(8)?),
+            created_at: from_nanos(row.get(9)?),
+            updated_at: from_nanos(row.get(10)?),
+            agent_id: row.get(11)?,
+            scanner_name: row.get(12)?,
+            target_path: row.get(13)?,
+            lease_until: row.get::<_, Option<i64>>(14)?.map(from_nanos),
+            attributes,
+        }),
+    })
 }
 
 /// The embedded SQLite queue. See the module documentation.
@@ -272,6 +350,9 @@ pub struct SqliteRetryQueue {
     conn: Mutex<Option<Connection>>,
     /// Runs WAL checkpoints off the commit path; taken (stopped) at close.
     checkpointer: Mutex<Option<Checkpointer>>,
+    /// The dedupe index. Only touched while `conn` is locked, so its own
+    /// lock is never contended.
+    fingerprints: Mutex<FingerprintIndex>,
     path: PathBuf,
     options: StoreOptions,
     evicted: AtomicU64,
@@ -284,7 +365,7 @@ impl SqliteRetryQueue {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             create_private_dir(parent)?;
         }
-        let conn = Connection::open(&path).map_err(sql_err("open"))?;
+        let mut conn = Connection::open(&path).map_err(sql_err("open"))?;
         set_private_file(&path)?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(sql_err("open"))?;
@@ -321,11 +402,8 @@ impl SqliteRetryQueue {
                 ),
             ));
         }
-        conn.execute_batch(SCHEMA).map_err(sql_err("open"))?;
         if version < SCHEMA_VERSION {
-            // Future migrations go here, one step per version.
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-                .map_err(sql_err("open"))?;
+            migrate(&mut conn, version, &path)?;
         }
         let checkpointer = Checkpointer::start(&path);
         if checkpointer.is_none() {
@@ -336,6 +414,7 @@ impl SqliteRetryQueue {
         let queue = SqliteRetryQueue {
             conn: Mutex::new(Some(conn)),
             checkpointer: Mutex::new(checkpointer),
+            fingerprints: Mutex::new(FingerprintIndex::default()),
             path,
             options,
             evicted: AtomicU64::new(0),
@@ -364,6 +443,29 @@ impl SqliteRetryQueue {
         }
     }
 
+    fn fingerprints(&self) -> std::sync::MutexGuard<'_, FingerprintIndex> {
+        self.fingerprints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` in the open transaction `tx` and commits. A storage error
+    /// (from `f` or the commit) rolls back, and the dedupe index, which may
+    /// have recorded the rolled-back changes, is rebuilt at next use.
+    fn finish<T>(
+        &self,
+        op: &'static str,
+        tx: Transaction<'_>,
+        f: impl FnOnce(&Transaction<'_>) -> QueueResult<T>,
+    ) -> QueueResult<T> {
+        let outcome = f(&tx).and_then(|out| {
+            tx.commit().map_err(sql_err(op))?;
+            Ok(out)
+        });
+        if matches!(outcome, Err(QueueError::Storage { .. })) {
+            self.fingerprints().invalidate();
+        }
+        outcome
+    }
+
     fn nudge_checkpointer(&self) {
         let guard = self.checkpointer.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(checkpointer) = guard.as_ref() {
@@ -382,25 +484,26 @@ impl SqliteRetryQueue {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_err(op))?;
             let changes_before = tx.total_changes();
-            match f(&tx) {
-                // Dropping the transaction rolls it back.
-                Err(e @ QueueError::Storage { .. }) => Err(e),
-                Err(e) => {
+            let mut wrote = false;
+            let outcome = self.finish(op, tx, |tx| {
+                let result = f(tx);
+                wrote = tx.total_changes() != changes_before;
+                match result {
+                    // Returning it rolls the transaction back.
+                    Err(e @ QueueError::Storage { .. }) => Err(e),
                     // A refusal wrote nothing, or moved a corrupt record to
-                    // quarantine, which must stick.
-                    debug_assert_refused_cleanly(op, &e, changes_before, tx.total_changes());
-                    tx.commit().map_err(sql_err(op))?;
-                    Err(e)
-                }
-                Ok(out) => {
-                    let wrote = tx.total_changes() != changes_before;
-                    tx.commit().map_err(sql_err(op))?;
-                    if wrote {
-                        self.nudge_checkpointer();
+                    // quarantine, which must stick: commit, then report.
+                    Err(e) => {
+                        debug_assert_refused_cleanly(op, &e, changes_before, tx.total_changes());
+                        Ok(Err(e))
                     }
-                    Ok(out)
+                    Ok(out) => Ok(Ok(out)),
                 }
+            });
+            if outcome.is_ok() && wrote {
+                self.nudge_checkpointer();
             }
+            outcome?
         })
     }
 
@@ -412,29 +515,45 @@ impl SqliteRetryQueue {
         where_sql: &str,
         params: &[&dyn rusqlite::ToSql],
     ) -> QueueResult<Vec<QueueItem>> {
-        let sql = format!(
-            "SELECT {ITEM_COLUMNS} FROM items i LEFT JOIN payloads p ON p.id = i.id {where_sql}"
-        );
-        let mut stmt = tx.prepare_cached(&sql).map_err(sql_err("read"))?;
+        Ok(self
+            .load_counted(tx, where_sql, params)?
+            .0
+            .into_iter()
+            .map(|(_, item)| item)
+            .collect())
+    }
+
+    /// [`Self::load`], with each item's `seq` and the number of rows the
+    /// query returned (quarantined ones included).
+    fn load_counted(
+        &self,
+        tx: &Connection,
+        where_sql: &str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> QueueResult<(Vec<(i64, QueueItem)>, usize)> {
+        let mut stmt = tx
+            .prepare_cached(&load_sql(where_sql))
+            .map_err(sql_err("read"))?;
         let rows = stmt
             .query_map(params, read_row)
             .map_err(sql_err("read"))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(sql_err("read"))?;
-        let mut items = Vec::with_capacity(rows.len());
+        let seen = rows.len();
+        let mut items = Vec::with_capacity(seen);
         for row in rows {
             match row {
-                Loaded::Ok(item) => items.push(*item),
-                Loaded::Bad { id, reason } => self.quarantine(tx, &id, &reason)?,
+                Loaded::Ok { seq, item } => items.push((seq, *item)),
+                Loaded::Bad { seq, id, reason } => self.quarantine(tx, seq, &id, &reason)?,
             }
         }
-        Ok(items)
+        Ok((items, seen))
     }
 
-    fn quarantine(&self, conn: &Connection, id: &str, reason: &str) -> QueueResult<()> {
+    fn quarantine(&self, conn: &Connection, seq: i64, id: &str, reason: &str) -> QueueResult<()> {
         tracing::warn!(item_id = id, reason, "quarantining corrupt queue record");
         let body: Option<Vec<u8>> = conn
-            .query_row("SELECT body FROM payloads WHERE id = ?1", [id], |r| {
+            .query_row("SELECT body FROM payloads WHERE seq = ?1", [seq], |r| {
                 r.get(0)
             })
             .optional()
@@ -444,11 +563,28 @@ impl SqliteRetryQueue {
             params![id, reason, to_nanos(self.now()), body],
         )
         .map_err(sql_err("quarantine"))?;
-        conn.execute("DELETE FROM items WHERE id = ?1", [id])
-            .map_err(sql_err("quarantine"))?;
-        conn.execute("DELETE FROM payloads WHERE id = ?1", [id])
-            .map_err(sql_err("quarantine"))?;
+        self.delete_row(conn, "quarantine", seq)?;
         Ok(())
+    }
+
+    /// Deletes the item with rowid `seq` and its payload, keeping the
+    /// dedupe index in step. Returns whether a row was there.
+    fn delete_row(&self, conn: &Connection, op: &'static str, seq: i64) -> QueueResult<bool> {
+        let deleted: Option<(String, i64)> = conn
+            .prepare_cached("DELETE FROM items WHERE seq = ?1 RETURNING fingerprint, status")
+            .and_then(|mut stmt| {
+                stmt.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(sql_err(op))?;
+        conn.prepare_cached("DELETE FROM payloads WHERE seq = ?1")
+            .and_then(|mut stmt| stmt.execute([seq]))
+            .map_err(sql_err(op))?;
+        if let Some((fingerprint, status)) = &deleted {
+            self.fingerprints()
+                .record(seq, Some((fingerprint, *status)), None);
+        }
+        Ok(deleted.is_some())
     }
 
     fn get_in(&self, conn: &Connection, id: &str) -> QueueResult<QueueItem> {
@@ -518,19 +654,25 @@ impl SqliteRetryQueue {
     }
 
     fn evict_oldest(&self, conn: &Connection) -> QueueResult<()> {
-        let victim: Option<(String, i64)> = conn
-            .query_row(
-                "SELECT id, status FROM items ORDER BY CASE status WHEN 2 THEN 0 ELSE 1 END, created_at, id LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(sql_err("evict"))?;
-        if let Some((id, status)) = victim {
-            conn.execute("DELETE FROM items WHERE id = ?1", [&id])
+        // Dead letters first, then the oldest of all; each an index walk.
+        let mut victim: Option<(i64, String, i64)> = None;
+        for sql in [
+            "SELECT seq, id, status FROM items WHERE status = 2 ORDER BY created_at, id LIMIT 1",
+            "SELECT seq, id, status FROM items ORDER BY created_at, id LIMIT 1",
+        ] {
+            victim = conn
+                .prepare_cached(sql)
+                .and_then(|mut stmt| {
+                    stmt.query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()
+                })
                 .map_err(sql_err("evict"))?;
-            conn.execute("DELETE FROM payloads WHERE id = ?1", [&id])
-                .map_err(sql_err("evict"))?;
+            if victim.is_some() {
+                break;
+            }
+        }
+        if let Some((seq, id, status)) = victim {
+            self.delete_row(conn, "evict", seq)?;
             self.evicted.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(item_id = %id, status = status_from_code(status).map(|s| s.as_str()).unwrap_or("?"), "evicted by overflow = drop_oldest");
         }
@@ -561,35 +703,100 @@ impl SqliteRetryQueue {
             }
         }
         if self.options.dedupe {
-            let existing: Option<String> = query_optional(
-                conn,
-                "enqueue",
-                "SELECT id FROM items WHERE fingerprint = ?1 AND status IN (0, 1) LIMIT 1",
-                [&item.fingerprint],
-            )?;
-            if let Some(existing_id) = existing {
+            if let Some(existing_id) = self.live_duplicate(conn, &item.fingerprint)? {
                 return Err(QueueError::DuplicateItem { existing_id });
             }
         }
         let size = item.size_bytes();
         self.make_room(conn, size, known)?;
-        insert_item(conn, &item, &attributes, size)?;
+        let seq = insert_item(conn, &item, &attributes, size)?;
         if let Some((count, bytes)) = &mut known.0 {
             *count += 1;
             *bytes += size;
         }
         conn.prepare_cached(
-            "INSERT OR REPLACE INTO payloads (id, body, checksum) VALUES (?1, ?2, ?3)",
+            "INSERT OR REPLACE INTO payloads (seq, body, checksum) VALUES (?1, ?2, ?3)",
         )
         .and_then(|mut stmt| {
             stmt.execute(params![
-                item.id,
+                seq,
                 item.report.as_bytes(),
                 i64::from(payload_checksum(item.report.as_bytes()))
             ])
         })
         .map_err(sql_err("enqueue"))?;
+        if self.options.dedupe {
+            self.fingerprints()
+                .record(seq, None, Some((&item.fingerprint, STATUS_PENDING)));
+        }
         Ok(item.id)
+    }
+
+    /// The ID of a pending or processing item with `fingerprint`, if any.
+    fn live_duplicate(&self, conn: &Connection, fingerprint: &str) -> QueueResult<Option<String>> {
+        let mut index = self.fingerprints();
+        for rowid in index.candidates(conn, fingerprint)? {
+            let row: Option<(String, String, i64)> = conn
+                .prepare_cached("SELECT id, fingerprint, status FROM items WHERE seq = ?1")
+                .and_then(|mut stmt| {
+                    stmt.query_row([rowid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()
+                })
+                .map_err(sql_err("enqueue"))?;
+            match row {
+                Some((id, stored, status))
+                    if stored == fingerprint && fingerprints::is_live(status) =>
+                {
+                    return Ok(Some(id));
+                }
+                // A hash collision: another fingerprint, still live.
+                Some((_, _, status)) if fingerprints::is_live(status) => {}
+                _ => {
+                    // The set names a row that is gone or dead: it missed a
+                    // change. Never trust it then; rebuild and look again.
+                    debug_assert!(false, "dedupe index out of step at rowid {rowid}");
+                    tracing::warn!(rowid, "dedupe index out of step; rebuilding it");
+                    index.invalidate();
+                    drop(index);
+                    return self.live_duplicate_by_scan(conn, fingerprint);
+                }
+            }
+        }
+        #[cfg(debug_assertions)]
+        self.debug_assert_no_live_duplicate(conn, fingerprint, &index);
+        Ok(None)
+    }
+
+    /// The slow path after the index was found out of step: one scan.
+    fn live_duplicate_by_scan(
+        &self,
+        conn: &Connection,
+        fingerprint: &str,
+    ) -> QueueResult<Option<String>> {
+        query_optional(
+            conn,
+            "enqueue",
+            "SELECT id FROM items WHERE fingerprint = ?1 AND status IN (0, 1) LIMIT 1",
+            [fingerprint],
+        )
+    }
+
+    /// Debug builds (every test) check a miss against the table while the
+    /// table is small enough to scan.
+    #[cfg(debug_assertions)]
+    fn debug_assert_no_live_duplicate(
+        &self,
+        conn: &Connection,
+        fingerprint: &str,
+        index: &FingerprintIndex,
+    ) {
+        if index.len().is_some_and(|n| n <= 5_000) {
+            let found = self.live_duplicate_by_scan(conn, fingerprint);
+            debug_assert!(
+                matches!(found, Ok(None)),
+                "dedupe index missed a live item with fingerprint {fingerprint}: {found:?}"
+            );
+        }
     }
 
     /// Changes the state of one item; `change` edits the loaded item.
@@ -600,9 +807,10 @@ impl SqliteRetryQueue {
         change: impl FnOnce(&mut QueueItem) -> QueueResult<()>,
     ) -> QueueResult<QueueItem> {
         let mut item = self.get_in(conn, id)?;
+        let before = (item.fingerprint.clone(), status_code(item.status));
         change(&mut item)?;
         item.updated_at = self.now();
-        write_meta(conn, &item)?;
+        self.write_meta(conn, &item, before)?;
         Ok(item)
     }
 
@@ -628,18 +836,33 @@ impl SqliteRetryQueue {
         })
     }
 
-    fn delete_in(conn: &Connection, id: &str) -> QueueResult<()> {
-        let n = conn
-            .prepare_cached("DELETE FROM items WHERE id = ?1")
-            .and_then(|mut s| s.execute([id]))
-            .map_err(sql_err("delete"))?;
-        conn.prepare_cached("DELETE FROM payloads WHERE id = ?1")
-            .and_then(|mut s| s.execute([id]))
-            .map_err(sql_err("delete"))?;
-        if n == 0 {
-            return Err(QueueError::not_found(id));
+    fn delete_in(&self, conn: &Connection, id: &str) -> QueueResult<()> {
+        let seq: Option<i64> =
+            query_optional(conn, "delete", "SELECT seq FROM items WHERE id = ?1", [id])?;
+        match seq {
+            Some(seq) if self.delete_row(conn, "delete", seq)? => Ok(()),
+            _ => Err(QueueError::not_found(id)),
         }
-        Ok(())
+    }
+
+    /// Rewrites an item's metadata row (never its payload); `before` is
+    /// its stored fingerprint and status, for the dedupe index. Returns the
+    /// row's `seq`.
+    fn write_meta(
+        &self,
+        conn: &Connection,
+        item: &QueueItem,
+        before: (String, i64),
+    ) -> QueueResult<i64> {
+        let seq = write_meta(conn, item)?;
+        if self.options.dedupe {
+            self.fingerprints().record(
+                seq,
+                Some((&before.0, before.1)),
+                Some((&item.fingerprint, status_code(item.status))),
+            );
+        }
+        Ok(seq)
     }
 
     fn release_in(conn: &Connection, id: &str, now: i64) -> QueueResult<()> {
@@ -677,7 +900,7 @@ impl SqliteRetryQueue {
             WriteOp::Enqueue(item) => self
                 .enqueue_in(conn, item, known)
                 .map(WriteOutcome::Enqueued),
-            WriteOp::Delete { id } => Self::delete_in(conn, &id).map(|_| WriteOutcome::Applied),
+            WriteOp::Delete { id } => self.delete_in(conn, &id).map(|_| WriteOutcome::Applied),
             WriteOp::Requeue {
                 id,
                 error,
@@ -709,29 +932,36 @@ impl SqliteRetryQueue {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_err(op_name))?;
-            let mut results = Vec::with_capacity(ops.len());
-            let mut known = KnownTotals::default();
-            for op in ops {
-                let changes_before = tx.total_changes();
-                match apply(&tx, op, &mut known) {
-                    Err(e @ QueueError::Storage { .. }) => return Err(e),
-                    Err(e) => {
-                        debug_assert_refused_cleanly(
-                            op_name,
-                            &e,
-                            changes_before,
-                            tx.total_changes(),
-                        );
-                        results.push(Err(e));
+            let results = self.finish(op_name, tx, |tx| {
+                let mut results = Vec::with_capacity(ops.len());
+                let mut known = KnownTotals::default();
+                for op in ops {
+                    let changes_before = tx.total_changes();
+                    match apply(tx, op, &mut known) {
+                        Err(e @ QueueError::Storage { .. }) => return Err(e),
+                        Err(e) => {
+                            debug_assert_refused_cleanly(
+                                op_name,
+                                &e,
+                                changes_before,
+                                tx.total_changes(),
+                            );
+                            results.push(Err(e));
+                        }
+                        ok => results.push(ok),
                     }
-                    ok => results.push(ok),
                 }
-            }
-            tx.commit().map_err(sql_err(op_name))?;
+                Ok(results)
+            })?;
             self.nudge_checkpointer();
             Ok(results)
         })
     }
+}
+
+/// The query that loads items and their payloads, filtered by `where_sql`.
+fn load_sql(where_sql: &str) -> String {
+    format!("SELECT {ITEM_COLUMNS} FROM items i LEFT JOIN payloads p ON p.seq = i.seq {where_sql}")
 }
 
 /// Checks, in debug builds (every test), the rule the commit protocol rests
@@ -762,12 +992,13 @@ fn query_optional<T: rusqlite::types::FromSql>(
         .map_err(sql_err(op))
 }
 
+/// Inserts an item's metadata row; returns its `seq`.
 fn insert_item(
     conn: &Connection,
     item: &QueueItem,
     attributes: &str,
     size: u64,
-) -> QueueResult<()> {
+) -> QueueResult<i64> {
     let mut stmt = conn
         .prepare_cached(
             "INSERT OR FAIL INTO items (id, item_type, fingerprint, status, attempts, max_attempts, last_error, \
@@ -796,11 +1027,11 @@ fn insert_item(
         size as i64,
     ])
     .map_err(sql_err("enqueue"))?;
-    Ok(())
+    Ok(conn.last_insert_rowid())
 }
 
-/// Rewrites an item's metadata row (never its payload).
-fn write_meta(conn: &Connection, item: &QueueItem) -> QueueResult<()> {
+/// Rewrites an item's metadata row (never its payload); returns its `seq`.
+fn write_meta(conn: &Connection, item: &QueueItem) -> QueueResult<i64> {
     let attributes = serde_json::to_string(&item.attributes)
         .map_err(|e| QueueError::invalid(format!("attributes: {e}")))?;
     let mut stmt = conn
@@ -808,33 +1039,51 @@ fn write_meta(conn: &Connection, item: &QueueItem) -> QueueResult<()> {
             "UPDATE OR FAIL items SET item_type = ?2, fingerprint = ?3, status = ?4, attempts = ?5, \
              max_attempts = ?6, last_error = ?7, last_attempt = ?8, next_retry = ?9, updated_at = ?10, \
              agent_id = ?11, scanner_name = ?12, target_path = ?13, lease_until = ?14, \
-             attributes = ?15, size_bytes = ?16 WHERE id = ?1",
+             attributes = ?15, size_bytes = ?16 WHERE id = ?1 RETURNING seq",
         )
         .map_err(sql_err("update"))?;
-    let n = stmt
-        .execute(params![
-            item.id,
-            item.item_type.as_str(),
-            item.fingerprint,
-            status_code(item.status),
-            i64::from(item.attempts),
-            i64::from(item.max_attempts),
-            item.last_error,
-            item.last_attempt.map(to_nanos),
-            to_nanos(item.next_retry),
-            to_nanos(item.updated_at),
-            item.agent_id,
-            item.scanner_name,
-            item.target_path,
-            item.lease_until.map(to_nanos),
-            attributes,
-            item.size_bytes() as i64,
-        ])
+    let seq: Option<i64> = stmt
+        .query_row(
+            params![
+                item.id,
+                item.item_type.as_str(),
+                item.fingerprint,
+                status_code(item.status),
+                i64::from(item.attempts),
+                i64::from(item.max_attempts),
+                item.last_error,
+                item.last_attempt.map(to_nanos),
+                to_nanos(item.next_retry),
+                to_nanos(item.updated_at),
+                item.agent_id,
+                item.scanner_name,
+                item.target_path,
+                item.lease_until.map(to_nanos),
+                attributes,
+                item.size_bytes() as i64,
+            ],
+            |r| r.get(0),
+        )
+        .optional()
         .map_err(sql_err("update"))?;
-    if n == 0 {
-        return Err(QueueError::not_found(&item.id));
+    seq.ok_or_else(|| QueueError::not_found(&item.id))
+}
+
+/// Brings a database at schema `from` (0: new) to [`SCHEMA_VERSION`] in
+/// one transaction: a crash midway leaves the old version whole.
+fn migrate(conn: &mut Connection, from: i64, path: &Path) -> QueueResult<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err("migrate"))?;
+    if from == 1 {
+        tracing::info!(path = %path.display(), "migrating the queue database from schema 1 to 2");
+        tx.execute_batch(MIGRATE_1_TO_2)
+            .map_err(sql_err("migrate"))?;
     }
-    Ok(())
+    tx.execute_batch(SCHEMA).map_err(sql_err("migrate"))?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(sql_err("migrate"))?;
+    tx.commit().map_err(sql_err("migrate"))
 }
 
 #[cfg(unix)]
@@ -913,17 +1162,15 @@ impl RetryQueue for SqliteRetryQueue {
         self.write("peek", |tx| {
             // Loop: a corrupt head is quarantined and the next one tried.
             loop {
-                let head: Option<String> = tx
-                    .query_row(
-                        "SELECT id FROM items WHERE status = 0 AND next_retry <= ?1 \
-                         ORDER BY status, next_retry, created_at, id LIMIT 1",
-                        [now],
-                        |r| r.get(0),
-                    )
-                    .optional()
-                    .map_err(sql_err("peek"))?;
-                let Some(id) = head else { return Ok(None) };
-                if let Some(item) = self.load(tx, "WHERE i.id = ?1", &[&id])?.pop() {
+                let head: Option<i64> = query_optional(
+                    tx,
+                    "peek",
+                    "SELECT seq FROM items WHERE status = 0 AND next_retry <= ?1 \
+                     ORDER BY next_retry, created_at, id LIMIT 1",
+                    [now],
+                )?;
+                let Some(seq) = head else { return Ok(None) };
+                if let Some(item) = self.load(tx, "WHERE i.seq = ?1", &[&seq])?.pop() {
                     return Ok(Some(item));
                 }
             }
@@ -944,12 +1191,16 @@ impl RetryQueue for SqliteRetryQueue {
             let mut next = item.clone();
             next.created_at = stored.created_at;
             next.updated_at = self.now();
-            write_meta(tx, &next)?;
+            let seq = self.write_meta(
+                tx,
+                &next,
+                (stored.fingerprint.clone(), status_code(stored.status)),
+            )?;
             if next.report != stored.report {
                 tx.execute(
-                    "UPDATE payloads SET body = ?2, checksum = ?3 WHERE id = ?1",
+                    "UPDATE payloads SET body = ?2, checksum = ?3 WHERE seq = ?1",
                     params![
-                        next.id,
+                        seq,
                         next.report.as_bytes(),
                         i64::from(payload_checksum(next.report.as_bytes()))
                     ],
@@ -961,7 +1212,7 @@ impl RetryQueue for SqliteRetryQueue {
     }
 
     fn delete(&self, id: &str) -> QueueResult<()> {
-        self.write("delete", |tx| Self::delete_in(tx, id))
+        self.write("delete", |tx| self.delete_in(tx, id))
     }
 
     fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
@@ -991,30 +1242,25 @@ impl RetryQueue for SqliteRetryQueue {
         let now = self.now();
         let lease_until = crate::backoff::add_saturating(now, lease);
         self.write("claim", |tx| {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT id FROM items WHERE status = 0 AND next_retry <= ?1 \
-                     ORDER BY status, next_retry, created_at, id LIMIT ?2",
-                )
-                .map_err(sql_err("claim"))?;
-            let ids = stmt
-                .query_map(params![to_nanos(now), limit as i64], |r| r.get::<_, String>(0))
-                .map_err(sql_err("claim"))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(sql_err("claim"))?;
-            drop(stmt);
-            let mut claimed = Vec::with_capacity(ids.len());
-            for id in ids {
-                if let Some(mut item) = self.load(tx, "WHERE i.id = ?1", &[&id])?.pop() {
+            let mut claimed = Vec::with_capacity(limit.min(1024));
+            // Loops only when corrupt rows were quarantined out of a page.
+            while claimed.len() < limit {
+                let want = limit - claimed.len();
+                let (items, seen) =
+                    self.load_counted(tx, CLAIM_WHERE, &[&to_nanos(now), &(want as i64)])?;
+                for (seq, mut item) in items {
+                    tx.prepare_cached(
+                        "UPDATE items SET status = 1, lease_until = ?2, updated_at = ?3 WHERE seq = ?1",
+                    )
+                    .and_then(|mut s| s.execute(params![seq, to_nanos(lease_until), to_nanos(now)]))
+                    .map_err(sql_err("claim"))?;
                     item.status = ItemStatus::Processing;
                     item.lease_until = Some(lease_until);
                     item.updated_at = now;
-                    tx.prepare_cached(
-                        "UPDATE items SET status = 1, lease_until = ?2, updated_at = ?3 WHERE id = ?1",
-                    )
-                    .and_then(|mut s| s.execute(params![id, to_nanos(lease_until), to_nanos(now)]))
-                    .map_err(sql_err("claim"))?;
                     claimed.push(item);
+                }
+                if seen < want {
+                    break;
                 }
             }
             Ok(claimed)
@@ -1037,7 +1283,7 @@ impl RetryQueue for SqliteRetryQueue {
         self.with_conn(|conn| {
             let pending: Option<i64> = conn
                 .query_row(
-                    "SELECT next_retry FROM items WHERE status = 0 ORDER BY status, next_retry LIMIT 1",
+                    "SELECT next_retry FROM items WHERE status = 0 ORDER BY next_retry LIMIT 1",
                     [],
                     |r| r.get(0),
                 )
@@ -1045,7 +1291,8 @@ impl RetryQueue for SqliteRetryQueue {
                 .map_err(sql_err("next_due"))?;
             let lease: Option<i64> = conn
                 .query_row(
-                    "SELECT lease_until FROM items WHERE status = 1 ORDER BY status, lease_until LIMIT 1",
+                    "SELECT lease_until FROM items WHERE status = 1 AND lease_until IS NOT NULL \
+                     ORDER BY lease_until LIMIT 1",
                     [],
                     |r| r.get(0),
                 )
@@ -1144,18 +1391,28 @@ impl RetryQueue for SqliteRetryQueue {
             ] {
                 tx.execute(
                     &format!(
-                        "DELETE FROM payloads WHERE id IN \
-                         (SELECT id FROM items WHERE {status_sql} AND created_at < ?1)"
+                        "DELETE FROM payloads WHERE seq IN \
+                         (SELECT seq FROM items WHERE {status_sql} AND created_at < ?1)"
                     ),
                     [cutoff],
                 )
                 .map_err(sql_err("cleanup"))?;
-                *slot = tx
-                    .execute(
-                        &format!("DELETE FROM items WHERE {status_sql} AND created_at < ?1"),
-                        [cutoff],
-                    )
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "DELETE FROM items WHERE {status_sql} AND created_at < ?1 \
+                         RETURNING seq, fingerprint, status"
+                    ))
                     .map_err(sql_err("cleanup"))?;
+                let mut rows = stmt.query([cutoff]).map_err(sql_err("cleanup"))?;
+                let mut index = self.fingerprints();
+                while let Some(row) = rows.next().map_err(sql_err("cleanup"))? {
+                    let read = || -> rusqlite::Result<(i64, String, i64)> {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    };
+                    let (seq, fingerprint, status) = read().map_err(sql_err("cleanup"))?;
+                    index.record(seq, Some((&fingerprint, status)), None);
+                    *slot += 1;
+                }
             }
             report.quarantine_trimmed = tx
                 .execute(
@@ -1304,7 +1561,10 @@ mod tests {
         let good = q.enqueue(item(2)).unwrap();
         {
             let c = Connection::open(&path).unwrap();
-            c.execute("UPDATE payloads SET body = X'7B7D7D' WHERE id = ?1", [&bad])
+            c.execute(
+                "UPDATE payloads SET body = X'7B7D7D' WHERE seq = (SELECT seq FROM items WHERE id = ?1)",
+                [&bad],
+            )
                 .unwrap();
         }
         let claimed = q.claim(10, Duration::from_secs(60)).unwrap();
@@ -1400,6 +1660,14 @@ mod tests {
             Err(QueueError::Storage { .. }) => {}
             other => panic!("expected a storage error, got {other:?}"),
         }
+        // The dedupe index forgot the rolled-back items with them.
+        q.with_conn(|c| {
+            c.pragma_update(None, "max_page_count", pages + 64).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let again = q.enqueue(item(1)).unwrap();
+        q.delete(&again).unwrap();
         q.close().unwrap();
         let q = SqliteRetryQueue::open(&path, options).unwrap();
         let ids: Vec<String> = q
@@ -1447,13 +1715,10 @@ mod tests {
         let plan: String = q
             .with_conn(|c| {
                 let mut s = c
-                    .prepare(
-                        "EXPLAIN QUERY PLAN SELECT id FROM items WHERE status = 0 AND next_retry <= 1 \
-                         ORDER BY status, next_retry, created_at, id LIMIT 10",
-                    )
+                    .prepare(&format!("EXPLAIN QUERY PLAN {}", load_sql(CLAIM_WHERE)))
                     .unwrap();
                 let rows: Vec<String> = s
-                    .query_map([], |r| r.get::<_, String>(3))
+                    .query_map(params![1i64, 10i64], |r| r.get::<_, String>(3))
                     .unwrap()
                     .map(|r| r.unwrap())
                     .collect();
@@ -1462,5 +1727,164 @@ mod tests {
             .unwrap();
         assert!(plan.contains("items_ready"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+        assert!(
+            plan.contains("INTEGER PRIMARY KEY"),
+            "payload by seq: {plan}"
+        );
+    }
+
+    #[test]
+    fn dedupe_sees_what_another_connection_committed() {
+        // The admin CLI opens the daemon's database beside it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let daemon = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+        let cli = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+        let first = daemon.enqueue(item(1)).unwrap();
+        // The CLI deletes it: the daemon must take the report again...
+        cli.delete(&first).unwrap();
+        let second = daemon.enqueue(item(1)).unwrap();
+        assert_ne!(first, second);
+        // ...and refuses one the CLI stored, or revived.
+        let from_cli = cli.enqueue(item(2)).unwrap();
+        match daemon.enqueue(item(2)) {
+            Err(QueueError::DuplicateItem { existing_id }) => assert_eq!(existing_id, from_cli),
+            other => panic!("expected a duplicate, got {other:?}"),
+        }
+        cli.mark_failed(&second, "dead").unwrap();
+        let third = daemon.enqueue(item(1)).unwrap();
+        daemon.delete(&third).unwrap();
+        cli.revive(&second).unwrap();
+        match daemon.enqueue(item(1)) {
+            Err(QueueError::DuplicateItem { existing_id }) => assert_eq!(existing_id, second),
+            other => panic!("expected a duplicate, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn eviction_takes_dead_letters_first_then_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(Utc::now());
+        let options = StoreOptions {
+            max_items: 3,
+            overflow: OverflowPolicy::DropOldest,
+            ..opts(&clock)
+        };
+        let q = SqliteRetryQueue::open(dir.path().join("q.db"), options).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            ids.push(q.enqueue(item(n)).unwrap());
+            clock.advance(Duration::from_secs(1));
+        }
+        q.mark_failed(&ids[2], "dead").unwrap();
+        q.enqueue(item(3)).unwrap();
+        assert!(matches!(
+            q.get(&ids[2]),
+            Err(QueueError::ItemNotFound { .. })
+        ));
+        q.enqueue(item(4)).unwrap();
+        assert!(matches!(
+            q.get(&ids[0]),
+            Err(QueueError::ItemNotFound { .. })
+        ));
+        q.get(&ids[1]).unwrap();
+        assert_eq!(q.stats().unwrap().evicted, 2);
+        // An evicted item's fingerprint is free again.
+        q.enqueue(item(0)).unwrap();
+    }
+
+    /// Schema 1 as retryq 0.1 wrote it, for the migration test.
+    const SCHEMA_V1: &str = include_str!("sqlite/schema_v1.sql");
+
+    #[test]
+    fn a_schema_1_database_is_migrated_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let now = to_nanos(Utc::now());
+        let payload = |n: u32| format!("{{\"n\":{n}}}");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            // Pending, processing (lease long expired) and a dead letter.
+            for (n, id, status, lease) in [
+                (1, "a-pending", 0, None),
+                (2, "b-processing", 1, Some(now - 1_000)),
+                (3, "c-dead", 2, None),
+            ] {
+                let body = payload(n);
+                c.execute(
+                    "INSERT INTO items (id, item_type, fingerprint, status, attempts, max_attempts, \
+                     last_error, last_attempt, next_retry, created_at, updated_at, agent_id, \
+                     scanner_name, target_path, lease_until, attributes, size_bytes) VALUES \
+                     (?1, 'findings', ?2, ?3, 2, 10, 'boom', ?4, ?4, ?5, ?4, 'agent', 'scanner', \
+                     '/srv', ?6, '{\"k\":\"v\"}', ?7)",
+                    params![
+                        id,
+                        crate::item::sha256_hex(body.as_bytes()),
+                        status,
+                        now,
+                        now - 10 + i64::from(n),
+                        lease,
+                        body.len() as i64 + 100
+                    ],
+                )
+                .unwrap();
+                c.execute(
+                    "INSERT INTO payloads (id, body, checksum) VALUES (?1, ?2, ?3)",
+                    params![
+                        id,
+                        body.as_bytes(),
+                        i64::from(payload_checksum(body.as_bytes()))
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+        let version: i64 = q
+            .with_conn(|c| {
+                Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))
+                    .unwrap())
+            })
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let pending = q.get("a-pending").unwrap();
+        assert_eq!(pending.report.as_str(), payload(1));
+        assert_eq!(pending.attempts, 2);
+        assert_eq!(pending.last_error, "boom");
+        assert_eq!(pending.attributes.get("k").map(String::as_str), Some("v"));
+        // The expired lease was released at open, as for any database.
+        assert_eq!(q.get("b-processing").unwrap().status, ItemStatus::Pending);
+        assert_eq!(q.get("c-dead").unwrap().status, ItemStatus::Failed);
+        let stats = q.stats().unwrap();
+        assert_eq!((stats.total_items, stats.failed_items), (3, 1));
+        assert_eq!(q.size().unwrap(), 3, "totals survive the migration");
+        // Dedupe sees the migrated live items, not the dead letter.
+        match q.enqueue(NewItem::from_json(payload(1).as_bytes()).unwrap()) {
+            Err(QueueError::DuplicateItem { existing_id }) => assert_eq!(existing_id, "a-pending"),
+            other => panic!("expected a duplicate, got {other:?}"),
+        }
+        q.enqueue(NewItem::from_json(payload(3).as_bytes()).unwrap())
+            .unwrap();
+        let claimed = q.claim(10, Duration::from_secs(60)).unwrap();
+        assert_eq!(claimed.len(), 3);
+        assert_eq!(claimed[0].id, "a-pending", "ready order kept");
+        let old_index: Option<String> = q
+            .with_conn(|c| {
+                Ok(c.query_row(
+                    "SELECT name FROM sqlite_master WHERE name = 'items_fingerprint'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .unwrap())
+            })
+            .unwrap();
+        assert_eq!(old_index, None);
+        q.close().unwrap();
+        // A second open finds schema 2 and leaves it alone.
+        let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(q.size().unwrap(), 4);
     }
 }
