@@ -14,8 +14,9 @@
 //!   at enqueue, verified on every read.
 //! - `quarantine`: rows that failed their integrity check, with the reason,
 //!   moved out of the way so they never block the rest of the queue.
-//! - `totals`: one row with the item count and byte total, kept by triggers
-//!   in the same transaction as each change, so limits cost O(1).
+//! - `totals`: one row with the item count and byte total, updated in the
+//!   same transaction as each change (once per transaction, from the
+//!   changes it made; a trigger for resizes), so limits cost O(1).
 //!
 //! Indexes, each partial where it can be so an item sits only in those
 //! its state needs: ready order `(next_retry, created_at, id)` of pending
@@ -123,9 +124,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
     quarantined_at INTEGER NOT NULL,
     body BLOB
 );
--- Running item count and byte total, kept by triggers inside the same
+-- Running item count and byte total, updated inside the same
 -- transaction as the change (so a rollback undoes them too): limits
--- are checked without scanning the table.
+-- are checked without scanning the table. Inserts and deletes add up
+-- their change and write it once, before the commit: a trigger on them
+-- would run for every row and make each delete keep a statement journal.
 CREATE TABLE IF NOT EXISTS totals (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     items INTEGER NOT NULL,
@@ -133,12 +136,6 @@ CREATE TABLE IF NOT EXISTS totals (
 );
 INSERT OR IGNORE INTO totals (id, items, bytes)
     SELECT 0, COUNT(*), COALESCE(SUM(size_bytes), 0) FROM items;
-CREATE TRIGGER IF NOT EXISTS totals_insert AFTER INSERT ON items BEGIN
-    UPDATE totals SET items = items + 1, bytes = bytes + NEW.size_bytes WHERE id = 0;
-END;
-CREATE TRIGGER IF NOT EXISTS totals_delete AFTER DELETE ON items BEGIN
-    UPDATE totals SET items = items - 1, bytes = bytes - OLD.size_bytes WHERE id = 0;
-END;
 CREATE TRIGGER IF NOT EXISTS totals_resize AFTER UPDATE OF size_bytes ON items BEGIN
     UPDATE totals SET bytes = bytes - OLD.size_bytes + NEW.size_bytes WHERE id = 0;
 END;
@@ -255,6 +252,13 @@ fn sql_err(op: &'static str) -> impl Fn(rusqlite::Error) -> QueueError {
 #[derive(Debug, Default)]
 struct KnownTotals(Option<(u64, u64)>);
 
+/// Changes to the item count and byte total not yet written to `totals`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct TotalsDelta {
+    items: i64,
+    bytes: i64,
+}
+
 /// A row read back: the item, or why it failed its integrity check.
 enum Loaded {
     Ok {
@@ -353,6 +357,10 @@ pub struct SqliteRetryQueue {
     /// The dedupe index. Only touched while `conn` is locked, so its own
     /// lock is never contended.
     fingerprints: Mutex<FingerprintIndex>,
+    /// Item count and byte changes made by the open transaction, written
+    /// to `totals` just before it commits. Only touched while `conn` is
+    /// locked.
+    totals_delta: Mutex<TotalsDelta>,
     path: PathBuf,
     options: StoreOptions,
     evicted: AtomicU64,
@@ -415,6 +423,7 @@ impl SqliteRetryQueue {
             conn: Mutex::new(Some(conn)),
             checkpointer: Mutex::new(checkpointer),
             fingerprints: Mutex::new(FingerprintIndex::default()),
+            totals_delta: Mutex::new(TotalsDelta::default()),
             path,
             options,
             evicted: AtomicU64::new(0),
@@ -447,9 +456,10 @@ impl SqliteRetryQueue {
         self.fingerprints.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` in the open transaction `tx` and commits. A storage error
-    /// (from `f` or the commit) rolls back, and the dedupe index, which may
-    /// have recorded the rolled-back changes, is rebuilt at next use.
+    /// Runs `f` in the open transaction `tx`, writes its change to the
+    /// totals and commits. A storage error (from `f` or the commit) rolls
+    /// back; the totals change is dropped with it, and the dedupe index,
+    /// which may have recorded rolled-back changes, is rebuilt at next use.
     fn finish<T>(
         &self,
         op: &'static str,
@@ -457,13 +467,35 @@ impl SqliteRetryQueue {
         f: impl FnOnce(&Transaction<'_>) -> QueueResult<T>,
     ) -> QueueResult<T> {
         let outcome = f(&tx).and_then(|out| {
+            let delta = std::mem::take(&mut *self.totals_delta());
+            if delta != TotalsDelta::default() {
+                tx.prepare_cached(
+                    "UPDATE totals SET items = items + ?1, bytes = bytes + ?2 WHERE id = 0",
+                )
+                .and_then(|mut stmt| stmt.execute([delta.items, delta.bytes]))
+                .map_err(sql_err(op))?;
+            }
             tx.commit().map_err(sql_err(op))?;
             Ok(out)
         });
+        if outcome.is_err() {
+            *self.totals_delta() = TotalsDelta::default();
+        }
         if matches!(outcome, Err(QueueError::Storage { .. })) {
             self.fingerprints().invalidate();
         }
         outcome
+    }
+
+    fn totals_delta(&self) -> std::sync::MutexGuard<'_, TotalsDelta> {
+        self.totals_delta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts an inserted (`items = 1`) or deleted (`-1`) item of `bytes`.
+    fn count_change(&self, items: i64, bytes: i64) {
+        let mut delta = self.totals_delta();
+        delta.items += items;
+        delta.bytes += bytes;
     }
 
     fn nudge_checkpointer(&self) {
@@ -570,21 +602,46 @@ impl SqliteRetryQueue {
     /// Deletes the item with rowid `seq` and its payload, keeping the
     /// dedupe index in step. Returns whether a row was there.
     fn delete_row(&self, conn: &Connection, op: &'static str, seq: i64) -> QueueResult<bool> {
-        let deleted: Option<(String, i64)> = conn
-            .prepare_cached("DELETE FROM items WHERE seq = ?1 RETURNING fingerprint, status")
+        let row: Option<(String, i64, i64)> = conn
+            .prepare_cached("SELECT fingerprint, status, size_bytes FROM items WHERE seq = ?1")
             .and_then(|mut stmt| {
-                stmt.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                stmt.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()
             })
             .map_err(sql_err(op))?;
-        conn.prepare_cached("DELETE FROM payloads WHERE seq = ?1")
-            .and_then(|mut stmt| stmt.execute([seq]))
-            .map_err(sql_err(op))?;
-        if let Some((fingerprint, status)) = &deleted {
-            self.fingerprints()
-                .record(seq, Some((fingerprint, *status)), None);
+        match row {
+            Some((fingerprint, status, size)) => {
+                self.delete_known_row(conn, op, seq, (&fingerprint, status, size))?;
+                Ok(true)
+            }
+            None => Ok(false),
         }
-        Ok(deleted.is_some())
+    }
+
+    /// [`Self::delete_row`] when the caller has just read the row's
+    /// fingerprint, status and size. (Plain deletes: `RETURNING` would
+    /// make SQLite buffer its output, which cost more than this read.)
+    fn delete_known_row(
+        &self,
+        conn: &Connection,
+        op: &'static str,
+        seq: i64,
+        (fingerprint, status, size): (&str, i64, i64),
+    ) -> QueueResult<()> {
+        for sql in [
+            "DELETE FROM items WHERE seq = ?1",
+            "DELETE FROM payloads WHERE seq = ?1",
+        ] {
+            conn.prepare_cached(sql)
+                .and_then(|mut stmt| stmt.execute([seq]))
+                .map_err(sql_err(op))?;
+        }
+        self.count_change(-1, -size);
+        if self.options.dedupe {
+            self.fingerprints()
+                .record(seq, Some((fingerprint, status)), None);
+        }
+        Ok(())
     }
 
     fn get_in(&self, conn: &Connection, id: &str) -> QueueResult<QueueItem> {
@@ -600,14 +657,18 @@ impl SqliteRetryQueue {
         })
     }
 
-    fn totals(conn: &Connection) -> QueueResult<(u64, u64)> {
-        conn.prepare_cached("SELECT items, bytes FROM totals WHERE id = 0")
-            .and_then(|mut stmt| {
-                stmt.query_row([], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-                })
-            })
-            .map_err(sql_err("enqueue"))
+    /// The item count and byte total as of the open transaction (the
+    /// stored row plus what the transaction changed so far).
+    fn totals(&self, conn: &Connection) -> QueueResult<(u64, u64)> {
+        let (items, bytes): (i64, i64) = conn
+            .prepare_cached("SELECT items, bytes FROM totals WHERE id = 0")
+            .and_then(|mut stmt| stmt.query_row([], |r| Ok((r.get(0)?, r.get(1)?))))
+            .map_err(sql_err("totals"))?;
+        let delta = *self.totals_delta();
+        Ok((
+            items.saturating_add(delta.items).max(0) as u64,
+            bytes.saturating_add(delta.bytes).max(0) as u64,
+        ))
     }
 
     /// Makes room for an item of `size` bytes, or refuses it.
@@ -627,7 +688,7 @@ impl SqliteRetryQueue {
         loop {
             let (count, bytes) = match known.0 {
                 Some(totals) => totals,
-                None => *known.0.insert(Self::totals(conn)?),
+                None => *known.0.insert(self.totals(conn)?),
             };
             let fits_items = (count as usize) < self.options.max_items;
             let fits_bytes = bytes.saturating_add(size) <= self.options.max_bytes;
@@ -710,6 +771,7 @@ impl SqliteRetryQueue {
         let size = item.size_bytes();
         self.make_room(conn, size, known)?;
         let seq = insert_item(conn, &item, &attributes, size)?;
+        self.count_change(1, size as i64);
         if let Some((count, bytes)) = &mut known.0 {
             *count += 1;
             *bytes += size;
@@ -837,12 +899,17 @@ impl SqliteRetryQueue {
     }
 
     fn delete_in(&self, conn: &Connection, id: &str) -> QueueResult<()> {
-        let seq: Option<i64> =
-            query_optional(conn, "delete", "SELECT seq FROM items WHERE id = ?1", [id])?;
-        match seq {
-            Some(seq) if self.delete_row(conn, "delete", seq)? => Ok(()),
-            _ => Err(QueueError::not_found(id)),
-        }
+        let row: Option<(i64, String, i64, i64)> = conn
+            .prepare_cached("SELECT seq, fingerprint, status, size_bytes FROM items WHERE id = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .optional()
+            })
+            .map_err(sql_err("delete"))?;
+        let Some((seq, fingerprint, status, size)) = row else {
+            return Err(QueueError::not_found(id));
+        };
+        self.delete_known_row(conn, "delete", seq, (&fingerprint, status, size))
     }
 
     /// Rewrites an item's metadata row (never its payload); `before` is
@@ -1307,7 +1374,7 @@ impl RetryQueue for SqliteRetryQueue {
     }
 
     fn size(&self) -> QueueResult<usize> {
-        self.with_conn(|conn| Ok(Self::totals(conn)?.0 as usize))
+        self.with_conn(|conn| Ok(self.totals(conn)?.0 as usize))
     }
 
     fn stats(&self) -> QueueResult<QueueStats> {
@@ -1400,17 +1467,18 @@ impl RetryQueue for SqliteRetryQueue {
                 let mut stmt = tx
                     .prepare(&format!(
                         "DELETE FROM items WHERE {status_sql} AND created_at < ?1 \
-                         RETURNING seq, fingerprint, status"
+                         RETURNING seq, fingerprint, status, size_bytes"
                     ))
                     .map_err(sql_err("cleanup"))?;
                 let mut rows = stmt.query([cutoff]).map_err(sql_err("cleanup"))?;
                 let mut index = self.fingerprints();
                 while let Some(row) = rows.next().map_err(sql_err("cleanup"))? {
-                    let read = || -> rusqlite::Result<(i64, String, i64)> {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    let read = || -> rusqlite::Result<(i64, String, i64, i64)> {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
                     };
-                    let (seq, fingerprint, status) = read().map_err(sql_err("cleanup"))?;
+                    let (seq, fingerprint, status, size) = read().map_err(sql_err("cleanup"))?;
                     index.record(seq, Some((&fingerprint, status)), None);
+                    self.count_change(-1, -size);
                     *slot += 1;
                 }
             }
@@ -1432,7 +1500,7 @@ impl RetryQueue for SqliteRetryQueue {
         self.write("enforce_limits", |tx| {
             let mut evicted = 0;
             loop {
-                let (count, bytes) = Self::totals(tx)?;
+                let (count, bytes) = self.totals(tx)?;
                 if (count as usize) <= self.options.max_items && bytes <= self.options.max_bytes
                     || count == 0
                 {
@@ -1660,6 +1728,11 @@ mod tests {
             Err(QueueError::Storage { .. }) => {}
             other => panic!("expected a storage error, got {other:?}"),
         }
+        assert_eq!(
+            q.size().unwrap(),
+            1,
+            "the rolled-back items are not counted"
+        );
         // The dedupe index forgot the rolled-back items with them.
         q.with_conn(|c| {
             c.pragma_update(None, "max_page_count", pages + 64).unwrap();

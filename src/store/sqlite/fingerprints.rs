@@ -24,9 +24,9 @@
 //! - It is built lazily, on the first lookup: opening a store, or a store
 //!   with dedupe off, never scans the table for it.
 //!
-//! Memory: about 40 bytes per live item (a `BTreeSet` of two integers).
+//! Memory: about 50 bytes per live item (a hash map of two integers).
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use rusqlite::Connection;
@@ -47,12 +47,63 @@ fn hash(fingerprint: &str) -> u64 {
     hasher.finish()
 }
 
+/// The rowids of the live items whose fingerprints share one hash: almost
+/// always one (dedupe keeps one live item per fingerprint), more after a
+/// hash collision or when dedupe was off for some items.
+#[derive(Debug, Clone, PartialEq)]
+enum Rowids {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+impl Rowids {
+    fn as_slice(&self) -> &[i64] {
+        match self {
+            Rowids::One(rowid) => std::slice::from_ref(rowid),
+            Rowids::Many(rowids) => rowids,
+        }
+    }
+}
+
+/// `hash(fingerprint)` to rowids of every live item.
+type Entries = HashMap<u64, Rowids>;
+
+fn insert(entries: &mut Entries, h: u64, rowid: i64) {
+    match entries.get_mut(&h) {
+        None => {
+            entries.insert(h, Rowids::One(rowid));
+        }
+        Some(Rowids::One(first)) if *first != rowid => {
+            let first = *first;
+            entries.insert(h, Rowids::Many(vec![first, rowid]));
+        }
+        Some(Rowids::Many(rowids)) if !rowids.contains(&rowid) => rowids.push(rowid),
+        Some(_) => {}
+    }
+}
+
+fn remove(entries: &mut Entries, h: u64, rowid: i64) {
+    let emptied = match entries.get_mut(&h) {
+        Some(Rowids::One(only)) => *only == rowid,
+        Some(Rowids::Many(rowids)) => {
+            rowids.retain(|&r| r != rowid);
+            rowids.is_empty()
+        }
+        None => false,
+    };
+    if emptied {
+        entries.remove(&h);
+    }
+}
+
 /// The in-memory dedupe index of one connection. See the module docs.
 #[derive(Debug, Default)]
 pub(super) struct FingerprintIndex {
-    /// `(hash(fingerprint), rowid)` of every live item; `None` until built
-    /// or after it was invalidated.
-    entries: Option<BTreeSet<(u64, i64)>>,
+    /// Every live item by fingerprint hash; `None` until built or after it
+    /// was invalidated.
+    entries: Option<Entries>,
+    /// Live items in `entries`.
+    live: usize,
     /// `PRAGMA data_version` when `entries` last matched the database.
     data_version: i64,
 }
@@ -74,15 +125,11 @@ impl FingerprintIndex {
         if self.entries.is_none() || version != self.data_version {
             self.rebuild(conn, version)?;
         }
-        let h = hash(fingerprint);
         Ok(self
             .entries
             .as_ref()
-            .map(|set| {
-                set.range((h, i64::MIN)..=(h, i64::MAX))
-                    .map(|&(_, rowid)| rowid)
-                    .collect()
-            })
+            .and_then(|entries| entries.get(&hash(fingerprint)))
+            .map(|rowids| rowids.as_slice().to_vec())
             .unwrap_or_default())
     }
 
@@ -94,14 +141,20 @@ impl FingerprintIndex {
             ))
             .map_err(sql_err("dedupe index"))?;
         let mut rows = stmt.query([]).map_err(sql_err("dedupe index"))?;
-        let mut set = BTreeSet::new();
+        let mut entries = Entries::new();
+        let mut live = 0;
         while let Some(row) = rows.next().map_err(sql_err("dedupe index"))? {
             let rowid: i64 = row.get(0).map_err(sql_err("dedupe index"))?;
-            let fingerprint: String = row.get(1).map_err(sql_err("dedupe index"))?;
-            set.insert((hash(&fingerprint), rowid));
+            let fingerprint: &str = row
+                .get_ref(1)
+                .and_then(|v| v.as_str().map_err(Into::into))
+                .map_err(sql_err("dedupe index"))?;
+            insert(&mut entries, hash(fingerprint), rowid);
+            live += 1;
         }
-        tracing::debug!(live_items = set.len(), "built the dedupe index");
-        self.entries = Some(set);
+        tracing::debug!(live_items = live, "built the dedupe index");
+        self.entries = Some(entries);
+        self.live = live;
         self.data_version = version;
         Ok(())
     }
@@ -115,24 +168,26 @@ impl FingerprintIndex {
         before: Option<(&str, i64)>,
         after: Option<(&str, i64)>,
     ) {
-        let Some(set) = self.entries.as_mut() else {
+        let Some(entries) = self.entries.as_mut() else {
             return;
         };
         if let Some((fingerprint, status)) = before {
             if is_live(status) {
-                set.remove(&(hash(fingerprint), rowid));
+                remove(entries, hash(fingerprint), rowid);
+                self.live = self.live.saturating_sub(1);
             }
         }
         if let Some((fingerprint, status)) = after {
             if is_live(status) {
-                set.insert((hash(fingerprint), rowid));
+                insert(entries, hash(fingerprint), rowid);
+                self.live += 1;
             }
         }
     }
 
     /// Live items in the set, when built (for tests' cross-checks).
     pub(super) fn len(&self) -> Option<usize> {
-        self.entries.as_ref().map(BTreeSet::len)
+        self.entries.as_ref().map(|_| self.live)
     }
 }
 
@@ -188,6 +243,21 @@ mod tests {
         assert_eq!(index.candidates(&conn, "dd").unwrap(), vec![3]);
         assert_eq!(index.candidates(&conn, "ee").unwrap(), vec![5]);
         assert_eq!(index.candidates(&conn, "aa").unwrap(), vec![4]);
+    }
+
+    #[test]
+    fn shared_hashes_keep_every_rowid() {
+        let mut entries = Entries::new();
+        insert(&mut entries, 7, 1);
+        insert(&mut entries, 7, 2);
+        insert(&mut entries, 7, 2);
+        assert_eq!(entries[&7], Rowids::Many(vec![1, 2]));
+        remove(&mut entries, 7, 1);
+        assert_eq!(entries[&7].as_slice(), &[2]);
+        remove(&mut entries, 7, 2);
+        assert!(entries.is_empty());
+        remove(&mut entries, 7, 2);
+        assert!(entries.is_empty());
     }
 
     #[test]
