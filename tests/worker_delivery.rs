@@ -662,3 +662,62 @@ async fn events_reach_subscribers() {
     assert!(ev.latency.is_some());
     assert_eq!(successes.load(Ordering::SeqCst), 1);
 }
+
+/// A transport that counts pushes in flight and holds each one (at most a
+/// second) until `wanted` are in flight together, so overlap shows.
+struct Gathering {
+    wanted: usize,
+    state: Mutex<(usize, usize)>, // (in flight now, most ever in flight)
+    changed: std::sync::Condvar,
+    pushes: AtomicUsize,
+}
+
+impl Pusher for Gathering {
+    fn push(&self, _item: &ItemMeta, _payload: &[u8], _ctx: &CallContext) -> PushOutcome {
+        let mut state = self.state.lock().unwrap();
+        state.0 += 1;
+        state.1 = state.1.max(state.0);
+        self.changed.notify_all();
+        let (mut state, _) = self
+            .changed
+            .wait_timeout_while(state, Duration::from_secs(1), |s| s.0 < self.wanted)
+            .unwrap();
+        state.0 -= 1;
+        self.pushes.fetch_add(1, Ordering::SeqCst);
+        PushOutcome::Delivered
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_claimed_while_the_last_batch_is_pushed() {
+    let env = Env::new();
+    let queue = env.store();
+    let ids = enqueue_n(&queue, 12).await;
+    let transport = Arc::new(Gathering {
+        wanted: 3,
+        state: Mutex::new((0, 0)),
+        changed: std::sync::Condvar::new(),
+        pushes: AtomicUsize::new(0),
+    });
+    let config = RetryWorkerConfig {
+        batch_size: 2,
+        concurrency: 4,
+        ..env.config()
+    };
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    wait_until("all delivered", || queue.size().unwrap() == 0).await;
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        transport.pushes.load(Ordering::SeqCst),
+        ids.len(),
+        "each pushed once"
+    );
+    // One cycle holds at most batch_size (2) pushes; more means the next
+    // batch was claimed and pushed while the last was still in flight.
+    let most = transport.state.lock().unwrap().1;
+    assert!(
+        most >= 3,
+        "cycles never overlapped: at most {most} pushes in flight"
+    );
+}

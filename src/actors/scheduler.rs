@@ -572,13 +572,22 @@ fn record_failure(shared: &Shared, probing: bool, unauthorized: bool) {
     }
 }
 
+/// Most delivery cycles in flight at once. Two let one batch be claimed (on
+/// the store thread) while another is pushed (on the pusher threads); more
+/// would only hold more items under lease.
+const MAX_OVERLAPPING_CYCLES: usize = 2;
+
 /// The scheduler actor. Its state lives in [`Shared`], so a restart by its
 /// supervisor loses nothing.
 pub struct SchedulerActor {
     shared: Arc<Shared>,
     io: Arc<Io>,
-    cycle_running: bool,
+    /// Delivery cycles in flight (at most [`MAX_OVERLAPPING_CYCLES`]).
+    cycles_running: usize,
     rerun: bool,
+    /// The last cycle claimed a full batch and delivered all of it: more
+    /// is due and the upstream is healthy, so cycles may overlap.
+    backlog: bool,
     shutting_down: bool,
     next_timer: Option<SpawnHandle>,
 }
@@ -589,22 +598,35 @@ impl SchedulerActor {
         SchedulerActor {
             shared,
             io,
-            cycle_running: false,
+            cycles_running: 0,
             rerun: false,
+            backlog: false,
             shutting_down: false,
             next_timer: None,
         }
     }
 
+    /// Starts delivery cycles: one, or while a healthy upstream has a
+    /// backlog, up to [`MAX_OVERLAPPING_CYCLES`], so the next batch is
+    /// claimed while the last one is still being pushed.
     fn start_cycle(&mut self, ctx: &mut Context<Self>) {
-        if self.shutting_down {
-            return;
-        }
-        if self.cycle_running {
+        let limit =
+            if self.backlog && matches!(gate(&self.shared, self.shared.clock.now()), Gate::Open) {
+                MAX_OVERLAPPING_CYCLES
+            } else {
+                1
+            };
+        if self.cycles_running >= limit {
             self.rerun = true;
             return;
         }
-        self.cycle_running = true;
+        while self.cycles_running < limit && !self.shutting_down {
+            self.spawn_cycle(ctx);
+        }
+    }
+
+    fn spawn_cycle(&mut self, ctx: &mut Context<Self>) {
+        self.cycles_running += 1;
         self.rerun = false;
         let shared = self.shared.clone();
         let io = self.io.clone();
@@ -621,7 +643,7 @@ impl SchedulerActor {
         ctx.spawn(
             fut.into_actor(self)
                 .map(move |(results, next_due), act, ctx| {
-                    act.cycle_running = false;
+                    act.cycles_running -= 1;
                     let full = match &results {
                         Ok(r) => r.len() >= batch,
                         Err(e) => {
@@ -629,8 +651,16 @@ impl SchedulerActor {
                             false
                         }
                     };
+                    act.backlog = full
+                        && results.as_ref().is_ok_and(|r| {
+                            r.iter().all(|r| {
+                                matches!(r.kind, EventKind::Delivered | EventKind::Skipped)
+                            })
+                        });
                     if act.shutting_down {
-                        ctx.stop();
+                        if act.cycles_running == 0 {
+                            ctx.stop();
+                        }
                         return;
                     }
                     if full || act.rerun {
@@ -695,7 +725,7 @@ impl Actor for SchedulerActor {
         }
         // The poll notices items that other processes wrote to a shared store.
         ctx.run_interval(self.shared.config.poll_interval, |act, ctx| {
-            if !act.cycle_running {
+            if act.cycles_running == 0 {
                 act.start_cycle(ctx);
             }
         });
@@ -705,7 +735,7 @@ impl Actor for SchedulerActor {
 
 impl Supervised for SchedulerActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.cycle_running = false;
+        self.cycles_running = 0;
         if self
             .shared
             .shutdown
@@ -751,7 +781,7 @@ impl Handler<Shutdown> for SchedulerActor {
     type Result = ();
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
         self.shutting_down = true;
-        if !self.cycle_running {
+        if self.cycles_running == 0 {
             ctx.stop();
         }
     }
