@@ -1007,9 +1007,16 @@ fn apply_batch_applies_each_op(b: &'static Backend) {
                 id: "missing".into(),
             },
             WriteOp::Delete { id: "a".into() },
+            WriteOp::Delete { id: "d".into() },
+            WriteOp::Delete { id: "d".into() },
         ])
         .unwrap();
-    assert_eq!(results.len(), 8);
+    assert_eq!(results.len(), 10);
+    // "d" was released (Applied above), then deleted by the run of deletes,
+    // which answers per ID, as one delete at a time would.
+    assert_eq!(results[8].as_ref().unwrap(), &WriteOutcome::Applied);
+    assert_eq!(results[9].as_ref().unwrap_err().kind(), "item_not_found");
+    assert_eq!(kind(f.q.get("d")), "item_not_found");
     assert_eq!(
         results[0].as_ref().unwrap(),
         &WriteOutcome::Enqueued("e".into())
@@ -1029,8 +1036,6 @@ fn apply_batch_applies_each_op(b: &'static Backend) {
     assert_eq!(b_item.last_attempt, Some(at(3)));
     let c_item = f.q.get("c").unwrap();
     assert_eq!((c_item.status, c_item.attempts), (ItemStatus::Failed, 1));
-    let d_item = f.q.get("d").unwrap();
-    assert_eq!((d_item.status, d_item.attempts), (ItemStatus::Pending, 0));
     assert_eq!(f.q.get("e").unwrap().status, ItemStatus::Pending);
 }
 

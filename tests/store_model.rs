@@ -18,7 +18,7 @@ use retryq::clock::ManualClock;
 use retryq::item::{NewItem, Payload, QueueItem};
 use retryq::store::{
     CleanupReport, FileRetryQueue, ListFilter, MemoryRetryQueue, OverflowPolicy, QueueStats,
-    RetryQueue, SqliteRetryQueue, StoreOptions,
+    RetryQueue, SqliteRetryQueue, StoreOptions, WriteOp, WriteOutcome,
 };
 use retryq::{QueueError, QueueResult};
 
@@ -41,13 +41,22 @@ struct Enq {
 enum Op {
     Enqueue(Enq),
     EnqueueBatch(Vec<Enq>),
-    Claim { limit: usize, lease: u16 },
+    Claim {
+        limit: usize,
+        lease: u16,
+    },
     Dequeue,
     Peek,
     Get(usize),
-    Requeue { id: usize, delay: u16 },
+    Requeue {
+        id: usize,
+        delay: u16,
+    },
     MarkFailed(usize),
     Delete(usize),
+    /// Acknowledgements as a delivery cycle sends them: one `apply_batch`
+    /// of deletes (IDs may repeat or be missing).
+    AckBatch(Vec<usize>),
     Revive(usize),
     Release(usize),
     ReleaseExpired,
@@ -86,6 +95,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (id.clone(), 0..120u16).prop_map(|(id, delay)| Op::Requeue { id, delay }),
         2 => id.clone().prop_map(Op::MarkFailed),
         2 => id.clone().prop_map(Op::Delete),
+        1 => prop::collection::vec(id.clone(), 0..4).prop_map(Op::AckBatch),
         1 => id.clone().prop_map(Op::Revive),
         1 => id.prop_map(Op::Release),
         1 => Just(Op::ReleaseExpired),
@@ -178,6 +188,28 @@ fn apply(
         ),
         Op::MarkFailed(id) => out(q.mark_failed(IDS[*id], "dead"), |i| Out::Item(Some(i))),
         Op::Delete(id) => out(q.delete(IDS[*id]), |()| Out::Unit),
+        Op::AckBatch(ids) => out(
+            q.apply_batch(
+                ids.iter()
+                    .map(|id| WriteOp::Delete {
+                        id: IDS[*id].into(),
+                    })
+                    .collect(),
+            ),
+            |results| {
+                Out::Ids(
+                    results
+                        .into_iter()
+                        .map(|r| {
+                            out(r, |o| match o {
+                                WriteOutcome::Applied => Out::Unit,
+                                WriteOutcome::Enqueued(id) => Out::Id(id),
+                            })
+                        })
+                        .collect(),
+                )
+            },
+        ),
         Op::Revive(id) => out(q.revive(IDS[*id]), |i| Out::Item(Some(i))),
         Op::Release(id) => out(q.release(IDS[*id]), |()| Out::Unit),
         Op::ReleaseExpired => out(q.release_expired_leases(), Out::Count),

@@ -294,7 +294,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
             reason: "payload checksum mismatch".into(),
         });
     }
-    let report = match Payload::from_json_bytes(&body) {
+    let report = match Payload::from_stored(body) {
         Ok(p) => p,
         Err(e) => {
             return Ok(Loaded::Bad {
@@ -995,34 +995,101 @@ impl SqliteRetryQueue {
         ops: Vec<T>,
         mut apply: impl FnMut(&Connection, T, &mut KnownTotals) -> QueueResult<WriteOutcome>,
     ) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
+        let count = ops.len();
+        self.batch_units(op_name, ops, count, |conn, op, known, results| {
+            let changes_before = conn.total_changes();
+            match apply(conn, op, known) {
+                Err(e @ QueueError::Storage { .. }) => return Err(e),
+                Err(e) => {
+                    debug_assert_refused_cleanly(op_name, &e, changes_before, conn.total_changes());
+                    results.push(Err(e));
+                }
+                ok => results.push(ok),
+            }
+            Ok(())
+        })
+    }
+
+    /// [`Self::batch`] over units that each yield one or more results
+    /// (`apply` pushes them); a storage error from `apply` aborts all.
+    fn batch_units<T>(
+        &self,
+        op_name: &'static str,
+        units: Vec<T>,
+        results_expected: usize,
+        mut apply: impl FnMut(
+            &Connection,
+            T,
+            &mut KnownTotals,
+            &mut Vec<QueueResult<WriteOutcome>>,
+        ) -> QueueResult<()>,
+    ) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
         self.with_conn(|conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_err(op_name))?;
             let results = self.finish(op_name, tx, |tx| {
-                let mut results = Vec::with_capacity(ops.len());
+                let mut results = Vec::with_capacity(results_expected);
                 let mut known = KnownTotals::default();
-                for op in ops {
-                    let changes_before = tx.total_changes();
-                    match apply(tx, op, &mut known) {
-                        Err(e @ QueueError::Storage { .. }) => return Err(e),
-                        Err(e) => {
-                            debug_assert_refused_cleanly(
-                                op_name,
-                                &e,
-                                changes_before,
-                                tx.total_changes(),
-                            );
-                            results.push(Err(e));
-                        }
-                        ok => results.push(ok),
-                    }
+                for unit in units {
+                    apply(tx, unit, &mut known, &mut results)?;
                 }
                 Ok(results)
             })?;
             self.nudge_checkpointer();
             Ok(results)
         })
+    }
+
+    /// Deletes many items by ID with three set-based statements instead of
+    /// three per item (a delivery cycle acknowledges its whole batch at
+    /// once). Results are per ID, in order; an ID not found (or repeated)
+    /// is `ItemNotFound`, as one `delete` at a time would say.
+    fn delete_many(
+        &self,
+        conn: &Connection,
+        ids: Vec<String>,
+        results: &mut Vec<QueueResult<WriteOutcome>>,
+    ) -> QueueResult<()> {
+        let id_list = serde_json::to_string(&ids)
+            .map_err(|e| QueueError::storage("delete", e.to_string()))?;
+        let mut found: std::collections::HashMap<String, (i64, String, i64, i64)> = conn
+            .prepare_cached(
+                "SELECT id, seq, fingerprint, status, size_bytes FROM items \
+                 WHERE id IN (SELECT value FROM json_each(?1))",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([&id_list], |r| {
+                    Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+                })?
+                .collect()
+            })
+            .map_err(sql_err("delete"))?;
+        let seqs: Vec<i64> = found.values().map(|row| row.0).collect();
+        let seq_list = serde_json::to_string(&seqs)
+            .map_err(|e| QueueError::storage("delete", e.to_string()))?;
+        for sql in [
+            "DELETE FROM items WHERE seq IN (SELECT value FROM json_each(?1))",
+            "DELETE FROM payloads WHERE seq IN (SELECT value FROM json_each(?1))",
+        ] {
+            conn.prepare_cached(sql)
+                .and_then(|mut stmt| stmt.execute([&seq_list]))
+                .map_err(sql_err("delete"))?;
+        }
+        let mut index = self.options.dedupe.then(|| self.fingerprints());
+        for id in ids {
+            match found.remove(&id) {
+                Some((seq, fingerprint, status, size)) => {
+                    self.count_change(-1, -size);
+                    if let Some(index) = index.as_mut() {
+                        index.record(seq, Some((&fingerprint, status)), None);
+                    }
+                    results.push(Ok(WriteOutcome::Applied));
+                }
+                None => results.push(Err(QueueError::not_found(&id))),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1315,12 +1382,18 @@ impl RetryQueue for SqliteRetryQueue {
                 let want = limit - claimed.len();
                 let (items, seen) =
                     self.load_counted(tx, CLAIM_WHERE, &[&to_nanos(now), &(want as i64)])?;
-                for (seq, mut item) in items {
-                    tx.prepare_cached(
-                        "UPDATE items SET status = 1, lease_until = ?2, updated_at = ?3 WHERE seq = ?1",
-                    )
-                    .and_then(|mut s| s.execute(params![seq, to_nanos(lease_until), to_nanos(now)]))
-                    .map_err(sql_err("claim"))?;
+                let seqs: Vec<i64> = items.iter().map(|(seq, _)| *seq).collect();
+                let seq_list = serde_json::to_string(&seqs)
+                    .map_err(|e| QueueError::storage("claim", e.to_string()))?;
+                tx.prepare_cached(
+                    "UPDATE OR FAIL items SET status = 1, lease_until = ?2, updated_at = ?3 \
+                     WHERE seq IN (SELECT value FROM json_each(?1))",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![seq_list, to_nanos(lease_until), to_nanos(now)])
+                })
+                .map_err(sql_err("claim"))?;
+                for (_, mut item) in items {
                     item.status = ItemStatus::Processing;
                     item.lease_until = Some(lease_until);
                     item.updated_at = now;
@@ -1546,9 +1619,49 @@ impl RetryQueue for SqliteRetryQueue {
     }
 
     fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
-        self.batch("apply_batch", ops, |conn, op, known| {
-            self.apply_one(conn, op, known)
-        })
+        // Runs of deletes (acknowledgements) go as one set-based delete;
+        // everything else one op at a time, in order.
+        enum Unit {
+            One(WriteOp),
+            Deletes(Vec<String>),
+        }
+        let count = ops.len();
+        let mut units: Vec<Unit> = Vec::new();
+        for op in ops {
+            match (op, units.last_mut()) {
+                (WriteOp::Delete { id }, Some(Unit::Deletes(ids))) => ids.push(id),
+                (WriteOp::Delete { id }, _) => units.push(Unit::Deletes(vec![id])),
+                (op, _) => units.push(Unit::One(op)),
+            }
+        }
+        self.batch_units(
+            "apply_batch",
+            units,
+            count,
+            |conn, unit, known, results| match unit {
+                Unit::Deletes(ids) => {
+                    known.0 = None;
+                    self.delete_many(conn, ids, results)
+                }
+                Unit::One(op) => {
+                    let changes_before = conn.total_changes();
+                    match self.apply_one(conn, op, known) {
+                        Err(e @ QueueError::Storage { .. }) => return Err(e),
+                        Err(e) => {
+                            debug_assert_refused_cleanly(
+                                "apply_batch",
+                                &e,
+                                changes_before,
+                                conn.total_changes(),
+                            );
+                            results.push(Err(e));
+                        }
+                        ok => results.push(ok),
+                    }
+                    Ok(())
+                }
+            },
+        )
     }
 
     fn close(&self) -> QueueResult<()> {
