@@ -46,7 +46,13 @@
 //! record's move to quarantine, which is meant to stick. Debug builds check
 //! this rule after every refusal. An error from SQLite itself (full disk,
 //! I/O error) rolls the whole transaction back: nothing half-applied is
-//! ever visible.
+//! ever visible, and the two things kept in memory beside the transaction
+//! (its change to the totals, the dedupe set) are dropped with it.
+//!
+//! Claims and acknowledgements are set-based: a claim marks the page of
+//! items it loaded with one `UPDATE`, and a run of deletes in `apply_batch`
+//! (a delivery cycle's acknowledgements) is one `SELECT` and two `DELETE`s
+//! over the list of IDs, answering per ID as single deletes would.
 //!
 //! # Checkpoints
 //!
@@ -66,7 +72,9 @@
 //!
 //! Several processes may open the same file (the daemon and the admin CLI):
 //! WAL lets readers run beside the writer and `busy_timeout` makes writers
-//! wait their turn instead of failing.
+//! wait their turn instead of failing. The dedupe set notices another
+//! connection's commits (`PRAGMA data_version`) and is rebuilt before its
+//! next use.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
