@@ -632,6 +632,13 @@ impl SchedulerActor {
         let io = self.io.clone();
         let batch = self.shared.config.batch_size;
         let fut = async move {
+            if matches!(gate(&shared, shared.clock.now()), Gate::Closed) {
+                // Paused or circuit open: nothing is claimed, and the timer
+                // goes by the pause, the cool-down or the poll, not by the
+                // next due item, so asking the store would be wasted work
+                // on its thread (after every enqueue, while paused).
+                return (Ok(Vec::new()), None);
+            }
             let results = run_cycle(&shared, &io).await;
             let next_due = match &*io {
                 Io::Actors { store, .. } => store.send(NextDue).await.ok().and_then(|r| r.ok()),
