@@ -153,48 +153,35 @@ CREATE INDEX IF NOT EXISTS items_created ON items(created_at, id);
 CREATE INDEX IF NOT EXISTS items_dead ON items(created_at, id) WHERE status = 2;
 ";
 
-/// Schema 1 to 2: items gain the integer key `seq`, payloads are keyed by
-/// it, and the on-disk fingerprint and status-prefixed indexes go (dropping
-/// the old tables drops their indexes and triggers; `SCHEMA` then creates
-/// the new ones). Runs in the caller's transaction.
-const MIGRATE_1_TO_2: &str = "
-CREATE TABLE items_v2 (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    item_type TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    attempts INTEGER NOT NULL,
-    max_attempts INTEGER NOT NULL,
-    last_error TEXT NOT NULL,
-    last_attempt INTEGER,
-    next_retry INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    agent_id TEXT NOT NULL,
-    scanner_name TEXT NOT NULL,
-    target_path TEXT NOT NULL,
-    lease_until INTEGER,
-    attributes TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL
-);
-INSERT INTO items_v2 (id, item_type, fingerprint, status, attempts, max_attempts, last_error,
+/// Schema 1 to 2, first half: the old indexes and triggers go (schema 2
+/// reuses some of their names) and the old tables step aside, so `SCHEMA`
+/// can create schema 2's. Runs in the migration's transaction.
+const MIGRATE_1_TO_2_BEFORE: &str = "
+DROP INDEX IF EXISTS items_ready;
+DROP INDEX IF EXISTS items_fingerprint;
+DROP INDEX IF EXISTS items_created;
+DROP INDEX IF EXISTS items_lease;
+DROP TRIGGER IF EXISTS totals_insert;
+DROP TRIGGER IF EXISTS totals_delete;
+DROP TRIGGER IF EXISTS totals_resize;
+ALTER TABLE items RENAME TO items_v1;
+ALTER TABLE payloads RENAME TO payloads_v1;
+";
+
+/// Schema 1 to 2, second half (after `SCHEMA`): rows move over in creation
+/// order, each payload to its item's new `seq`, and the totals are counted
+/// afresh.
+const MIGRATE_1_TO_2_AFTER: &str = "
+INSERT INTO items (id, item_type, fingerprint, status, attempts, max_attempts, last_error,
     last_attempt, next_retry, created_at, updated_at, agent_id, scanner_name, target_path,
     lease_until, attributes, size_bytes)
     SELECT id, item_type, fingerprint, status, attempts, max_attempts, last_error,
     last_attempt, next_retry, created_at, updated_at, agent_id, scanner_name, target_path,
-    lease_until, attributes, size_bytes FROM items ORDER BY created_at, id;
-CREATE TABLE payloads_v2 (
-    seq INTEGER PRIMARY KEY,
-    body BLOB NOT NULL,
-    checksum INTEGER NOT NULL
-);
-INSERT INTO payloads_v2 (seq, body, checksum)
-    SELECT i.seq, p.body, p.checksum FROM payloads p JOIN items_v2 i ON i.id = p.id;
-DROP TABLE items;
-DROP TABLE payloads;
-ALTER TABLE items_v2 RENAME TO items;
-ALTER TABLE payloads_v2 RENAME TO payloads;
+    lease_until, attributes, size_bytes FROM items_v1 ORDER BY created_at, id;
+INSERT INTO payloads (seq, body, checksum)
+    SELECT i.seq, p.body, p.checksum FROM payloads_v1 p JOIN items i ON i.id = p.id;
+DROP TABLE items_v1;
+DROP TABLE payloads_v1;
 UPDATE totals SET items = (SELECT COUNT(*) FROM items),
     bytes = (SELECT COALESCE(SUM(size_bytes), 0) FROM items) WHERE id = 0;
 ";
@@ -1219,10 +1206,14 @@ fn migrate(conn: &mut Connection, from: i64, path: &Path) -> QueueResult<()> {
         .map_err(sql_err("migrate"))?;
     if from == 1 {
         tracing::info!(path = %path.display(), "migrating the queue database from schema 1 to 2");
-        tx.execute_batch(MIGRATE_1_TO_2)
+        tx.execute_batch(MIGRATE_1_TO_2_BEFORE)
             .map_err(sql_err("migrate"))?;
     }
     tx.execute_batch(SCHEMA).map_err(sql_err("migrate"))?;
+    if from == 1 {
+        tx.execute_batch(MIGRATE_1_TO_2_AFTER)
+            .map_err(sql_err("migrate"))?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sql_err("migrate"))?;
     tx.commit().map_err(sql_err("migrate"))
@@ -2076,6 +2067,30 @@ mod tests {
             })
             .unwrap();
         assert_eq!(old_index, None);
+        let schema: Vec<String> = q
+            .with_conn(|c| {
+                let mut stmt = c
+                    .prepare(
+                        "SELECT name || ': ' || COALESCE(sql, '') FROM sqlite_master ORDER BY name",
+                    )
+                    .unwrap();
+                let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+                Ok(rows.map(|r| r.unwrap()).collect())
+            })
+            .unwrap();
+        let has = |prefix: &str, part: &str| {
+            schema
+                .iter()
+                .any(|entry| entry.starts_with(prefix) && entry.contains(part))
+        };
+        assert!(has("items_ready:", "WHERE status = 0"), "{schema:#?}");
+        assert!(has("items_leased:", "WHERE status = 1"), "{schema:#?}");
+        assert!(has("payloads:", "seq INTEGER PRIMARY KEY"), "{schema:#?}");
+        assert!(!has("items_v1", ""), "old tables dropped: {schema:#?}");
+        assert!(
+            !has("totals_insert", ""),
+            "old triggers dropped: {schema:#?}"
+        );
         q.close().unwrap();
         // A second open finds schema 2 and leaves it alone.
         let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
