@@ -24,7 +24,10 @@
 //! - It is built lazily, on the first lookup: opening a store, or a store
 //!   with dedupe off, never scans the table for it.
 //!
-//! Memory: about 50 bytes per live item (a hash map of two integers).
+//! Cost: about 50 bytes per live item (a hash map of two integers), and a
+//! scan of the table at each build: about 80 ms for 100,000 items on the
+//! benchmark VM, paid by the first enqueue after open and after each commit
+//! by another process (an admin CLI write, typically).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
