@@ -452,9 +452,9 @@ impl SqliteRetryQueue {
     }
 
     /// Runs `f` in the open transaction `tx`, writes its change to the
-    /// totals and commits. A storage error (from `f` or the commit) rolls
-    /// back; the totals change is dropped with it, and the dedupe index,
-    /// which may have recorded rolled-back changes, is rebuilt at next use.
+    /// totals and commits. An error (from `f` or the commit) rolls back;
+    /// the totals change is dropped with it, and the dedupe index, which
+    /// may have recorded rolled-back changes, is rebuilt at next use.
     fn finish<T>(
         &self,
         op: &'static str,
@@ -474,9 +474,8 @@ impl SqliteRetryQueue {
             Ok(out)
         });
         if outcome.is_err() {
+            // The transaction rolled back (dropping it does): so do these.
             *self.totals_delta() = TotalsDelta::default();
-        }
-        if matches!(outcome, Err(QueueError::Storage { .. })) {
             self.fingerprints().invalidate();
         }
         outcome
@@ -594,8 +593,9 @@ impl SqliteRetryQueue {
         Ok(())
     }
 
-    /// Deletes the item with rowid `seq` and its payload, keeping the
-    /// dedupe index in step. Returns whether a row was there.
+    /// Deletes the item with rowid `seq` and its payload (quarantine,
+    /// eviction). Returns whether a row was there. (Plain deletes after a
+    /// read: `RETURNING` would make SQLite buffer its output.)
     fn delete_row(&self, conn: &Connection, op: &'static str, seq: i64) -> QueueResult<bool> {
         let row: Option<(String, i64, i64)> = conn
             .prepare_cached("SELECT fingerprint, status, size_bytes FROM items WHERE seq = ?1")
@@ -604,25 +604,9 @@ impl SqliteRetryQueue {
                     .optional()
             })
             .map_err(sql_err(op))?;
-        match row {
-            Some((fingerprint, status, size)) => {
-                self.delete_known_row(conn, op, seq, (&fingerprint, status, size))?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
-
-    /// [`Self::delete_row`] when the caller has just read the row's
-    /// fingerprint, status and size. (Plain deletes: `RETURNING` would
-    /// make SQLite buffer its output, which cost more than this read.)
-    fn delete_known_row(
-        &self,
-        conn: &Connection,
-        op: &'static str,
-        seq: i64,
-        (fingerprint, status, size): (&str, i64, i64),
-    ) -> QueueResult<()> {
+        let Some((fingerprint, status, size)) = row else {
+            return Ok(false);
+        };
         for sql in [
             "DELETE FROM items WHERE seq = ?1",
             "DELETE FROM payloads WHERE seq = ?1",
@@ -631,12 +615,17 @@ impl SqliteRetryQueue {
                 .and_then(|mut stmt| stmt.execute([seq]))
                 .map_err(sql_err(op))?;
         }
+        self.forget_row(seq, &fingerprint, status, size);
+        Ok(true)
+    }
+
+    /// Books a deleted row: out of the totals and the dedupe index.
+    fn forget_row(&self, seq: i64, fingerprint: &str, status: i64, size: i64) {
         self.count_change(-1, -size);
         if self.options.dedupe {
             self.fingerprints()
                 .record(seq, Some((fingerprint, status)), None);
         }
-        Ok(())
     }
 
     fn get_in(&self, conn: &Connection, id: &str) -> QueueResult<QueueItem> {
@@ -894,17 +883,12 @@ impl SqliteRetryQueue {
     }
 
     fn delete_in(&self, conn: &Connection, id: &str) -> QueueResult<()> {
-        let row: Option<(i64, String, i64, i64)> = conn
-            .prepare_cached("SELECT seq, fingerprint, status, size_bytes FROM items WHERE id = ?1")
-            .and_then(|mut stmt| {
-                stmt.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                    .optional()
-            })
-            .map_err(sql_err("delete"))?;
-        let Some((seq, fingerprint, status, size)) = row else {
-            return Err(QueueError::not_found(id));
-        };
-        self.delete_known_row(conn, "delete", seq, (&fingerprint, status, size))
+        let mut results = Vec::with_capacity(1);
+        self.delete_many(conn, vec![id.to_owned()], &mut results)?;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(QueueError::not_found(id)))
+            .map(|_| ())
     }
 
     /// Rewrites an item's metadata row (never its payload); `before` is
@@ -992,16 +976,7 @@ impl SqliteRetryQueue {
     ) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
         let count = ops.len();
         self.batch_units(op_name, ops, count, |conn, op, known, results| {
-            let changes_before = conn.total_changes();
-            match apply(conn, op, known) {
-                Err(e @ QueueError::Storage { .. }) => return Err(e),
-                Err(e) => {
-                    debug_assert_refused_cleanly(op_name, &e, changes_before, conn.total_changes());
-                    results.push(Err(e));
-                }
-                ok => results.push(ok),
-            }
-            Ok(())
+            apply_checked(op_name, conn, results, |conn| apply(conn, op, known))
         })
     }
 
@@ -1036,10 +1011,11 @@ impl SqliteRetryQueue {
         })
     }
 
-    /// Deletes many items by ID with three set-based statements instead of
-    /// three per item (a delivery cycle acknowledges its whole batch at
-    /// once). Results are per ID, in order; an ID not found (or repeated)
-    /// is `ItemNotFound`, as one `delete` at a time would say.
+    /// Deletes items by ID (every delete by ID comes here) with three
+    /// set-based statements whatever their number: a delivery cycle
+    /// acknowledges its whole batch at once. Results are per ID, in order;
+    /// an ID not found (or repeated) is `ItemNotFound`, as one `delete` at
+    /// a time would say.
     fn delete_many(
         &self,
         conn: &Connection,
@@ -1071,14 +1047,10 @@ impl SqliteRetryQueue {
                 .and_then(|mut stmt| stmt.execute([&seq_list]))
                 .map_err(sql_err("delete"))?;
         }
-        let mut index = self.options.dedupe.then(|| self.fingerprints());
         for id in ids {
             match found.remove(&id) {
                 Some((seq, fingerprint, status, size)) => {
-                    self.count_change(-1, -size);
-                    if let Some(index) = index.as_mut() {
-                        index.record(seq, Some((&fingerprint, status)), None);
-                    }
+                    self.forget_row(seq, &fingerprint, status, size);
                     results.push(Ok(WriteOutcome::Applied));
                 }
                 None => results.push(Err(QueueError::not_found(&id))),
@@ -1091,6 +1063,27 @@ impl SqliteRetryQueue {
 /// The query that loads items and their payloads, filtered by `where_sql`.
 fn load_sql(where_sql: &str) -> String {
     format!("SELECT {ITEM_COLUMNS} FROM items i LEFT JOIN payloads p ON p.seq = i.seq {where_sql}")
+}
+
+/// Runs one op of a batch: a storage error aborts the batch (returned);
+/// any other result is the op's own, pushed to `results` after checking
+/// that a refusal wrote nothing.
+fn apply_checked(
+    op_name: &str,
+    conn: &Connection,
+    results: &mut Vec<QueueResult<WriteOutcome>>,
+    apply: impl FnOnce(&Connection) -> QueueResult<WriteOutcome>,
+) -> QueueResult<()> {
+    let changes_before = conn.total_changes();
+    match apply(conn) {
+        Err(e @ QueueError::Storage { .. }) => return Err(e),
+        Err(e) => {
+            debug_assert_refused_cleanly(op_name, &e, changes_before, conn.total_changes());
+            results.push(Err(e));
+        }
+        ok => results.push(ok),
+    }
+    Ok(())
 }
 
 /// Checks, in debug builds (every test), the rule the commit protocol rests
@@ -1543,14 +1536,12 @@ impl RetryQueue for SqliteRetryQueue {
                     ))
                     .map_err(sql_err("cleanup"))?;
                 let mut rows = stmt.query([cutoff]).map_err(sql_err("cleanup"))?;
-                let mut index = self.fingerprints();
                 while let Some(row) = rows.next().map_err(sql_err("cleanup"))? {
                     let read = || -> rusqlite::Result<(i64, String, i64, i64)> {
                         Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
                     };
                     let (seq, fingerprint, status, size) = read().map_err(sql_err("cleanup"))?;
-                    index.record(seq, Some((&fingerprint, status)), None);
-                    self.count_change(-1, -size);
+                    self.forget_row(seq, &fingerprint, status, size);
                     *slot += 1;
                 }
             }
@@ -1642,23 +1633,9 @@ impl RetryQueue for SqliteRetryQueue {
                     known.0 = None;
                     self.delete_many(conn, ids, results)
                 }
-                Unit::One(op) => {
-                    let changes_before = conn.total_changes();
-                    match self.apply_one(conn, op, known) {
-                        Err(e @ QueueError::Storage { .. }) => return Err(e),
-                        Err(e) => {
-                            debug_assert_refused_cleanly(
-                                "apply_batch",
-                                &e,
-                                changes_before,
-                                conn.total_changes(),
-                            );
-                            results.push(Err(e));
-                        }
-                        ok => results.push(ok),
-                    }
-                    Ok(())
-                }
+                Unit::One(op) => apply_checked("apply_batch", conn, results, |conn| {
+                    self.apply_one(conn, op, known)
+                }),
             },
         )
     }
