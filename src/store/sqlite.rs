@@ -1194,22 +1194,29 @@ fn write_meta(conn: &Connection, item: &QueueItem) -> QueueResult<i64> {
 /// Brings a database at schema `from` (0: new) to [`SCHEMA_VERSION`] in
 /// one transaction: a crash midway leaves the old version whole.
 fn migrate(conn: &mut Connection, from: i64, path: &Path) -> QueueResult<()> {
+    let failed = |e: rusqlite::Error| {
+        QueueError::storage(
+            "migrate",
+            format!(
+                "{} from schema {from} to {SCHEMA_VERSION} (nothing was changed): {e}",
+                path.display()
+            ),
+        )
+    };
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql_err("migrate"))?;
+        .map_err(failed)?;
     if from == 1 {
         tracing::info!(path = %path.display(), "migrating the queue database from schema 1 to 2");
-        tx.execute_batch(MIGRATE_1_TO_2_BEFORE)
-            .map_err(sql_err("migrate"))?;
+        tx.execute_batch(MIGRATE_1_TO_2_BEFORE).map_err(failed)?;
     }
-    tx.execute_batch(SCHEMA).map_err(sql_err("migrate"))?;
+    tx.execute_batch(SCHEMA).map_err(failed)?;
     if from == 1 {
-        tx.execute_batch(MIGRATE_1_TO_2_AFTER)
-            .map_err(sql_err("migrate"))?;
+        tx.execute_batch(MIGRATE_1_TO_2_AFTER).map_err(failed)?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(sql_err("migrate"))?;
-    tx.commit().map_err(sql_err("migrate"))
+        .map_err(failed)?;
+    tx.commit().map_err(failed)
 }
 
 #[cfg(unix)]
@@ -1957,6 +1964,67 @@ mod tests {
 
     /// Schema 1 as retryq 0.1 wrote it, for the migration test.
     const SCHEMA_V1: &str = include_str!("sqlite/schema_v1.sql");
+
+    #[test]
+    fn a_migration_that_fails_midway_leaves_schema_1_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let body = "{\"n\":1}";
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO items (id, item_type, fingerprint, status, attempts, max_attempts, \
+                 last_error, next_retry, created_at, updated_at, agent_id, scanner_name, \
+                 target_path, attributes, size_bytes) VALUES \
+                 ('kept', 'findings', 'fp', 0, 0, 10, '', 1, 1, 1, '', '', '', '{}', 10)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO payloads (id, body, checksum) VALUES ('kept', ?1, ?2)",
+                params![
+                    body.as_bytes(),
+                    i64::from(payload_checksum(body.as_bytes()))
+                ],
+            )
+            .unwrap();
+            // A name the migration needs is taken: its rename step fails
+            // after the indexes were already dropped in its transaction.
+            c.execute_batch("CREATE TABLE items_v1 (x)").unwrap();
+        }
+        let err = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("from schema 1 to 2") && message.contains("items_v1"),
+            "{message}"
+        );
+        {
+            let c = Connection::open(&path).unwrap();
+            let version: i64 = c
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, 1, "still schema 1");
+            let index: Option<String> = c
+                .query_row(
+                    "SELECT name FROM sqlite_master WHERE name = 'items_fingerprint'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .unwrap();
+            assert!(
+                index.is_some(),
+                "the dropped index came back with the rollback"
+            );
+            c.execute_batch("DROP TABLE items_v1").unwrap();
+        }
+        // With the obstacle gone, the same file migrates and keeps its item.
+        let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(q.get("kept").unwrap().report.as_str(), body);
+        assert_eq!(q.size().unwrap(), 1);
+    }
 
     #[test]
     fn a_schema_1_database_is_migrated_whole() {
