@@ -231,6 +231,14 @@ fn crash_round(backend: &str, seed: u64, kill_after: usize) {
         .into_iter()
         .map(|i| i.id)
         .collect();
+    // The running count (SQLite's totals row, written once per
+    // transaction) agrees with what survived the kill.
+    assert_eq!(
+        q.size().unwrap(),
+        stored.len(),
+        "{backend}: size() disagrees with the stored items"
+    );
+    assert_eq!(stats.total_items, stored.len());
     let flight_id = in_flight.as_ref().map(|(id, _)| id.clone());
     for id in &stored {
         assert!(
