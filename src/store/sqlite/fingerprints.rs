@@ -188,7 +188,8 @@ impl FingerprintIndex {
         }
     }
 
-    /// Live items in the set, when built (for tests' cross-checks).
+    /// Live items in the set, when built (for debug builds' cross-checks).
+    #[cfg(any(test, debug_assertions))]
     pub(super) fn len(&self) -> Option<usize> {
         self.entries.as_ref().map(|_| self.live)
     }
