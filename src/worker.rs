@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 
 use crate::actors::checker::CheckerActor;
 use crate::actors::janitor::JanitorActor;
-use crate::actors::messages::{MaintenanceReport, Pause, Resume, Shutdown, Wake};
+use crate::actors::messages::{MaintenanceReport, Pause, Resume, Shutdown};
 use crate::actors::pusher::PusherActor;
 use crate::actors::scheduler::{
     blocking, run_cycle, Callbacks, DeliveryState, Io, SchedulerActor, Shared,
@@ -370,6 +370,7 @@ impl RetryWorker {
                 events,
                 callbacks: Default::default(),
                 shutdown: Default::default(),
+                wake_queued: Default::default(),
             }),
             queue,
             pusher,
@@ -588,7 +589,7 @@ impl RetryWorker {
             Some((store, scheduler)) => {
                 let ops = items.into_iter().map(WriteOp::Enqueue).collect();
                 let results = store.apply(ops).await?;
-                scheduler.do_send(Wake);
+                self.shared.wake(&scheduler);
                 results
                     .into_iter()
                     .map(|r| {
@@ -610,7 +611,7 @@ impl RetryWorker {
     /// Wakes the scheduler (something may be due).
     pub fn wake(&self) {
         if let Some(r) = self.running().as_ref() {
-            r.scheduler.do_send(Wake);
+            self.shared.wake(&r.scheduler);
         }
     }
 

@@ -554,6 +554,64 @@ async fn sixty_four_producers_everything_delivered_exactly_once() {
     assert!(!worker.is_running());
 }
 
+/// Producers wake the scheduler with at most one `Wake` in its mailbox at a
+/// time. With the safety poll an hour away, only those wakes can start
+/// delivery: a wake lost in a burst, or a "wake queued" mark left set after
+/// one, leaves items undelivered here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_wakes_deliver_every_burst_without_the_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn RetryQueue> = Arc::new(
+        SqliteRetryQueue::open(
+            dir.path().join("q.db"),
+            StoreOptions {
+                max_items: 100_000,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let transport = Scripted::always(PushOutcome::Delivered);
+    let config = RetryWorkerConfig {
+        batch_size: 7,
+        poll_interval: Duration::from_secs(3600),
+        ..RetryWorkerConfig::default()
+    };
+    let worker = Arc::new(RetryWorker::new(config, queue.clone(), transport.clone()).unwrap());
+    worker.start().await.unwrap();
+    let mut delivered = 0;
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for p in 0..16 {
+            let w = worker.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..10 {
+                    w.enqueue(item(round * 100_000 + p * 1000 + n))
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        delivered += 160;
+        wait_until(&format!("burst {round} delivered"), || {
+            queue.size().unwrap() == 0 && transport.counts().len() == delivered
+        })
+        .await;
+        // Idle between bursts: nothing is due, so no timer is set either.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A single enqueue after the bursts is woken too.
+    let last = worker.enqueue(item(999_999)).await.unwrap();
+    wait_until("the last item delivered", || {
+        transport.counts().get(&last) == Some(&1)
+    })
+    .await;
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_during_delivery_then_restart_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -95,9 +95,25 @@ pub struct Shared {
     pub callbacks: std::sync::RwLock<Callbacks>,
     /// Set by `stop`: a supervisor restart must not resume delivery.
     pub shutdown: std::sync::atomic::AtomicBool,
+    /// A `Wake` is in the scheduler's mailbox and not yet handled. Producers
+    /// send one only when none is, so a burst of enqueues costs the actor
+    /// thread one cycle start, not one message (and one eventfd write) each.
+    pub wake_queued: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
+    /// Asks `scheduler` to start a cycle, unless a `Wake` is already queued:
+    /// that one is handled after this call returned, so it sees whatever the
+    /// caller committed before calling.
+    pub fn wake(&self, scheduler: &actix::Addr<SchedulerActor>) {
+        if !self
+            .wake_queued
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            scheduler.do_send(Wake);
+        }
+    }
+
     /// Locks the delivery state (a poisoned lock is still usable: the state
     /// is plain counters and flags).
     pub fn state(&self) -> std::sync::MutexGuard<'_, DeliveryState> {
@@ -720,6 +736,10 @@ impl Actor for SchedulerActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // A Wake lost with a stopped actor's mailbox must not block the next.
+        self.shared
+            .wake_queued
+            .store(false, std::sync::atomic::Ordering::Release);
         if self
             .shared
             .shutdown
@@ -758,6 +778,11 @@ impl Supervised for SchedulerActor {
 impl Handler<Wake> for SchedulerActor {
     type Result = ();
     fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        // Cleared before the cycle starts: a wake asked for after this line
+        // sends a new message, so no commit goes unnoticed.
+        self.shared
+            .wake_queued
+            .store(false, std::sync::atomic::Ordering::Release);
         self.start_cycle(ctx);
     }
 }
