@@ -507,19 +507,25 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_producers_everything_delivered_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let queue: Arc<dyn RetryQueue> = Arc::new(
+/// A SQLite queue in `dir` with room for every test's items, on the real
+/// clock.
+fn roomy_sqlite_queue(dir: &std::path::Path) -> Arc<dyn RetryQueue> {
+    Arc::new(
         SqliteRetryQueue::open(
-            dir.path().join("q.db"),
+            dir.join("q.db"),
             StoreOptions {
                 max_items: 100_000,
                 ..StoreOptions::default()
             },
         )
         .unwrap(),
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_producers_everything_delivered_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = roomy_sqlite_queue(dir.path());
     let transport = Scripted::always(PushOutcome::Delivered);
     let config = RetryWorkerConfig {
         batch_size: 50,
@@ -561,16 +567,7 @@ async fn sixty_four_producers_everything_delivered_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_wakes_deliver_every_burst_without_the_poll() {
     let dir = tempfile::tempdir().unwrap();
-    let queue: Arc<dyn RetryQueue> = Arc::new(
-        SqliteRetryQueue::open(
-            dir.path().join("q.db"),
-            StoreOptions {
-                max_items: 100_000,
-                ..StoreOptions::default()
-            },
-        )
-        .unwrap(),
-    );
+    let queue = roomy_sqlite_queue(dir.path());
     let transport = Scripted::always(PushOutcome::Delivered);
     let config = RetryWorkerConfig {
         batch_size: 7,
