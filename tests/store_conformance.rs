@@ -698,6 +698,9 @@ fn update_replaces_all_but_id_and_created_at(b: &'static Backend) {
     changed.next_retry = at(99);
     changed.created_at = at(-1000);
     changed.agent_id = "agent-2".into();
+    changed.scanner_name = "scanner-2".into();
+    changed.target_path = "/srv/other".into();
+    changed.item_type = ItemType::from("inventory-v2");
     changed.attributes.insert("k".into(), "v".into());
     f.q.update(&changed).unwrap();
     let got = f.q.get("a").unwrap();
@@ -710,6 +713,11 @@ fn update_replaces_all_but_id_and_created_at(b: &'static Backend) {
     assert_eq!(got.updated_at, at(7));
     assert_eq!(got.agent_id, "agent-2");
     assert_eq!(got.attributes.get("k").map(String::as_str), Some("v"));
+    // Every other field, each in its own column: nothing swapped or dropped.
+    let mut expected = changed.clone();
+    expected.created_at = t0();
+    expected.updated_at = at(7);
+    assert_eq!(got, expected);
     let mut ghost = got.clone();
     ghost.id = "ghost".into();
     assert_eq!(kind(f.q.update(&ghost)), "item_not_found");
