@@ -734,7 +734,7 @@ impl SqliteRetryQueue {
         // nothing behind (see "Commit protocol" above).
         let caller_id = new.id.is_some();
         let item = new.into_item(self.now(), self.options.default_max_attempts)?;
-        let attributes = attributes_json(&item)?;
+        let row = ItemRow::new(&item)?;
         if caller_id {
             // A fresh UUIDv7 cannot collide; only a caller's ID can.
             let existing: Option<String> = query_optional(
@@ -754,7 +754,7 @@ impl SqliteRetryQueue {
         }
         let size = item.size_bytes();
         self.make_room(conn, size, known)?;
-        let seq = insert_item(conn, &item, &attributes, size)?;
+        let seq = insert_item(conn, &row)?;
         self.count_change(1, size as i64);
         if let Some((count, bytes)) = &mut known.0 {
             *count += 1;
@@ -1114,79 +1114,92 @@ fn query_optional<T: rusqlite::types::FromSql>(
         .map_err(sql_err(op))
 }
 
+/// An item's `items` row as SQL values, bound as ?1..?17 in the column
+/// order of [`insert_item`]'s statement. [`write_meta`] binds the same
+/// values and leaves ?10 (`created_at`, which never changes) unused, so the
+/// two statements cannot disagree on which value goes to which column.
+struct ItemRow<'a> {
+    item: &'a QueueItem,
+    item_type: &'a str,
+    status: i64,
+    attempts: i64,
+    max_attempts: i64,
+    last_attempt: Option<i64>,
+    next_retry: i64,
+    created_at: i64,
+    updated_at: i64,
+    lease_until: Option<i64>,
+    attributes: String,
+    size_bytes: i64,
+}
+
+impl<'a> ItemRow<'a> {
+    /// Fails (before any write) only when the attributes do not serialize.
+    fn new(item: &'a QueueItem) -> QueueResult<Self> {
+        Ok(ItemRow {
+            item,
+            item_type: item.item_type.as_str(),
+            status: status_code(item.status),
+            attempts: i64::from(item.attempts),
+            max_attempts: i64::from(item.max_attempts),
+            last_attempt: item.last_attempt.map(to_nanos),
+            next_retry: to_nanos(item.next_retry),
+            created_at: to_nanos(item.created_at),
+            updated_at: to_nanos(item.updated_at),
+            lease_until: item.lease_until.map(to_nanos),
+            attributes: attributes_json(item)?,
+            size_bytes: item.size_bytes() as i64,
+        })
+    }
+
+    fn params(&self) -> [&dyn rusqlite::ToSql; 17] {
+        [
+            &self.item.id,
+            &self.item_type,
+            &self.item.fingerprint,
+            &self.status,
+            &self.attempts,
+            &self.max_attempts,
+            &self.item.last_error,
+            &self.last_attempt,
+            &self.next_retry,
+            &self.created_at,
+            &self.updated_at,
+            &self.item.agent_id,
+            &self.item.scanner_name,
+            &self.item.target_path,
+            &self.lease_until,
+            &self.attributes,
+            &self.size_bytes,
+        ]
+    }
+}
+
 /// Inserts an item's metadata row; returns its `seq`.
-fn insert_item(
-    conn: &Connection,
-    item: &QueueItem,
-    attributes: &str,
-    size: u64,
-) -> QueueResult<i64> {
-    let mut stmt = conn
-        .prepare_cached(
-            "INSERT OR FAIL INTO items (id, item_type, fingerprint, status, attempts, max_attempts, last_error, \
-             last_attempt, next_retry, created_at, updated_at, agent_id, scanner_name, target_path, \
-             lease_until, attributes, size_bytes) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-        )
-        .map_err(sql_err("enqueue"))?;
-    stmt.execute(params![
-        item.id,
-        item.item_type.as_str(),
-        item.fingerprint,
-        status_code(item.status),
-        i64::from(item.attempts),
-        i64::from(item.max_attempts),
-        item.last_error,
-        item.last_attempt.map(to_nanos),
-        to_nanos(item.next_retry),
-        to_nanos(item.created_at),
-        to_nanos(item.updated_at),
-        item.agent_id,
-        item.scanner_name,
-        item.target_path,
-        item.lease_until.map(to_nanos),
-        attributes,
-        size as i64,
-    ])
+fn insert_item(conn: &Connection, row: &ItemRow<'_>) -> QueueResult<i64> {
+    conn.prepare_cached(
+        "INSERT OR FAIL INTO items (id, item_type, fingerprint, status, attempts, max_attempts, \
+         last_error, last_attempt, next_retry, created_at, updated_at, agent_id, scanner_name, \
+         target_path, lease_until, attributes, size_bytes) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+    )
+    .and_then(|mut stmt| stmt.execute(row.params()))
     .map_err(sql_err("enqueue"))?;
     Ok(conn.last_insert_rowid())
 }
 
 /// Rewrites an item's metadata row (never its payload); returns its `seq`.
 fn write_meta(conn: &Connection, item: &QueueItem) -> QueueResult<i64> {
-    let attributes = serde_json::to_string(&item.attributes)
-        .map_err(|e| QueueError::invalid(format!("attributes: {e}")))?;
-    let mut stmt = conn
+    let row = ItemRow::new(item)?;
+    let seq: Option<i64> = conn
         .prepare_cached(
-            "UPDATE OR FAIL items SET item_type = ?2, fingerprint = ?3, status = ?4, attempts = ?5, \
-             max_attempts = ?6, last_error = ?7, last_attempt = ?8, next_retry = ?9, updated_at = ?10, \
-             agent_id = ?11, scanner_name = ?12, target_path = ?13, lease_until = ?14, \
-             attributes = ?15, size_bytes = ?16 WHERE id = ?1 RETURNING seq",
+            "UPDATE OR FAIL items SET item_type = ?2, fingerprint = ?3, status = ?4, \
+             attempts = ?5, max_attempts = ?6, last_error = ?7, last_attempt = ?8, \
+             next_retry = ?9, updated_at = ?11, agent_id = ?12, scanner_name = ?13, \
+             target_path = ?14, lease_until = ?15, attributes = ?16, size_bytes = ?17 \
+             WHERE id = ?1 RETURNING seq",
         )
-        .map_err(sql_err("update"))?;
-    let seq: Option<i64> = stmt
-        .query_row(
-            params![
-                item.id,
-                item.item_type.as_str(),
-                item.fingerprint,
-                status_code(item.status),
-                i64::from(item.attempts),
-                i64::from(item.max_attempts),
-                item.last_error,
-                item.last_attempt.map(to_nanos),
-                to_nanos(item.next_retry),
-                to_nanos(item.updated_at),
-                item.agent_id,
-                item.scanner_name,
-                item.target_path,
-                item.lease_until.map(to_nanos),
-                attributes,
-                item.size_bytes() as i64,
-            ],
-            |r| r.get(0),
-        )
-        .optional()
+        .and_then(|mut stmt| stmt.query_row(row.params(), |r| r.get(0)).optional())
         .map_err(sql_err("update"))?;
     seq.ok_or_else(|| QueueError::not_found(&item.id))
 }
