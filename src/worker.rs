@@ -625,14 +625,7 @@ impl RetryWorker {
 
     /// Resumes after `pause`, an unauthorized pause or an open circuit.
     pub fn resume(&self) {
-        {
-            let mut state = self.shared.state();
-            state.paused = false;
-            state.unauthorized_since = None;
-            state.open_until = None;
-            state.cooldown = None;
-            state.consecutive_failures = 0;
-        }
+        self.shared.state().open_gates();
         if let Some(r) = self.running().as_ref() {
             r.scheduler.do_send(Resume);
         }

@@ -78,6 +78,18 @@ pub struct DeliveryState {
     pub stats: WorkerStats,
 }
 
+impl DeliveryState {
+    /// Lifts every gate: the host's pause, an unauthorized pause and an
+    /// open circuit (counters are kept).
+    pub fn open_gates(&mut self) {
+        self.paused = false;
+        self.unauthorized_since = None;
+        self.open_until = None;
+        self.cooldown = None;
+        self.consecutive_failures = 0;
+    }
+}
+
 /// State shared by the worker handle and its actors; it outlives actor
 /// restarts, which is what keeps a restarted actor's state intact.
 pub struct Shared {
@@ -797,14 +809,7 @@ impl Handler<Pause> for SchedulerActor {
 impl Handler<Resume> for SchedulerActor {
     type Result = ();
     fn handle(&mut self, _: Resume, ctx: &mut Context<Self>) {
-        {
-            let mut state = self.shared.state();
-            state.paused = false;
-            state.unauthorized_since = None;
-            state.open_until = None;
-            state.cooldown = None;
-            state.consecutive_failures = 0;
-        }
+        self.shared.state().open_gates();
         self.start_cycle(ctx);
     }
 }
