@@ -11,6 +11,11 @@
 //! measured in the same run with `Instant`, prints the figures and ratios
 //! the issue asks for. Run with `cargo bench --bench store`.
 //!
+//! The stores live in a temporary directory under `RETRYQ_BENCH_DIR` when
+//! it is set (the system's temp directory otherwise): pointing it at a RAM
+//! disk (`RETRYQ_BENCH_DIR=/dev/shm`) shows each backend's CPU ceiling,
+//! with fsync and the disk out of the way.
+//!
 //! The file backend's large backlog is built under a time cap (one file and
 //! one fsync per item makes 100,000 slow on a shared disk); the summary
 //! prints the backlog each backend really had.
@@ -39,6 +44,13 @@ const CLAIM: usize = 100;
 const LEASE: Duration = Duration::from_secs(600);
 /// Longest we spend building one backend's large backlog.
 const BACKLOG_BUILD_CAP: Duration = Duration::from_secs(25);
+
+/// Where the stores' temporary directory goes (see the module doc).
+fn bench_parent_dir() -> std::path::PathBuf {
+    std::env::var_os("RETRYQ_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
 
 fn options() -> StoreOptions {
     StoreOptions {
@@ -142,7 +154,7 @@ struct BackendSummary {
 fn bench_backend(c: &mut Criterion, name: &'static str, open: Opener) -> BackendSummary {
     let root = tempfile::Builder::new()
         .prefix(&format!("retryq-bench-{name}-"))
-        .tempdir()
+        .tempdir_in(bench_parent_dir())
         .expect("temp dir");
     let mut seq = 0u64;
 
@@ -267,7 +279,10 @@ fn main() {
     c.final_summary();
 
     println!();
-    println!("=== retryq store summary (measured in this run with Instant) ===");
+    println!(
+        "=== retryq store summary (measured in this run with Instant, under {}) ===",
+        bench_parent_dir().display()
+    );
     for s in [&sqlite, &file] {
         println!(
             "{:>6}: enqueue_batch {:>9.0} items/s | claim {CLAIM} @{} queued {:>8.2?} vs @{SMALL_BACKLOG} {:>8.2?} -> ratio {:.2} (target <= 2) | reopen of {} items {:.2?}, then first enqueue {:.2?}",
