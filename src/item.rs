@@ -178,7 +178,9 @@ pub fn new_id() -> String {
 struct IdState {
     millis: u64,
     counter: u64,
-    rng: Option<fastrand::Rng>,
+    /// The generator and the process it was seeded in: a forked child
+    /// reseeds, or it would make its parent's IDs in the same millisecond.
+    rng: Option<(u32, fastrand::Rng)>,
 }
 
 static ID_STATE: std::sync::Mutex<IdState> = std::sync::Mutex::new(IdState {
@@ -192,9 +194,16 @@ impl IdState {
     const COUNTER_BITS: u32 = 42;
 
     fn next(&mut self, now_millis: u64) -> uuid::Uuid {
-        let rng = self
-            .rng
-            .get_or_insert_with(|| fastrand::Rng::with_seed(seed()));
+        let pid = std::process::id();
+        let rng = match &mut self.rng {
+            Some((seeded_in, rng)) if *seeded_in == pid => rng,
+            slot => {
+                // A new counter start too: a child must not continue its
+                // parent's sequence.
+                self.millis = 0;
+                &mut slot.insert((pid, fastrand::Rng::with_seed(seed()))).1
+            }
+        };
         if now_millis > self.millis {
             self.millis = now_millis;
             // A random start (top bit clear, room to count up) keeps two
@@ -646,7 +655,7 @@ mod tests {
         IdState {
             millis: 0,
             counter: 0,
-            rng: Some(fastrand::Rng::with_seed(7)),
+            rng: Some((std::process::id(), fastrand::Rng::with_seed(7))),
         }
     }
 
@@ -695,6 +704,19 @@ mod tests {
             ids.next(5_000) > borrowed,
             "still increasing after the borrow"
         );
+    }
+
+    #[test]
+    fn a_forked_child_reseeds_instead_of_continuing_its_parents_sequence() {
+        let mut ids = fresh_ids();
+        ids.next(9_000);
+        ids.counter = 5;
+        // As a child sees its parent's state: seeded in another process.
+        ids.rng.as_mut().unwrap().0 = std::process::id().wrapping_add(1);
+        let first_in_child = ids.next(9_000);
+        assert_eq!(ids.rng.as_ref().unwrap().0, std::process::id(), "reseeded");
+        assert_ne!(ids.counter, 6, "the parent's next counter value");
+        assert_eq!(first_in_child.get_timestamp().unwrap().to_unix(), (9, 0));
     }
 
     #[test]
