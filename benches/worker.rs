@@ -2,7 +2,9 @@
 //!
 //! - 64 concurrent producers calling `RetryWorker::enqueue` (one item per
 //!   call, so throughput comes from the store actor's group commit) against
-//!   one producer enqueueing the same number of items one by one;
+//!   one producer enqueueing the same number of items one by one; for
+//!   reference, the store alone committing the same items 64 at a time and
+//!   one at a time (the most group commit can give on this disk);
 //! - end-to-end delivery through an in-process transport that accepts
 //!   everything: enqueue N items with `enqueue_batch`, wait until the queue
 //!   is empty.
@@ -144,6 +146,31 @@ async fn deliver(worker: &RetryWorker, pusher: &AcceptAll, count: usize) -> Dura
     started.elapsed()
 }
 
+/// The store alone, without actors or producers: `total` items committed
+/// `PRODUCERS` at a time, then one at a time. The first is what the 64
+/// producers would reach if every commit held all of them at no cost above
+/// the store's; the second is the one producer's floor.
+fn store_alone(dir: &Path, total: usize) -> (f64, f64) {
+    let store = open_store(dir, "store-alone.db");
+    let started = Instant::now();
+    for _ in 0..total / PRODUCERS {
+        let results = store
+            .enqueue_batch((0..PRODUCERS).map(|_| item()).collect())
+            .expect("enqueue_batch");
+        for r in results {
+            r.expect("item enqueued");
+        }
+    }
+    let grouped = per_sec(total / PRODUCERS * PRODUCERS, started.elapsed());
+    let started = Instant::now();
+    for _ in 0..total {
+        store.enqueue(item()).expect("enqueue");
+    }
+    let single = per_sec(total, started.elapsed());
+    store.close().expect("close");
+    (grouped, single)
+}
+
 fn per_sec(items: usize, spent: Duration) -> f64 {
     items as f64 / spent.as_secs_f64()
 }
@@ -183,6 +210,7 @@ fn main() {
         rt.block_on(produce(&producer_worker, PRODUCERS, PER_PRODUCER)),
     );
     let sequential = per_sec(total, rt.block_on(produce(&producer_worker, 1, total)));
+    let (store_grouped, store_single) = store_alone(root.path(), total);
     rt.block_on(producer_worker.stop(Duration::from_secs(5)))
         .expect("stop worker");
     drop(producer_worker);
@@ -233,6 +261,13 @@ fn main() {
     println!(
         "group-commit ratio: {:.1} (target >= 10)",
         concurrent / sequential
+    );
+    println!(
+        "  for reference, the store alone: {PRODUCERS}-item commits {store_grouped:>9.0} items/s, \
+         1-item commits {store_single:>9.0} items/s (ratio {:.1}); the {PRODUCERS} producers reach \
+         {:.0}% of the first",
+        store_grouped / store_single,
+        100.0 * concurrent / store_grouped
     );
     println!(
         "end-to-end delivery, accept-all transport: {delivery:>9.0} items/s ({DELIVERY_ITEMS} items, {pushed} pushes) (target >= 20,000)"
