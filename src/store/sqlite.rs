@@ -752,7 +752,7 @@ impl SqliteRetryQueue {
                 return Err(QueueError::DuplicateItem { existing_id });
             }
         }
-        let size = item.size_bytes();
+        let size = row.size_bytes as u64; // computed once, by ItemRow::new
         self.make_room(conn, size, known)?;
         let seq = insert_item(conn, &row)?;
         self.count_change(1, size as i64);
