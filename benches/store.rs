@@ -155,7 +155,12 @@ fn bench_backend(c: &mut Criterion, name: &'static str, open: Opener) -> Backend
     let root = tempfile::Builder::new()
         .prefix(&format!("retryq-bench-{name}-"))
         .tempdir_in(bench_parent_dir())
-        .expect("temp dir");
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot make a temp dir under {} (RETRYQ_BENCH_DIR): {e}",
+                bench_parent_dir().display()
+            )
+        });
     let mut seq = 0u64;
 
     // 1. Durable enqueue_batch of 4 KiB payloads.
