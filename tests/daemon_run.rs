@@ -216,9 +216,12 @@ fn the_daemon_delivers_what_the_cli_enqueues_and_guards_its_api() {
             "{id} delivered"
         );
     }
-    let stats = dep.cli(&config, &["stats", "--json"], None);
-    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
-    assert_eq!(stats["total_items"], 0);
+    // A push is acknowledged (deleted) in the commit after it: wait for it.
+    wait_for("the acknowledgements", || {
+        let stats = dep.cli(&config, &["stats", "--json"], None);
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        stats["total_items"] == 0
+    });
 
     // The API needs the token for everything but health.
     assert_eq!(http(dep.port, "GET", "/v1/stats", None).unwrap().0, 401);
