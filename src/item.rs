@@ -459,6 +459,14 @@ impl QueueItem {
         }
     }
 
+    /// Claims the item until `lease_until` (the state change of
+    /// `RetryQueue::claim`, shared by every backend).
+    pub fn record_claim(&mut self, lease_until: DateTime<Utc>, now: DateTime<Utc>) {
+        self.status = ItemStatus::Processing;
+        self.lease_until = Some(lease_until);
+        self.updated_at = now;
+    }
+
     /// Records a failed attempt and schedules the next one (the state change
     /// of `RetryQueue::requeue`, shared by every backend).
     pub fn record_retry(&mut self, error: &str, next_retry: DateTime<Utc>, now: DateTime<Utc>) {

@@ -6,7 +6,16 @@
 //!
 //! Used as a write-ahead outbox: `enqueue` returns once the item is durable
 //! (through the store actor's group commit), then the first attempt follows
-//! immediately.
+//! immediately. While delivery is open (running, not paused, circuit
+//! closed) and the outbox has room (two cycles' worth of batches in
+//! flight and as many waiting), a new item is stored already claimed, in
+//! the enqueue's own commit, and handed straight to the scheduler: it is
+//! never claimed back, which saves the claim's read, its write and its
+//! commit for every such item (a third of the store's work per delivered
+//! item). Everything else, and everything while a gate is shut, is stored
+//! pending and claimed as usual. A handed-off item is leased like any
+//! claim, so a crash delivers it again once the lease expires, and `stop`
+//! releases what it did not push.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -23,7 +32,7 @@ use crate::actors::janitor::JanitorActor;
 use crate::actors::messages::{MaintenanceReport, Pause, Resume, Shutdown};
 use crate::actors::pusher::PusherActor;
 use crate::actors::scheduler::{
-    blocking, run_cycle, Callbacks, DeliveryState, Io, SchedulerActor, Shared,
+    blocking, hand_off, run_cycle, Callbacks, DeliveryState, Io, SchedulerActor, Shared,
 };
 use crate::actors::store::{StoreActor, StoreHandle};
 use crate::backoff::BackoffConfig;
@@ -371,6 +380,7 @@ impl RetryWorker {
                 callbacks: Default::default(),
                 shutdown: Default::default(),
                 wake_queued: Default::default(),
+                handed_off: Default::default(),
             }),
             queue,
             pusher,
@@ -562,7 +572,9 @@ impl RetryWorker {
         ids.pop().unwrap_or(Err(QueueError::QueueClosed))
     }
 
-    /// Stores many items in one durable commit and wakes delivery.
+    /// Stores many items in one durable commit and wakes delivery (or, on
+    /// the outbox path described in the module doc, hands them straight to
+    /// it).
     pub async fn enqueue_batch(
         &self,
         items: Vec<NewItem>,
@@ -584,21 +596,71 @@ impl RetryWorker {
         let running = self
             .running()
             .as_ref()
-            .map(|r| (r.store.clone(), r.scheduler.clone()));
+            .map(|r| (r.store.clone(), r.scheduler.clone(), r.io.clone()));
         let results = match running {
-            Some((store, scheduler)) => {
-                let ops = items.into_iter().map(WriteOp::Enqueue).collect();
-                let results = store.apply(ops).await?;
-                self.shared.wake(&scheduler);
-                results
-                    .into_iter()
-                    .map(|r| {
-                        r.map(|o| match o {
-                            WriteOutcome::Enqueued(id) => id,
-                            WriteOutcome::Applied => String::new(),
+            Some((store, scheduler, io)) => {
+                let handoff = self.shared.reserve_handoff(items.len());
+                if handoff == 0 {
+                    let ops = items.into_iter().map(WriteOp::Enqueue).collect();
+                    let results = store.apply(ops).await?;
+                    self.shared.wake(&scheduler);
+                    return Ok(results
+                        .into_iter()
+                        .map(|r| r.map(|o| o.into_enqueued_id().unwrap_or_default()))
+                        .collect());
+                }
+                // The outbox path: the first `handoff` items are stored
+                // claimed and go straight to delivery. A task of its own
+                // commits and hands them off, so a caller that gives up
+                // waiting cannot strand them leased and undelivered.
+                let shared = self.shared.clone();
+                let task = tokio::spawn(async move {
+                    let count = items.len();
+                    let lease = shared.config.lease;
+                    let ops = items
+                        .into_iter()
+                        .enumerate()
+                        .map(|(n, item)| {
+                            if n < handoff {
+                                WriteOp::EnqueueClaimed { item, lease }
+                            } else {
+                                WriteOp::Enqueue(item)
+                            }
                         })
-                    })
-                    .collect()
+                        .collect();
+                    let results = match store.apply(ops).await {
+                        Ok(results) => results,
+                        Err(e) => {
+                            shared.unreserve_handoff(handoff);
+                            return Err(e);
+                        }
+                    };
+                    let mut claimed = Vec::with_capacity(handoff);
+                    let ids: Vec<QueueResult<String>> = results
+                        .into_iter()
+                        .map(|r| {
+                            r.map(|outcome| match outcome {
+                                WriteOutcome::Claimed(item) => {
+                                    let id = item.id.clone();
+                                    claimed.push(*item);
+                                    id
+                                }
+                                other => other.into_enqueued_id().unwrap_or_default(),
+                            })
+                        })
+                        .collect();
+                    // Slots of items refused (duplicates, a full queue).
+                    shared.unreserve_handoff(handoff - claimed.len());
+                    if !claimed.is_empty() {
+                        hand_off(&shared, &scheduler, &io, claimed).await;
+                    }
+                    if handoff < count {
+                        shared.wake(&scheduler);
+                    }
+                    Ok(ids)
+                });
+                task.await
+                    .map_err(|e| QueueError::storage("enqueue", e.to_string()))??
             }
             None => {
                 let queue = self.queue.clone();

@@ -1139,6 +1139,90 @@ fn expired_lease_returns_to_pending(b: &'static Backend) {
     assert_eq!(f.q.release_expired_leases().unwrap(), 0);
 }
 
+fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
+    let mut f = Fixture::new(b);
+    f.q.enqueue(item("old")).unwrap();
+    let mut results =
+        f.q.enqueue_claimed(vec![item("a"), item("b"), item("old")], secs(30))
+            .unwrap();
+    assert_eq!(results.len(), 3);
+    for (result, id) in results.iter().take(2).zip(["a", "b"]) {
+        let stored = result.as_ref().unwrap();
+        assert_eq!(stored.id, id);
+        assert_eq!(stored.status, ItemStatus::Processing);
+        assert_eq!(stored.lease_until, Some(at(30)));
+        assert_eq!(stored.attempts, 0);
+        assert_eq!(stored.created_at, t0());
+        assert_eq!(stored.updated_at, t0());
+        assert_eq!(&f.q.get(id).unwrap(), stored, "returned as stored");
+    }
+    assert_eq!(duplicate_of(results.remove(2)), "old");
+    let s = f.q.stats().unwrap();
+    assert_eq!((s.pending_items, s.processing_items), (1, 2));
+    // Claimed items are live: no claim takes them, dedupe sees them.
+    let claimed: Vec<String> =
+        f.q.claim(10, secs(60))
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+    assert_eq!(claimed, strs(&["old"]));
+    let a_fingerprint = f.q.get("a").unwrap().fingerprint;
+    assert_eq!(
+        duplicate_of(f.q.enqueue(item("a2").with_fingerprint(a_fingerprint.clone()))),
+        "a"
+    );
+    // Acknowledged like any claim; an expired lease returns the item to
+    // pending with no attempt counted.
+    f.q.delete("a").unwrap();
+    f.advance(31);
+    assert_eq!(f.q.release_expired_leases().unwrap(), 1);
+    let b_item = f.q.get("b").unwrap();
+    assert_eq!(b_item.status, ItemStatus::Pending);
+    assert_eq!(b_item.lease_until, None);
+    assert_eq!(b_item.attempts, 0);
+    assert_eq!(f.q.claim(10, secs(60)).unwrap()[0].id, "b");
+    // The same through apply_batch (the worker's group commit).
+    let mut outcomes =
+        f.q.apply_batch(vec![
+            WriteOp::EnqueueClaimed {
+                item: item("c"),
+                lease: secs(30),
+            },
+            WriteOp::EnqueueClaimed {
+                item: item("c"),
+                lease: secs(30),
+            },
+        ])
+        .unwrap();
+    match &outcomes[0] {
+        Ok(WriteOutcome::Claimed(c)) => {
+            assert_eq!(c.status, ItemStatus::Processing);
+            assert_eq!(c.lease_until, Some(at(61)));
+            assert_eq!(**c, f.q.get("c").unwrap());
+        }
+        other => panic!("expected a claimed item, got {other:?}"),
+    }
+    assert_eq!(kind(outcomes.remove(1)), "duplicate_item");
+    // Durable: it is there after a reopen, delivered at most once more.
+    if !b.durable {
+        return;
+    }
+    f.reopen();
+    let c = f.q.get("c").unwrap();
+    assert_eq!(c.attempts, 0);
+    assert!(matches!(
+        c.status,
+        ItemStatus::Processing | ItemStatus::Pending
+    ));
+    assert_eq!(f.q.size().unwrap(), 3);
+    assert_eq!(
+        f.q.get("a").unwrap_err().kind(),
+        "item_not_found",
+        "an acknowledged item stays gone"
+    );
+}
+
 fn corrupt_record_is_quarantined(b: &'static Backend) {
     let Some(corrupt) = b.corrupt else {
         return;
@@ -1203,6 +1287,7 @@ macro_rules! conformance_suite {
                 apply_batch_applies_each_op,
                 state_survives_reopen,
                 expired_lease_returns_to_pending,
+                enqueue_claimed_stores_items_as_a_claim_would,
                 corrupt_record_is_quarantined,
             );
         }

@@ -41,6 +41,13 @@ struct Enq {
 enum Op {
     Enqueue(Enq),
     EnqueueBatch(Vec<Enq>),
+    /// The outbox path: new items stored already claimed, through
+    /// `enqueue_claimed` or as `apply_batch` ops (`via_apply`).
+    EnqueueClaimed {
+        items: Vec<Enq>,
+        lease: u16,
+        via_apply: bool,
+    },
     Claim {
         limit: usize,
         lease: u16,
@@ -88,6 +95,13 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => enq().prop_map(Op::Enqueue),
         1 => prop::collection::vec(enq(), 0..4).prop_map(Op::EnqueueBatch),
+        2 => (prop::collection::vec(enq(), 0..3), 1..120u16, any::<bool>()).prop_map(
+            |(items, lease, via_apply)| Op::EnqueueClaimed {
+                items,
+                lease,
+                via_apply
+            }
+        ),
         3 => (0..4usize, 1..120u16).prop_map(|(limit, lease)| Op::Claim { limit, lease }),
         1 => Just(Op::Dequeue),
         1 => Just(Op::Peek),
@@ -155,6 +169,21 @@ fn out<T>(r: QueueResult<T>, f: impl FnOnce(T) -> Out) -> Out {
     }
 }
 
+fn outcomes(results: Vec<QueueResult<WriteOutcome>>) -> Out {
+    Out::Ids(
+        results
+            .into_iter()
+            .map(|r| {
+                out(r, |o| match o {
+                    WriteOutcome::Applied => Out::Unit,
+                    WriteOutcome::Enqueued(id) => Out::Id(id),
+                    WriteOutcome::Claimed(item) => Out::Item(Some(*item)),
+                })
+            })
+            .collect(),
+    )
+}
+
 fn normalize_ids(results: Vec<QueueResult<String>>) -> Out {
     Out::Ids(results.into_iter().map(|r| out(r, Out::Id)).collect())
 }
@@ -173,6 +202,40 @@ fn apply(
         Op::EnqueueBatch(items) => out(
             q.enqueue_batch(items.iter().map(|e| new_item(e, now)).collect()),
             normalize_ids,
+        ),
+        Op::EnqueueClaimed {
+            items,
+            lease,
+            via_apply: false,
+        } => out(
+            q.enqueue_claimed(
+                items.iter().map(|e| new_item(e, now)).collect(),
+                secs(*lease),
+            ),
+            |results| {
+                Out::Ids(
+                    results
+                        .into_iter()
+                        .map(|r| out(r, |i| Out::Item(Some(i))))
+                        .collect(),
+                )
+            },
+        ),
+        Op::EnqueueClaimed {
+            items,
+            lease,
+            via_apply: true,
+        } => out(
+            q.apply_batch(
+                items
+                    .iter()
+                    .map(|e| WriteOp::EnqueueClaimed {
+                        item: new_item(e, now),
+                        lease: secs(*lease),
+                    })
+                    .collect(),
+            ),
+            outcomes,
         ),
         Op::Claim { limit, lease } => out(q.claim(*limit, secs(*lease)), Out::Items),
         Op::Dequeue => out(q.dequeue(), Out::Item),
@@ -196,19 +259,7 @@ fn apply(
                     })
                     .collect(),
             ),
-            |results| {
-                Out::Ids(
-                    results
-                        .into_iter()
-                        .map(|r| {
-                            out(r, |o| match o {
-                                WriteOutcome::Applied => Out::Unit,
-                                WriteOutcome::Enqueued(id) => Out::Id(id),
-                            })
-                        })
-                        .collect(),
-                )
-            },
+            outcomes,
         ),
         Op::Revive(id) => out(q.revive(IDS[*id]), |i| Out::Item(Some(i))),
         Op::Release(id) => out(q.release(IDS[*id]), |()| Out::Unit),

@@ -776,3 +776,149 @@ async fn a_backlog_is_claimed_while_the_last_batch_is_pushed() {
         "cycles never overlapped: at most {most} pushes in flight"
     );
 }
+
+/// The outbox path: an item enqueued through a running, healthy worker is
+/// stored already claimed and pushed without a claim. A claim would have
+/// stamped `updated_at` later than `created_at` (see the paused test below,
+/// where it does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_goes_straight_to_delivery_stored_claimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = roomy_sqlite_queue(dir.path());
+    let transport = Scripted::always(PushOutcome::Delivered);
+    *transport.delay.lock().unwrap() = Duration::from_millis(300);
+    let config = RetryWorkerConfig::default();
+    let lease = config.lease;
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    let id = worker.enqueue(item(1)).await.unwrap();
+    // Stored claimed in the enqueue's own commit.
+    let stored = queue.get(&id).unwrap();
+    assert_eq!(stored.status, ItemStatus::Processing);
+    assert_eq!(stored.updated_at, stored.created_at, "never claimed apart");
+    assert_eq!(
+        stored.lease_until,
+        Some(stored.created_at + chrono::Duration::from_std(lease).unwrap())
+    );
+    wait_until("delivered", || queue.size().unwrap() == 0).await;
+    assert_eq!(transport.counts().get(&id), Some(&1));
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+}
+
+/// While delivery is gated, enqueues are stored pending and wait for the
+/// gates like everything else: no item is leased past a pause or an open
+/// circuit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gated_delivery_stores_enqueues_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = roomy_sqlite_queue(dir.path());
+    let transport = Scripted::always(PushOutcome::Delivered);
+    *transport.delay.lock().unwrap() = Duration::from_millis(300);
+    let mut config = RetryWorkerConfig::default();
+    config.circuit.threshold = 1;
+    config.circuit.cooldown = Duration::from_secs(3600);
+    config.circuit.max_cooldown = Duration::from_secs(3600);
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+
+    // Paused by the host.
+    worker.pause();
+    let paused = worker.enqueue(item(1)).await.unwrap();
+    assert_eq!(queue.get(&paused).unwrap().status, ItemStatus::Pending);
+    worker.resume();
+    // Delivered by a claim, which stamps the item when it takes it.
+    wait_until("the paused item's push", || {
+        transport.active.lock().unwrap().contains(&paused)
+    })
+    .await;
+    let claimed = queue.get(&paused).unwrap();
+    assert_eq!(claimed.status, ItemStatus::Processing);
+    assert!(claimed.updated_at > claimed.created_at);
+    wait_until("delivered", || queue.size().unwrap() == 0).await;
+
+    // The circuit opens on the first failure.
+    *transport.delay.lock().unwrap() = Duration::ZERO;
+    transport.set(PushOutcome::retryable("connection refused"));
+    let failing = worker.enqueue(item(2)).await.unwrap();
+    wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
+    let while_open = worker.enqueue(item(3)).await.unwrap();
+    assert_eq!(queue.get(&while_open).unwrap().status, ItemStatus::Pending);
+    wait_until("the failed attempt recorded", || {
+        queue.get(&failing).unwrap().attempts == 1
+    })
+    .await;
+    assert_eq!(transport.counts().get(&while_open), None);
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Handed-off items still waiting for a push, or cut off by the stop's
+/// timeout, are released by `stop`; nothing is lost and a restart delivers
+/// them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_releases_handed_off_items_and_a_restart_delivers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let open = || -> Arc<dyn RetryQueue> {
+        Arc::new(SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap())
+    };
+    let queue = open();
+    let transport = Scripted::always(PushOutcome::Delivered);
+    *transport.delay.lock().unwrap() = Duration::from_millis(200);
+    // Outbox room: 2 x 2 x batch_size = 8 of the 10 items.
+    let config = RetryWorkerConfig {
+        batch_size: 2,
+        concurrency: 1,
+        ..RetryWorkerConfig::default()
+    };
+    let worker = RetryWorker::new(config.clone(), queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    let ids: Vec<String> = worker
+        .enqueue_batch((0..10).map(item).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let statuses = |status| {
+        queue
+            .list(&ListFilter {
+                status: Some(status),
+                ..ListFilter::default()
+            })
+            .unwrap()
+            .len()
+    };
+    assert!(
+        statuses(ItemStatus::Processing) + transport.push_count() >= 8,
+        "handed off"
+    );
+    wait_until("a push in flight", || {
+        !transport.active.lock().unwrap().is_empty()
+    })
+    .await;
+    worker.stop(Duration::from_millis(1)).await.unwrap();
+    assert_eq!(
+        statuses(ItemStatus::Processing),
+        0,
+        "stop released them all"
+    );
+    // At least once: a push that finished as the stop released it counts
+    // in both.
+    assert!(
+        queue.size().unwrap() + transport.push_count() >= 10,
+        "nothing lost"
+    );
+    drop(worker);
+    queue.close().unwrap();
+
+    let queue = open();
+    *transport.delay.lock().unwrap() = Duration::ZERO;
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    wait_until("all delivered", || queue.size().unwrap() == 0).await;
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+    let counts = transport.counts();
+    for id in &ids {
+        assert!(counts.get(id).copied().unwrap_or(0) >= 1, "{id} was lost");
+    }
+}

@@ -94,6 +94,12 @@ pub struct CheckFingerprints(pub Vec<String>);
 #[rtype(result = "()")]
 pub struct Wake;
 
+/// Items an enqueue stored already claimed (the outbox path): deliver
+/// them now, without claiming them back.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct DeliverClaimed(pub Vec<QueueItem>);
+
 /// Stop claiming until `Resume`.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]

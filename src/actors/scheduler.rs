@@ -22,6 +22,14 @@
 //!
 //! The actor wakes at the earliest `next_due`, on `Wake` (after an enqueue),
 //! and on a short poll that notices items written by other processes.
+//!
+//! The outbox path: items a running worker's enqueue stored already claimed
+//! arrive as `DeliverClaimed` and are delivered as a claimed batch would be
+//! (up to `batch_size` at a time, [`MAX_OVERLAPPING_CYCLES`] batches beside
+//! the claiming cycles), with no claim. Producers reserve their room first
+//! ([`Shared::reserve_handoff`]), only while the gates are open; one that
+//! waited so long for a slot that half its lease is gone, or that finds a
+//! gate shut by then, is released to pending instead of pushed.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -34,7 +42,8 @@ use tokio::sync::broadcast;
 
 use super::checker::{check_guarded, CheckerActor};
 use super::messages::{
-    Apply, CheckFingerprints, Claim, NextDue, Pause, Push, PushReport, Resume, Shutdown, Wake,
+    Apply, CheckFingerprints, Claim, DeliverClaimed, NextDue, Pause, Push, PushReport, Resume,
+    Shutdown, Wake,
 };
 use super::pusher::{push_guarded, PusherActor};
 use super::store::StoreActor;
@@ -111,6 +120,9 @@ pub struct Shared {
     /// send one only when none is, so a burst of enqueues costs the actor
     /// thread one cycle start, not one message (and one eventfd write) each.
     pub wake_queued: std::sync::atomic::AtomicBool,
+    /// Items handed straight from an enqueue to delivery (stored claimed)
+    /// and not yet settled; at most [`Shared::handoff_limit`].
+    pub handed_off: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -124,6 +136,59 @@ impl Shared {
         {
             scheduler.do_send(Wake);
         }
+    }
+
+    /// Most items in the outbox path at once: as many batches as the
+    /// overlapping cycles push, and as many again waiting for a slot.
+    /// Past it, new items wait pending for a claim, so a flood of enqueues
+    /// cannot pile up leased items in memory.
+    pub fn handoff_limit(&self) -> usize {
+        self.config
+            .batch_size
+            .saturating_mul(MAX_OVERLAPPING_CYCLES * 2)
+    }
+
+    /// Reserves outbox slots for up to `wanted` new items: how many of
+    /// them may be stored claimed and handed straight to delivery. None
+    /// while delivery is gated (paused, unauthorized, circuit open or
+    /// probing) or stopping: those items wait pending, as the gates say.
+    /// Each slot is given back by [`Shared::unreserve_handoff`] once its
+    /// item settled or was not stored.
+    pub fn reserve_handoff(&self, wanted: usize) -> usize {
+        use std::sync::atomic::Ordering;
+        if wanted == 0
+            || self.shutdown.load(Ordering::SeqCst)
+            || !matches!(gate(self, self.clock.now()), Gate::Open)
+        {
+            return 0;
+        }
+        let limit = self.handoff_limit();
+        let mut current = self.handed_off.load(Ordering::Acquire);
+        loop {
+            let take = wanted.min(limit.saturating_sub(current));
+            if take == 0 {
+                return 0;
+            }
+            match self.handed_off.compare_exchange_weak(
+                current,
+                current + take,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return take,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Gives back `count` outbox slots.
+    pub fn unreserve_handoff(&self, count: usize) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .handed_off
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(count))
+            });
     }
 
     /// Locks the delivery state (a poisoned lock is still usable: the state
@@ -429,6 +494,94 @@ pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>
     outcome
 }
 
+/// Hands items an enqueue stored claimed (the outbox path) to the
+/// scheduler for delivery. They count as in flight from here on, so a
+/// `stop` that runs meanwhile waits for them or releases them; if the
+/// worker is already stopping they are released here at once, not left
+/// leased until their lease expires.
+pub async fn hand_off(
+    shared: &Shared,
+    scheduler: &Addr<SchedulerActor>,
+    io: &Io,
+    items: Vec<QueueItem>,
+) {
+    shared
+        .in_flight()
+        .extend(items.iter().map(|i| i.id.clone()));
+    if !shared.shutdown.load(std::sync::atomic::Ordering::SeqCst) && scheduler.connected() {
+        scheduler.do_send(DeliverClaimed(items));
+        return;
+    }
+    release_handed_off(shared, io, items).await;
+}
+
+/// Returns handed-off items that will not be pushed to pending (no
+/// attempt counted) and settles them: released, out of the in-flight set,
+/// their outbox slots free. An item a concurrent `stop` already took out
+/// of the in-flight set is that call's to release.
+async fn release_handed_off(shared: &Shared, io: &Io, items: Vec<QueueItem>) {
+    let count = items.len();
+    let ids: Vec<String> = {
+        let in_flight = shared.in_flight();
+        items
+            .into_iter()
+            .map(|i| i.id)
+            .filter(|id| in_flight.contains(id))
+            .collect()
+    };
+    if !ids.is_empty() {
+        let ops = ids
+            .iter()
+            .map(|id| WriteOp::Release { id: id.clone() })
+            .collect();
+        // Out of the in-flight set only once released: a `stop` waiting on
+        // that set must not shut the actors down under this write.
+        if let Err(e) = io.apply(ops).await {
+            tracing::warn!(error = %e, count = ids.len(), "could not release handed-off items; they are delivered once their lease expires");
+        }
+        let mut in_flight = shared.in_flight();
+        for id in &ids {
+            in_flight.remove(id);
+        }
+    }
+    shared.unreserve_handoff(count);
+}
+
+/// Whether a handed-off item that waited for a delivery slot still holds
+/// half its lease. One that does not goes back to pending instead: it is
+/// released while the lease is surely still ours, long before lease
+/// recovery could hand the item to a claim and have it pushed twice at
+/// once.
+fn lease_left_for_push(shared: &Shared, item: &QueueItem) -> bool {
+    let Some(until) = item.lease_until else {
+        return false;
+    };
+    let half = shared.config.lease / 2;
+    (until - shared.clock.now())
+        .to_std()
+        .is_ok_and(|left| left >= half)
+}
+
+/// Settles a handed-off batch when dropped, whether its delivery finished
+/// or was cancelled with its actor: out of the in-flight set, outbox slots
+/// free. (A cancelled batch stays leased and is delivered again once the
+/// lease expires, as a cancelled claim is.)
+struct HandoffSettle<'a> {
+    shared: &'a Shared,
+    ids: Vec<String>,
+}
+
+impl Drop for HandoffSettle<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.shared.in_flight();
+        for id in &self.ids {
+            in_flight.remove(id);
+        }
+        drop(in_flight);
+        self.shared.unreserve_handoff(self.ids.len());
+    }
+}
+
 async fn deliver(
     shared: &Shared,
     io: &Io,
@@ -618,6 +771,11 @@ pub struct SchedulerActor {
     backlog: bool,
     shutting_down: bool,
     next_timer: Option<SpawnHandle>,
+    /// Handed-off items waiting for a delivery slot.
+    handoff_queue: Vec<QueueItem>,
+    /// Handed-off batches being delivered (at most
+    /// [`MAX_OVERLAPPING_CYCLES`], beside the claiming cycles).
+    handoffs_running: usize,
 }
 
 impl SchedulerActor {
@@ -631,6 +789,82 @@ impl SchedulerActor {
             backlog: false,
             shutting_down: false,
             next_timer: None,
+            handoff_queue: Vec::new(),
+            handoffs_running: 0,
+        }
+    }
+
+    /// Stops the actor once nothing it started is in flight.
+    fn stop_when_idle(&self, ctx: &mut Context<Self>) {
+        if self.cycles_running == 0 && self.handoffs_running == 0 {
+            ctx.stop();
+        }
+    }
+
+    /// Delivers queued handed-off items, a batch per slot. While delivery
+    /// is gated (the circuit opened, a pause) they are released instead:
+    /// no attempt is spent, and they wait pending for the gates as the
+    /// others do.
+    fn start_handoffs(&mut self, ctx: &mut Context<Self>) {
+        if self.handoff_queue.is_empty() {
+            return;
+        }
+        if self.shutting_down || !matches!(gate(&self.shared, self.shared.clock.now()), Gate::Open)
+        {
+            let items = std::mem::take(&mut self.handoff_queue);
+            let shared = self.shared.clone();
+            let io = self.io.clone();
+            // Not tied to this actor: the release must finish even if the
+            // actor stops meanwhile.
+            actix::spawn(async move { release_handed_off(&shared, &io, items).await });
+            return;
+        }
+        while self.handoffs_running < MAX_OVERLAPPING_CYCLES && !self.handoff_queue.is_empty() {
+            let take = self.handoff_queue.len().min(self.shared.config.batch_size);
+            let (items, stale): (Vec<QueueItem>, Vec<QueueItem>) = self
+                .handoff_queue
+                .drain(..take)
+                .partition(|item| lease_left_for_push(&self.shared, item));
+            if !stale.is_empty() {
+                let shared = self.shared.clone();
+                let io = self.io.clone();
+                actix::spawn(async move { release_handed_off(&shared, &io, stale).await });
+            }
+            if items.is_empty() {
+                continue;
+            }
+            self.handoffs_running += 1;
+            let shared = self.shared.clone();
+            let io = self.io.clone();
+            let fut = async move {
+                let _settle = HandoffSettle {
+                    shared: &shared,
+                    ids: items.iter().map(|i| i.id.clone()).collect(),
+                };
+                deliver(&shared, &io, items, false).await
+            };
+            ctx.spawn(fut.into_actor(self).map(|outcome, act, ctx| {
+                act.handoffs_running -= 1;
+                if act.shutting_down {
+                    act.stop_when_idle(ctx);
+                    return;
+                }
+                let all_settled = match &outcome {
+                    Ok(results) => results
+                        .iter()
+                        .all(|r| matches!(r.kind, EventKind::Delivered | EventKind::Skipped)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "delivery of handed-off items failed");
+                        false
+                    }
+                };
+                act.start_handoffs(ctx);
+                if !all_settled {
+                    // Something was requeued: a cycle re-arms the timer
+                    // for its next_retry.
+                    act.start_cycle(ctx);
+                }
+            }));
         }
     }
 
@@ -693,9 +927,7 @@ impl SchedulerActor {
                             })
                         });
                     if act.shutting_down {
-                        if act.cycles_running == 0 {
-                            ctx.stop();
-                        }
+                        act.stop_when_idle(ctx);
                         return;
                     }
                     if full || act.rerun {
@@ -769,12 +1001,15 @@ impl Actor for SchedulerActor {
             }
         });
         ctx.notify(Wake);
+        // Handed-off items queued before a restart.
+        self.start_handoffs(ctx);
     }
 }
 
 impl Supervised for SchedulerActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.cycles_running = 0;
+        self.handoffs_running = 0;
         if self
             .shared
             .shutdown
@@ -799,6 +1034,14 @@ impl Handler<Wake> for SchedulerActor {
     }
 }
 
+impl Handler<DeliverClaimed> for SchedulerActor {
+    type Result = ();
+    fn handle(&mut self, msg: DeliverClaimed, ctx: &mut Context<Self>) {
+        self.handoff_queue.extend(msg.0);
+        self.start_handoffs(ctx);
+    }
+}
+
 impl Handler<Pause> for SchedulerActor {
     type Result = ();
     fn handle(&mut self, _: Pause, _: &mut Context<Self>) {
@@ -818,8 +1061,8 @@ impl Handler<Shutdown> for SchedulerActor {
     type Result = ();
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
         self.shutting_down = true;
-        if self.cycles_running == 0 {
-            ctx.stop();
-        }
+        // Queued handed-off items go back to pending now.
+        self.start_handoffs(ctx);
+        self.stop_when_idle(ctx);
     }
 }

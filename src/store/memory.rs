@@ -166,7 +166,18 @@ impl MemoryRetryQueue {
     }
 
     fn enqueue_locked(&self, state: &mut State, new: NewItem) -> QueueResult<String> {
-        let item = new.into_item(self.now(), self.options.default_max_attempts)?;
+        self.store_new_locked(state, new, None).map(|item| item.id)
+    }
+
+    /// Stores a new item, claimed for `lease` when given.
+    fn store_new_locked(
+        &self,
+        state: &mut State,
+        new: NewItem,
+        lease: Option<Duration>,
+    ) -> QueueResult<QueueItem> {
+        let now = self.now();
+        let mut item = new.into_item(now, self.options.default_max_attempts)?;
         if state.items.contains_key(&item.id) {
             return Err(QueueError::DuplicateItem {
                 existing_id: item.id,
@@ -219,9 +230,11 @@ impl MemoryRetryQueue {
                 state.evicted += 1;
             }
         }
-        let id = item.id.clone();
-        state.items.insert(id.clone(), item);
-        Ok(id)
+        if let Some(lease) = lease {
+            item.record_claim(add_saturating(now, lease), now);
+        }
+        state.items.insert(item.id.clone(), item.clone());
+        Ok(item)
     }
 
     fn delete_locked(state: &mut State, id: &str) -> QueueResult<()> {
@@ -306,6 +319,18 @@ impl RetryQueue for MemoryRetryQueue {
             .collect())
     }
 
+    fn enqueue_claimed(
+        &self,
+        items: Vec<NewItem>,
+        lease: Duration,
+    ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
+        let mut state = self.lock_open()?;
+        Ok(items
+            .into_iter()
+            .map(|item| self.store_new_locked(&mut state, item, Some(lease)))
+            .collect())
+    }
+
     fn dequeue(&self) -> QueueResult<Option<QueueItem>> {
         Ok(self.claim(1, self.options.default_lease)?.pop())
     }
@@ -371,9 +396,7 @@ impl RetryQueue for MemoryRetryQueue {
         let mut claimed = Vec::new();
         for ready in state.ready(now).into_iter().take(limit) {
             let item = state.item_mut(&ready.id)?;
-            item.status = ItemStatus::Processing;
-            item.lease_until = Some(lease_until);
-            item.updated_at = now;
+            item.record_claim(lease_until, now);
             claimed.push(item.clone());
         }
         Ok(claimed)
@@ -494,6 +517,9 @@ impl RetryQueue for MemoryRetryQueue {
                 WriteOp::Enqueue(item) => self
                     .enqueue_locked(&mut state, item)
                     .map(WriteOutcome::Enqueued),
+                WriteOp::EnqueueClaimed { item, lease } => self
+                    .store_new_locked(&mut state, item, Some(lease))
+                    .map(|item| WriteOutcome::Claimed(Box::new(item))),
                 WriteOp::Delete { id } => {
                     Self::delete_locked(&mut state, &id).map(|()| WriteOutcome::Applied)
                 }

@@ -204,6 +204,13 @@ impl CleanupReport {
 pub enum WriteOp {
     /// [`RetryQueue::enqueue`].
     Enqueue(NewItem),
+    /// [`RetryQueue::enqueue_claimed`] of one item.
+    EnqueueClaimed {
+        /// The item to store.
+        item: NewItem,
+        /// How long the claim holds.
+        lease: Duration,
+    },
     /// [`RetryQueue::delete`] (an acknowledgement).
     Delete {
         /// Item ID.
@@ -237,8 +244,21 @@ pub enum WriteOp {
 pub enum WriteOutcome {
     /// An item was enqueued with this ID.
     Enqueued(String),
+    /// An item was enqueued already claimed; this is it as stored.
+    Claimed(Box<QueueItem>),
     /// The change was applied.
     Applied,
+}
+
+impl WriteOutcome {
+    /// The ID of the item an enqueue stored (`None` for other changes).
+    pub fn into_enqueued_id(self) -> Option<String> {
+        match self {
+            WriteOutcome::Enqueued(id) => Some(id),
+            WriteOutcome::Claimed(item) => Some(item.id),
+            WriteOutcome::Applied => None,
+        }
+    }
 }
 
 /// A durable retry queue (the seed's `RetryQueue`, blocking).
@@ -258,6 +278,22 @@ pub trait RetryQueue: Send + Sync {
     /// was stored; otherwise each item has its own result, in order (a
     /// duplicate inside the batch is a `DuplicateItem` of the earlier one).
     fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>>;
+
+    /// Stores new items already claimed: in one durable commit, as
+    /// `enqueue_batch` does, but each `processing` with
+    /// `lease_until = now + lease`, as `claim` would leave it. Returns each
+    /// item as stored, or why it was refused (the same errors as
+    /// `enqueue`).
+    ///
+    /// For a caller that delivers right after it persists (the worker's
+    /// outbox path): it skips claiming back what it just wrote. A crash
+    /// treats these items as any claim: they are delivered again once the
+    /// lease expires.
+    fn enqueue_claimed(
+        &self,
+        items: Vec<NewItem>,
+        lease: Duration,
+    ) -> QueueResult<Vec<QueueResult<QueueItem>>>;
 
     /// Claims the next ready item with the default lease (`claim(1, ..)`).
     fn dequeue(&self) -> QueueResult<Option<QueueItem>>;
@@ -335,6 +371,16 @@ pub trait RetryQueue: Send + Sync {
         for op in ops {
             let result = match op {
                 WriteOp::Enqueue(item) => self.enqueue(item).map(WriteOutcome::Enqueued),
+                WriteOp::EnqueueClaimed { item, lease } => self
+                    .enqueue_claimed(vec![item], lease)?
+                    .pop()
+                    .unwrap_or_else(|| {
+                        Err(QueueError::storage(
+                            "enqueue_claimed",
+                            "no result for the item",
+                        ))
+                    })
+                    .map(|item| WriteOutcome::Claimed(Box::new(item))),
                 WriteOp::Delete { id } => self.delete(&id).map(|_| WriteOutcome::Applied),
                 WriteOp::Requeue {
                     id,
@@ -364,6 +410,13 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     }
     fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
         (**self).enqueue_batch(items)
+    }
+    fn enqueue_claimed(
+        &self,
+        items: Vec<NewItem>,
+        lease: Duration,
+    ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
+        (**self).enqueue_claimed(items, lease)
     }
     fn dequeue(&self) -> QueueResult<Option<QueueItem>> {
         (**self).dequeue()

@@ -724,16 +724,23 @@ impl SqliteRetryQueue {
         Ok(())
     }
 
+    /// Stores a new item, claimed for `lease` when given; returns it as
+    /// stored.
     fn enqueue_in(
         &self,
         conn: &Connection,
         new: NewItem,
+        lease: Option<Duration>,
         known: &mut KnownTotals,
-    ) -> QueueResult<String> {
+    ) -> QueueResult<QueueItem> {
         // Every check runs before the first write, so a refused item leaves
         // nothing behind (see "Commit protocol" above).
         let caller_id = new.id.is_some();
-        let item = new.into_item(self.now(), self.options.default_max_attempts)?;
+        let now = self.now();
+        let mut item = new.into_item(now, self.options.default_max_attempts)?;
+        if let Some(lease) = lease {
+            item.record_claim(crate::backoff::add_saturating(now, lease), now);
+        }
         let row = ItemRow::new(&item)?;
         if caller_id {
             // A fresh UUIDv7 cannot collide; only a caller's ID can.
@@ -773,9 +780,9 @@ impl SqliteRetryQueue {
         .map_err(sql_err("enqueue"))?;
         if self.options.dedupe {
             self.fingerprints()
-                .record(seq, None, Some((&item.fingerprint, STATUS_PENDING)));
+                .record(seq, None, Some((&item.fingerprint, row.status)));
         }
-        Ok(item.id)
+        Ok(item)
     }
 
     /// The ID of a pending or processing item with `fingerprint`, if any.
@@ -938,14 +945,17 @@ impl SqliteRetryQueue {
         op: WriteOp,
         known: &mut KnownTotals,
     ) -> QueueResult<WriteOutcome> {
-        if !matches!(op, WriteOp::Enqueue(_)) {
+        if !matches!(op, WriteOp::Enqueue(_) | WriteOp::EnqueueClaimed { .. }) {
             // Deletes and state changes may change the totals.
             known.0 = None;
         }
         match op {
             WriteOp::Enqueue(item) => self
-                .enqueue_in(conn, item, known)
-                .map(WriteOutcome::Enqueued),
+                .enqueue_in(conn, item, None, known)
+                .map(|item| WriteOutcome::Enqueued(item.id)),
+            WriteOp::EnqueueClaimed { item, lease } => self
+                .enqueue_in(conn, item, Some(lease), known)
+                .map(|item| WriteOutcome::Claimed(Box::new(item))),
             WriteOp::Delete { id } => self.delete_in(conn, &id).map(|_| WriteOutcome::Applied),
             WriteOp::Requeue {
                 id,
@@ -1276,21 +1286,40 @@ fn order_sql(filter: &ListFilter) -> String {
 impl RetryQueue for SqliteRetryQueue {
     fn enqueue(&self, item: NewItem) -> QueueResult<String> {
         self.write("enqueue", |tx| {
-            self.enqueue_in(tx, item, &mut KnownTotals::default())
+            self.enqueue_in(tx, item, None, &mut KnownTotals::default())
+                .map(|item| item.id)
         })
     }
 
     fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
         let results = self.batch("enqueue_batch", items, |conn, item, known| {
-            self.enqueue_in(conn, item, known)
-                .map(WriteOutcome::Enqueued)
+            self.enqueue_in(conn, item, None, known)
+                .map(|item| WriteOutcome::Enqueued(item.id))
+        })?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.map(|o| o.into_enqueued_id().unwrap_or_default()))
+            .collect())
+    }
+
+    fn enqueue_claimed(
+        &self,
+        items: Vec<NewItem>,
+        lease: Duration,
+    ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
+        let results = self.batch("enqueue_claimed", items, |conn, item, known| {
+            self.enqueue_in(conn, item, Some(lease), known)
+                .map(|item| WriteOutcome::Claimed(Box::new(item)))
         })?;
         Ok(results
             .into_iter()
             .map(|r| {
-                r.map(|o| match o {
-                    WriteOutcome::Enqueued(id) => id,
-                    WriteOutcome::Applied => String::new(),
+                r.and_then(|o| match o {
+                    WriteOutcome::Claimed(item) => Ok(*item),
+                    _ => Err(QueueError::storage(
+                        "enqueue_claimed",
+                        "no item in the result",
+                    )),
                 })
             })
             .collect())

@@ -102,6 +102,22 @@ impl RetryQueue for TestQueue {
         Ok(items.into_iter().map(|i| self.enqueue(i)).collect())
     }
 
+    fn enqueue_claimed(
+        &self,
+        items: Vec<NewItem>,
+        lease: Duration,
+    ) -> QResult<Vec<QResult<QueueItem>>> {
+        let now = self.clock.now();
+        let until = now + chrono::Duration::from_std(lease).unwrap();
+        Ok(items
+            .into_iter()
+            .map(|new| {
+                let id = self.enqueue(new)?;
+                self.modify(&id, |item| item.record_claim(until, now))
+            })
+            .collect())
+    }
+
     fn dequeue(&self) -> QResult<Option<QueueItem>> {
         Ok(self.claim(1, Duration::from_secs(60))?.pop())
     }

@@ -765,6 +765,57 @@ impl FileRetryQueue {
         Ok(ids.len())
     }
 
+    /// Stores new items in one commit (`enqueue_batch`), each claimed for
+    /// `lease` when given (`enqueue_claimed`).
+    fn store_new(
+        &self,
+        op: &'static str,
+        items: Vec<NewItem>,
+        lease: Option<Duration>,
+    ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
+        let mut inner = self.state(op)?;
+        let now = self.now();
+        let mut admission = Admission::default();
+        let mut results = Vec::with_capacity(items.len());
+        let mut accepted = Vec::new();
+        let mut changes = Vec::new();
+        for new in items {
+            let admitted = new
+                .into_item(now, self.options.default_max_attempts)
+                .and_then(|mut item| {
+                    self.admit(&inner.index, &item, &mut admission)?;
+                    if let Some(lease) = lease {
+                        item.record_claim(saturating_add(now, lease), now);
+                    }
+                    Ok(item)
+                });
+            match admitted {
+                Ok(item) => {
+                    changes.push(Change {
+                        file: file_name(&item),
+                        new: Some(Self::encode(op, &item)?),
+                        old: None,
+                    });
+                    results.push(Ok(item.clone()));
+                    accepted.push(item);
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if changes.is_empty() {
+            return Ok(results);
+        }
+        self.commit(&mut inner, op, &changes)?;
+        for (item, change) in accepted.into_iter().zip(changes) {
+            let len = change.new.as_ref().map_or(0, |d| d.len() as u64);
+            inner.index.insert(item, change.file, len);
+        }
+        if let Err(e) = self.evict(&mut inner, op, &admission.evict) {
+            tracing::warn!(error = %e, "eviction after enqueue failed; the queue is over its limit until the next eviction");
+        }
+        Ok(results)
+    }
+
     fn check_item(item: &QueueItem) -> QueueResult<()> {
         if item.max_attempts == 0 {
             return Err(QueueError::invalid("max_attempts must be at least 1"));
@@ -788,45 +839,19 @@ impl RetryQueue for FileRetryQueue {
     }
 
     fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
-        let op = "enqueue";
-        let mut inner = self.state(op)?;
-        let now = self.now();
-        let mut admission = Admission::default();
-        let mut results = Vec::with_capacity(items.len());
-        let mut accepted = Vec::new();
-        let mut changes = Vec::new();
-        for new in items {
-            let admitted = new
-                .into_item(now, self.options.default_max_attempts)
-                .and_then(|item| {
-                    self.admit(&inner.index, &item, &mut admission)?;
-                    Ok(item)
-                });
-            match admitted {
-                Ok(item) => {
-                    changes.push(Change {
-                        file: file_name(&item),
-                        new: Some(Self::encode(op, &item)?),
-                        old: None,
-                    });
-                    results.push(Ok(item.id.clone()));
-                    accepted.push(item);
-                }
-                Err(e) => results.push(Err(e)),
-            }
-        }
-        if changes.is_empty() {
-            return Ok(results);
-        }
-        self.commit(&mut inner, op, &changes)?;
-        for (item, change) in accepted.into_iter().zip(changes) {
-            let len = change.new.as_ref().map_or(0, |d| d.len() as u64);
-            inner.index.insert(item, change.file, len);
-        }
-        if let Err(e) = self.evict(&mut inner, op, &admission.evict) {
-            tracing::warn!(error = %e, "eviction after enqueue failed; the queue is over its limit until the next eviction");
-        }
-        Ok(results)
+        Ok(self
+            .store_new("enqueue", items, None)?
+            .into_iter()
+            .map(|r| r.map(|item| item.id))
+            .collect())
+    }
+
+    fn enqueue_claimed(
+        &self,
+        items: Vec<NewItem>,
+        lease: Duration,
+    ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
+        self.store_new("enqueue_claimed", items, Some(lease))
     }
 
     fn dequeue(&self) -> QueueResult<Option<QueueItem>> {
@@ -903,9 +928,8 @@ impl RetryQueue for FileRetryQueue {
             return Ok(Vec::new());
         }
         let lease_until = saturating_add(now, lease);
-        self.change_many(&mut inner, "claim", &ids, now, |item, _| {
-            item.status = ItemStatus::Processing;
-            item.lease_until = Some(lease_until);
+        self.change_many(&mut inner, "claim", &ids, now, |item, now| {
+            item.record_claim(lease_until, now);
             Ok(())
         })
     }
