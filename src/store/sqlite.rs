@@ -473,10 +473,12 @@ impl SqliteRetryQueue {
             tx.commit().map_err(sql_err(op))?;
             Ok(out)
         });
+        let mut fingerprints = self.fingerprints();
+        fingerprints.end_transaction();
         if outcome.is_err() {
             // The transaction rolled back (dropping it does): so do these.
             *self.totals_delta() = TotalsDelta::default();
-            self.fingerprints().invalidate();
+            fingerprints.invalidate();
         }
         outcome
     }

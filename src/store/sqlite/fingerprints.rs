@@ -18,7 +18,10 @@
 //! - **A miss is trusted only while nothing else wrote.** `PRAGMA
 //!   data_version` changes when another connection (the admin CLI, another
 //!   process) commits. The set records the value it was built at and is
-//!   rebuilt from the table when it differs.
+//!   rebuilt from the table when it differs. It is read once per write
+//!   transaction, at its first lookup: while this connection holds the
+//!   write lock no other can commit, so the value cannot move until the
+//!   transaction ends.
 //! - **A rollback forgets it.** When a transaction fails, the store drops
 //!   the set, and the next lookup rebuilds it from what was committed.
 //! - It is built lazily, on the first lookup: opening a store, or a store
@@ -109,6 +112,8 @@ pub(super) struct FingerprintIndex {
     live: usize,
     /// `PRAGMA data_version` when `entries` last matched the database.
     data_version: i64,
+    /// `data_version` was checked in the open write transaction.
+    checked_in_transaction: bool,
 }
 
 impl FingerprintIndex {
@@ -117,16 +122,28 @@ impl FingerprintIndex {
         self.entries = None;
     }
 
+    /// The write transaction ended (committed or rolled back): other
+    /// connections may commit again, so the next lookup checks
+    /// `data_version` again.
+    pub(super) fn end_transaction(&mut self) {
+        self.checked_in_transaction = false;
+    }
+
     /// Rowids whose fingerprint may be `fingerprint`, as of the database
     /// `conn` sees now (rebuilding the set first when it may be stale).
+    /// Only inside a write transaction that ends with
+    /// [`Self::end_transaction`].
     pub(super) fn candidates(
         &mut self,
         conn: &Connection,
         fingerprint: &str,
     ) -> QueueResult<Vec<i64>> {
-        let version = data_version(conn)?;
-        if self.entries.is_none() || version != self.data_version {
-            self.rebuild(conn, version)?;
+        if self.entries.is_none() || !self.checked_in_transaction {
+            let version = data_version(conn)?;
+            if self.entries.is_none() || version != self.data_version {
+                self.rebuild(conn, version)?;
+            }
+            self.checked_in_transaction = true;
         }
         Ok(self
             .entries
@@ -276,6 +293,8 @@ mod tests {
         .unwrap();
         let mut index = FingerprintIndex::default();
         assert_eq!(index.candidates(&conn, "aa").unwrap(), vec![1]);
+        // As the store does when its write transaction ends.
+        index.end_transaction();
         let other = Connection::open(&path).unwrap();
         other
             .execute_batch("DELETE FROM items; INSERT INTO items VALUES (7, 'bb', 0);")
