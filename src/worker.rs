@@ -596,9 +596,9 @@ impl RetryWorker {
         let running = self
             .running()
             .as_ref()
-            .map(|r| (r.store.clone(), r.scheduler.clone(), r.io.clone()));
+            .map(|r| (r.store.clone(), r.scheduler.clone()));
         let results = match running {
-            Some((store, scheduler, io)) => {
+            Some((store, scheduler)) => {
                 let handoff = self.shared.reserve_handoff(items.len());
                 if handoff == 0 {
                     let ops = items.into_iter().map(WriteOp::Enqueue).collect();
@@ -614,6 +614,7 @@ impl RetryWorker {
                 // commits and hands them off, so a caller that gives up
                 // waiting cannot strand them leased and undelivered.
                 let shared = self.shared.clone();
+                let queue = self.queue.clone();
                 let task = tokio::spawn(async move {
                     let count = items.len();
                     let lease = shared.config.lease;
@@ -651,8 +652,22 @@ impl RetryWorker {
                         .collect();
                     // Slots of items refused (duplicates, a full queue).
                     shared.unreserve_handoff(handoff - claimed.len());
-                    if !claimed.is_empty() {
-                        hand_off(&shared, &scheduler, &io, claimed).await;
+                    let handed = if claimed.is_empty() {
+                        Ok(())
+                    } else {
+                        hand_off(&shared, &scheduler, claimed)
+                    };
+                    if let Err(stranded) = handed {
+                        // Stopping: no one will push them; back to pending.
+                        let stranded_count = stranded.len();
+                        let ops = stranded
+                            .into_iter()
+                            .map(|item| WriteOp::Release { id: item.id })
+                            .collect();
+                        if let Err(e) = blocking(move || queue.apply_batch(ops)).await {
+                            tracing::warn!(error = %e, count = stranded_count, "could not release items enqueued during stop; they are delivered once their lease expires");
+                        }
+                        shared.unreserve_handoff(stranded_count);
                     }
                     if handoff < count {
                         shared.wake(&scheduler);

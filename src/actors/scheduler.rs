@@ -496,23 +496,27 @@ pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>
 
 /// Hands items an enqueue stored claimed (the outbox path) to the
 /// scheduler for delivery. They count as in flight from here on, so a
-/// `stop` that runs meanwhile waits for them or releases them; if the
-/// worker is already stopping they are released here at once, not left
-/// leased until their lease expires.
-pub async fn hand_off(
+/// `stop` that runs meanwhile waits for them or releases them. When the
+/// worker is already stopping, nothing takes them: they are returned, for
+/// the caller to release at once rather than leave them leased until the
+/// lease expires.
+pub fn hand_off(
     shared: &Shared,
     scheduler: &Addr<SchedulerActor>,
-    io: &Io,
     items: Vec<QueueItem>,
-) {
+) -> Result<(), Vec<QueueItem>> {
     shared
         .in_flight()
         .extend(items.iter().map(|i| i.id.clone()));
     if !shared.shutdown.load(std::sync::atomic::Ordering::SeqCst) && scheduler.connected() {
         scheduler.do_send(DeliverClaimed(items));
-        return;
+        return Ok(());
     }
-    release_handed_off(shared, io, items).await;
+    let mut in_flight = shared.in_flight();
+    for item in &items {
+        in_flight.remove(&item.id);
+    }
+    Err(items)
 }
 
 /// Returns handed-off items that will not be pushed to pending (no
