@@ -10,7 +10,9 @@
 //!   is empty.
 //!
 //! Criterion reports each measurement; a plain summary measured in the same
-//! run with `Instant` follows. Run with `cargo bench --bench worker`.
+//! run with `Instant` follows, with the store thread's CPU time per item
+//! (steadier than rates on a shared machine). Run with
+//! `cargo bench --bench worker`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,6 +178,40 @@ fn store_alone(dir: &Path, total: usize) -> (f64, f64) {
     (grouped, single)
 }
 
+/// CPU time the store's committer thread has used so far (Linux
+/// `schedstat`); `None` where that is not readable. CPU time per item is
+/// steadier than wall-clock rates on a shared machine: it does not count
+/// time spent waiting for the disk or for a neighbour's turn on the CPU.
+fn store_thread_cpu() -> Option<Duration> {
+    let mut total = None;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim() != "retryq-store" {
+            continue;
+        }
+        let schedstat = std::fs::read_to_string(path.join("schedstat")).ok()?;
+        let nanos: u64 = schedstat.split_whitespace().next()?.parse().ok()?;
+        *total.get_or_insert(Duration::ZERO) += Duration::from_nanos(nanos);
+    }
+    total
+}
+
+/// `f`'s result, and the store thread's CPU time per item over it.
+fn with_store_cpu<T>(items: usize, f: impl FnOnce() -> T) -> (T, Option<f64>) {
+    let before = store_thread_cpu();
+    let out = f();
+    let per_item = match (before, store_thread_cpu()) {
+        (Some(b), Some(a)) if a >= b => Some((a - b).as_secs_f64() * 1e6 / items as f64),
+        _ => None,
+    };
+    (out, per_item)
+}
+
+fn micros(value: Option<f64>) -> String {
+    value.map_or_else(|| "n/a".into(), |v| format!("{v:.1} µs"))
+}
+
 fn per_sec(items: usize, spent: Duration) -> f64 {
     items as f64 / spent.as_secs_f64()
 }
@@ -210,10 +246,12 @@ fn main() {
         group.finish();
     }
     let total = PRODUCERS * PER_PRODUCER;
-    let concurrent = per_sec(
-        total,
-        rt.block_on(produce(&producer_worker, PRODUCERS, PER_PRODUCER)),
-    );
+    let (concurrent, concurrent_cpu) = with_store_cpu(total, || {
+        per_sec(
+            total,
+            rt.block_on(produce(&producer_worker, PRODUCERS, PER_PRODUCER)),
+        )
+    });
     let sequential = per_sec(total, rt.block_on(produce(&producer_worker, 1, total)));
     let (store_grouped, store_single) = store_alone(root.path(), total);
     rt.block_on(producer_worker.stop(Duration::from_secs(5)))
@@ -248,10 +286,12 @@ fn main() {
         group.finish();
     }
     let before = pusher.delivered.load(Ordering::Relaxed);
-    let delivery = per_sec(
-        DELIVERY_ITEMS,
-        rt.block_on(deliver(&delivery_worker, &pusher, DELIVERY_ITEMS)),
-    );
+    let (delivery, delivery_cpu) = with_store_cpu(DELIVERY_ITEMS, || {
+        per_sec(
+            DELIVERY_ITEMS,
+            rt.block_on(deliver(&delivery_worker, &pusher, DELIVERY_ITEMS)),
+        )
+    });
     let pushed = pusher.delivered.load(Ordering::Relaxed) - before;
     rt.block_on(delivery_worker.stop(Duration::from_secs(5)))
         .expect("stop worker");
@@ -260,7 +300,8 @@ fn main() {
     println!();
     println!("=== retryq worker summary (SQLite, measured in this run with Instant) ===");
     println!(
-        "enqueue, {PRODUCERS} concurrent producers: {concurrent:>9.0} items/s ({total} items, one per call)"
+        "enqueue, {PRODUCERS} concurrent producers: {concurrent:>9.0} items/s ({total} items, one per call; store thread CPU {} per item)",
+        micros(concurrent_cpu)
     );
     println!("enqueue, 1 producer:                {sequential:>9.0} items/s ({total} items, one per call)");
     println!(
@@ -275,6 +316,7 @@ fn main() {
         100.0 * concurrent / store_grouped
     );
     println!(
-        "end-to-end delivery, accept-all transport: {delivery:>9.0} items/s ({DELIVERY_ITEMS} items, {pushed} pushes) (target >= 20,000)"
+        "end-to-end delivery, accept-all transport: {delivery:>9.0} items/s ({DELIVERY_ITEMS} items, {pushed} pushes; store thread CPU {} per item) (target >= 20,000)",
+        micros(delivery_cpu)
     );
 }
