@@ -507,6 +507,32 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// Opens (again) the same SQLite queue in `dir`, with default options:
+/// for tests that stop a worker, close the store and start over.
+fn reopenable_sqlite_queue(dir: &std::path::Path) -> impl Fn() -> Arc<dyn RetryQueue> {
+    let path = dir.join("q.db");
+    move || Arc::new(SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap())
+}
+
+/// Starts a fresh worker on `queue` with a transport that answers at once,
+/// waits until the queue is empty and checks each of `ids` was pushed.
+async fn restart_and_deliver_all(
+    queue: Arc<dyn RetryQueue>,
+    transport: &Arc<Scripted>,
+    config: RetryWorkerConfig,
+    ids: &[String],
+) {
+    *transport.delay.lock().unwrap() = Duration::ZERO;
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    wait_until("all delivered", || queue.size().unwrap() == 0).await;
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+    let counts = transport.counts();
+    for id in ids {
+        assert!(counts.get(id).copied().unwrap_or(0) >= 1, "{id} was lost");
+    }
+}
+
 /// A SQLite queue in `dir` with room for every test's items, on the real
 /// clock.
 fn roomy_sqlite_queue(dir: &std::path::Path) -> Arc<dyn RetryQueue> {
@@ -612,10 +638,7 @@ async fn coalesced_wakes_deliver_every_burst_without_the_poll() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_during_delivery_then_restart_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q.db");
-    let open = || -> Arc<dyn RetryQueue> {
-        Arc::new(SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap())
-    };
+    let open = reopenable_sqlite_queue(dir.path());
     let queue = open();
     let ids = enqueue_n(&queue, 20).await;
     let transport = Scripted::always(PushOutcome::Delivered);
@@ -643,17 +666,7 @@ async fn stop_during_delivery_then_restart_loses_nothing() {
     assert!(processing.is_empty(), "stop released every lease");
     drop(worker);
     queue.close().unwrap();
-
-    let queue = open();
-    *transport.delay.lock().unwrap() = Duration::ZERO;
-    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
-    worker.start().await.unwrap();
-    wait_until("all delivered", || queue.size().unwrap() == 0).await;
-    worker.stop(Duration::from_secs(5)).await.unwrap();
-    let counts = transport.counts();
-    for id in &ids {
-        assert!(counts.get(id).copied().unwrap_or(0) >= 1, "{id} was lost");
-    }
+    restart_and_deliver_all(open(), &transport, config, &ids).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -857,10 +870,7 @@ async fn gated_delivery_stores_enqueues_pending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_releases_handed_off_items_and_a_restart_delivers_them() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q.db");
-    let open = || -> Arc<dyn RetryQueue> {
-        Arc::new(SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap())
-    };
+    let open = reopenable_sqlite_queue(dir.path());
     let queue = open();
     let transport = Scripted::always(PushOutcome::Delivered);
     *transport.delay.lock().unwrap() = Duration::from_millis(200);
@@ -910,15 +920,5 @@ async fn stop_releases_handed_off_items_and_a_restart_delivers_them() {
     );
     drop(worker);
     queue.close().unwrap();
-
-    let queue = open();
-    *transport.delay.lock().unwrap() = Duration::ZERO;
-    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
-    worker.start().await.unwrap();
-    wait_until("all delivered", || queue.size().unwrap() == 0).await;
-    worker.stop(Duration::from_secs(5)).await.unwrap();
-    let counts = transport.counts();
-    for id in &ids {
-        assert!(counts.get(id).copied().unwrap_or(0) >= 1, "{id} was lost");
-    }
+    restart_and_deliver_all(open(), &transport, config, &ids).await;
 }
