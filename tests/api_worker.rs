@@ -160,3 +160,76 @@ async fn api_drives_the_real_worker_and_metrics_follow_its_outcomes() {
     .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+/// Answers after a pause, so a test can look at an item mid-push.
+struct SlowUpstream;
+
+impl Pusher for SlowUpstream {
+    fn push(&self, _item: &ItemMeta, _payload: &[u8], _ctx: &CallContext) -> PushOutcome {
+        std::thread::sleep(Duration::from_millis(300));
+        PushOutcome::Delivered
+    }
+}
+
+/// `POST /v1/items` goes through the worker: while it runs, the item is
+/// stored already claimed in the enqueue's own commit (the outbox path;
+/// storing it in the queue directly would leave it pending for a claim),
+/// refusals keep their statuses, and a stopped worker still stores items.
+#[actix_web::test]
+async fn api_ingest_goes_through_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn RetryQueue> =
+        Arc::new(SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default()).unwrap());
+    let worker = Arc::new(
+        RetryWorker::new(
+            RetryWorkerConfig::default(),
+            queue.clone(),
+            Arc::new(SlowUpstream),
+        )
+        .unwrap(),
+    );
+    worker.start().await.unwrap();
+    let control = Arc::new(RetryWorkerControl::new(worker.clone()));
+    let state = AdminState::new(queue.clone(), control, Arc::new(Metrics::new()));
+    let config = AdminConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..AdminConfig::default()
+    };
+    let svc = test::init_service(App::new().configure(admin::routes(&config, &state))).await;
+    let ingest = |body: &str| {
+        test::TestRequest::post()
+            .uri("/v1/items?fingerprint=fp-1")
+            .set_payload(body.to_owned())
+            .to_request()
+    };
+
+    let resp = test::call_service(&svc, ingest("{\"n\":1}")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: Value = test::read_body_json(resp).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let stored = queue.get(&id).unwrap();
+    assert_eq!(stored.status, retryq::ItemStatus::Processing);
+    assert_eq!(stored.updated_at, stored.created_at, "stored claimed");
+
+    // The same fingerprint while the first is live: a 409 naming it.
+    let resp = test::call_service(&svc, ingest("{\"n\":2}")).await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let refused: Value = test::read_body_json(resp).await;
+    assert_eq!(refused["existing_id"], id.as_str(), "{refused}");
+
+    for _ in 0..3000 {
+        if queue.size().unwrap() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(queue.size().unwrap(), 0, "delivered and acknowledged");
+
+    // Stopped: still stored (pending), for the next start to deliver.
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+    let resp = test::call_service(&svc, ingest("{\"n\":3}")).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: Value = test::read_body_json(resp).await;
+    let later = queue.get(created["id"].as_str().unwrap()).unwrap();
+    assert_eq!(later.status, retryq::ItemStatus::Pending);
+}

@@ -355,7 +355,16 @@ async fn ingest(
     let payload = Payload::from_json_bytes(&bytes)?;
     let item = params.into_new_item(payload);
     let item_type = item.item_type.clone();
-    let result = store_call(&state, move |q| q.enqueue(item)).await;
+    let result = match state.worker.enqueue(item) {
+        Ok(through_worker) => through_worker.await.map_err(ApiError::from),
+        Err(item) => {
+            let stored = store_call(&state, move |q| q.enqueue(*item)).await;
+            if stored.is_ok() {
+                state.worker.notify_enqueued();
+            }
+            stored
+        }
+    };
     let id = match result {
         Ok(id) => id,
         Err(err) => {
@@ -368,7 +377,6 @@ async fn ingest(
         }
     };
     state.metrics.record_enqueued(1);
-    state.worker.notify_enqueued();
     tracing::info!(id = %id, item_type = %item_type, bytes = bytes.len(), "item enqueued through the API");
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/v1/items/{id}")))

@@ -71,6 +71,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::clock::{system_clock, SharedClock};
 use crate::error::QueueError;
+use crate::item::NewItem;
 use crate::metrics::Metrics;
 use crate::store::{CleanupReport, RetryQueue};
 
@@ -129,6 +130,16 @@ pub trait WorkerControl: Send + Sync {
     /// revived through the API), so it need not wait for its next timer.
     /// Must not block.
     fn notify_enqueued(&self);
+
+    /// Stores an item received by `POST /v1/items` through the worker and
+    /// returns its ID, or hands the item back (`Err`) when this worker
+    /// does not store items: the API then stores it in the queue itself
+    /// and calls [`WorkerControl::notify_enqueued`]. The default hands it
+    /// back. The daemon's worker takes it, so concurrent requests share
+    /// its group commit and, while it runs, its outbox path.
+    fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, String>, Box<NewItem>> {
+        Err(Box::new(item))
+    }
 
     /// True while the worker is running (for `/readyz`).
     fn is_running(&self) -> bool;

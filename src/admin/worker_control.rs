@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::{ControlError, ControlFuture, WorkerControl};
+use crate::item::NewItem;
 use crate::metrics::{CircuitState as MetricsCircuit, DeliveryOutcome, Metrics};
 use crate::store::CleanupReport;
 use crate::worker::{CircuitState, EventKind, RetryWorker, WorkerEvent};
@@ -93,6 +94,12 @@ impl WorkerControl for RetryWorkerControl {
 
     fn notify_enqueued(&self) {
         self.worker.wake();
+    }
+
+    fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, String>, Box<NewItem>> {
+        Ok(Box::pin(
+            async move { Ok(self.worker.enqueue(item).await?) },
+        ))
     }
 
     fn is_running(&self) -> bool {
