@@ -20,6 +20,8 @@
 //! - **Leases.** `claim` marks ready items `processing` until a lease
 //!   expires; an expired lease returns the item to `pending`
 //!   (`release_expired_leases`, and always when the store is opened).
+//!   `enqueue_claimed` stores new items in that same claimed state, under
+//!   the same rules and checks as `enqueue`.
 //! - **Integrity.** Every payload carries a checksum verified on read. A
 //!   record that fails it (torn, truncated, foreign, corrupt) is moved to a
 //!   quarantine, counted in [`QueueStats::quarantined`] and logged; it never
