@@ -25,8 +25,8 @@
 //!
 //! The outbox path: items a running worker's enqueue stored already claimed
 //! arrive as `DeliverClaimed` and are delivered as a claimed batch would be
-//! (up to `batch_size` at a time, [`MAX_OVERLAPPING_CYCLES`] batches beside
-//! the claiming cycles), with no claim. Producers reserve their room first
+//! (up to `batch_size` at a time, as many batches at once as claiming
+//! cycles may overlap), with no claim. Producers reserve their room first
 //! ([`Shared::reserve_handoff`]), only while the gates are open; one that
 //! waited so long for a slot that half its lease is gone, or that finds a
 //! gate shut by then, is released to pending instead of pushed.
