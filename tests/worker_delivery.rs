@@ -922,3 +922,53 @@ async fn stop_releases_handed_off_items_and_a_restart_delivers_them() {
     queue.close().unwrap();
     restart_and_deliver_all(open(), &transport, config, &ids).await;
 }
+
+/// A handed-off item that waited for a delivery slot until half its lease
+/// was gone is released rather than pushed on a lease about to run out: a
+/// claim then takes it with a fresh lease (and stamps it), and it is still
+/// pushed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_afresh() {
+    let env = Env::new();
+    let queue = env.store();
+    let transport = Scripted::always(PushOutcome::Delivered);
+    *transport.delay.lock().unwrap() = Duration::from_millis(300);
+    let mut config = env.config();
+    // Outbox room 4; two batches of one run at once, the third item waits.
+    config.batch_size = 1;
+    config.concurrency = 1;
+    config.poll_interval = Duration::from_millis(50);
+    let lease = config.lease;
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    let ids: Vec<String> = worker
+        .enqueue_batch((0..3).map(item).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let waiting = queue.get(&ids[2]).unwrap();
+    assert_eq!(waiting.status, ItemStatus::Processing, "handed off");
+    assert_eq!(waiting.updated_at, waiting.created_at);
+    wait_until("the first push", || {
+        transport.active.lock().unwrap().contains(&ids[0])
+    })
+    .await;
+    env.clock.advance(lease / 2 + Duration::from_secs(1));
+    wait_until("the waiting item's push", || {
+        transport.active.lock().unwrap().contains(&ids[2])
+    })
+    .await;
+    let reclaimed = queue.get(&ids[2]).unwrap();
+    assert!(
+        reclaimed.updated_at > reclaimed.created_at,
+        "pushed under a fresh claim: {reclaimed:?}"
+    );
+    wait_until("all delivered", || queue.size().unwrap() == 0).await;
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+    for id in &ids {
+        assert_eq!(transport.counts().get(id), Some(&1), "{id} pushed once");
+    }
+    assert!(!transport.overlapped.load(Ordering::SeqCst));
+}
