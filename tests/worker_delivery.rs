@@ -972,3 +972,43 @@ async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_af
     }
     assert!(!transport.overlapped.load(Ordering::SeqCst));
 }
+
+/// Handed-off items still waiting for a slot when the circuit opens go back
+/// to pending with no attempt spent, and wait for the circuit like the
+/// rest: none is pushed into the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_handed_off_items_are_released_when_the_circuit_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = roomy_sqlite_queue(dir.path());
+    let transport = Scripted::always(PushOutcome::retryable("connection refused"));
+    *transport.delay.lock().unwrap() = Duration::from_millis(200);
+    let mut config = RetryWorkerConfig {
+        batch_size: 1,
+        concurrency: 1,
+        ..RetryWorkerConfig::default()
+    };
+    config.circuit.threshold = 1;
+    config.circuit.cooldown = Duration::from_secs(3600);
+    config.circuit.max_cooldown = Duration::from_secs(3600);
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    // Outbox room 4: two batches of one are dispatched, the rest wait.
+    let ids: Vec<String> = worker
+        .enqueue_batch((0..4).map(item).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
+    for id in &ids[2..] {
+        wait_until("the waiting item released", || {
+            queue.get(id).unwrap().status == ItemStatus::Pending
+        })
+        .await;
+        let released = queue.get(id).unwrap();
+        assert_eq!(released.attempts, 0, "no attempt spent");
+        assert_eq!(transport.counts().get(id), None, "not pushed");
+    }
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+}
