@@ -1,8 +1,9 @@
 //! Crash tests with a real SIGKILL.
 //!
 //! The parent test re-executes this test binary as a child running the
-//! ignored test `crash_child`, which opens a store and loops: enqueue,
-//! requeue, mark_failed, delete. Before each call it prints `@try <op>`,
+//! ignored test `crash_child`, which opens a store and loops: enqueue (some
+//! already claimed, as the worker's outbox path stores them), requeue,
+//! mark_failed, delete. Before each call it prints `@try <op>`,
 //! after the call returns `@ok <op>` (the acknowledgement). The parent
 //! reads the log, kills the child with SIGKILL at a random point, reopens
 //! the store and checks the promise:
@@ -72,12 +73,22 @@ fn crash_child() {
     let mut live: Vec<String> = Vec::new();
     for n in 0..5_000u32 {
         let roll = rng.u32(0..100);
-        if live.is_empty() || roll < 45 {
+        if live.is_empty() || roll < 30 {
             let id = format!("i{n}");
             say(format!("try enq {id}"));
             q.enqueue(NewItem::new(payload_for(&id)).with_id(&id))
                 .unwrap();
             say(format!("ok enq {id}"));
+            live.push(id);
+        } else if roll < 45 {
+            let id = format!("i{n}");
+            say(format!("try enqc {id}"));
+            let item = NewItem::new(payload_for(&id)).with_id(&id);
+            let mut stored = q
+                .enqueue_claimed(vec![item], std::time::Duration::from_secs(3600))
+                .unwrap();
+            stored.pop().unwrap().unwrap();
+            say(format!("ok enqc {id}"));
             live.push(id);
         } else if roll < 70 {
             let id = live[rng.usize(0..live.len())].clone();
@@ -113,6 +124,8 @@ struct State {
 #[derive(Debug, Clone)]
 enum LoggedOp {
     Enqueue,
+    /// `enqueue_claimed` with a lease of an hour.
+    EnqueueClaimed,
     Requeue(String),
     MarkFailed(String),
     Delete,
@@ -122,6 +135,7 @@ fn parse_try(words: &[&str]) -> (String, LoggedOp) {
     let id = words[1].to_string();
     let op = match words[0] {
         "enq" => LoggedOp::Enqueue,
+        "enqc" => LoggedOp::EnqueueClaimed,
         "req" => LoggedOp::Requeue(words[2].to_string()),
         "fail" => LoggedOp::MarkFailed(words[2].to_string()),
         "del" => LoggedOp::Delete,
@@ -132,8 +146,12 @@ fn parse_try(words: &[&str]) -> (String, LoggedOp) {
 
 fn after(state: Option<&State>, op: &LoggedOp) -> Option<State> {
     match op {
-        LoggedOp::Enqueue => Some(State {
-            status: ItemStatus::Pending,
+        LoggedOp::Enqueue | LoggedOp::EnqueueClaimed => Some(State {
+            status: if matches!(op, LoggedOp::Enqueue) {
+                ItemStatus::Pending
+            } else {
+                ItemStatus::Processing
+            },
             attempts: 0,
             last_error: String::new(),
         }),
@@ -150,6 +168,21 @@ fn after(state: Option<&State>, op: &LoggedOp) -> Option<State> {
             })
         }
         LoggedOp::Delete => None,
+    }
+}
+
+/// `state` as the backend leaves it after a reopen: the file backend (which
+/// holds an exclusive lock, so no other process can hold a claim) returns
+/// every claimed item to pending; SQLite keeps leases that have not
+/// expired (the child's are an hour long).
+fn as_reopened(backend: &str, state: State) -> State {
+    if backend == "file" && state.status == ItemStatus::Processing {
+        State {
+            status: ItemStatus::Pending,
+            ..state
+        }
+    } else {
+        state
     }
 }
 
@@ -256,6 +289,10 @@ fn crash_round(backend: &str, seed: u64, kill_after: usize) {
                 allowed.push(after(previous.as_ref(), op));
             }
         }
+        let allowed: Vec<Option<State>> = allowed
+            .into_iter()
+            .map(|state| state.map(|s| as_reopened(backend, s)))
+            .collect();
         let actual = match q.get(&id) {
             Ok(item) => {
                 assert_eq!(item.report, payload_for(&id), "{backend}: payload of {id}");
