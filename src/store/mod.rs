@@ -373,14 +373,17 @@ pub trait RetryQueue: Send + Sync {
         for op in ops {
             let result = match op {
                 WriteOp::Enqueue(item) => self.enqueue(item).map(WriteOutcome::Enqueued),
+                // Its own result even when the call fails as a whole: the
+                // ops before it were applied, so the batch cannot fail.
                 WriteOp::EnqueueClaimed { item, lease } => self
-                    .enqueue_claimed(vec![item], lease)?
-                    .pop()
-                    .unwrap_or_else(|| {
-                        Err(QueueError::storage(
-                            "enqueue_claimed",
-                            "no result for the item",
-                        ))
+                    .enqueue_claimed(vec![item], lease)
+                    .and_then(|mut results| {
+                        results.pop().unwrap_or_else(|| {
+                            Err(QueueError::storage(
+                                "enqueue_claimed",
+                                "no result for the item",
+                            ))
+                        })
                     })
                     .map(|item| WriteOutcome::Claimed(Box::new(item))),
                 WriteOp::Delete { id } => self.delete(&id).map(|_| WriteOutcome::Applied),
