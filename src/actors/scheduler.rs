@@ -46,11 +46,11 @@ use super::messages::{
     Shutdown, Wake,
 };
 use super::pusher::{push_guarded, PusherActor};
-use super::store::StoreActor;
+use super::store::{StoreActor, StoreHandle};
 use crate::backoff::add_saturating;
 use crate::clock::SharedClock;
 use crate::error::{QueueError, QueueResult};
-use crate::item::QueueItem;
+use crate::item::{NewItem, QueueItem};
 use crate::store::{RetryQueue, WriteOp, WriteOutcome};
 use crate::worker::{
     CircuitState, EventKind, RetryResult, RetryWorkerConfig, WorkerEvent, WorkerStats,
@@ -494,13 +494,83 @@ pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>
     outcome
 }
 
+/// An enqueue on the outbox path: stores `items` in one group commit, the
+/// first `handoff` of them (slots already reserved with
+/// [`Shared::reserve_handoff`]) claimed, and hands those to `scheduler`.
+/// Gives back the slots of items refused; releases (through `queue`
+/// itself, as the actors may be gone) items that nobody will push because
+/// the worker is stopping; wakes the scheduler for the items stored
+/// pending. Returns each item's ID or why it was refused.
+pub async fn store_and_hand_off(
+    shared: Arc<Shared>,
+    store: StoreHandle,
+    scheduler: Addr<SchedulerActor>,
+    queue: Arc<dyn RetryQueue>,
+    items: Vec<NewItem>,
+    handoff: usize,
+) -> QueueResult<Vec<QueueResult<String>>> {
+    let count = items.len();
+    let lease = shared.config.lease;
+    let ops = items
+        .into_iter()
+        .enumerate()
+        .map(|(n, item)| {
+            if n < handoff {
+                WriteOp::EnqueueClaimed { item, lease }
+            } else {
+                WriteOp::Enqueue(item)
+            }
+        })
+        .collect();
+    let results = match store.apply(ops).await {
+        Ok(results) => results,
+        Err(e) => {
+            shared.unreserve_handoff(handoff);
+            return Err(e);
+        }
+    };
+    let mut claimed = Vec::with_capacity(handoff);
+    let ids: Vec<QueueResult<String>> = results
+        .into_iter()
+        .map(|r| {
+            r.map(|outcome| match outcome {
+                WriteOutcome::Claimed(item) => {
+                    let id = item.id.clone();
+                    claimed.push(*item);
+                    id
+                }
+                other => other.into_enqueued_id().unwrap_or_default(),
+            })
+        })
+        .collect();
+    // Slots of items refused (duplicates, a full queue).
+    shared.unreserve_handoff(handoff - claimed.len());
+    if !claimed.is_empty() {
+        if let Err(stranded) = hand_off(&shared, &scheduler, claimed) {
+            let stranded_count = stranded.len();
+            let ops = stranded
+                .into_iter()
+                .map(|item| WriteOp::Release { id: item.id })
+                .collect();
+            if let Err(e) = blocking(move || queue.apply_batch(ops)).await {
+                tracing::warn!(error = %e, count = stranded_count, "could not release items enqueued during stop; they are delivered once their lease expires");
+            }
+            shared.unreserve_handoff(stranded_count);
+        }
+    }
+    if handoff < count {
+        shared.wake(&scheduler);
+    }
+    Ok(ids)
+}
+
 /// Hands items an enqueue stored claimed (the outbox path) to the
 /// scheduler for delivery. They count as in flight from here on, so a
 /// `stop` that runs meanwhile waits for them or releases them. When the
 /// worker is already stopping, nothing takes them: they are returned, for
 /// the caller to release at once rather than leave them leased until the
 /// lease expires.
-pub fn hand_off(
+fn hand_off(
     shared: &Shared,
     scheduler: &Addr<SchedulerActor>,
     items: Vec<QueueItem>,
