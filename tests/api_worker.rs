@@ -29,30 +29,45 @@ impl Pusher for Upstream {
     }
 }
 
+/// A worker (not started) with default settings on a new SQLite queue in
+/// `dir`.
+fn sqlite_worker(
+    dir: &std::path::Path,
+    pusher: Arc<dyn Pusher>,
+) -> (Arc<dyn RetryQueue>, Arc<RetryWorker>) {
+    let queue: Arc<dyn RetryQueue> =
+        Arc::new(SqliteRetryQueue::open(dir.join("q.db"), StoreOptions::default()).unwrap());
+    let worker =
+        Arc::new(RetryWorker::new(RetryWorkerConfig::default(), queue.clone(), pusher).unwrap());
+    (queue, worker)
+}
+
+/// The API's state over `worker`, wired as the daemon wires it, and a
+/// config for it.
+fn api_over(
+    queue: &Arc<dyn RetryQueue>,
+    worker: &Arc<RetryWorker>,
+    metrics: Arc<Metrics>,
+) -> (AdminState, AdminConfig) {
+    let control = Arc::new(RetryWorkerControl::new(worker.clone()));
+    let state = AdminState::new(queue.clone(), control, metrics);
+    let config = AdminConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..AdminConfig::default()
+    };
+    (state, config)
+}
+
 #[actix_web::test]
 async fn api_drives_the_real_worker_and_metrics_follow_its_outcomes() {
     let dir = tempfile::tempdir().unwrap();
-    let queue: Arc<dyn RetryQueue> =
-        Arc::new(SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default()).unwrap());
-    let worker = Arc::new(
-        RetryWorker::new(
-            RetryWorkerConfig::default(),
-            queue.clone(),
-            Arc::new(Upstream),
-        )
-        .unwrap(),
-    );
+    let (queue, worker) = sqlite_worker(dir.path(), Arc::new(Upstream));
     let metrics = Arc::new(Metrics::new());
     record_worker_metrics(&worker, metrics.clone());
     let mut events = worker.subscribe();
     worker.start().await.unwrap();
 
-    let control = Arc::new(RetryWorkerControl::new(worker.clone()));
-    let state = AdminState::new(queue.clone(), control, metrics.clone());
-    let config = AdminConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..AdminConfig::default()
-    };
+    let (state, config) = api_over(&queue, &worker, metrics.clone());
     let svc = test::init_service(App::new().configure(admin::routes(&config, &state))).await;
 
     let resp = test::call_service(&svc, test::TestRequest::get().uri("/readyz").to_request()).await;
@@ -178,23 +193,9 @@ impl Pusher for SlowUpstream {
 #[actix_web::test]
 async fn api_ingest_goes_through_the_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let queue: Arc<dyn RetryQueue> =
-        Arc::new(SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default()).unwrap());
-    let worker = Arc::new(
-        RetryWorker::new(
-            RetryWorkerConfig::default(),
-            queue.clone(),
-            Arc::new(SlowUpstream),
-        )
-        .unwrap(),
-    );
+    let (queue, worker) = sqlite_worker(dir.path(), Arc::new(SlowUpstream));
     worker.start().await.unwrap();
-    let control = Arc::new(RetryWorkerControl::new(worker.clone()));
-    let state = AdminState::new(queue.clone(), control, Arc::new(Metrics::new()));
-    let config = AdminConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..AdminConfig::default()
-    };
+    let (state, config) = api_over(&queue, &worker, Arc::new(Metrics::new()));
     let svc = test::init_service(App::new().configure(admin::routes(&config, &state))).await;
     let ingest = |body: &str| {
         test::TestRequest::post()
