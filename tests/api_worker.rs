@@ -217,6 +217,22 @@ async fn api_ingest_goes_through_the_worker() {
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     let refused: Value = test::read_body_json(resp).await;
     assert_eq!(refused["existing_id"], id.as_str(), "{refused}");
+    // An item only the store refuses (a fingerprint over 256 characters;
+    // the API's own checks pass it): a 400 naming what is wrong, and
+    // nothing stored.
+    let size_before = queue.size().unwrap();
+    let req = test::TestRequest::post()
+        .uri(&format!("/v1/items?fingerprint={}", "f".repeat(300)))
+        .set_payload("{\"n\":4}")
+        .to_request();
+    let resp = test::call_service(&svc, req).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let refused: Value = test::read_body_json(resp).await;
+    assert!(
+        refused["message"].as_str().unwrap().contains("fingerprint"),
+        "{refused}"
+    );
+    assert_eq!(queue.size().unwrap(), size_before);
 
     for _ in 0..3000 {
         if queue.size().unwrap() == 0 {
