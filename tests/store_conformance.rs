@@ -990,14 +990,42 @@ fn dup_ref(result: &QueueResult<String>) -> &str {
 }
 
 fn apply_batch_applies_each_op(b: &'static Backend) {
+    check_batch_applies_each_op(b, |q, ops| q.apply_batch(ops).unwrap());
+}
+
+/// The deferred commit answers as `apply_batch` does, and once its sync
+/// returned, the changes survive a reopen.
+fn apply_batch_deferred_applies_each_op(b: &'static Backend) {
+    let mut f = check_batch_applies_each_op(b, |q, ops| {
+        let (results, pending) = q.apply_batch_deferred(ops).unwrap();
+        if let Some(pending) = pending {
+            pending.wait().unwrap();
+        }
+        results
+    });
+    if b.durable {
+        f.reopen();
+        assert_eq!(kind(f.q.get("a")), "item_not_found");
+        assert_eq!(f.q.get("c").unwrap().status, ItemStatus::Failed);
+        assert_eq!(f.q.get("e").unwrap().status, ItemStatus::Pending);
+    }
+}
+
+/// Applies one batch of every kind of op through `apply` and checks each
+/// result and the state it leaves.
+fn check_batch_applies_each_op(
+    b: &'static Backend,
+    apply: impl FnOnce(&dyn RetryQueue, Vec<WriteOp>) -> Vec<QueueResult<WriteOutcome>>,
+) -> Fixture {
     let f = Fixture::new(b);
     for id in ["a", "b", "c", "d"] {
         f.q.enqueue(item(id)).unwrap();
     }
     f.q.claim(4, secs(60)).unwrap();
     f.advance(3);
-    let results =
-        f.q.apply_batch(vec![
+    let results = apply(
+        f.q.as_ref(),
+        vec![
             WriteOp::Enqueue(item("e")),
             WriteOp::Enqueue(item("e")),
             WriteOp::Delete { id: "a".into() },
@@ -1017,8 +1045,8 @@ fn apply_batch_applies_each_op(b: &'static Backend) {
             WriteOp::Delete { id: "a".into() },
             WriteOp::Delete { id: "d".into() },
             WriteOp::Delete { id: "d".into() },
-        ])
-        .unwrap();
+        ],
+    );
     assert_eq!(results.len(), 10);
     // "d" was released (Applied above), then deleted by the run of deletes,
     // which answers per ID, as one delete at a time would.
@@ -1045,6 +1073,7 @@ fn apply_batch_applies_each_op(b: &'static Backend) {
     let c_item = f.q.get("c").unwrap();
     assert_eq!((c_item.status, c_item.attempts), (ItemStatus::Failed, 1));
     assert_eq!(f.q.get("e").unwrap().status, ItemStatus::Pending);
+    f
 }
 
 // ------------------------------------------------- durability (reopen)
@@ -1285,6 +1314,7 @@ macro_rules! conformance_suite {
                 close_is_idempotent_and_final,
                 enqueue_batch_has_per_item_results,
                 apply_batch_applies_each_op,
+                apply_batch_deferred_applies_each_op,
                 state_survives_reopen,
                 expired_lease_returns_to_pending,
                 enqueue_claimed_stores_items_as_a_claim_would,

@@ -3,7 +3,8 @@
 //! The parent test re-executes this test binary as a child running the
 //! ignored test `crash_child`, which opens a store and loops: enqueue (some
 //! already claimed, as the worker's outbox path stores them), requeue,
-//! mark_failed, delete. Before each call it prints `@try <op>`,
+//! mark_failed, delete; some enqueues and deletes go through
+//! `apply_batch_deferred` and its sync, as the store actor sends them. Before each call it prints `@try <op>`,
 //! after the call returns `@ok <op>` (the acknowledgement). The parent
 //! reads the log, kills the child with SIGKILL at a random point, reopens
 //! the store and checks the promise:
@@ -21,7 +22,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use retryq::item::{ItemStatus, NewItem, Payload};
-use retryq::store::{FileRetryQueue, ListFilter, RetryQueue, SqliteRetryQueue, StoreOptions};
+use retryq::store::{
+    FileRetryQueue, ListFilter, RetryQueue, SqliteRetryQueue, StoreOptions, WriteOp,
+};
 use retryq::QueueError;
 
 const ENV_BACKEND: &str = "RETRYQ_CRASH_BACKEND";
@@ -50,6 +53,16 @@ fn payload_for(id: &str) -> Payload {
     Payload::from_json_str(&format!("{{\"id\":\"{id}\",\"pad\":\"{pad}\"}}")).unwrap()
 }
 
+/// Applies `op` with `apply_batch_deferred` and waits for its sync, as the
+/// store actor does before it answers.
+fn apply_deferred(q: &dyn RetryQueue, op: WriteOp) {
+    let (mut results, pending) = q.apply_batch_deferred(vec![op]).unwrap();
+    results.pop().unwrap().unwrap();
+    if let Some(pending) = pending {
+        pending.wait().unwrap();
+    }
+}
+
 /// The workload run in the child process; killed by the parent.
 #[test]
 #[ignore = "run by the crash tests as a child process"]
@@ -76,8 +89,13 @@ fn crash_child() {
         if live.is_empty() || roll < 30 {
             let id = format!("i{n}");
             say(format!("try enq {id}"));
-            q.enqueue(NewItem::new(payload_for(&id)).with_id(&id))
-                .unwrap();
+            let item = NewItem::new(payload_for(&id)).with_id(&id);
+            if roll < 15 {
+                // The store actor's path: committed, then synced apart.
+                apply_deferred(q.as_ref(), WriteOp::Enqueue(item));
+            } else {
+                q.enqueue(item).unwrap();
+            }
             say(format!("ok enq {id}"));
             live.push(id);
         } else if roll < 45 {
@@ -106,7 +124,11 @@ fn crash_child() {
         } else {
             let id = live.swap_remove(rng.usize(0..live.len()));
             say(format!("try del {id}"));
-            q.delete(&id).unwrap();
+            if roll < 93 {
+                apply_deferred(q.as_ref(), WriteOp::Delete { id: id.clone() });
+            } else {
+                q.delete(&id).unwrap();
+            }
             say(format!("ok del {id}"));
         }
     }

@@ -62,8 +62,12 @@ enum Op {
     MarkFailed(usize),
     Delete(usize),
     /// Acknowledgements as a delivery cycle sends them: one `apply_batch`
-    /// of deletes (IDs may repeat or be missing).
-    AckBatch(Vec<usize>),
+    /// of deletes (IDs may repeat or be missing), or, as the store actor
+    /// commits them, `apply_batch_deferred` and its sync (`deferred`).
+    AckBatch {
+        ids: Vec<usize>,
+        deferred: bool,
+    },
     Revive(usize),
     Release(usize),
     ReleaseExpired,
@@ -109,7 +113,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (id.clone(), 0..120u16).prop_map(|(id, delay)| Op::Requeue { id, delay }),
         2 => id.clone().prop_map(Op::MarkFailed),
         2 => id.clone().prop_map(Op::Delete),
-        1 => prop::collection::vec(id.clone(), 0..4).prop_map(Op::AckBatch),
+        1 => (prop::collection::vec(id.clone(), 0..4), any::<bool>())
+            .prop_map(|(ids, deferred)| Op::AckBatch { ids, deferred }),
         1 => id.clone().prop_map(Op::Revive),
         1 => id.prop_map(Op::Release),
         1 => Just(Op::ReleaseExpired),
@@ -251,16 +256,23 @@ fn apply(
         ),
         Op::MarkFailed(id) => out(q.mark_failed(IDS[*id], "dead"), |i| Out::Item(Some(i))),
         Op::Delete(id) => out(q.delete(IDS[*id]), |()| Out::Unit),
-        Op::AckBatch(ids) => out(
-            q.apply_batch(
-                ids.iter()
-                    .map(|id| WriteOp::Delete {
-                        id: IDS[*id].into(),
-                    })
-                    .collect(),
-            ),
-            outcomes,
-        ),
+        Op::AckBatch { ids, deferred } => {
+            let ops = ids
+                .iter()
+                .map(|id| WriteOp::Delete {
+                    id: IDS[*id].into(),
+                })
+                .collect();
+            let applied = if *deferred {
+                q.apply_batch_deferred(ops).and_then(|(results, pending)| {
+                    pending.map_or(Ok(()), |p| p.wait())?;
+                    Ok(results)
+                })
+            } else {
+                q.apply_batch(ops)
+            };
+            out(applied, outcomes)
+        }
         Op::Revive(id) => out(q.revive(IDS[*id]), |i| Out::Item(Some(i))),
         Op::Release(id) => out(q.release(IDS[*id]), |()| Out::Unit),
         Op::ReleaseExpired => out(q.release_expired_leases(), Out::Count),

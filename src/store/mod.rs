@@ -6,7 +6,10 @@
 //! - **Durable before return.** When a call that changes state returns `Ok`,
 //!   the change survives a crash or `kill -9` of the process (and, for the
 //!   default settings, a power loss). A call that returns `Err` changed
-//!   nothing.
+//!   nothing. The one exception is explicit: `apply_batch_deferred`
+//!   returns once its changes are committed, with a [`PendingSync`] that
+//!   says when they are durable; if that fails, they may or may not
+//!   survive a crash, and the caller must not report them stored.
 //! - **Exact identity.** IDs are compared exactly, never by prefix or
 //!   substring; a caller's ID is validated by [`crate::item::validate_id`].
 //! - **Deduplication** (on by default): an enqueue whose ID exists in any
@@ -404,9 +407,46 @@ pub trait RetryQueue: Send + Sync {
         Ok(results)
     }
 
+    /// [`Self::apply_batch`], except that the commit may not be durable yet
+    /// when it returns. A returned [`PendingSync`] says when it is: nobody
+    /// may be told the changes are stored before its `wait` returned `Ok`.
+    /// Later calls may run meanwhile (and see the changes), which lets the
+    /// store actor apply the next group while this one is synced. `None`:
+    /// already durable (the default, for backends that cannot split a
+    /// commit).
+    fn apply_batch_deferred(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> QueueResult<(Vec<QueueResult<WriteOutcome>>, Option<PendingSync>)> {
+        Ok((self.apply_batch(ops)?, None))
+    }
+
     /// Closes the store; idempotent. Afterwards every call fails with
     /// `QueueClosed`.
     fn close(&self) -> QueueResult<()>;
+}
+
+/// Durability of a commit made by [`RetryQueue::apply_batch_deferred`]:
+/// `wait` blocks until the commit is on disk, or fails if it may never be.
+#[must_use = "the commit is not known durable until `wait` returns Ok"]
+pub struct PendingSync(Box<dyn FnOnce() -> QueueResult<()> + Send>);
+
+impl PendingSync {
+    /// A ticket settled by `wait` (called once, on any thread).
+    pub fn new(wait: impl FnOnce() -> QueueResult<()> + Send + 'static) -> Self {
+        PendingSync(Box::new(wait))
+    }
+
+    /// Blocks until the commit is durable; an error means it may not be.
+    pub fn wait(self) -> QueueResult<()> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for PendingSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingSync")
+    }
 }
 
 impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
@@ -476,6 +516,12 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     }
     fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
         (**self).apply_batch(ops)
+    }
+    fn apply_batch_deferred(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> QueueResult<(Vec<QueueResult<WriteOutcome>>, Option<PendingSync>)> {
+        (**self).apply_batch_deferred(ops)
     }
     fn close(&self) -> QueueResult<()> {
         (**self).close()

@@ -3,7 +3,8 @@
 //! # Format
 //!
 //! One SQLite database file (bundled SQLite, WAL journal,
-//! `synchronous=FULL`, so a committed transaction survives power loss):
+//! `synchronous=FULL`, so a committed transaction survives power loss;
+//! deferred commits are synced before anyone is told, below):
 //!
 //! - `items`: one row of metadata per item (status, attempts, times as
 //!   integer Unix nanoseconds, lease, attributes as a JSON object, and the
@@ -36,6 +37,11 @@
 //! Every state-changing call is one `BEGIN IMMEDIATE` transaction committed
 //! before the call returns. `enqueue_batch` and `apply_batch` put many
 //! changes in one transaction (group commit), so one fsync covers them all.
+//! `apply_batch_deferred` (the store actor's group commits) commits the
+//! same way but syncs the WAL after the commit instead of inside it, so the
+//! actor can apply the next group during the fsync; its callers are told
+//! only after the sync, and a failed sync stops all writes until the queue
+//! is reopened (`sqlite/wal_sync.rs`).
 //!
 //! Each operation checks everything that can refuse it (validation, the
 //! duplicate checks, the limits, the item's current state) before its first
@@ -78,23 +84,25 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{
-    CleanupReport, ListFilter, OrderBy, OverflowPolicy, QueueStats, RetryQueue, StoreOptions,
-    WriteOp, WriteOutcome,
+    CleanupReport, ListFilter, OrderBy, OverflowPolicy, PendingSync, QueueStats, RetryQueue,
+    StoreOptions, WriteOp, WriteOutcome,
 };
 use crate::error::{QueueError, QueueResult};
 use crate::item::{payload_checksum, ItemStatus, ItemType, NewItem, Payload, QueueItem};
 
 mod checkpointer;
 mod fingerprints;
+mod wal_sync;
 use checkpointer::Checkpointer;
 use fingerprints::FingerprintIndex;
+use wal_sync::WalSync;
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i64 = 2;
@@ -356,6 +364,8 @@ pub struct SqliteRetryQueue {
     /// to `totals` just before it commits. Only touched while `conn` is
     /// locked.
     totals_delta: Mutex<TotalsDelta>,
+    /// Syncs of commits made with `apply_batch_deferred`.
+    wal_sync: Arc<WalSync>,
     path: PathBuf,
     options: StoreOptions,
     evicted: AtomicU64,
@@ -419,6 +429,7 @@ impl SqliteRetryQueue {
             checkpointer: Mutex::new(checkpointer),
             fingerprints: Mutex::new(FingerprintIndex::default()),
             totals_delta: Mutex::new(TotalsDelta::default()),
+            wal_sync: Arc::new(WalSync::new(&path)),
             path,
             options,
             evicted: AtomicU64::new(0),
@@ -433,6 +444,19 @@ impl SqliteRetryQueue {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// This queue with its WAL flushed by `sync` for deferred commits
+    /// (tests make syncs fail or wait).
+    #[cfg(test)]
+    pub(crate) fn with_wal_sync(
+        mut self,
+        sync: impl Fn(&Path) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        let mut wal_sync = WalSync::new(&self.path);
+        wal_sync.set_sync(Arc::new(sync));
+        self.wal_sync = Arc::new(wal_sync);
+        self
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -461,7 +485,12 @@ impl SqliteRetryQueue {
         tx: Transaction<'_>,
         f: impl FnOnce(&Transaction<'_>) -> QueueResult<T>,
     ) -> QueueResult<T> {
+        let changes_before = tx.total_changes();
         let outcome = f(&tx).and_then(|out| {
+            if tx.total_changes() != changes_before {
+                // Nothing may commit on top of a WAL whose sync failed.
+                self.wal_sync.check(op)?;
+            }
             let delta = std::mem::take(&mut *self.totals_delta());
             if delta != TotalsDelta::default() {
                 tx.prepare_cached(
@@ -975,6 +1004,44 @@ impl SqliteRetryQueue {
         }
     }
 
+    /// `apply_batch`'s body, committed with `durability`.
+    fn apply_ops(
+        &self,
+        ops: Vec<WriteOp>,
+        durability: Durability,
+    ) -> QueueResult<(Vec<QueueResult<WriteOutcome>>, Option<PendingSync>)> {
+        // Runs of deletes (acknowledgements) go as one set-based delete;
+        // everything else one op at a time, in order.
+        enum Unit {
+            One(WriteOp),
+            Deletes(Vec<String>),
+        }
+        let count = ops.len();
+        let mut units: Vec<Unit> = Vec::new();
+        for op in ops {
+            match (op, units.last_mut()) {
+                (WriteOp::Delete { id }, Some(Unit::Deletes(ids))) => ids.push(id),
+                (WriteOp::Delete { id }, _) => units.push(Unit::Deletes(vec![id])),
+                (op, _) => units.push(Unit::One(op)),
+            }
+        }
+        self.batch_units(
+            "apply_batch",
+            units,
+            count,
+            durability,
+            |conn, unit, known, results| match unit {
+                Unit::Deletes(ids) => {
+                    known.0 = None;
+                    self.delete_many(conn, ids, results)
+                }
+                Unit::One(op) => apply_checked("apply_batch", conn, results, |conn| {
+                    self.apply_one(conn, op, known)
+                }),
+            },
+        )
+    }
+
     /// Runs many ops in one transaction with one commit (group commit).
     /// A storage error aborts the whole batch (nothing applied); any other
     /// error is that op's result. Ops check before they write, so a refused
@@ -987,39 +1054,70 @@ impl SqliteRetryQueue {
         mut apply: impl FnMut(&Connection, T, &mut KnownTotals) -> QueueResult<WriteOutcome>,
     ) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
         let count = ops.len();
-        self.batch_units(op_name, ops, count, |conn, op, known, results| {
-            apply_checked(op_name, conn, results, |conn| apply(conn, op, known))
-        })
+        let (results, _in_commit) = self.batch_units(
+            op_name,
+            ops,
+            count,
+            Durability::InCommit,
+            |conn, op, known, results| {
+                apply_checked(op_name, conn, results, |conn| apply(conn, op, known))
+            },
+        )?;
+        Ok(results)
     }
 
     /// [`Self::batch`] over units that each yield one or more results
     /// (`apply` pushes them); a storage error from `apply` aborts all.
+    /// With [`Durability::Deferred`], a commit that wrote something comes
+    /// with the ticket for its sync (see `sqlite/wal_sync.rs`).
     fn batch_units<T>(
         &self,
         op_name: &'static str,
         units: Vec<T>,
         results_expected: usize,
+        durability: Durability,
         mut apply: impl FnMut(
             &Connection,
             T,
             &mut KnownTotals,
             &mut Vec<QueueResult<WriteOutcome>>,
         ) -> QueueResult<()>,
-    ) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
+    ) -> QueueResult<(Vec<QueueResult<WriteOutcome>>, Option<PendingSync>)> {
         self.with_conn(|conn| {
+            let deferred = durability == Durability::Deferred;
+            if deferred {
+                set_synchronous(conn, Synchronous::Normal).map_err(sql_err(op_name))?;
+            }
+            let changes_before = conn.total_changes();
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql_err(op_name))?;
-            let results = self.finish(op_name, tx, |tx| {
-                let mut results = Vec::with_capacity(results_expected);
-                let mut known = KnownTotals::default();
-                for unit in units {
-                    apply(tx, unit, &mut known, &mut results)?;
+                .map_err(sql_err(op_name));
+            let outcome = tx.and_then(|tx| {
+                self.finish(op_name, tx, |tx| {
+                    let mut results = Vec::with_capacity(results_expected);
+                    let mut known = KnownTotals::default();
+                    for unit in units {
+                        apply(tx, unit, &mut known, &mut results)?;
+                    }
+                    Ok(results)
+                })
+            });
+            if deferred {
+                // Every other commit on this connection syncs in the commit.
+                if let Err(e) = set_synchronous(conn, Synchronous::Full) {
+                    self.wal_sync.fail(format!(
+                        "restoring synchronous=FULL after a deferred commit: {e}"
+                    ));
                 }
-                Ok(results)
-            })?;
+            }
+            let results = outcome?;
             self.nudge_checkpointer();
-            Ok(results)
+            let pending = (deferred && conn.total_changes() != changes_before).then(|| {
+                let ticket = self.wal_sync.committed();
+                let wal_sync = self.wal_sync.clone();
+                PendingSync::new(move || wal_sync.wait(ticket))
+            });
+            Ok((results, pending))
         })
     }
 
@@ -1185,6 +1283,31 @@ impl<'a> ItemRow<'a> {
             &self.size_bytes,
         ]
     }
+}
+
+/// When a write transaction's changes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// In its commit (`synchronous=FULL`): durable when the call returns.
+    InCommit,
+    /// After it, when its [`PendingSync`] is waited on
+    /// (`synchronous=NORMAL` for this one commit).
+    Deferred,
+}
+
+/// The writer connection's `synchronous` levels this module uses.
+#[derive(Debug, Clone, Copy)]
+enum Synchronous {
+    Normal,
+    Full,
+}
+
+fn set_synchronous(conn: &Connection, level: Synchronous) -> rusqlite::Result<()> {
+    let sql = match level {
+        Synchronous::Normal => "PRAGMA synchronous = NORMAL",
+        Synchronous::Full => "PRAGMA synchronous = FULL",
+    };
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 /// Inserts an item's metadata row; returns its `seq`.
@@ -1660,35 +1783,15 @@ impl RetryQueue for SqliteRetryQueue {
     }
 
     fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
-        // Runs of deletes (acknowledgements) go as one set-based delete;
-        // everything else one op at a time, in order.
-        enum Unit {
-            One(WriteOp),
-            Deletes(Vec<String>),
-        }
-        let count = ops.len();
-        let mut units: Vec<Unit> = Vec::new();
-        for op in ops {
-            match (op, units.last_mut()) {
-                (WriteOp::Delete { id }, Some(Unit::Deletes(ids))) => ids.push(id),
-                (WriteOp::Delete { id }, _) => units.push(Unit::Deletes(vec![id])),
-                (op, _) => units.push(Unit::One(op)),
-            }
-        }
-        self.batch_units(
-            "apply_batch",
-            units,
-            count,
-            |conn, unit, known, results| match unit {
-                Unit::Deletes(ids) => {
-                    known.0 = None;
-                    self.delete_many(conn, ids, results)
-                }
-                Unit::One(op) => apply_checked("apply_batch", conn, results, |conn| {
-                    self.apply_one(conn, op, known)
-                }),
-            },
-        )
+        let (results, _in_commit) = self.apply_ops(ops, Durability::InCommit)?;
+        Ok(results)
+    }
+
+    fn apply_batch_deferred(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> QueueResult<(Vec<QueueResult<WriteOutcome>>, Option<PendingSync>)> {
+        self.apply_ops(ops, Durability::Deferred)
     }
 
     fn close(&self) -> QueueResult<()> {
@@ -2184,5 +2287,126 @@ mod tests {
         // A second open finds schema 2 and leaves it alone.
         let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(q.size().unwrap(), 4);
+    }
+
+    fn synchronous(q: &SqliteRetryQueue) -> i64 {
+        q.with_conn(|c| {
+            Ok(c.pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_deferred_batch_is_whole_after_its_sync_and_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+        let kept = q.enqueue(item(1)).unwrap();
+        let (results, pending) = q
+            .apply_batch_deferred(vec![
+                WriteOp::Enqueue(item(2)),
+                WriteOp::Enqueue(item(2)),
+                WriteOp::Delete { id: kept.clone() },
+                WriteOp::Delete {
+                    id: "missing".into(),
+                },
+            ])
+            .unwrap();
+        // Each op answers as apply_batch would.
+        let new_id = results[0]
+            .as_ref()
+            .unwrap()
+            .clone()
+            .into_enqueued_id()
+            .unwrap();
+        assert!(
+            matches!(results[1], Err(QueueError::DuplicateItem { .. })),
+            "{results:?}"
+        );
+        assert!(results[2].is_ok(), "{results:?}");
+        assert!(
+            matches!(results[3], Err(QueueError::ItemNotFound { .. })),
+            "{results:?}"
+        );
+        pending
+            .expect("a commit that wrote needs a sync")
+            .wait()
+            .unwrap();
+        assert_eq!(synchronous(&q), 2, "the writer is back to synchronous=FULL");
+        q.close().unwrap();
+        let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(q.size().unwrap(), 1);
+        assert!(q.get(&new_id).is_ok());
+        assert!(matches!(q.get(&kept), Err(QueueError::ItemNotFound { .. })));
+    }
+
+    #[test]
+    fn a_deferred_batch_that_wrote_nothing_needs_no_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let q = SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default())
+            .unwrap()
+            .with_wal_sync(move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            });
+        let (results, pending) = q
+            .apply_batch_deferred(vec![WriteOp::Delete {
+                id: "missing".into(),
+            }])
+            .unwrap();
+        assert!(results[0].is_err());
+        assert!(
+            pending.is_none(),
+            "nothing was written, so nothing waits for the disk"
+        );
+        let (_, pending) = q
+            .apply_batch_deferred(vec![WriteOp::Enqueue(item(1))])
+            .unwrap();
+        pending.unwrap().wait().unwrap();
+        assert_eq!(syncs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_failed_wal_sync_refuses_writes_until_the_queue_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let q = SqliteRetryQueue::open(&path, StoreOptions::default())
+            .unwrap()
+            .with_wal_sync(|_| Err(std::io::Error::other("injected EIO")));
+        let before = q.enqueue(item(1)).unwrap();
+        let (results, pending) = q
+            .apply_batch_deferred(vec![WriteOp::Enqueue(item(2))])
+            .unwrap();
+        assert!(results[0].is_ok());
+        let err = pending.unwrap().wait().unwrap_err().to_string();
+        assert!(
+            err.contains("injected EIO") && err.contains("q.db-wal"),
+            "{err}"
+        );
+        // Nothing more is committed on top of a WAL that may have a hole,
+        // through any write path; reads still answer.
+        let refused = q.enqueue(item(3)).unwrap_err().to_string();
+        assert!(
+            refused.contains("injected EIO") && refused.contains("reopened"),
+            "{refused}"
+        );
+        assert!(q
+            .apply_batch(vec![WriteOp::Delete { id: before.clone() }])
+            .is_err());
+        assert!(q
+            .apply_batch_deferred(vec![WriteOp::Enqueue(item(4))])
+            .is_err());
+        assert!(q.claim(10, Duration::from_secs(60)).is_err());
+        assert_eq!(q.size().unwrap(), 2);
+        assert!(q.get(&before).is_ok());
+        q.close().unwrap();
+        // Reopened (with real syncs), it writes again and lost nothing.
+        let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(q.size().unwrap(), 2);
+        q.enqueue(item(3)).unwrap();
+        assert_eq!(q.size().unwrap(), 3);
     }
 }
