@@ -85,7 +85,7 @@ impl StoreHandle {
 }
 
 fn committer(queue: Arc<dyn RetryQueue>, rx: mpsc::Receiver<Job>) {
-    let mut syncer: Option<Syncer> = None;
+    let mut sync_thread = SyncThread::NotStarted;
     let mut next = None;
     while let Some(first) = next.take().or_else(|| rx.recv().ok()) {
         let mut writes: Vec<(Vec<WriteOp>, ApplyReply)> = Vec::new();
@@ -107,17 +107,13 @@ fn committer(queue: Arc<dyn RetryQueue>, rx: mpsc::Receiver<Job>) {
         match queue.apply_batch_deferred(all_ops) {
             Ok((results, None)) => group.answer(Ok(results)),
             Ok((results, Some(sync))) => {
+                // With the next group already waiting, this one is synced
+                // on the other thread while that one is applied.
                 next = rx.try_recv().ok();
-                let handed = match (&next, &mut syncer) {
-                    (None, _) => Err((sync, group, results)),
-                    (Some(_), Some(thread)) => thread.hand(sync, group, results),
-                    (Some(_), slot @ None) => match Syncer::spawn() {
-                        Ok(thread) => slot.insert(thread).hand(sync, group, results),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot start the sync thread; syncing on the committer");
-                            Err((sync, group, results))
-                        }
-                    },
+                let thread = next.as_ref().and_then(|_| sync_thread.get());
+                let handed = match thread {
+                    Some(thread) => thread.hand(sync, group, results),
+                    None => Err((sync, group, results)),
                 };
                 if let Err((sync, group, results)) = handed {
                     group.answer(sync.wait().map(|()| results));
@@ -163,6 +159,33 @@ impl Group {
 }
 
 type Synced = (PendingSync, Group, Vec<QueueResult<WriteOutcome>>);
+
+/// The committer's [`Syncer`], started the first time a group can be
+/// handed to it (a lone caller's commits never need it).
+enum SyncThread {
+    NotStarted,
+    Running(Syncer),
+    /// It could not start (logged once): the committer syncs itself.
+    Unavailable,
+}
+
+impl SyncThread {
+    fn get(&mut self) -> Option<&Syncer> {
+        if matches!(self, SyncThread::NotStarted) {
+            *self = match Syncer::spawn() {
+                Ok(thread) => SyncThread::Running(thread),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the sync thread; the committer syncs each group itself");
+                    SyncThread::Unavailable
+                }
+            };
+        }
+        match self {
+            SyncThread::Running(thread) => Some(thread),
+            _ => None,
+        }
+    }
+}
 
 /// The thread that waits for deferred syncs and then answers their groups,
 /// in commit order. It ends once the committer drops it and it has
