@@ -558,7 +558,12 @@ pub async fn store_and_hand_off(
             shared.unreserve_handoff(stranded_count);
         }
     }
-    if handoff < count {
+    // Checked after the commit: a resume or a circuit closing after this
+    // line starts its own cycle, which sees these items. While delivery is
+    // gated a cycle would do nothing, and a burst of enqueues into a paused
+    // worker or an open circuit (an outage's backlog) would keep waking the
+    // actor thread for it.
+    if handoff < count && !matches!(gate(&shared, shared.clock.now()), Gate::Closed) {
         shared.wake(&scheduler);
     }
     Ok(ids)
