@@ -864,6 +864,42 @@ async fn gated_delivery_stores_enqueues_pending() {
     worker.stop(Duration::from_secs(5)).await.unwrap();
 }
 
+/// An enqueue while the circuit is open does not wake the scheduler (its
+/// cycle would do nothing); the item waits pending and is delivered once
+/// the cool-down's probe closes the circuit, long before the safety poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_while_the_circuit_is_open_is_delivered_once_it_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = roomy_sqlite_queue(dir.path());
+    let transport = Scripted::always(PushOutcome::retryable("connection refused"));
+    let mut config = RetryWorkerConfig {
+        interval: Duration::from_secs(3600),
+        backoff: BackoffConfig::new(
+            BackoffStrategy::Constant,
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+        )
+        .unwrap(),
+        ..RetryWorkerConfig::default()
+    };
+    config.circuit.threshold = 1;
+    config.circuit.cooldown = Duration::from_millis(300);
+    config.circuit.max_cooldown = Duration::from_millis(300);
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+
+    let failed = worker.enqueue(item(1)).await.unwrap();
+    wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
+    let while_open = worker.enqueue(item(2)).await.unwrap();
+    assert_eq!(queue.get(&while_open).unwrap().status, ItemStatus::Pending);
+    transport.set(PushOutcome::Delivered);
+    wait_until("both delivered", || queue.size().unwrap() == 0).await;
+    let counts = transport.counts();
+    assert_eq!(counts.get(&while_open), Some(&1), "{counts:?}");
+    assert!(counts.get(&failed).is_some_and(|n| *n >= 2), "{counts:?}");
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Handed-off items still waiting for a push, or cut off by the stop's
 /// timeout, are released by `stop`; nothing is lost and a restart delivers
 /// them all.
