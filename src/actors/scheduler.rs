@@ -128,8 +128,15 @@ pub struct Shared {
 impl Shared {
     /// Asks `scheduler` to start a cycle, unless a `Wake` is already queued:
     /// that one is handled after this call returned, so it sees whatever the
-    /// caller committed before calling.
+    /// caller committed before calling. Nor while delivery is gated (paused,
+    /// unauthorized, circuit open): such a cycle does nothing, and a burst
+    /// of commits into an outage's backlog would keep waking the actor
+    /// thread for it. Callers wake after their commit, so a resume or a
+    /// circuit closing later starts its own cycle, which sees it.
     pub fn wake(&self, scheduler: &actix::Addr<SchedulerActor>) {
+        if matches!(gate(self, self.clock.now()), Gate::Closed) {
+            return;
+        }
         if !self
             .wake_queued
             .swap(true, std::sync::atomic::Ordering::AcqRel)
@@ -558,12 +565,7 @@ pub async fn store_and_hand_off(
             shared.unreserve_handoff(stranded_count);
         }
     }
-    // Checked after the commit: a resume or a circuit closing after this
-    // line starts its own cycle, which sees these items. While delivery is
-    // gated a cycle would do nothing, and a burst of enqueues into a paused
-    // worker or an open circuit (an outage's backlog) would keep waking the
-    // actor thread for it.
-    if handoff < count && !matches!(gate(&shared, shared.clock.now()), Gate::Closed) {
+    if handoff < count {
         shared.wake(&scheduler);
     }
     Ok(ids)
