@@ -164,22 +164,25 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
-    fn counting(calls: Arc<AtomicUsize>, fail: bool) -> Arc<SyncFile> {
-        Arc::new(move |_: &Path| {
-            calls.fetch_add(1, Ordering::SeqCst);
+    /// Sync state whose syncs are counted and succeed, or fail with EIO.
+    fn counted(fail: bool) -> (WalSync, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let mut wal = WalSync::new(Path::new("/nonexistent/q.db"));
+        wal.set_sync(Arc::new(move |_: &Path| {
+            counter.fetch_add(1, Ordering::SeqCst);
             if fail {
                 Err(std::io::Error::other("injected EIO"))
             } else {
                 Ok(())
             }
-        })
+        }));
+        (wal, calls)
     }
 
     #[test]
     fn one_sync_settles_every_commit_counted_before_it() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let mut wal = WalSync::new(Path::new("/nonexistent/q.db"));
-        wal.set_sync(counting(calls.clone(), false));
+        let (wal, calls) = counted(false);
         let first = wal.committed();
         let second = wal.committed();
         wal.wait(first).unwrap();
@@ -200,9 +203,7 @@ mod tests {
 
     #[test]
     fn a_failed_sync_fails_every_later_wait_and_check() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let mut wal = WalSync::new(Path::new("/nonexistent/q.db"));
-        wal.set_sync(counting(calls.clone(), true));
+        let (wal, calls) = counted(true);
         let ticket = wal.committed();
         let err = wal.wait(ticket).unwrap_err().to_string();
         assert!(
