@@ -452,6 +452,65 @@ fn drop_oldest_evicts_dead_letters_first_and_counts(b: &'static Backend) {
     assert_eq!(g.q.stats().unwrap().evicted, 0);
 }
 
+/// An item one batch evicts may come back under its ID later in the same
+/// batch, as it could in the next call: each item is admitted against the
+/// queue as the items before it left it.
+fn drop_oldest_evicted_id_comes_back_in_the_same_batch(b: &'static Backend) {
+    let mut f = Fixture::with(
+        b,
+        StoreOptions {
+            max_items: 2,
+            overflow: OverflowPolicy::DropOldest,
+            ..StoreOptions::default()
+        },
+    );
+    f.q.enqueue(item("old")).unwrap();
+    f.advance(1);
+    f.q.enqueue(item("keep")).unwrap();
+    f.advance(1);
+    let again = NewItem::new(payload("{\"again\":true}")).with_id("old");
+    let results = f.q.enqueue_batch(vec![item("new"), again]).unwrap();
+    assert_eq!(results[0].as_deref().unwrap(), "new");
+    assert_eq!(results[1].as_deref().unwrap(), "old", "{results:?}");
+    // "old" evicted "keep" in turn; the new "old" is the one stored.
+    assert_eq!(f.q.stats().unwrap().evicted, 2);
+    assert_eq!(f.ids(&ListFilter::default()), strs(&["new", "old"]));
+    assert_eq!(f.q.get("old").unwrap().report.as_str(), "{\"again\":true}");
+    if b.durable {
+        f.reopen();
+        assert_eq!(f.ids(&ListFilter::default()), strs(&["new", "old"]));
+        assert_eq!(f.q.get("old").unwrap().report.as_str(), "{\"again\":true}");
+        assert_eq!(f.q.stats().unwrap().quarantined, 0);
+    }
+}
+
+/// Items of one batch count as stored for the items after them: when one
+/// of them is first in eviction order (here a tie on `created_at`, broken
+/// by ID), it is the one evicted, as one call per item would do.
+fn drop_oldest_may_evict_an_earlier_item_of_the_same_batch(b: &'static Backend) {
+    let mut f = Fixture::with(
+        b,
+        StoreOptions {
+            max_items: 2,
+            overflow: OverflowPolicy::DropOldest,
+            ..StoreOptions::default()
+        },
+    );
+    f.q.enqueue(item("c")).unwrap();
+    let results = f.q.enqueue_batch(vec![item("b"), item("a")]).unwrap();
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(f.q.stats().unwrap().evicted, 1);
+    let mut ids = f.ids(&ListFilter::default());
+    ids.sort();
+    assert_eq!(ids, strs(&["a", "c"]));
+    if b.durable {
+        f.reopen();
+        let mut ids = f.ids(&ListFilter::default());
+        ids.sort();
+        assert_eq!(ids, strs(&["a", "c"]));
+    }
+}
+
 fn drop_oldest_after_dead_letters_goes_by_age_whatever_the_status(b: &'static Backend) {
     let f = Fixture::with(
         b,
@@ -1302,6 +1361,8 @@ macro_rules! conformance_suite {
                 reject_when_full_by_items,
                 reject_when_full_by_bytes_and_too_large,
                 drop_oldest_evicts_dead_letters_first_and_counts,
+                drop_oldest_evicted_id_comes_back_in_the_same_batch,
+                drop_oldest_may_evict_an_earlier_item_of_the_same_batch,
                 drop_oldest_after_dead_letters_goes_by_age_whatever_the_status,
                 drop_oldest_by_bytes_evicts_as_many_as_needed,
                 enforce_limits_after_lowering_them,

@@ -306,6 +306,30 @@ struct Admission {
     evict: Vec<String>,
     evict_set: HashSet<String>,
     evict_bytes: u64,
+    /// The first, in eviction order, of the items admitted so far.
+    oldest_member: Option<(DateTime<Utc>, String)>,
+}
+
+/// What [`FileRetryQueue::admit`] decided for an item it did not refuse.
+#[derive(Debug, PartialEq, Eq)]
+enum Admitted {
+    /// It joins the batch.
+    In,
+    /// One at a time, the items before it would have changed what it is
+    /// admitted against (it comes back under an ID they evict, or one of
+    /// them would be evicted before the next victim): store those first,
+    /// then admit it again.
+    AfterEarlierItems,
+}
+
+/// New items admitted for one commit of `store_new`.
+#[derive(Default)]
+struct NewItems {
+    admission: Admission,
+    accepted: Vec<QueueItem>,
+    changes: Vec<Change>,
+    /// Where each accepted item's result is in the call's results.
+    slots: Vec<usize>,
 }
 
 /// The Go-compatible, crash-safe file backend. See the module doc.
@@ -673,7 +697,15 @@ impl FileRetryQueue {
 
     /// Decides whether `item` may join the queue (given items admitted
     /// earlier in the same batch) and plans the evictions it needs.
-    fn admit(&self, index: &Index, item: &QueueItem, batch: &mut Admission) -> QueueResult<()> {
+    fn admit(
+        &self,
+        index: &Index,
+        item: &QueueItem,
+        batch: &mut Admission,
+    ) -> QueueResult<Admitted> {
+        if batch.evict_set.contains(&item.id) {
+            return Ok(Admitted::AfterEarlierItems);
+        }
         if index.entries.contains_key(&item.id) || batch.ids.contains(&item.id) {
             return Err(QueueError::DuplicateItem {
                 existing_id: item.id.clone(),
@@ -728,6 +760,16 @@ impl FileRetryQueue {
                 if batch.evict_set.contains(id) {
                     continue;
                 }
+                let victim = index.entries.get(id).map(|e| &e.item);
+                let member_first = match (&batch.oldest_member, victim) {
+                    (Some((created, member)), Some(v)) if v.status != ItemStatus::Failed => {
+                        (created, member) < (&v.created_at, id)
+                    }
+                    _ => false,
+                };
+                if member_first {
+                    return Ok(Admitted::AfterEarlierItems);
+                }
                 evicted += 1;
                 evicted_bytes += index.entries.get(id).map_or(0, |e| e.item.size_bytes());
                 plan.push(id.clone());
@@ -745,7 +787,15 @@ impl FileRetryQueue {
             .insert(item.fingerprint.clone(), item.id.clone());
         batch.count += 1;
         batch.bytes += size;
-        Ok(())
+        let key = (item.created_at, item.id.clone());
+        if batch
+            .oldest_member
+            .as_ref()
+            .is_none_or(|oldest| key < *oldest)
+        {
+            batch.oldest_member = Some(key);
+        }
+        Ok(Admitted::In)
     }
 
     /// Evicts `ids` (dead letters first was decided by the caller) in one
@@ -766,7 +816,18 @@ impl FileRetryQueue {
     }
 
     /// Stores new items in one commit (`enqueue_batch`), each claimed for
-    /// `lease` when given (`enqueue_claimed`).
+    /// `lease` when given (`enqueue_claimed`). Room made with `drop_oldest`
+    /// is evicted after the commit, so a failed commit evicts nothing.
+    ///
+    /// Each item is admitted as if the items before it had been enqueued
+    /// one at a time. Where batching would change that (an item comes back
+    /// under an ID the batch evicts, or an earlier item of the batch, not
+    /// an older stored one, is next in eviction order), the batch splits:
+    /// the items before it are committed and their evictions done, then it
+    /// is admitted against the queue as they left it (and one file per ID
+    /// is on disk at any time). If a later part fails, the parts before it
+    /// stay stored: their items answer `Ok`, the failed part's and the
+    /// rest answer the error.
     fn store_new(
         &self,
         op: &'static str,
@@ -775,45 +836,93 @@ impl FileRetryQueue {
     ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
         let mut inner = self.state(op)?;
         let now = self.now();
-        let mut admission = Admission::default();
-        let mut results = Vec::with_capacity(items.len());
-        let mut accepted = Vec::new();
-        let mut changes = Vec::new();
-        for new in items {
-            let admitted = new
-                .into_item(now, self.options.default_max_attempts)
-                .and_then(|mut item| {
-                    self.admit(&inner.index, &item, &mut admission)?;
-                    if let Some(lease) = lease {
-                        item.record_claim(saturating_add(now, lease), now);
+        let mut results: Vec<QueueResult<QueueItem>> = Vec::with_capacity(items.len());
+        let mut part = NewItems::default();
+        let mut stored_some = false;
+        let mut items = items.into_iter();
+        while let Some(new) = items.next() {
+            let mut item = match new.into_item(now, self.options.default_max_attempts) {
+                Ok(item) => item,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            if let Some(lease) = lease {
+                item.record_claim(saturating_add(now, lease), now);
+            }
+            let encoded = match Self::encode(op, &item) {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let mut admitted = self.admit(&inner.index, &item, &mut part.admission);
+            if matches!(admitted, Ok(Admitted::AfterEarlierItems)) {
+                let done = std::mem::take(&mut part);
+                match self.store_part(&mut inner, op, done, &mut results) {
+                    Ok(()) => stored_some = true,
+                    Err(e) if !stored_some => return Err(e),
+                    Err(e) => {
+                        // Nothing after a failed commit is tried.
+                        let message = e.to_string();
+                        let failed = || Err(QueueError::storage(op, message.clone()));
+                        results.push(failed());
+                        results.extend(items.by_ref().map(|_| failed()));
+                        return Ok(results);
                     }
-                    Ok(item)
-                });
+                }
+                // Against a fresh batch it is never deferred again.
+                admitted = self.admit(&inner.index, &item, &mut part.admission);
+            }
             match admitted {
-                Ok(item) => {
-                    changes.push(Change {
+                Ok(_) => {
+                    part.changes.push(Change {
                         file: file_name(&item),
-                        new: Some(Self::encode(op, &item)?),
+                        new: Some(encoded),
                         old: None,
                     });
+                    part.slots.push(results.len());
                     results.push(Ok(item.clone()));
-                    accepted.push(item);
+                    part.accepted.push(item);
                 }
                 Err(e) => results.push(Err(e)),
             }
         }
-        if changes.is_empty() {
-            return Ok(results);
+        match self.store_part(&mut inner, op, part, &mut results) {
+            Err(e) if !stored_some => Err(e),
+            _ => Ok(results),
         }
-        self.commit(&mut inner, op, &changes)?;
-        for (item, change) in accepted.into_iter().zip(changes) {
+    }
+
+    /// Commits one part of [`Self::store_new`]'s batch, then its
+    /// evictions. On failure its items' results become the error.
+    fn store_part(
+        &self,
+        inner: &mut Inner,
+        op: &'static str,
+        part: NewItems,
+        results: &mut [QueueResult<QueueItem>],
+    ) -> QueueResult<()> {
+        if part.changes.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.commit(inner, op, &part.changes) {
+            let message = e.to_string();
+            for slot in &part.slots {
+                results[*slot] = Err(QueueError::storage(op, message.clone()));
+            }
+            return Err(e);
+        }
+        for (item, change) in part.accepted.into_iter().zip(part.changes) {
             let len = change.new.as_ref().map_or(0, |d| d.len() as u64);
             inner.index.insert(item, change.file, len);
         }
-        if let Err(e) = self.evict(&mut inner, op, &admission.evict) {
+        if let Err(e) = self.evict(inner, op, &part.admission.evict) {
             tracing::warn!(error = %e, "eviction after enqueue failed; the queue is over its limit until the next eviction");
         }
-        Ok(results)
+        Ok(())
     }
 
     fn check_item(item: &QueueItem) -> QueueResult<()> {
