@@ -333,6 +333,20 @@ fn duplicates_by_id_and_by_live_fingerprint(b: &'static Backend) {
     assert_eq!(f.q.size().unwrap(), 3);
 }
 
+/// `revive` may leave several live items with one fingerprint; a duplicate
+/// of them names the smallest ID, on every backend.
+fn duplicate_of_several_live_items_names_the_smallest_id(b: &'static Backend) {
+    let f = Fixture::new(b);
+    let same = |id: &str| NewItem::new(payload("{\"same\":1}")).with_id(id);
+    f.q.enqueue(same("a")).unwrap();
+    f.q.mark_failed("a", "dead").unwrap();
+    f.q.enqueue(same("c")).unwrap();
+    f.q.revive("a").unwrap();
+    assert_eq!(duplicate_of(f.q.enqueue(same("b"))), "a");
+    f.q.delete("a").unwrap();
+    assert_eq!(duplicate_of(f.q.enqueue(same("b"))), "c");
+}
+
 fn dedupe_off_allows_same_fingerprint(b: &'static Backend) {
     let f = Fixture::with(
         b,
@@ -1357,6 +1371,7 @@ macro_rules! conformance_suite {
                 invalid_items_are_refused_and_change_nothing,
                 duplicates_by_id_and_by_live_fingerprint,
                 dedupe_off_allows_same_fingerprint,
+                duplicate_of_several_live_items_names_the_smallest_id,
                 ids_match_exactly,
                 reject_when_full_by_items,
                 reject_when_full_by_bytes_and_too_large,

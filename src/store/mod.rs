@@ -14,7 +14,9 @@
 //!   substring; a caller's ID is validated by [`crate::item::validate_id`].
 //! - **Deduplication** (on by default): an enqueue whose ID exists in any
 //!   status, or whose fingerprint matches a `pending` or `processing` item,
-//!   fails with [`QueueError::DuplicateItem`] naming the existing item.
+//!   fails with [`QueueError::DuplicateItem`] naming the existing item (the
+//!   smallest ID, when `revive` has left several live with that
+//!   fingerprint).
 //! - **Limits.** `max_items` and `max_bytes` (payload plus metadata, see
 //!   [`QueueItem::size_bytes`]). When a new item does not fit, the
 //!   [`OverflowPolicy`] decides: `Reject` fails with `QueueFull`;

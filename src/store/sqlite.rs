@@ -816,9 +816,12 @@ impl SqliteRetryQueue {
         Ok(item)
     }
 
-    /// The ID of a pending or processing item with `fingerprint`, if any.
+    /// The ID of a pending or processing item with `fingerprint`, if any;
+    /// the smallest, when several share it (possible after `revive`), as
+    /// the contract says.
     fn live_duplicate(&self, conn: &Connection, fingerprint: &str) -> QueueResult<Option<String>> {
         let mut index = self.fingerprints();
+        let mut found: Option<String> = None;
         for rowid in index.candidates(conn, fingerprint)? {
             let row: Option<(String, String, i64)> = conn
                 .prepare_cached("SELECT id, fingerprint, status FROM items WHERE seq = ?1")
@@ -831,7 +834,9 @@ impl SqliteRetryQueue {
                 Some((id, stored, status))
                     if stored == fingerprint && fingerprints::is_live(status) =>
                 {
-                    return Ok(Some(id));
+                    if found.as_ref().is_none_or(|f| id < *f) {
+                        found = Some(id);
+                    }
                 }
                 // A hash collision: another fingerprint, still live.
                 Some((_, _, status)) if fingerprints::is_live(status) => {}
@@ -846,6 +851,9 @@ impl SqliteRetryQueue {
                 }
             }
         }
+        if found.is_some() {
+            return Ok(found);
+        }
         #[cfg(debug_assertions)]
         self.debug_assert_no_live_duplicate(conn, fingerprint, &index);
         Ok(None)
@@ -857,12 +865,14 @@ impl SqliteRetryQueue {
         conn: &Connection,
         fingerprint: &str,
     ) -> QueueResult<Option<String>> {
-        query_optional(
+        // MIN over no rows is one NULL row.
+        query_optional::<Option<String>>(
             conn,
             "enqueue",
-            "SELECT id FROM items WHERE fingerprint = ?1 AND status IN (0, 1) LIMIT 1",
+            "SELECT MIN(id) FROM items WHERE fingerprint = ?1 AND status IN (0, 1)",
             [fingerprint],
         )
+        .map(Option::flatten)
     }
 
     /// Debug builds (every test) check a miss against the table while the
