@@ -523,6 +523,22 @@ fn drop_oldest_may_evict_an_earlier_item_of_the_same_batch(b: &'static Backend) 
         ids.sort();
         assert_eq!(ids, strs(&["a", "c"]));
     }
+    // Into an empty queue, a batch larger than the limit keeps its last
+    // items: the first ones make room for the rest.
+    let g = Fixture::with(
+        b,
+        StoreOptions {
+            max_items: 2,
+            overflow: OverflowPolicy::DropOldest,
+            ..StoreOptions::default()
+        },
+    );
+    let results =
+        g.q.enqueue_batch(vec![item("x"), item("y"), item("z")])
+            .unwrap();
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(g.ids(&ListFilter::default()), strs(&["y", "z"]));
+    assert_eq!(g.q.stats().unwrap().evicted, 1);
 }
 
 fn drop_oldest_after_dead_letters_goes_by_age_whatever_the_status(b: &'static Backend) {

@@ -775,6 +775,10 @@ impl FileRetryQueue {
                 plan.push(id.clone());
             }
             if !fits(evicted, evicted_bytes) {
+                if batch.oldest_member.is_some() {
+                    // Stored, the batch's earlier items can make room.
+                    return Ok(Admitted::AfterEarlierItems);
+                }
                 return Err(full);
             }
             batch.evict_bytes = evicted_bytes;
