@@ -65,7 +65,28 @@ pub enum QueueError {
         detail: String,
     },
 
-    /// The storage medium failed (I/O error, database error, full disk...).
+    /// The disk (or the file system's quota) has no room for the write.
+    /// Nothing was stored; the same call succeeds once space returns.
+    #[error("disk is full during {op}: {source}")]
+    DiskFull {
+        /// The operation that failed.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The store is owned by another running process (a `retryq run`
+    /// daemon holds its owner lock).
+    #[error("store {path} is in use by {holder}")]
+    StoreInUse {
+        /// The lock file.
+        path: String,
+        /// Who holds it, e.g. "pid 4242 (retryq run, instance 0193...)".
+        holder: String,
+    },
+
+    /// The storage medium failed (I/O error, database error...).
     #[error("storage error during {op}: {source}")]
     Storage {
         /// The operation that failed, e.g. "enqueue" or "open".
@@ -77,12 +98,25 @@ pub enum QueueError {
 }
 
 impl QueueError {
-    /// Wraps a lower-level error as [`QueueError::Storage`] for operation `op`.
+    /// Wraps a lower-level error for operation `op`: [`QueueError::DiskFull`]
+    /// when it says the disk has no room (`ENOSPC`, `EDQUOT`, SQLite's
+    /// `SQLITE_FULL`), [`QueueError::Storage`] otherwise.
     pub fn storage(op: &'static str, source: impl Into<BoxError>) -> Self {
-        QueueError::Storage {
-            op,
-            source: source.into(),
+        let source = source.into();
+        if is_disk_full(source.as_ref()) {
+            QueueError::DiskFull { op, source }
+        } else {
+            QueueError::Storage { op, source }
         }
+    }
+
+    /// True for the failures of the medium itself ([`QueueError::Storage`]
+    /// and [`QueueError::DiskFull`]), as opposed to a refusal of one item.
+    pub fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Storage { .. } | QueueError::DiskFull { .. }
+        )
     }
 
     /// Shorthand for [`QueueError::InvalidItem`].
@@ -107,9 +141,42 @@ impl QueueError {
             QueueError::InvalidItem { .. } => "invalid_item",
             QueueError::TooLarge { .. } => "too_large",
             QueueError::Corrupt { .. } => "corrupt",
+            QueueError::DiskFull { .. } => "disk_full",
+            QueueError::StoreInUse { .. } => "store_in_use",
             QueueError::Storage { .. } => "storage",
         }
     }
+}
+
+/// True when `error`, or an error in its source chain, says the disk has
+/// no room for the write.
+pub fn is_disk_full(error: &(dyn StdError + 'static)) -> bool {
+    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io_is_disk_full(io) {
+                return true;
+            }
+        }
+        if let Some(rusqlite::Error::SqliteFailure(code, _)) = e.downcast_ref::<rusqlite::Error>() {
+            if code.code == rusqlite::ErrorCode::DiskFull {
+                return true;
+            }
+        }
+        if let Some(QueueError::DiskFull { .. }) = e.downcast_ref::<QueueError>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+fn io_is_disk_full(error: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    error.kind() == std::io::ErrorKind::StorageFull
+        || error.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(error.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 /// Result alias for queue operations.

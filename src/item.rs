@@ -431,6 +431,10 @@ pub struct QueueItem {
     /// While `processing`: the time the claim expires and the item returns to pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_until: Option<DateTime<Utc>>,
+    /// While `processing`: the instance that claimed it (see
+    /// [`crate::store::owner`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_owner: Option<String>,
     /// Free-form attributes for transports (headers, routing...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
@@ -459,11 +463,12 @@ impl QueueItem {
         }
     }
 
-    /// Claims the item until `lease_until` (the state change of
-    /// `RetryQueue::claim`, shared by every backend).
-    pub fn record_claim(&mut self, lease_until: DateTime<Utc>, now: DateTime<Utc>) {
+    /// Claims the item for instance `owner` until `lease_until` (the state
+    /// change of `RetryQueue::claim`, shared by every backend).
+    pub fn record_claim(&mut self, lease_until: DateTime<Utc>, owner: &str, now: DateTime<Utc>) {
         self.status = ItemStatus::Processing;
         self.lease_until = Some(lease_until);
+        self.lease_owner = Some(owner.to_owned());
         self.updated_at = now;
     }
 
@@ -476,6 +481,7 @@ impl QueueItem {
         self.next_retry = next_retry;
         self.status = ItemStatus::Pending;
         self.lease_until = None;
+        self.lease_owner = None;
     }
 
     /// Records a final failed attempt and makes the item a dead letter (the
@@ -486,6 +492,7 @@ impl QueueItem {
         self.last_attempt = Some(now);
         self.status = ItemStatus::Failed;
         self.lease_until = None;
+        self.lease_owner = None;
     }
 
     /// Brings a dead letter back, due at `now` with its attempts reset (the
@@ -501,6 +508,7 @@ impl QueueItem {
         self.attempts = 0;
         self.next_retry = now;
         self.lease_until = None;
+        self.lease_owner = None;
         Ok(())
     }
 
@@ -650,6 +658,7 @@ impl NewItem {
             scanner_name: self.scanner_name,
             target_path: self.target_path,
             lease_until: None,
+            lease_owner: None,
             attributes: self.attributes,
         })
     }

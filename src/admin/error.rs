@@ -10,8 +10,8 @@ use crate::error::QueueError;
 
 /// An API failure, answered as `{"error": kind, "message": ..., "existing_id"?: ...}`.
 ///
-/// Kinds: the store's ([`QueueError::kind`]: `queue_full` 507, `queue_closed`
-/// 503, `item_not_found` 404, `duplicate_item` 409, `invalid_item` 400,
+/// Kinds: the store's ([`QueueError::kind`]: `queue_full` and `disk_full`
+/// 507, `queue_closed` and `store_in_use` 503, `item_not_found` 404, `duplicate_item` 409, `invalid_item` 400,
 /// `too_large` 413, `corrupt` and `storage` 500) and the API's own:
 /// `invalid_request` 400, `unauthorized` 401, `not_found` 404, `not_failed`
 /// 409, `worker_unavailable` 503, `worker_error` and `internal` 500.
@@ -90,7 +90,10 @@ impl ApiError {
 impl From<QueueError> for ApiError {
     fn from(err: QueueError) -> Self {
         let status = match &err {
-            QueueError::QueueFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            QueueError::QueueFull { .. } | QueueError::DiskFull { .. } => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            QueueError::StoreInUse { .. } => StatusCode::SERVICE_UNAVAILABLE,
             QueueError::QueueClosed => StatusCode::SERVICE_UNAVAILABLE,
             QueueError::ItemNotFound { .. } => StatusCode::NOT_FOUND,
             QueueError::DuplicateItem { .. } => StatusCode::CONFLICT,

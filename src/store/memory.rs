@@ -139,6 +139,7 @@ impl MemoryRetryQueue {
             if item.status == ItemStatus::Processing && !live {
                 item.status = ItemStatus::Pending;
                 item.lease_until = None;
+                item.lease_owner = None;
                 item.updated_at = now;
                 released += 1;
             }
@@ -231,7 +232,7 @@ impl MemoryRetryQueue {
             }
         }
         if let Some(lease) = lease {
-            item.record_claim(add_saturating(now, lease), now);
+            item.record_claim(add_saturating(now, lease), &self.options.instance_id, now);
         }
         state.items.insert(item.id.clone(), item.clone());
         Ok(item)
@@ -278,6 +279,7 @@ impl MemoryRetryQueue {
         if item.status == ItemStatus::Processing {
             item.status = ItemStatus::Pending;
             item.lease_until = None;
+            item.lease_owner = None;
             item.updated_at = now;
         }
         Ok(())
@@ -396,7 +398,7 @@ impl RetryQueue for MemoryRetryQueue {
         let mut claimed = Vec::new();
         for ready in state.ready(now).into_iter().take(limit) {
             let item = state.item_mut(&ready.id)?;
-            item.record_claim(lease_until, now);
+            item.record_claim(lease_until, &self.options.instance_id, now);
             claimed.push(item.clone());
         }
         Ok(claimed)
@@ -411,6 +413,7 @@ impl RetryQueue for MemoryRetryQueue {
             if item.status == ItemStatus::Processing && expired {
                 item.status = ItemStatus::Pending;
                 item.lease_until = None;
+                item.lease_owner = None;
                 item.updated_at = now;
                 released += 1;
             }

@@ -44,6 +44,7 @@ use crate::item::{ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS
 
 pub mod file;
 pub mod memory;
+pub mod owner;
 pub mod sqlite;
 
 pub use file::FileRetryQueue;
@@ -92,6 +93,9 @@ pub struct StoreOptions {
     pub max_quarantined: usize,
     /// Where "now" comes from.
     pub clock: SharedClock,
+    /// The instance recorded as the owner of every claim this store makes
+    /// ([`QueueItem::lease_owner`]); see [`owner`]. A fresh ID by default.
+    pub instance_id: String,
 }
 
 impl Default for StoreOptions {
@@ -106,6 +110,7 @@ impl Default for StoreOptions {
             default_lease: DEFAULT_LEASE,
             max_quarantined: DEFAULT_MAX_QUARANTINED,
             clock: system_clock(),
+            instance_id: owner::new_instance_id(),
         }
     }
 }
@@ -186,6 +191,17 @@ pub struct QueueStats {
     pub quarantined: u64,
     /// Items evicted by `drop_oldest` since the store was opened.
     pub evicted: u64,
+    /// Records copied into a fresh store by salvages of a corrupt one
+    /// (since the store was opened, or recorded by the backend).
+    #[serde(default)]
+    pub salvaged: u64,
+    /// Records that salvages could not read back and lost.
+    #[serde(default)]
+    pub salvage_lost: u64,
+    /// Entries in the store's folder that are not queue records (folders,
+    /// foreign files, names that do not parse): left alone and skipped.
+    #[serde(default)]
+    pub skipped_entries: u64,
 }
 
 /// What `cleanup` removed.
@@ -346,6 +362,27 @@ pub trait RetryQueue: Send + Sync {
     /// returns how many.
     fn release_expired_leases(&self) -> QueueResult<usize>;
 
+    /// Returns to `pending`, at once and without counting an attempt,
+    /// every `processing` item whose [`QueueItem::lease_owner`] is not
+    /// `owner` (including items with no recorded owner); returns how many.
+    /// A daemon calls this right after it took the store's owner lock
+    /// ([`owner::OwnerLock`]): no earlier instance is alive then, so
+    /// their leases protect nothing.
+    fn release_leases_except(&self, owner: &str) -> QueueResult<usize> {
+        let processing = self.list(&ListFilter {
+            status: Some(ItemStatus::Processing),
+            ..ListFilter::default()
+        })?;
+        let mut released = 0;
+        for item in processing {
+            if item.lease_owner.as_deref() != Some(owner) {
+                self.release(&item.id)?;
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
     /// The earliest time something becomes actionable: the smallest
     /// `next_retry` among pending items or `lease_until` among processing
     /// items. The scheduler sleeps until then.
@@ -497,6 +534,9 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     }
     fn release_expired_leases(&self) -> QueueResult<usize> {
         (**self).release_expired_leases()
+    }
+    fn release_leases_except(&self, owner: &str) -> QueueResult<usize> {
+        (**self).release_leases_except(owner)
     }
     fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
         (**self).next_due()

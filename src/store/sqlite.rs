@@ -346,6 +346,8 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
             scanner_name: row.get(12)?,
             target_path: row.get(13)?,
             lease_until: row.get::<_, Option<i64>>(14)?.map(from_nanos),
+            // Not persisted yet: the claim's owner lives in memory only.
+            lease_owner: None,
             attributes,
         }),
     })
@@ -547,7 +549,7 @@ impl SqliteRetryQueue {
                 wrote = tx.total_changes() != changes_before;
                 match result {
                     // Returning it rolls the transaction back.
-                    Err(e @ QueueError::Storage { .. }) => Err(e),
+                    Err(e) if e.is_storage() => Err(e),
                     // A refusal wrote nothing, or moved a corrupt record to
                     // quarantine, which must stick: commit, then report.
                     Err(e) => {
@@ -770,7 +772,11 @@ impl SqliteRetryQueue {
         let now = self.now();
         let mut item = new.into_item(now, self.options.default_max_attempts)?;
         if let Some(lease) = lease {
-            item.record_claim(crate::backoff::add_saturating(now, lease), now);
+            item.record_claim(
+                crate::backoff::add_saturating(now, lease),
+                &self.options.instance_id,
+                now,
+            );
         }
         let row = ItemRow::new(&item)?;
         if caller_id {
@@ -1196,7 +1202,7 @@ fn apply_checked(
 ) -> QueueResult<()> {
     let changes_before = conn.total_changes();
     match apply(conn) {
-        Err(e @ QueueError::Storage { .. }) => return Err(e),
+        Err(e) if e.is_storage() => return Err(e),
         Err(e) => {
             debug_assert_refused_cleanly(op_name, &e, changes_before, conn.total_changes());
             results.push(Err(e));

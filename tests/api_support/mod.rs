@@ -113,7 +113,7 @@ impl RetryQueue for TestQueue {
             .into_iter()
             .map(|new| {
                 let id = self.enqueue(new)?;
-                self.modify(&id, |item| item.record_claim(until, now))
+                self.modify(&id, |item| item.record_claim(until, "api-test", now))
             })
             .collect())
     }

@@ -522,6 +522,7 @@ impl FileRetryQueue {
             let returned = self.change_many(&mut inner, "open", &stuck, now, |item, _| {
                 item.status = ItemStatus::Pending;
                 item.lease_until = None;
+                item.lease_owner = None;
                 Ok(())
             })?;
             tracing::info!(
@@ -853,7 +854,7 @@ impl FileRetryQueue {
                 }
             };
             if let Some(lease) = lease {
-                item.record_claim(saturating_add(now, lease), now);
+                item.record_claim(saturating_add(now, lease), &self.options.instance_id, now);
             }
             let encoded = match Self::encode(op, &item) {
                 Ok(encoded) => encoded,
@@ -1028,6 +1029,7 @@ impl RetryQueue for FileRetryQueue {
         self.change_many(&mut inner, "release", &[id.to_owned()], now, |item, _| {
             item.status = ItemStatus::Pending;
             item.lease_until = None;
+            item.lease_owner = None;
             Ok(())
         })
         .map(|_| ())
@@ -1042,7 +1044,7 @@ impl RetryQueue for FileRetryQueue {
         }
         let lease_until = saturating_add(now, lease);
         self.change_many(&mut inner, "claim", &ids, now, |item, now| {
-            item.record_claim(lease_until, now);
+            item.record_claim(lease_until, &self.options.instance_id, now);
             Ok(())
         })
     }
@@ -1068,6 +1070,7 @@ impl RetryQueue for FileRetryQueue {
             |item, _| {
                 item.status = ItemStatus::Pending;
                 item.lease_until = None;
+                item.lease_owner = None;
                 Ok(())
             },
         )?;

@@ -71,6 +71,9 @@ pub(crate) struct FileRecord {
         deserialize_with = "go_time::deserialize"
     )]
     lease_until: Option<DateTime<Utc>>,
+    /// retryq's own field (the Go SDK ignores it): the claiming instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lease_owner: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     attributes: BTreeMap<String, String>,
     /// CRC-32 of the compact report bytes; absent in files the Go SDK wrote.
@@ -97,6 +100,7 @@ impl From<&QueueItem> for FileRecord {
             scanner_name: item.scanner_name.clone(),
             target_path: item.target_path.clone(),
             lease_until: item.lease_until,
+            lease_owner: item.lease_owner.clone(),
             attributes: item.attributes.clone(),
             checksum: Some(payload_checksum(item.report.as_bytes())),
         }
@@ -122,6 +126,7 @@ impl From<FileRecord> for QueueItem {
             scanner_name: r.scanner_name,
             target_path: r.target_path,
             lease_until: r.lease_until,
+            lease_owner: r.lease_owner,
             attributes: r.attributes,
         }
     }
