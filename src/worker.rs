@@ -225,8 +225,22 @@ pub struct WorkerStats {
     pub is_running: bool,
     /// Paused by the host or by an unauthorized answer.
     pub paused: bool,
+    /// Why delivery is paused, e.g. "paused by the operator" or "upstream
+    /// answered 401: ..."; `None` while not paused.
+    #[serde(default)]
+    pub pause_reason: Option<String>,
+    /// Since when delivery is paused.
+    #[serde(default)]
+    pub paused_since: Option<DateTime<Utc>>,
     /// The circuit breaker.
     pub circuit_state: CircuitState,
+    /// While the store refuses writes (a full disk, an I/O error): the
+    /// last error, and delivery backs off until a write succeeds again.
+    #[serde(default)]
+    pub store_error: Option<String>,
+    /// Since when the store refuses writes.
+    #[serde(default)]
+    pub store_failing_since: Option<DateTime<Utc>>,
 }
 
 /// What happened to an item in a cycle.
@@ -635,7 +649,19 @@ impl RetryWorker {
 
     /// Stops claiming until `resume`.
     pub fn pause(&self) {
-        self.shared.state().paused = true;
+        self.pause_because("paused by the host");
+    }
+
+    /// Stops claiming until `resume`, recording `reason` for `stats`.
+    pub fn pause_because(&self, reason: impl Into<String>) {
+        {
+            let mut state = self.shared.state();
+            if !state.paused {
+                state.paused_since = Some(self.shared.clock.now());
+            }
+            state.paused = true;
+            state.pause_reason = Some(reason.into());
+        }
         if let Some(r) = self.running().as_ref() {
             r.scheduler.do_send(Pause);
         }
@@ -654,10 +680,15 @@ impl RetryWorker {
         let circuit_state = self.shared.circuit_state();
         let is_running = self.is_running();
         let state = self.shared.state();
+        let (pause_reason, paused_since) = state.pause_reason();
         WorkerStats {
             is_running,
             paused: state.paused || state.unauthorized_since.is_some(),
+            pause_reason,
+            paused_since,
             circuit_state,
+            store_error: state.store_failure.as_ref().map(|f| f.error.clone()),
+            store_failing_since: state.store_failure.as_ref().map(|f| f.since),
             ..state.stats.clone()
         }
     }

@@ -73,10 +73,18 @@ pub struct Callbacks {
 /// Gate state: pauses and the circuit breaker.
 #[derive(Debug, Default)]
 pub struct DeliveryState {
-    /// Paused by the host.
+    /// Paused by the host (or an operator).
     pub paused: bool,
+    /// Why the host paused, for `stats`.
+    pub pause_reason: Option<String>,
+    /// Since when the host's pause holds.
+    pub paused_since: Option<DateTime<Utc>>,
     /// Paused by an unauthorized answer since this time.
     pub unauthorized_since: Option<DateTime<Utc>>,
+    /// What the upstream said when it refused our credentials.
+    pub unauthorized_reason: Option<String>,
+    /// The store refuses writes: since when, and the last error.
+    pub store_failure: Option<StoreFailure>,
     /// Consecutive retryable failures across items.
     pub consecutive_failures: u32,
     /// The circuit is open until this time.
@@ -87,11 +95,51 @@ pub struct DeliveryState {
     pub stats: WorkerStats,
 }
 
+/// The store refusing writes, as the scheduler last saw it.
+#[derive(Debug, Clone)]
+pub struct StoreFailure {
+    /// When the first failure of this run of failures happened.
+    pub since: DateTime<Utc>,
+    /// The last error.
+    pub error: String,
+    /// Failures in a row.
+    pub count: u64,
+}
+
 impl DeliveryState {
+    /// Why delivery is paused and since when, for `stats`: the host's
+    /// pause first, then an unauthorized pause.
+    pub fn pause_reason(&self) -> (Option<String>, Option<DateTime<Utc>>) {
+        if self.paused {
+            return (
+                Some(
+                    self.pause_reason
+                        .clone()
+                        .unwrap_or_else(|| "paused by the host".to_owned()),
+                ),
+                self.paused_since,
+            );
+        }
+        if let Some(since) = self.unauthorized_since {
+            let detail = self
+                .unauthorized_reason
+                .as_deref()
+                .unwrap_or("unauthorized");
+            return (
+                Some(format!("upstream refused our credentials: {detail}")),
+                Some(since),
+            );
+        }
+        (None, None)
+    }
+
     /// Lifts every gate: the host's pause, an unauthorized pause and an
     /// open circuit (counters are kept).
     pub fn open_gates(&mut self) {
         self.paused = false;
+        self.pause_reason = None;
+        self.paused_since = None;
+        self.unauthorized_reason = None;
         self.unauthorized_since = None;
         self.open_until = None;
         self.cooldown = None;
