@@ -166,6 +166,16 @@ impl StoreSettings {
             (None, StoreBackend::Files) => PathBuf::from(DEFAULT_FILES_PATH),
         }
     }
+
+    /// The store's owner lock file ([`crate::store::owner`]): beside the
+    /// database, or inside the queue directory. A running daemon holds it;
+    /// the CLI reads it to find that daemon.
+    pub fn owner_lock_path(&self) -> PathBuf {
+        crate::store::owner::owner_lock_path(
+            &self.effective_path(),
+            self.backend == StoreBackend::Files,
+        )
+    }
 }
 
 /// `[worker]`: the seed's `RetryWorkerConfig` fields plus delivery limits.

@@ -1,20 +1,33 @@
-//! The daemon behind `retryq run`: opens the configured store, loads the
-//! transport plugins, starts the `RetryWorker` and the admin API in one
-//! actix System, and on SIGTERM or SIGINT stops gracefully (the API stops
-//! accepting, pushes in flight finish or have their leases released, the
-//! store is closed) before returning.
+//! The daemon behind `retryq run`: takes the store's owner lock, opens the
+//! configured store as that owner, loads the transport plugins, starts the
+//! `RetryWorker` and the admin API in one actix System, and on SIGTERM or
+//! SIGINT stops gracefully (the API stops accepting, pushes in flight finish
+//! or have their leases released, the store is closed, the lock is let go)
+//! before returning.
+//!
+//! Ownership (see [`crate::store::owner`]): the lock is taken before the
+//! store is opened, so a second daemon on the same store fails to start
+//! naming the pid that holds it; every lease an earlier instance left (a
+//! `kill -9`) goes back to pending at once; the admin API's address is
+//! written into the lock so the CLI can reach this daemon.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::{self, record_worker_metrics, AdminConfig, AdminState, RetryWorkerControl};
-use crate::config::Settings;
+use crate::config::{Settings, StoreBackend};
 use crate::metrics::Metrics;
 use crate::plugin::{load_checker, load_pusher, PluginError};
+use crate::store::owner::{OwnerInfo, OwnerLock};
+use crate::store::{RetryQueue, StoreOptions};
 use crate::worker::{RetryWorker, WorkerError};
 
 /// How long a graceful stop waits for pushes in flight.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a starting daemon waits for the owner lock, and (files backend)
+/// for a CLI command that holds the queue directory to let go of it.
+pub const OWNER_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +35,9 @@ pub enum DaemonError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::error::QueueError),
+    /// Another daemon owns the store (or the lock file cannot be used).
+    #[error("cannot take ownership of the store: {0}")]
+    Owner(#[source] crate::error::QueueError),
     /// A plugin could not be loaded.
     #[error("[{section}] {source}")]
     Plugin {
@@ -47,7 +63,109 @@ pub fn run_until_signal(settings: Settings) -> Result<(), DaemonError> {
 }
 
 async fn run(settings: Settings) -> Result<(), DaemonError> {
-    let queue = settings.open_store()?;
+    let mut owner = take_ownership(&settings)?;
+    let queue = open_as_owner(&settings, owner.info())?;
+    let result = serve(&settings, queue.clone(), &mut owner).await;
+    if result.is_err() {
+        // Stopped early: leave nothing open behind the lock. A close error
+        // would only hide the error that stopped us.
+        let _ = queue.close();
+    }
+    // Only now, with the store closed, may another daemon take over.
+    drop(owner);
+    result
+}
+
+/// Takes the store's owner lock, creating the directory it lives in the way
+/// the stores create theirs (owner-only).
+fn take_ownership(settings: &Settings) -> Result<OwnerLock, DaemonError> {
+    let path = settings.store.owner_lock_path();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_private_dir(dir).map_err(|e| {
+            DaemonError::Owner(crate::error::QueueError::storage(
+                "owner lock",
+                std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())),
+            ))
+        })?;
+    }
+    let lock = OwnerLock::acquire(&path, OwnerInfo::this_process(), OWNER_LOCK_WAIT)
+        .map_err(DaemonError::Owner)?;
+    tracing::info!(
+        lock = %path.display(),
+        instance = %lock.info().instance_id,
+        "took ownership of the store"
+    );
+    Ok(lock)
+}
+
+#[cfg(unix)]
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(not(unix))]
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)
+}
+
+/// Opens the store with `owner`'s instance ID on every claim, then returns
+/// the leases of earlier instances to pending: holding the lock proves none
+/// of them is alive, so waiting for their leases to expire helps nobody.
+fn open_as_owner(
+    settings: &Settings,
+    owner: &OwnerInfo,
+) -> Result<Arc<dyn RetryQueue>, DaemonError> {
+    let options = StoreOptions {
+        instance_id: owner.instance_id.clone(),
+        ..settings.store_options()
+    };
+    let queue = open_waiting_for_cli(settings, options)?;
+    match queue.release_leases_except(&owner.instance_id) {
+        Ok(0) => {}
+        Ok(released) => tracing::info!(
+            released,
+            "released the leases of earlier instances: their items are pending again"
+        ),
+        Err(e) => {
+            let _ = queue.close();
+            return Err(e.into());
+        }
+    }
+    Ok(queue)
+}
+
+/// Opens the store. The files backend refuses a second opener while a CLI
+/// command that started before we took the owner lock still holds the queue
+/// directory; such a command is short, so retry for a moment.
+fn open_waiting_for_cli(
+    settings: &Settings,
+    options: StoreOptions,
+) -> Result<Arc<dyn RetryQueue>, DaemonError> {
+    let deadline = std::time::Instant::now() + OWNER_LOCK_WAIT;
+    loop {
+        match crate::config::open_store(&settings.store, options.clone()) {
+            Ok(queue) => return Ok(queue),
+            Err(e)
+                if settings.store.backend == StoreBackend::Files
+                    && e.to_string().contains("is in use")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn serve(
+    settings: &Settings,
+    queue: Arc<dyn RetryQueue>,
+    owner: &mut OwnerLock,
+) -> Result<(), DaemonError> {
     let search_path = &settings.plugins.search_path;
     let pusher =
         load_pusher(&settings.pusher, search_path).map_err(|source| DaemonError::Plugin {
@@ -80,6 +198,19 @@ async fn run(settings: Settings) -> Result<(), DaemonError> {
             return Err(e.into());
         }
     };
+    // Tell the CLI where to reach us. The address a client can dial: an
+    // unspecified listen address (0.0.0.0) is reached through loopback.
+    let mut reachable = server.local_addr();
+    if reachable.ip().is_unspecified() {
+        reachable.set_ip(match reachable {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    if let Err(e) = owner.set_admin_addr(reachable.to_string()) {
+        // Delivery works without it; only the CLI cannot find us.
+        tracing::warn!(error = %e, "cannot record the admin address in the owner lock; the CLI will not reach this daemon");
+    }
     tracing::info!(
         admin = %server.local_addr(),
         store = %settings.store.effective_path().display(),
