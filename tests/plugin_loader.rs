@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use retryq::config::PluginSettings;
 use retryq::plugin::{load_pusher, PluginError};
+use retryq::plugin_sdk::testing::{check_plugin_with, CheckOptions, Report};
 use retryq::plugin_sdk::{CallContext, ItemMeta, PushOutcome};
 use retryq::store::{RetryQueue, SqliteRetryQueue, StoreOptions};
 use retryq::worker::{EventKind, RetryWorker, RetryWorkerConfig};
@@ -22,6 +23,11 @@ fn chaos_lib() -> PathBuf {
 
 /// Compiles tests/c_plugin/echo.c with `defines` into a private folder.
 fn c_plugin(dir: &Path, name: &str, defines: &[&str]) -> PathBuf {
+    c_plugin_from(dir, "echo.c", name, defines)
+}
+
+/// Compiles tests/c_plugin/`source` with `defines` into a private folder.
+fn c_plugin_from(dir: &Path, source: &str, name: &str, defines: &[&str]) -> PathBuf {
     let out = dir.join(format!("lib{name}.so"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
@@ -30,7 +36,7 @@ fn c_plugin(dir: &Path, name: &str, defines: &[&str]) -> PathBuf {
         .arg("-I")
         .arg(root.join("plugins/sdk/include"))
         .args(defines)
-        .arg(root.join("tests/c_plugin/echo.c"))
+        .arg(root.join("tests/c_plugin").join(source))
         .status()
         .unwrap();
     assert!(status.success(), "cc failed");
@@ -477,4 +483,140 @@ async fn a_worker_delivers_through_the_http_plugin_honouring_retry_after() {
 fn clock_now(clock: &retryq::clock::ManualClock) -> chrono::DateTime<chrono::Utc> {
     use retryq::clock::Clock;
     clock.now()
+}
+
+#[tokio::test]
+async fn a_push_that_hangs_is_reported_with_the_deadline_it_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn RetryQueue> =
+        Arc::new(SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default()).unwrap());
+    let pusher = load_pusher(
+        &spec_path(
+            &chaos_lib(),
+            serde_json::json!({"hang_on": 1, "hang": "30s"}),
+        ),
+        &[],
+    )
+    .unwrap();
+    let config = RetryWorkerConfig {
+        batch_size: 1,
+        push_timeout: Duration::from_millis(300),
+        ..RetryWorkerConfig::default()
+    };
+    let worker = RetryWorker::new(config, queue.clone(), pusher).unwrap();
+    let id = queue
+        .enqueue(NewItem::from_json(b"{\"n\":1}").unwrap())
+        .unwrap();
+    let r = worker.process_now().await.unwrap();
+    assert_eq!(r[0].kind, EventKind::Retried);
+    let stored = queue.get(&id).unwrap();
+    let last_error = stored.last_error;
+    // What was left of the deadline (zero) used to be printed instead.
+    assert!(
+        last_error.contains("timed out (deadline 300ms)"),
+        "{last_error}"
+    );
+}
+
+#[test]
+fn create_that_returns_no_instance_says_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = c_plugin_from(dir.path(), "stuck.c", "nullinst", &["-DNULL_INSTANCE"]);
+    match load_err(&spec_path(&silent, serde_json::json!({}))) {
+        PluginError::CreateFailed { message, .. } => assert!(
+            message.contains("create reported success (status 0) but returned no instance"),
+            "{message}"
+        ),
+        other => panic!("{other}"),
+    }
+    let told = c_plugin_from(dir.path(), "stuck.c", "nullmsg", &["-DNULL_INSTANCE_MSG"]);
+    let e = load_err(&spec_path(&told, serde_json::json!({})));
+    let text = e.to_string();
+    assert!(matches!(e, PluginError::CreateFailed { .. }), "{text}");
+    assert!(text.contains("stuck: out of instances"), "{text}");
+    assert!(!text.contains("settings"), "not a settings refusal: {text}");
+}
+
+fn quick_check(lib: &Path, settings: serde_json::Value) -> Report {
+    check_plugin_with(
+        lib,
+        &settings,
+        &CheckOptions {
+            call_deadline: Duration::from_millis(300),
+        },
+    )
+}
+
+fn last_finding(report: &Report) -> (String, bool, String) {
+    let f = report.findings.last().expect("at least one finding");
+    (f.check.clone(), f.passed, f.detail.clone())
+}
+
+#[test]
+fn the_conformance_kit_ends_with_a_verdict_naming_the_call_that_hung() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = c_plugin_from(dir.path(), "stuck.c", "stuckgood", &[]);
+    let report = quick_check(&good, serde_json::json!({}));
+    assert!(
+        report.passed(),
+        "the well-behaved variant passes: {report:#?}"
+    );
+
+    for (define, call) in [
+        ("-DHANG_CREATE", "create"),
+        ("-DHANG_PUSH", "push"),
+        ("-DHANG_CHECK", "check"),
+        ("-DHANG_DESTROY", "destroy"),
+    ] {
+        let name = format!("stuck{}", call);
+        let lib = c_plugin_from(dir.path(), "stuck.c", &name, &[define]);
+        let report = quick_check(&lib, serde_json::json!({}));
+        assert!(!report.passed(), "{define}: {report:#?}");
+        let (check, passed, detail) = last_finding(&report);
+        assert_eq!(
+            check,
+            format!("{call} returns before the deadline"),
+            "{define}"
+        );
+        assert!(!passed);
+        assert!(detail.contains("300ms"), "{detail}");
+    }
+
+    // The chaos plugin told to hang: its first push with the given settings.
+    let report = quick_check(
+        &chaos_lib(),
+        serde_json::json!({"hang_on": 1, "hang": "30s"}),
+    );
+    assert_eq!(last_finding(&report).0, "push returns before the deadline");
+}
+
+#[test]
+fn plugins_check_on_a_hanging_plugin_returns_with_a_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = c_plugin_from(dir.path(), "stuck.c", "stuckcli", &["-DHANG_PUSH"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_retryq"))
+        .args(["--json", "plugins", "check"])
+        .arg(&lib)
+        .env("RETRYQ__WORKER__PUSH_TIMEOUT", "500ms")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = report["findings"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        last["check"], "push returns before the deadline",
+        "{report}"
+    );
+    assert_eq!(last["passed"], false);
 }

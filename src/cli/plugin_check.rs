@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use retryq::config::Settings;
 use retryq::plugin::effective_search_path;
-use retryq_plugin::testing::{check_plugin, Report};
+use retryq_plugin::testing::{check_plugin_with, CheckOptions, Report};
 use serde::Serialize;
 
 /// What `plugins check` prints.
@@ -22,8 +22,10 @@ pub struct CheckReport {
 }
 
 /// Loads `plugin` (a name on the search path, or a path) with `settings`
-/// and runs the conformance checks. A failed check is an error (exit 1)
-/// after the report is printed.
+/// and runs the conformance checks, each call into the plugin bounded by
+/// `worker.push_timeout` (what the daemon would allow a push), so a plugin
+/// that hangs ends the check with a verdict naming the call. A failed check
+/// is an error (exit 1) after the report is printed.
 pub fn check(
     plugin: &str,
     settings: serde_json::Map<String, serde_json::Value>,
@@ -34,7 +36,10 @@ pub fn check(
     } else {
         retryq_plugin::host::resolve(plugin, &effective_search_path(&config.plugins.search_path))?
     };
-    let report = check_plugin(&path, &serde_json::Value::Object(settings));
+    let options = CheckOptions {
+        call_deadline: config.worker.push_timeout,
+    };
+    let report = check_plugin_with(&path, &serde_json::Value::Object(settings), &options);
     Ok(CheckReport {
         plugin: plugin.to_owned(),
         path,

@@ -77,8 +77,10 @@ typedef struct RqPluginTable {
     const char *version;  /* NUL-terminated, static */
     uint32_t kinds;       /* RQ_KIND_* bits */
 
-    /* Creates an instance of `kind` from JSON settings. On failure write a
-     * message into *out_error and return RQ_BAD_CONFIG. */
+    /* Creates an instance of `kind` from JSON settings and stores it in
+     * *out_instance (never NULL with RQ_OK: the host reports that as a
+     * failure). On failure write a message into *out_error and return
+     * RQ_BAD_CONFIG (the settings are refused) or RQ_PANICKED. */
     int32_t (*create)(uint32_t kind, const uint8_t *settings, size_t settings_len,
                       const RqHostCallbacks *host, void **out_instance, RqBuf *out_error);
 

@@ -87,6 +87,15 @@ pub enum PluginError {
         /// The plugin's message.
         message: String,
     },
+    /// `create` failed for another reason than the settings: it returned no
+    /// instance, panicked, or answered a status that means nothing there.
+    #[error("plugin {plugin:?} could not create an instance: {message}")]
+    CreateFailed {
+        /// The plugin.
+        plugin: String,
+        /// What happened, with the plugin's own message if it gave one.
+        message: String,
+    },
     /// The file or its folder is writable by others.
     #[error("plugin {plugin:?}: {path} is writable by group or others; refusing to load it (chmod go-w)")]
     InsecurePermissions {
@@ -117,6 +126,24 @@ pub enum PluginError {
         /// The error.
         reason: String,
     },
+}
+
+/// What a failed `create` (anything but a refusal of the settings) did, in
+/// words: the plugin's own message when it gave one.
+fn create_failure(status: i32, message: &str) -> String {
+    let what = match status {
+        RQ_OK => "create reported success (status 0) but returned no instance".to_owned(),
+        RQ_PANICKED => "create panicked (status 5)".to_owned(),
+        RQ_RETRYABLE | RQ_PERMANENT | RQ_UNAUTHORIZED => {
+            format!("create returned status {status}, a push outcome, not an instance")
+        }
+        other => format!("create returned unknown status {other}"),
+    };
+    if message.is_empty() {
+        what
+    } else {
+        format!("{what}: {message}")
+    }
 }
 
 /// Candidate file names for a plugin called `name` on this platform:
@@ -441,17 +468,21 @@ impl Instance {
             )
         });
         let message = String::from_utf8_lossy(&take_buf(lib, err)).into_owned();
-        if status != RQ_OK || out.is_null() {
-            return Err(PluginError::BadSettings {
+        match (status, out.is_null()) {
+            (RQ_OK, false) => Ok(out),
+            (RQ_BAD_CONFIG, _) => Err(PluginError::BadSettings {
                 plugin: lib.name.clone(),
                 message: if message.is_empty() {
-                    format!("create returned status {status}")
+                    "create refused the settings without saying why".to_owned()
                 } else {
                     message
                 },
-            });
+            }),
+            (status, _) => Err(PluginError::CreateFailed {
+                plugin: lib.name.clone(),
+                message: create_failure(status, &message),
+            }),
         }
-        Ok(out)
     }
 
     /// Replaces the instance after it panicked.
@@ -659,10 +690,10 @@ impl<T: Pusher + ?Sized + 'static> Pusher for WithDeadline<T> {
         let (item2, payload2, ctx2) = (item.clone(), payload.to_vec(), *ctx);
         run_with_deadline(ctx, move || inner.push(&item2, &payload2, &ctx2)).unwrap_or_else(|| {
             tracing::warn!(item_id = %item.id, "transport call passed its deadline; abandoning it");
+            // The budget, not what is left of it: by now that is zero.
             PushOutcome::retryable(format!(
                 "transport call timed out (deadline {:?})",
-                ctx.deadline()
-                    .saturating_duration_since(std::time::Instant::now())
+                ctx.timeout()
             ))
         })
     }
@@ -673,9 +704,10 @@ impl<T: FingerprintChecker + ?Sized + 'static> FingerprintChecker for WithDeadli
         let inner = self.inner.clone();
         let (fps, ctx2) = (fingerprints.to_vec(), *ctx);
         run_with_deadline(ctx, move || inner.check(&fps, &ctx2)).unwrap_or_else(|| {
-            Err(CheckError::Unavailable(
-                "fingerprint check timed out".into(),
-            ))
+            Err(CheckError::Unavailable(format!(
+                "fingerprint check timed out (deadline {:?})",
+                ctx.timeout()
+            )))
         })
     }
 }

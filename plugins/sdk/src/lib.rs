@@ -122,6 +122,9 @@ impl PushOutcome {
 #[derive(Debug, Clone, Copy)]
 pub struct CallContext {
     deadline: Instant,
+    /// The whole budget, kept so a timeout can be reported as the deadline
+    /// it was given (what is left is zero by then).
+    timeout: Duration,
 }
 
 impl CallContext {
@@ -129,12 +132,22 @@ impl CallContext {
     pub fn with_timeout(timeout: Duration) -> Self {
         CallContext {
             deadline: Instant::now() + timeout,
+            timeout,
         }
     }
 
     /// A context with this deadline.
     pub fn with_deadline(deadline: Instant) -> Self {
-        CallContext { deadline }
+        CallContext {
+            deadline,
+            timeout: deadline.saturating_duration_since(Instant::now()),
+        }
+    }
+
+    /// The budget the call was given when the context was made (e.g. the
+    /// configured push timeout), as opposed to what is [`remaining`](Self::remaining).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// When the host stops waiting for the call.

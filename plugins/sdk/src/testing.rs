@@ -8,6 +8,7 @@
 //! ```
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -71,15 +72,85 @@ pub fn sample_item(id: &str) -> ItemMeta {
     }
 }
 
+/// How [`check_plugin_with`] runs the checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckOptions {
+    /// How long each call into the plugin (load, create, push, check,
+    /// destroy) may take. A call still running then is abandoned on its
+    /// thread and the check ends with a verdict naming it: a hanging plugin
+    /// must not hang the checker.
+    pub call_deadline: Duration,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            call_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A call that did not return before its deadline.
+struct Hung;
+
+/// Runs `f` on its own thread and waits at most `deadline` for it. The
+/// thread of a call that hangs is left behind: nothing can stop it, and the
+/// kit only needs its own answer in time.
+fn bounded<R: Send + 'static>(
+    deadline: Duration,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, Hung> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("retryq-plugin-check".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|_| Hung)?;
+    rx.recv_timeout(deadline).map_err(|_| Hung)
+}
+
+impl Report {
+    /// Records that `call` hung; the caller stops checking.
+    fn hung(&mut self, call: &str, deadline: Duration) {
+        self.note(
+            &format!("{call} returns before the deadline"),
+            false,
+            format!("{call} did not return within {deadline:?}; the plugin hangs in {call}"),
+        );
+    }
+}
+
 /// Runs the conformance checks on the plugin library at `path`, creating
-/// instances with `settings`. Pushes go wherever those settings point: give
-/// settings for a test upstream.
+/// instances with `settings`, each call bounded by the default
+/// [`CheckOptions`]. Pushes go wherever those settings point: give settings
+/// for a test upstream.
 pub fn check_plugin(path: &Path, settings: &serde_json::Value) -> Report {
+    check_plugin_with(path, settings, &CheckOptions::default())
+}
+
+/// [`check_plugin`] with explicit options. A call that outlives
+/// `options.call_deadline` ends the check: the report's last finding names
+/// the call that hung.
+pub fn check_plugin_with(
+    path: &Path,
+    settings: &serde_json::Value,
+    options: &CheckOptions,
+) -> Report {
+    let deadline = options.call_deadline;
     let mut report = Report::default();
-    let lib = match load(&path.display().to_string(), path, None) {
-        Ok(lib) => lib,
-        Err(e) => {
+    let load_path = path.to_path_buf();
+    let loaded = bounded(deadline, move || {
+        load(&load_path.display().to_string(), &load_path, None)
+    });
+    let lib = match loaded {
+        Ok(Ok(lib)) => lib,
+        Ok(Err(e)) => {
             report.note("load", false, e.to_string());
+            return report;
+        }
+        Err(Hung) => {
+            report.hung("load", deadline);
             return report;
         }
     };
@@ -94,6 +165,10 @@ pub fn check_plugin(path: &Path, settings: &serde_json::Value) -> Report {
         !lib.name.is_empty() && !lib.version.is_empty() && (lib.has_pusher() || lib.has_checker()),
         "a name, a version and at least one kind",
     );
+    // Each instance is destroyed on a bounded call too: `destroy` can hang.
+    let destroy = |report: &mut Report, instance: Box<dyn Send>| -> Result<(), Hung> {
+        bounded(deadline, move || drop(instance)).inspect_err(|_| report.hung("destroy", deadline))
+    };
     // Settings that are not even an object must be refused, not crash.
     for (label, bad) in [
         ("refuses a non-object settings value", serde_json::json!(42)),
@@ -103,30 +178,58 @@ pub fn check_plugin(path: &Path, settings: &serde_json::Value) -> Report {
         ),
     ] {
         if lib.has_pusher() {
-            match DynPusher::new(lib, &bad) {
-                Err(crate::host::PluginError::BadSettings { .. }) => {
+            match bounded(deadline, move || DynPusher::new(lib, &bad)) {
+                Err(Hung) => {
+                    report.hung("create", deadline);
+                    return report;
+                }
+                Ok(Err(crate::host::PluginError::BadSettings { .. })) => {
                     report.note(label, true, "refused")
                 }
-                Err(e) => report.note(label, false, format!("unexpected error: {e}")),
-                Ok(_) => report.note(label, false, "accepted settings it should refuse"),
+                Ok(Err(e)) => report.note(label, false, format!("unexpected error: {e}")),
+                Ok(Ok(p)) => {
+                    report.note(label, false, "accepted settings it should refuse");
+                    if destroy(&mut report, Box::new(p)).is_err() {
+                        return report;
+                    }
+                }
             }
         }
     }
     if lib.has_pusher() {
-        match DynPusher::new(lib, settings) {
-            Ok(p) => {
-                let ctx = CallContext::with_timeout(Duration::from_secs(10));
-                let outcome = p.push(
-                    &sample_item("conformance-1"),
-                    br#"{"conformance":true}"#,
-                    &ctx,
-                );
-                report.note("push returns an outcome", true, outcome.kind());
-                let outcome = p.push(&sample_item("conformance-2"), b"", &ctx);
-                let ok = !matches!(outcome, PushOutcome::Retryable { ref message, .. } if message.contains("panicked"));
-                report.note("push survives an empty payload", ok, outcome.kind());
+        let settings = settings.clone();
+        match bounded(deadline, move || DynPusher::new(lib, &settings)) {
+            Err(Hung) => {
+                report.hung("create", deadline);
+                return report;
             }
-            Err(e) => report.note(
+            Ok(Ok(p)) => {
+                let p = Arc::new(p);
+                for (check, id, payload) in [
+                    (
+                        "push returns an outcome",
+                        "conformance-1",
+                        &br#"{"conformance":true}"#[..],
+                    ),
+                    ("push survives an empty payload", "conformance-2", b""),
+                ] {
+                    let pusher = p.clone();
+                    let pushed = bounded(deadline, move || {
+                        let ctx = CallContext::with_timeout(deadline);
+                        pusher.push(&sample_item(id), payload, &ctx)
+                    });
+                    let Ok(outcome) = pushed else {
+                        report.hung("push", deadline);
+                        return report;
+                    };
+                    let ok = !matches!(outcome, PushOutcome::Retryable { ref message, .. } if message.contains("panicked"));
+                    report.note(check, ok, outcome.kind());
+                }
+                if destroy(&mut report, Box::new(p)).is_err() {
+                    return report;
+                }
+            }
+            Ok(Err(e)) => report.note(
                 "create pusher with the given settings",
                 false,
                 e.to_string(),
@@ -134,19 +237,36 @@ pub fn check_plugin(path: &Path, settings: &serde_json::Value) -> Report {
         }
     }
     if lib.has_checker() {
-        match DynChecker::new(lib, settings) {
-            Ok(c) => {
-                let ctx = CallContext::with_timeout(Duration::from_secs(10));
-                match c.check(&["conformance-fp".into()], &ctx) {
-                    Ok(r) => report.note(
+        let settings = settings.clone();
+        match bounded(deadline, move || DynChecker::new(lib, &settings)) {
+            Err(Hung) => {
+                report.hung("create", deadline);
+                return report;
+            }
+            Ok(Ok(c)) => {
+                let c = Arc::new(c);
+                let checker = c.clone();
+                let checked = bounded(deadline, move || {
+                    let ctx = CallContext::with_timeout(deadline);
+                    checker.check(&["conformance-fp".into()], &ctx)
+                });
+                match checked {
+                    Err(Hung) => {
+                        report.hung("check", deadline);
+                        return report;
+                    }
+                    Ok(Ok(r)) => report.note(
                         "check answers",
                         r.existing.len() + r.missing.len() <= 1,
                         format!("existing {:?}, missing {:?}", r.existing, r.missing),
                     ),
-                    Err(e) => report.note("check answers", true, format!("unavailable: {e}")),
+                    Ok(Err(e)) => report.note("check answers", true, format!("unavailable: {e}")),
+                }
+                if destroy(&mut report, Box::new(c)).is_err() {
+                    return report;
                 }
             }
-            Err(e) => report.note(
+            Ok(Err(e)) => report.note(
                 "create checker with the given settings",
                 false,
                 e.to_string(),
