@@ -409,6 +409,7 @@ fn after_open(expected: &QueueItem, actual: &QueueItem) -> QueueItem {
     if e.status == ItemStatus::Processing {
         e.status = ItemStatus::Pending;
         e.lease_until = None;
+        e.lease_owner = None;
         e.updated_at = actual.updated_at;
     }
     e
@@ -473,7 +474,7 @@ fn run_with_fault(at: Option<u64>, fault: Fault) -> bool {
     let mut store = match open(&disk, &clock) {
         Ok(store) => store,
         Err(e) => {
-            assert!(matches!(e, QueueError::Storage { .. }), "{label}: {e}");
+            assert!(e.is_storage(), "{label}: {e}");
             // Nothing was acknowledged; a retry (or reboot) opens an empty queue.
             check_after_reboot(&disk, &clock, &Model::new(), &label);
             return true;
@@ -489,7 +490,7 @@ fn run_with_fault(at: Option<u64>, fault: Fault) -> bool {
                 failed = true;
                 let step_label = format!("{label}, step {n} {step:?}");
                 assert!(
-                    matches!(e, QueueError::Storage { .. }),
+                    e.is_storage(),
                     "{step_label}: expected a storage error, got {e}"
                 );
                 if fault == Fault::Crash {
@@ -558,7 +559,7 @@ fn full_disk_is_a_clear_storage_error_and_corrupts_nothing() {
 
     let err = store.enqueue(item("refused")).unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, QueueError::Storage { .. }), "{text}");
+    assert!(matches!(err, QueueError::DiskFull { .. }), "{text}");
     assert!(text.contains("enqueue"), "{text}");
     assert!(text.contains("No space left on device"), "{text}");
     assert!(matches!(
@@ -696,7 +697,7 @@ fn failed_undo_poisons_the_store_and_reopen_recovers_a_whole_state() {
                 let before = contents(&store);
                 disk.inject(at, Fault::ErrorRun(len));
                 let err = call(&store).expect_err(&label);
-                assert!(matches!(err, QueueError::Storage { .. }), "{label}: {err}");
+                assert!(err.is_storage(), "{label}: {err}");
                 disk.inject(u64::MAX, Fault::ErrorRun(0));
                 match store.size() {
                     // The undo worked: nothing changed, and the store goes on.
@@ -783,4 +784,122 @@ fn drop_oldest_never_loses_the_new_item_or_unrequested_evictions() {
             assert_eq!(store.stats().unwrap().quarantined, 0, "{label}");
         }
     }
+}
+
+// --- Foreign and unreadable entries, on the real disk -----------------------
+
+/// Everything directly in `dir` except the quarantine, with each file's
+/// bytes (a folder lists as its entry count, a symlink as its target).
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != "corrupt")
+        .map(|e| {
+            let kind = e.file_type().unwrap();
+            let bytes = if kind.is_symlink() {
+                std::fs::read_link(e.path())
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else if kind.is_dir() {
+                std::fs::read_dir(e.path())
+                    .unwrap()
+                    .count()
+                    .to_string()
+                    .into_bytes()
+            } else {
+                std::fs::read(e.path()).unwrap()
+            };
+            (e.file_name().into_string().unwrap(), bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn nothing_in_the_directory_stops_the_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("queue");
+    let clock = clock();
+    let store = FileRetryQueue::open(&dir, options(&clock)).unwrap();
+    let ids: Vec<String> = (0..20)
+        .map(|n| store.enqueue(item(&format!("item-{n:02}"))).unwrap())
+        .collect();
+    let a_record = std::fs::read(
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "json"))
+            .unwrap(),
+    )
+    .unwrap();
+    store.close().unwrap();
+
+    // A directory standing where an item file should be (with a file in it).
+    let as_dir = dir.join("1795168800123456789_3f1c2b9e-6a4d-4c1e-9b7a-0d2e5f8a1c01.json");
+    std::fs::create_dir(&as_dir).unwrap();
+    std::fs::write(as_dir.join("inside"), b"x").unwrap();
+    // An item file that cannot be read: a link to nowhere (tests run as
+    // root, where a chmod 000 file still reads).
+    let unreadable = "1795168800123456790_3f1c2b9e-6a4d-4c1e-9b7a-0d2e5f8a1c02.json";
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), dir.join(unreadable)).unwrap();
+    // A valid record under a name that does not parse.
+    std::fs::write(dir.join("garbage_name.json"), &a_record).unwrap();
+    // Foreign entries.
+    std::fs::write(dir.join("notes.txt"), b"not a queue item\n").unwrap();
+    std::fs::create_dir(dir.join("backup")).unwrap();
+    // retryq's own owner lock is not foreign.
+    std::fs::write(dir.join(retryq::store::owner::OWNER_LOCK_FILE), b"{}").unwrap();
+    let mut foreign = snapshot(&dir);
+    foreign.remove(unreadable);
+
+    let store = FileRetryQueue::open(&dir, options(&clock)).expect("open succeeds");
+    assert_eq!(store.size().unwrap(), 20, "every intact item is there");
+    for id in &ids {
+        store.get(id).unwrap();
+    }
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.quarantined, 1, "the unreadable item file");
+    assert_eq!(
+        stats.skipped_entries, 4,
+        "item-named dir, garbage_name.json, notes.txt, backup/"
+    );
+    // Nothing foreign moved or changed; the unreadable file went aside.
+    assert_eq!(snapshot(&dir), foreign);
+    let quarantined: Vec<String> = std::fs::read_dir(dir.join("corrupt"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(quarantined.len(), 1);
+    assert!(quarantined[0].ends_with(unreadable), "{quarantined:?}");
+
+    // The store works, and a reopen counts the same.
+    let id = store.enqueue(item("after")).unwrap();
+    assert!(store
+        .claim(100, Duration::from_secs(60))
+        .unwrap()
+        .iter()
+        .any(|i| i.id == id));
+    store.close().unwrap();
+    let store = FileRetryQueue::open(&dir, options(&clock)).unwrap();
+    let stats = store.stats().unwrap();
+    assert_eq!(
+        (stats.total_items, stats.quarantined, stats.skipped_entries),
+        (21, 1, 4)
+    );
+}
+
+#[test]
+fn a_passing_read_error_at_open_quarantines_nothing() {
+    let clock = clock();
+    let disk = SimDisk::default();
+    let store = open(&disk, &clock).unwrap();
+    store.enqueue(item("a")).unwrap();
+    store.close().unwrap();
+    // Open performs: create_dir_all, try_lock, create_dir_all(corrupt),
+    // read_dir, then the read of the one item file.
+    disk.inject(disk.ops() + 4, Fault::Error(EIO));
+    let store = open(&disk, &clock).unwrap();
+    assert_eq!(store.size().unwrap(), 1);
+    assert_eq!(store.stats().unwrap().quarantined, 0);
 }

@@ -120,11 +120,14 @@ fn opening_the_go_directory_follows_the_readme_table() {
         .join("1795169100000000000_3f1c2b9e-6a4d-4c1e-9b7a-0d2e5f8a1c06.json.tmp")
         .exists());
 
-    // notes.txt: foreign, left alone.
+    // notes.txt (and the fixture's README.md): foreign, left alone,
+    // counted as skipped.
     assert_eq!(
         std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
         "not a queue item\n"
     );
+    assert!(dir.join("README.md").exists());
+    assert_eq!(stats.skipped_entries, 2);
 
     // The return of c04 to pending was persisted: the file (same name) now
     // says pending, and a reopen sees the same queue.

@@ -21,8 +21,11 @@
 //! - `corrupt/`: the quarantine, files moved aside as
 //!   `{quarantine unix nanos}_{original name}` (so oldest sorts first).
 //! - `.retryq.lock`: the process lock, holding the owner's pid.
+//! - `.retryq.owner.lock`: the daemon's owner lock
+//!   ([`crate::store::owner`]), not this module's business.
 //! - anything else (a `notes.txt`, a `.json` whose name is not an item
-//!   name): foreign, left alone.
+//!   name, a folder, a folder named like an item file): foreign, left
+//!   alone, and counted in [`QueueStats::skipped_entries`] at open.
 //!
 //! Files are created 0600, directories 0700.
 //!
@@ -59,13 +62,17 @@
 //! 1. Create the directory (0700) and take the lock (below).
 //! 2. Remove leftover `*.tmp` files (writes that never committed).
 //! 3. Read every item file. A file that does not parse, whose report fails
-//!    its checksum, whose ID differs from its name, or that repeats an ID
-//!    already loaded (the lower name is kept) is moved into `corrupt/`,
+//!    its checksum, whose ID differs from its name, that repeats an ID
+//!    already loaded (the lower name is kept), or that cannot be read twice
+//!    in a row (a dangling link, a bad sector) is moved into `corrupt/`,
 //!    counted in [`QueueStats::quarantined`] and logged with
-//!    `tracing::warn`; nothing about one bad record stops the others from
-//!    loading. An I/O error *reading* a file fails the open instead: it says
-//!    nothing about the record, which may be fine, and quarantining it would
-//!    hide an acknowledged item.
+//!    `tracing::warn`. Nothing in the directory stops the open: a
+//!    directory standing where an item file should be, a foreign entry, or
+//!    a bad record that cannot even be moved is left where it is, logged
+//!    with `tracing::warn` naming it, and counted in
+//!    [`QueueStats::skipped_entries`]. (One read error is retried: a
+//!    passing fault must not send a good item aside. The quarantine keeps
+//!    the file, so an operator can put it back.)
 //! 4. Every item left `processing` (its process died; a Go file has no
 //!    lease) returns to `pending` with its attempts and `next_retry` kept,
 //!    persisted as one commit before `open` returns.
@@ -138,6 +145,7 @@ use chrono::{DateTime, Utc};
 use self::fs::with_path as io_ctx;
 pub use self::fs::{LockGuard, OsFs, StoreFs};
 use self::record::{decode, encode, file_name, parse_file_name, TMP_SUFFIX};
+use super::owner::OWNER_LOCK_FILE;
 use super::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, OverflowPolicy, QueueError,
     QueueResult, QueueStats, RetryQueue, StoreOptions,
@@ -148,6 +156,38 @@ use crate::item::{ItemStatus, NewItem, QueueItem};
 pub const LOCK_FILE: &str = ".retryq.lock";
 /// Name of the quarantine directory inside the queue directory.
 pub const QUARANTINE_DIR: &str = "corrupt";
+/// Entries of the queue directory that are retryq's own, besides item files
+/// and their temp files: never counted as foreign.
+const OWN_ENTRIES: &[&str] = &[LOCK_FILE, OWNER_LOCK_FILE, QUARANTINE_DIR];
+/// Skipped entries named one by one in the log at open; the rest are
+/// counted in one line (a directory of thousands of foreign files must not
+/// flood the log at every start).
+const SKIPPED_NAMED: usize = 100;
+
+/// Entries the open left alone and did not load.
+#[derive(Debug, Default)]
+struct Skipped {
+    count: u64,
+}
+
+impl Skipped {
+    fn note(&mut self, name: &str, why: &str) {
+        self.count += 1;
+        if self.count <= SKIPPED_NAMED as u64 {
+            tracing::warn!(entry = %name, "skipping queue directory entry: {why}");
+        }
+    }
+
+    fn summarize(&self) {
+        if self.count > SKIPPED_NAMED as u64 {
+            tracing::warn!(
+                count = self.count,
+                named = SKIPPED_NAMED,
+                "skipped queue directory entries (only the first were named)"
+            );
+        }
+    }
+}
 
 /// One indexed item: its state, file name and size on disk.
 #[derive(Debug)]
@@ -294,6 +334,8 @@ struct Inner {
     /// File names in `corrupt/`, oldest first.
     quarantine: BTreeSet<String>,
     evicted: u64,
+    /// Entries the open skipped and left in place.
+    skipped_entries: u64,
 }
 
 /// Items already accepted earlier in the same `enqueue_batch` (or none).
@@ -405,6 +447,7 @@ impl FileRetryQueue {
                 lock: Some(lock),
                 quarantine: BTreeSet::new(),
                 evicted: 0,
+                skipped_entries: 0,
             }),
         };
         store.recover()?;
@@ -445,19 +488,34 @@ impl FileRetryQueue {
 
         let mut index = Index::default();
         let mut bad: Vec<(String, String)> = Vec::new();
+        let mut skipped = Skipped::default();
         for name in &names {
+            if OWN_ENTRIES.contains(&name.as_str()) || is_item_tmp(&name) {
+                continue;
+            }
             let Some(id) = parse_file_name(name) else {
+                skipped.note(
+                    name,
+                    "not a queue record (a foreign file or folder); left alone",
+                );
                 continue;
             };
             let path = dir.join(name);
-            let bytes = match fs.read_file(&path) {
+            let bytes = match self.read_entry(&path) {
                 Ok(bytes) => bytes,
-                // Gone since the listing: nothing to load.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                // An I/O error says nothing about the record's content:
-                // quarantining a possibly good item would hide it, so the
-                // open fails and can be retried.
-                Err(e) => return Err(QueueError::storage("open", io_ctx(&path, e))),
+                Err(e) if e.kind() == io::ErrorKind::IsADirectory => {
+                    skipped.note(name, "a directory where an item file should be; left alone");
+                    continue;
+                }
+                // Unreadable twice in a row (a dangling link, a bad
+                // sector, no permission): moved aside, not deleted, so
+                // the rest of the queue opens and an operator can look.
+                // A file gone since the listing fails its move with
+                // NotFound, below, and is simply not there.
+                Err(e) => {
+                    bad.push((name.clone(), format!("cannot be read: {e}")));
+                    continue;
+                }
             };
             match decode(&bytes, id) {
                 Ok(_) if index.entries.contains_key(id) => {
@@ -492,8 +550,12 @@ impl FileRetryQueue {
                     quarantine.insert(target);
                     moved_any = true;
                 }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::debug!(file = %name, "queue file vanished during open");
+                }
                 Err(e) => {
-                    tracing::warn!(file = %name, %reason, error = %e, "bad queue record could not be quarantined; skipping it")
+                    tracing::warn!(file = %name, %reason, error = %e, "bad queue record could not be quarantined; skipping it");
+                    skipped.count += 1;
                 }
             }
         }
@@ -505,10 +567,12 @@ impl FileRetryQueue {
                 return Err(QueueError::storage("open", io_ctx(dir, e)));
             }
         }
+        skipped.summarize();
 
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.index = index;
         inner.quarantine = quarantine;
+        inner.skipped_entries = skipped.count;
 
         // The lock proves no live process holds a claim: every processing
         // item goes back to pending.
@@ -531,6 +595,24 @@ impl FileRetryQueue {
             );
         }
         Ok(())
+    }
+
+    /// Reads an entry at open, trying once more after a failure other than
+    /// "is a directory" or "not found": a one-off I/O error must not send a
+    /// good item to the quarantine.
+    fn read_entry(&self, path: &Path) -> io::Result<Vec<u8>> {
+        match self.fs.read_file(path) {
+            Err(e)
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::IsADirectory | io::ErrorKind::NotFound
+                ) =>
+            {
+                tracing::debug!(file = %path.display(), error = %e, "reading a queue file failed; trying again");
+                self.fs.read_file(path)
+            }
+            read => read,
+        }
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -1105,6 +1187,7 @@ impl RetryQueue for FileRetryQueue {
             bytes_on_disk: index.disk_bytes,
             quarantined: inner.quarantine.len() as u64,
             evicted: inner.evicted,
+            skipped_entries: inner.skipped_entries,
             ..QueueStats::default()
         };
         for entry in index.entries.values() {
