@@ -570,6 +570,176 @@ async fn retry_revives_only_dead_letters() {
 }
 
 #[actix_web::test]
+async fn retry_failed_revives_every_dead_letter_and_only_those() {
+    for (fx, _dir) in fixtures(100, 1024 * 1024) {
+        let svc = service(&fx, &config_with_token()).await;
+        let retry_all = || test::TestRequest::post().uri("/v1/items/retry-failed");
+
+        // Auth first, then an empty queue: nothing to revive, and no nudge.
+        let (status, body) = call(&svc, retry_all()).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+        let (status, body) = call(&svc, authed(retry_all())).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["revived"], 0);
+        assert_eq!(body["ids"], serde_json::json!([]));
+        assert_eq!(fx.worker.nudges.load(Ordering::SeqCst), 0);
+
+        let ids = seed(&fx, 3);
+        fx.queue.mark_failed(&ids[0], "exhausted").unwrap();
+        fx.queue.mark_failed(&ids[2], "refused").unwrap();
+        let (status, body) = call(&svc, authed(retry_all())).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["revived"], 2);
+        let mut revived = api_support_ids(&body["ids"]);
+        revived.sort();
+        let mut want = vec![ids[0].clone(), ids[2].clone()];
+        want.sort();
+        assert_eq!(revived, want);
+        for id in &ids {
+            let item = fx.queue.get(id).unwrap();
+            assert_eq!(item.status, ItemStatus::Pending, "{id}");
+            assert_eq!(item.attempts, 0, "{id}");
+        }
+        assert_eq!(fx.worker.nudges.load(Ordering::SeqCst), 1);
+
+        // A query parameter it does not take is named in a 400.
+        let (status, body) = call(
+            &svc,
+            authed(test::TestRequest::post().uri("/v1/items/retry-failed?all=1")),
+        )
+        .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+        assert!(body["message"].as_str().unwrap().contains("all"), "{body}");
+        // Only POST is taken: a GET still means the item with that ID.
+        let (status, body) = call(
+            &svc,
+            authed(test::TestRequest::get().uri("/v1/items/retry-failed")),
+        )
+        .await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "item_not_found");
+    }
+}
+
+fn api_support_ids(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[actix_web::test]
+async fn purge_deletes_one_status_and_requires_it() {
+    for (fx, _dir) in fixtures(100, 1024 * 1024) {
+        let svc = service(&fx, &config_with_token()).await;
+        let purge = |query: &str| test::TestRequest::delete().uri(&format!("/v1/items{query}"));
+
+        let (status, body) = call(&svc, purge("?status=failed")).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+        // Empty queue: nothing purged.
+        let (status, body) = call(&svc, authed(purge("?status=failed"))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["purged"], 0);
+        assert_eq!(body["status"], "failed");
+
+        let ids = seed(&fx, 3);
+        fx.queue.mark_failed(&ids[1], "exhausted").unwrap();
+        let (status, body) = call(&svc, authed(purge("?status=failed"))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["purged"], 1);
+        assert!(fx.queue.get(&ids[1]).is_err(), "the dead letter is gone");
+        assert_eq!(fx.queue.size().unwrap(), 2, "pending items are left alone");
+
+        // No status, a bad status, or another parameter: 400, nothing deleted.
+        for bad in ["", "?status=done", "?status=pending&type=x"] {
+            let (status, body) = call(&svc, authed(purge(bad))).await;
+            assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+        }
+        let (_, body) = call(&svc, authed(purge(""))).await;
+        assert!(
+            body["message"].as_str().unwrap().contains("status"),
+            "{body}"
+        );
+        assert_eq!(fx.queue.size().unwrap(), 2);
+
+        let (status, body) = call(&svc, authed(purge("?status=pending"))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["purged"], 2);
+        assert_eq!(fx.queue.size().unwrap(), 0);
+    }
+}
+
+#[actix_web::test]
+async fn pause_and_resume_reach_the_worker_with_the_reason() {
+    for (fx, _dir) in fixtures(100, 1024 * 1024) {
+        let svc = service(&fx, &config_with_token()).await;
+        let pause = || test::TestRequest::post().uri("/v1/pause");
+        let resume = || test::TestRequest::post().uri("/v1/resume");
+
+        for req in [pause(), resume()] {
+            let (status, body) = call(&svc, req).await;
+            assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+        }
+        assert_eq!(*fx.worker.pause_reason.lock().unwrap(), None);
+
+        // No body: the default reason.
+        let (status, body) = call(&svc, authed(pause())).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["paused"], true);
+        assert_eq!(
+            fx.worker.pause_reason.lock().unwrap().as_deref(),
+            Some("paused by an operator")
+        );
+        // A reason of our own.
+        let (status, body) = call(
+            &svc,
+            authed(pause()).set_payload(r#"{"reason": "upstream maintenance until 02:00"}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["pause_reason"], "upstream maintenance until 02:00");
+
+        // Bad bodies are 400 and change nothing.
+        let long = format!(r#"{{"reason": "{}"}}"#, "x".repeat(501));
+        for bad in [
+            "not json",
+            r#"{"reason": 5}"#,
+            r#"{"reason": "  "}"#,
+            r#"{"why": "x"}"#,
+            long.as_str(),
+        ] {
+            let (status, body) = call(&svc, authed(pause()).set_payload(bad.to_owned())).await;
+            assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+        }
+        assert_eq!(
+            fx.worker.pause_reason.lock().unwrap().as_deref(),
+            Some("upstream maintenance until 02:00")
+        );
+
+        let (status, body) = call(&svc, authed(resume())).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["paused"], false);
+        assert_eq!(*fx.worker.pause_reason.lock().unwrap(), None);
+        // GET is not how you pause.
+        let (status, _) = call(&svc, authed(test::TestRequest::get().uri("/v1/pause"))).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+
+        // No worker running: 503 for both.
+        fx.worker.running.store(false, Ordering::SeqCst);
+        for req in [pause(), resume()] {
+            let (status, body) = call(&svc, authed(req)).await;
+            assert_error(
+                status,
+                &body,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "worker_unavailable",
+            );
+        }
+    }
+}
+
+#[actix_web::test]
 async fn process_now_runs_the_worker_or_is_503() {
     for (fx, _dir) in fixtures(100, 1024 * 1024) {
         let svc = service(&fx, &config_with_token()).await;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderMap};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{guard, web, HttpRequest, HttpResponse};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::{self, Authorized};
@@ -27,7 +28,15 @@ pub(super) fn register(cfg: &mut web::ServiceConfig) {
         .service(
             resource("/v1/items")
                 .route(web::post().to(ingest))
-                .route(web::get().to(list_items)),
+                .route(web::get().to(list_items))
+                .route(web::delete().to(purge_items)),
+        )
+        // Before `/v1/items/{id}`, and for POST only: a GET or DELETE of an
+        // item whose ID happens to be "retry-failed" still reaches it.
+        .service(
+            web::resource("/v1/items/retry-failed")
+                .guard(guard::Post())
+                .route(web::post().to(retry_failed)),
         )
         .service(
             resource("/v1/items/{id}")
@@ -36,6 +45,8 @@ pub(super) fn register(cfg: &mut web::ServiceConfig) {
         )
         .service(resource("/v1/items/{id}/retry").route(web::post().to(retry_item)))
         .service(resource("/v1/process-now").route(web::post().to(process_now)))
+        .service(resource("/v1/pause").route(web::post().to(pause)))
+        .service(resource("/v1/resume").route(web::post().to(resume)))
         .service(resource("/v1/cleanup").route(web::post().to(cleanup)))
         .service(resource("/v1/stats").route(web::get().to(stats)))
         .default_service(web::to(no_route));
@@ -135,12 +146,16 @@ async fn healthz() -> HttpResponse {
 async fn readyz(state: State) -> HttpResponse {
     let store_open = store_call(&state, |q| q.size()).await.is_ok();
     let worker_running = state.worker.is_running();
+    let store_error = state.worker.store_error();
+    let ready = store_open && worker_running && store_error.is_none();
     let body = json!({
-        "status": if store_open && worker_running { "ready" } else { "not_ready" },
+        "status": if ready { "ready" } else { "not_ready" },
         "store_open": store_open,
+        "store_writable": store_error.is_none(),
+        "store_error": store_error,
         "worker_running": worker_running,
     });
-    if store_open && worker_running {
+    if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
@@ -572,4 +587,107 @@ async fn cleanup(
         "quarantine_trimmed": report.quarantine_trimmed,
         "removed": report.removed(),
     })))
+}
+
+async fn retry_failed(
+    _auth: Authorized,
+    req: HttpRequest,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
+    query_params(&req, |_| false)?;
+    let ids = store_call(&state, |q| super::bulk::revive_failed(q)).await?;
+    if !ids.is_empty() {
+        state.worker.notify_enqueued();
+    }
+    tracing::info!(
+        revived = ids.len(),
+        "every dead letter revived through the API"
+    );
+    Ok(HttpResponse::Ok().json(json!({ "revived": ids.len(), "ids": ids })))
+}
+
+async fn purge_items(
+    _auth: Authorized,
+    req: HttpRequest,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
+    let params = query_params(&req, |name| name == "status")?;
+    // Required: a DELETE of the whole collection by accident must not empty
+    // the queue.
+    let value = params.get("status").ok_or_else(|| {
+        ApiError::invalid_request(
+            "parameter status is required (pending, processing or failed): DELETE /v1/items purges one status",
+        )
+    })?;
+    let status = value
+        .parse::<ItemStatus>()
+        .map_err(|e| ApiError::invalid_request(format!("parameter status: {}", reason(&e))))?;
+    let purged = store_call(&state, move |q| super::bulk::purge_status(q, status)).await?;
+    tracing::info!(
+        purged,
+        status = status.as_str(),
+        "items purged through the API"
+    );
+    Ok(HttpResponse::Ok().json(json!({ "purged": purged, "status": status.as_str() })))
+}
+
+/// The reason recorded when `POST /v1/pause` gives none.
+pub(crate) const DEFAULT_PAUSE_REASON: &str = "paused by an operator";
+
+/// Longest pause reason accepted, in characters: it is shown in `stats`.
+const MAX_PAUSE_REASON: usize = 500;
+
+/// The optional body of `POST /v1/pause`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn pause(
+    _auth: Authorized,
+    req: HttpRequest,
+    body: web::Bytes,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
+    query_params(&req, |_| false)?;
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let request: PauseRequest = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::invalid_request(format!(
+                "the body must be empty or {{\"reason\": \"...\"}}: {e}"
+            ))
+        })?;
+        request.reason
+    };
+    let reason = match reason {
+        None => DEFAULT_PAUSE_REASON.to_owned(),
+        Some(text) if text.trim().is_empty() => {
+            return Err(ApiError::invalid_request(
+                "reason is empty; leave it out for the default",
+            ))
+        }
+        Some(text) if text.chars().count() > MAX_PAUSE_REASON => {
+            return Err(ApiError::invalid_request(format!(
+                "reason is longer than {MAX_PAUSE_REASON} characters"
+            )))
+        }
+        Some(text) => text.trim().to_owned(),
+    };
+    let answer = state.worker.pause(reason.clone()).await?;
+    tracing::warn!(%reason, "delivery paused through the API");
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+async fn resume(
+    _auth: Authorized,
+    req: HttpRequest,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
+    query_params(&req, |_| false)?;
+    let answer = state.worker.resume().await?;
+    tracing::info!("delivery resumed through the API");
+    Ok(HttpResponse::Ok().json(answer))
 }

@@ -6,12 +6,16 @@
 //! |---|---|---|
 //! | `POST /v1/items` | enqueue the body (a JSON document) | 201, 400, 401, 409, 413, 507 |
 //! | `GET /v1/items` | list items (no payloads) | 200, 400, 401 |
+//! | `DELETE /v1/items?status=S` | purge every item in status `S`; answers `{"purged": n, "status": S}` | 200, 400, 401 |
+//! | `POST /v1/items/retry-failed` | bring every dead letter back, due now; answers `{"revived": n, "ids": [...]}` | 200, 400, 401 |
 //! | `GET /v1/items/{id}` | one item; `?payload=true` adds the report | 200, 400, 401, 404 |
 //! | `DELETE /v1/items/{id}` | remove an item | 204, 400, 401, 404 |
 //! | `POST /v1/items/{id}/retry` | bring a dead letter back, due now | 200, 400, 401, 404, 409 |
 //! | `POST /v1/process-now` | run a delivery round now | 200, 401, 503 |
+//! | `POST /v1/pause` | stop delivering (optional body `{"reason": "..."}`) | 200, 400, 401, 503 |
+//! | `POST /v1/resume` | deliver again (also ends a 401 pause and an open circuit) | 200, 401, 503 |
 //! | `POST /v1/cleanup` | expire old items (`?ttl=7d` optional) | 200, 400, 401, 503 |
-//! | `GET /v1/stats` | queue statistics (the seed's names) and `worker` | 200, 401 |
+//! | `GET /v1/stats` | queue statistics (the seed's names) and `worker` (with `paused`, `pause_reason`, `paused_since`) | 200, 401 |
 //! | `GET /healthz` | liveness: always 200 while serving, no token | 200 |
 //! | `GET /readyz` | readiness: store open and worker running, no token | 200, 503 |
 //! | `GET /metrics` | Prometheus text format 0.0.4 (token unless disabled) | 200, 401 |
@@ -55,6 +59,7 @@
 //! block an HTTP worker thread.
 
 mod auth;
+pub mod bulk;
 mod error;
 mod handlers;
 mod worker_control;
@@ -126,6 +131,12 @@ pub trait WorkerControl: Send + Sync {
     /// for periodic cleanups.
     fn trigger_cleanup(&self, ttl: Option<Duration>) -> ControlFuture<'_, CleanupReport>;
 
+    /// While the store refuses writes (a full disk): the last error. The
+    /// daemon is not ready then. The default: healthy.
+    fn store_error(&self) -> Option<String> {
+        None
+    }
+
     /// Tells the worker that items became due now (an item was enqueued or
     /// revived through the API), so it need not wait for its next timer.
     /// Must not block.
@@ -139,6 +150,20 @@ pub trait WorkerControl: Send + Sync {
     /// its group commit and, while it runs, its outbox path.
     fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, String>, Box<NewItem>> {
         Err(Box::new(item))
+    }
+
+    /// Stops delivery until [`WorkerControl::resume`], recording `reason`,
+    /// and answers the worker's pause state as JSON (`paused`,
+    /// `pause_reason`, `paused_since`). The default: not running.
+    fn pause(&self, _reason: String) -> ControlFuture<'_, serde_json::Value> {
+        Box::pin(async { Err(ControlError::NotRunning) })
+    }
+
+    /// Resumes delivery after a pause of any kind and answers the pause
+    /// state as JSON, like [`WorkerControl::pause`]. The default: not
+    /// running.
+    fn resume(&self) -> ControlFuture<'_, serde_json::Value> {
+        Box::pin(async { Err(ControlError::NotRunning) })
     }
 
     /// True while the worker is running (for `/readyz`).

@@ -48,6 +48,10 @@ impl RetryWorkerControl {
 }
 
 impl WorkerControl for RetryWorkerControl {
+    fn store_error(&self) -> Option<String> {
+        self.worker.stats().store_error
+    }
+
     fn process_now(&self) -> ControlFuture<'_, serde_json::Value> {
         Box::pin(async move {
             if !self.worker.is_running() {
@@ -102,6 +106,26 @@ impl WorkerControl for RetryWorkerControl {
         ))
     }
 
+    fn pause(&self, reason: String) -> ControlFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            if !self.worker.is_running() {
+                return Err(ControlError::NotRunning);
+            }
+            self.worker.pause_because(reason);
+            Ok(pause_state(&self.worker))
+        })
+    }
+
+    fn resume(&self) -> ControlFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            if !self.worker.is_running() {
+                return Err(ControlError::NotRunning);
+            }
+            self.worker.resume();
+            Ok(pause_state(&self.worker))
+        })
+    }
+
     fn is_running(&self) -> bool {
         self.worker.is_running()
     }
@@ -119,6 +143,17 @@ impl WorkerControl for RetryWorkerControl {
                 .saturating_add(self.expired_here.load(Ordering::Relaxed)),
         );
     }
+}
+
+/// What `pause` and `resume` answer: the worker's gates as they are now.
+fn pause_state(worker: &RetryWorker) -> serde_json::Value {
+    let stats = worker.stats();
+    json!({
+        "paused": stats.paused,
+        "pause_reason": stats.pause_reason,
+        "paused_since": stats.paused_since,
+        "circuit_state": stats.circuit_state,
+    })
 }
 
 /// Registers callbacks on `worker` that count every outcome in `metrics`:

@@ -310,6 +310,8 @@ pub struct FakeWorker {
     pub nudges: AtomicUsize,
     pub default_ttl: Duration,
     pub cleanup_ttls: Mutex<Vec<Duration>>,
+    /// The reason of the pause in force, if any.
+    pub pause_reason: Mutex<Option<String>>,
 }
 
 impl FakeWorker {
@@ -320,6 +322,7 @@ impl FakeWorker {
             nudges: AtomicUsize::new(0),
             default_ttl: Duration::from_secs(7 * 24 * 3600),
             cleanup_ttls: Mutex::new(Vec::new()),
+            pause_reason: Mutex::new(None),
         }
     }
 }
@@ -360,6 +363,26 @@ impl WorkerControl for FakeWorker {
 
     fn notify_enqueued(&self) {
         self.nudges.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn pause(&self, reason: String) -> ControlFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            if !self.running.load(Ordering::SeqCst) {
+                return Err(ControlError::NotRunning);
+            }
+            *self.pause_reason.lock().unwrap() = Some(reason.clone());
+            Ok(serde_json::json!({ "paused": true, "pause_reason": reason }))
+        })
+    }
+
+    fn resume(&self) -> ControlFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            if !self.running.load(Ordering::SeqCst) {
+                return Err(ControlError::NotRunning);
+            }
+            *self.pause_reason.lock().unwrap() = None;
+            Ok(serde_json::json!({ "paused": false, "pause_reason": null }))
+        })
     }
 
     fn is_running(&self) -> bool {
