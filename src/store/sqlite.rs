@@ -7,7 +7,8 @@
 //! deferred commits are synced before anyone is told, below):
 //!
 //! - `items`: one row of metadata per item (status, attempts, times as
-//!   integer Unix nanoseconds, lease, attributes as a JSON object, and the
+//!   integer Unix nanoseconds, lease and the instance holding it,
+//!   attributes as a JSON object, and the
 //!   item's accounted size), keyed by a rowid `seq`, with the item's ID
 //!   unique beside it. Rescheduling an item rewrites only this row.
 //! - `payloads`: the compact JSON payload and its CRC-32, keyed by the
@@ -99,13 +100,15 @@ use crate::item::{payload_checksum, ItemStatus, ItemType, NewItem, Payload, Queu
 
 mod checkpointer;
 mod fingerprints;
+#[cfg(test)]
+mod lease_tests;
 mod wal_sync;
 use checkpointer::Checkpointer;
 use fingerprints::FingerprintIndex;
 use wal_sync::WalSync;
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (
@@ -126,7 +129,8 @@ CREATE TABLE IF NOT EXISTS items (
     target_path TEXT NOT NULL,
     lease_until INTEGER,
     attributes TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL
+    size_bytes INTEGER NOT NULL,
+    lease_owner TEXT
 );
 CREATE TABLE IF NOT EXISTS payloads (
     seq INTEGER PRIMARY KEY,
@@ -194,6 +198,11 @@ UPDATE totals SET items = (SELECT COUNT(*) FROM items),
     bytes = (SELECT COALESCE(SUM(size_bytes), 0) FROM items) WHERE id = 0;
 ";
 
+/// Schema 2 to 3: claims record the instance that made them, so a new
+/// daemon can release its predecessors' leases at once (schema 2 rows get
+/// no owner, which every owner treats as not its own).
+const MIGRATE_2_TO_3: &str = "ALTER TABLE items ADD COLUMN lease_owner TEXT;";
+
 /// Which items `claim` takes: due pending ones, oldest `next_retry` first,
 /// ties by `created_at` then ID. `?1` is now, `?2` the limit.
 const CLAIM_WHERE: &str = "WHERE i.status = 0 AND i.next_retry <= ?1 \
@@ -202,7 +211,8 @@ const CLAIM_WHERE: &str = "WHERE i.status = 0 AND i.next_retry <= ?1 \
 const ITEM_COLUMNS: &str =
     "i.id, i.item_type, i.fingerprint, i.status, i.attempts, i.max_attempts, \
      i.last_error, i.last_attempt, i.next_retry, i.created_at, i.updated_at, i.agent_id, \
-     i.scanner_name, i.target_path, i.lease_until, i.attributes, p.body, p.checksum, i.seq";
+     i.scanner_name, i.target_path, i.lease_until, i.attributes, p.body, p.checksum, i.seq, \
+     i.lease_owner";
 
 /// Page cache per connection, in KiB.
 const CACHE_KIB: i64 = 16 * 1024;
@@ -346,8 +356,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
             scanner_name: row.get(12)?,
             target_path: row.get(13)?,
             lease_until: row.get::<_, Option<i64>>(14)?.map(from_nanos),
-            // Not persisted yet: the claim's owner lives in memory only.
-            lease_owner: None,
+            lease_owner: row.get(19)?,
             attributes,
         }),
     })
@@ -976,7 +985,8 @@ impl SqliteRetryQueue {
             None => Err(QueueError::not_found(id)),
             Some(STATUS_PROCESSING) => {
                 conn.prepare_cached(
-                    "UPDATE items SET status = 0, lease_until = NULL, updated_at = ?2 WHERE id = ?1",
+                    "UPDATE items SET status = 0, lease_until = NULL, lease_owner = NULL, updated_at = ?2 \
+                     WHERE id = ?1",
                 )
                 .and_then(|mut stmt| stmt.execute(params![id, now]))
                 .map_err(sql_err("release"))?;
@@ -1240,7 +1250,7 @@ fn query_optional<T: rusqlite::types::FromSql>(
         .map_err(sql_err(op))
 }
 
-/// An item's `items` row as SQL values, bound as ?1..?17 in the column
+/// An item's `items` row as SQL values, bound as ?1..?18 in the column
 /// order of [`insert_item`]'s statement. [`write_meta`] binds the same
 /// values and leaves ?10 (`created_at`, which never changes) unused, so the
 /// two statements cannot disagree on which value goes to which column.
@@ -1278,7 +1288,7 @@ impl<'a> ItemRow<'a> {
         })
     }
 
-    fn params(&self) -> [&dyn rusqlite::ToSql; 17] {
+    fn params(&self) -> [&dyn rusqlite::ToSql; 18] {
         [
             &self.item.id,
             &self.item_type,
@@ -1297,6 +1307,7 @@ impl<'a> ItemRow<'a> {
             &self.lease_until,
             &self.attributes,
             &self.size_bytes,
+            &self.item.lease_owner,
         ]
     }
 }
@@ -1331,8 +1342,8 @@ fn insert_item(conn: &Connection, row: &ItemRow<'_>) -> QueueResult<i64> {
     conn.prepare_cached(
         "INSERT OR FAIL INTO items (id, item_type, fingerprint, status, attempts, max_attempts, \
          last_error, last_attempt, next_retry, created_at, updated_at, agent_id, scanner_name, \
-         target_path, lease_until, attributes, size_bytes) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+         target_path, lease_until, attributes, size_bytes, lease_owner) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
     )
     .and_then(|mut stmt| stmt.execute(row.params()))
     .map_err(sql_err("enqueue"))?;
@@ -1347,8 +1358,8 @@ fn write_meta(conn: &Connection, item: &QueueItem) -> QueueResult<i64> {
             "UPDATE OR FAIL items SET item_type = ?2, fingerprint = ?3, status = ?4, \
              attempts = ?5, max_attempts = ?6, last_error = ?7, last_attempt = ?8, \
              next_retry = ?9, updated_at = ?11, agent_id = ?12, scanner_name = ?13, \
-             target_path = ?14, lease_until = ?15, attributes = ?16, size_bytes = ?17 \
-             WHERE id = ?1 RETURNING seq",
+             target_path = ?14, lease_until = ?15, attributes = ?16, size_bytes = ?17, \
+             lease_owner = ?18 WHERE id = ?1 RETURNING seq",
         )
         .and_then(|mut stmt| stmt.query_row(row.params(), |r| r.get(0)).optional())
         .map_err(sql_err("update"))?;
@@ -1370,9 +1381,22 @@ fn migrate(conn: &mut Connection, from: i64, path: &Path) -> QueueResult<()> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(failed)?;
+    // Read again under the write lock: another process opening the same
+    // database may have migrated it since `from` was read, and steps such
+    // as adding a column must not run twice.
+    let from: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(failed)?;
+    if from >= SCHEMA_VERSION {
+        return Ok(());
+    }
     if from == 1 {
         tracing::info!(path = %path.display(), "migrating the queue database from schema 1 to 2");
         tx.execute_batch(MIGRATE_1_TO_2_BEFORE).map_err(failed)?;
+    }
+    if from == 2 {
+        tracing::info!(path = %path.display(), "migrating the queue database from schema 2 to 3");
+        tx.execute_batch(MIGRATE_2_TO_3).map_err(failed)?;
     }
     tx.execute_batch(SCHEMA).map_err(failed)?;
     if from == 1 {
@@ -1568,17 +1592,20 @@ impl RetryQueue for SqliteRetryQueue {
                 let seq_list = serde_json::to_string(&seqs)
                     .map_err(|e| QueueError::storage("claim", e.to_string()))?;
                 tx.prepare_cached(
-                    "UPDATE OR FAIL items SET status = 1, lease_until = ?2, updated_at = ?3 \
-                     WHERE seq IN (SELECT value FROM json_each(?1))",
+                    "UPDATE OR FAIL items SET status = 1, lease_until = ?2, updated_at = ?3, \
+                     lease_owner = ?4 WHERE seq IN (SELECT value FROM json_each(?1))",
                 )
                 .and_then(|mut s| {
-                    s.execute(params![seq_list, to_nanos(lease_until), to_nanos(now)])
+                    s.execute(params![
+                        seq_list,
+                        to_nanos(lease_until),
+                        to_nanos(now),
+                        self.options.instance_id
+                    ])
                 })
                 .map_err(sql_err("claim"))?;
                 for (_, mut item) in items {
-                    item.status = ItemStatus::Processing;
-                    item.lease_until = Some(lease_until);
-                    item.updated_at = now;
+                    item.record_claim(lease_until, &self.options.instance_id, now);
                     claimed.push(item);
                 }
                 if seen < want {
@@ -1593,11 +1620,25 @@ impl RetryQueue for SqliteRetryQueue {
         let now = to_nanos(self.now());
         self.write("release_expired_leases", |tx| {
             tx.execute(
-                "UPDATE items SET status = 0, lease_until = NULL, updated_at = ?1 \
-                 WHERE status = 1 AND (lease_until IS NULL OR lease_until <= ?1)",
+                "UPDATE items SET status = 0, lease_until = NULL, lease_owner = NULL, \
+                 updated_at = ?1 WHERE status = 1 AND (lease_until IS NULL OR lease_until <= ?1)",
                 [now],
             )
             .map_err(sql_err("release_expired_leases"))
+        })
+    }
+
+    fn release_leases_except(&self, owner: &str) -> QueueResult<usize> {
+        // One statement in one durable transaction: a new daemon releases
+        // every lease of its predecessors at once, however many there are.
+        let now = to_nanos(self.now());
+        self.write("release_leases_except", |tx| {
+            tx.execute(
+                "UPDATE items SET status = 0, lease_until = NULL, lease_owner = NULL, \
+                 updated_at = ?1 WHERE status = 1 AND (lease_owner IS NULL OR lease_owner != ?2)",
+                params![now, owner],
+            )
+            .map_err(sql_err("release_leases_except"))
         })
     }
 
@@ -2160,7 +2201,8 @@ mod tests {
         let err = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap_err();
         let message = err.to_string();
         assert!(
-            message.contains("from schema 1 to 2") && message.contains("items_v1"),
+            message.contains(&format!("from schema 1 to {SCHEMA_VERSION}"))
+                && message.contains("items_v1"),
             "{message}"
         );
         {
