@@ -1,0 +1,20 @@
+//! Real-time system tests: the real `retryq run` binary with the real `http`
+//! plugin, against a scripted HTTP upstream, on the real clock with real
+//! signals. Each scenario owns its temp dir, config, ports and upstream, so
+//! they run in parallel; timings are short (intervals of a few hundred ms,
+//! cool-downs of 1-2 s) and every wait is bounded.
+//!
+//! Scenarios, one module each: outage then recovery (`outage`), `kill -9`
+//! rounds and SIGTERM (`crash`), 401 then fixed credentials (`auth`), a full
+//! disk (`disk`), corruption of either backend (`corruption`).
+
+#![cfg(unix)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod harness;
+mod upstream;
+
+mod crash;
+mod outage;

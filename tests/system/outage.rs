@@ -1,0 +1,84 @@
+//! Outage then recovery: the upstream fails until the circuit opens, then
+//! comes back. The backlog must drain within the cool-down plus a few
+//! seconds, and the outage must cost the upstream only a few probes.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{report, wait_until, Deployment};
+use crate::upstream::{Mode, Upstream};
+
+const SCENARIO: &str = r#"
+[worker]
+interval = "200ms"
+batch_size = 50
+max_attempts = 50
+[backoff]
+base = "100ms"
+max = "500ms"
+[circuit]
+threshold = 5
+cooldown = "1s"
+"#;
+
+#[test]
+fn an_outage_opens_the_circuit_and_recovery_drains_the_backlog() {
+    let upstream = Upstream::start(Mode::Fail(503));
+    let dep = Deployment::new();
+    let config = dep.config(&upstream, SCENARIO);
+    let daemon = dep.start(&config);
+
+    let ids: Vec<String> = (0..20)
+        .map(|n| daemon.enqueue(&report("outage", n)))
+        .collect();
+
+    let opened = wait_until(Duration::from_secs(10), || {
+        daemon.stats()["worker"]["circuit_opened"].as_u64() >= Some(1)
+    });
+    assert!(opened, "the circuit never opened: {}", daemon.stats());
+    let opened_at = Instant::now();
+    let before_open = upstream.request_count();
+
+    // Stay down for a few cool-downs: the breaker should send a handful of
+    // probes (1 s, then 2 s: about two in 4 s), not one push per item.
+    std::thread::sleep(Duration::from_secs(4));
+    let during = upstream.request_count() - before_open;
+    let stats = daemon.stats();
+    assert!(
+        during <= 6,
+        "{during} requests reached the upstream in the 4 s after the circuit opened \
+         (expected a few probes); stats: {stats}"
+    );
+    assert!(
+        during >= 1,
+        "no probe in the 4 s after the circuit opened (cool-down 1 s); stats: {stats}"
+    );
+
+    upstream.set_mode(Mode::Accept);
+    let recovered_at = Instant::now();
+    // The next probe comes at most one doubled cool-down (4 s) after the
+    // last failed one; the rest is the drain.
+    let drained = wait_until(Duration::from_secs(15), || daemon.is_empty());
+    assert!(
+        drained,
+        "the backlog did not drain within 15 s of the upstream's recovery \
+         ({} s after the circuit opened); upstream saw {} requests in all; stats: {}",
+        opened_at.elapsed().as_secs(),
+        upstream.request_count(),
+        daemon.stats()
+    );
+    eprintln!(
+        "outage: {before_open} requests before the circuit opened, {during} during 4 s open, \
+         drained {:?} after recovery",
+        recovered_at.elapsed()
+    );
+
+    let accepted = upstream.accepted_per_key();
+    for id in &ids {
+        assert_eq!(accepted.get(id), Some(&1), "item {id} delivered once");
+    }
+    assert!(upstream
+        .requests()
+        .iter()
+        .all(|r| r.method == "POST" && r.path == "/api/v1/agent/ingest"));
+    assert_eq!(daemon.stats()["worker"]["circuit_state"], "closed");
+}
