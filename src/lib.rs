@@ -21,6 +21,7 @@ pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod delivery;
 pub mod error;
 pub mod item;
 pub mod metrics;

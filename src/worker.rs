@@ -181,18 +181,7 @@ impl RetryWorkerConfig {
     }
 }
 
-/// The circuit breaker's state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CircuitState {
-    /// Delivering normally.
-    #[default]
-    Closed,
-    /// Not delivering until the cool-down ends.
-    Open,
-    /// Cool-down over: the next cycle sends one probe.
-    HalfOpen,
-}
+pub use crate::delivery::CircuitState;
 
 /// Counters (the seed's `WorkerStats`, plus state).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -395,6 +384,7 @@ impl RetryWorker {
                 shutdown: Default::default(),
                 wake_queued: Default::default(),
                 handed_off: Default::default(),
+                unapplied_acks: Default::default(),
             }),
             queue,
             pusher,
@@ -518,6 +508,17 @@ impl RetryWorker {
             let queue = self.queue.clone();
             blocking(move || queue.apply_batch(ops)).await?;
         }
+        // Acknowledgements the store refused earlier: one last try, so a
+        // restart does not send those items again.
+        let acks = std::mem::take(&mut *self.shared.unapplied_acks());
+        if !acks.is_empty() {
+            let count = acks.len();
+            let ops = acks.into_iter().map(|id| WriteOp::Delete { id }).collect();
+            let queue = self.queue.clone();
+            if let Err(e) = blocking(move || queue.apply_batch(ops)).await {
+                tracing::warn!(error = %e, count, "could not record acknowledgements at stop; those items are sent again after a restart");
+            }
+        }
         if let Some((stop, thread)) = system {
             let _ = stop.send(());
             // Bounded: a transport call stuck past its deadline must not hold
@@ -611,6 +612,16 @@ impl RetryWorker {
             .running()
             .as_ref()
             .map(|r| (r.store.clone(), r.scheduler.clone()));
+        let results = self.store_items(running, items).await;
+        self.shared.observe_store(&results);
+        results
+    }
+
+    async fn store_items(
+        &self,
+        running: Option<(StoreHandle, Addr<SchedulerActor>)>,
+        items: Vec<NewItem>,
+    ) -> QueueResult<Vec<QueueResult<String>>> {
         let results = match running {
             Some((store, scheduler)) => {
                 let handoff = self.shared.reserve_handoff(items.len());
@@ -687,8 +698,8 @@ impl RetryWorker {
             pause_reason,
             paused_since,
             circuit_state,
-            store_error: state.store_failure.as_ref().map(|f| f.error.clone()),
-            store_failing_since: state.store_failure.as_ref().map(|f| f.since),
+            store_error: state.store_health.failure().map(|f| f.error.clone()),
+            store_failing_since: state.store_health.failure().map(|f| f.since),
             ..state.stats.clone()
         }
     }

@@ -1048,3 +1048,45 @@ async fn waiting_handed_off_items_are_released_when_the_circuit_opens() {
     }
     worker.stop(Duration::from_secs(5)).await.unwrap();
 }
+
+/// The outage that never ended: a whole batch failing at once opened the
+/// circuit, and every failure after the fifth doubled the cool-down again,
+/// up to `max_cooldown`. The probe is due when the first cool-down ends,
+/// and once the upstream answers the backlog drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_failing_at_once_opens_the_circuit_for_one_cooldown_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = roomy_sqlite_queue(dir.path());
+    let ids = enqueue_n(&queue, 20).await;
+    let transport = Scripted::always(PushOutcome::retryable("503 service unavailable"));
+    let mut config = RetryWorkerConfig {
+        interval: Duration::from_secs(3600),
+        batch_size: 50,
+        max_attempts: 50,
+        backoff: BackoffConfig::new(
+            BackoffStrategy::Constant,
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+        )
+        .unwrap(),
+        ..RetryWorkerConfig::default()
+    };
+    config.circuit.threshold = 5;
+    config.circuit.cooldown = Duration::from_millis(300);
+    // Long enough that a stretched cool-down outlasts the bounded wait.
+    config.circuit.max_cooldown = Duration::from_secs(3600);
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+
+    wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
+    let failed_before_recovery = transport.push_count();
+    assert!(failed_before_recovery >= 20, "the whole batch was pushed");
+    transport.set(PushOutcome::Delivered);
+    wait_until("the backlog to drain", || queue.size().unwrap() == 0).await;
+    let counts = transport.counts();
+    for id in &ids {
+        assert!(counts.contains_key(id), "{id} delivered");
+    }
+    assert_eq!(worker.stats().circuit_opened, 1);
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+}

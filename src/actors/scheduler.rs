@@ -49,12 +49,13 @@ use super::pusher::{push_guarded, PusherActor};
 use super::store::{StoreActor, StoreHandle};
 use crate::backoff::add_saturating;
 use crate::clock::SharedClock;
+use crate::delivery::circuit::CircuitPolicy;
+use crate::delivery::store_health::StoreHealthLog;
+use crate::delivery::{CircuitBreaker, CircuitState, CircuitTransition, StoreHealth};
 use crate::error::{QueueError, QueueResult};
 use crate::item::{NewItem, QueueItem};
 use crate::store::{RetryQueue, WriteOp, WriteOutcome};
-use crate::worker::{
-    CircuitState, EventKind, RetryResult, RetryWorkerConfig, WorkerEvent, WorkerStats,
-};
+use crate::worker::{EventKind, RetryResult, RetryWorkerConfig, WorkerEvent, WorkerStats};
 
 /// Callbacks registered by the host.
 pub type Callback = Box<dyn Fn(&WorkerEvent) + Send + Sync>;
@@ -70,7 +71,7 @@ pub struct Callbacks {
     pub on_exhaust: Vec<Callback>,
 }
 
-/// Gate state: pauses and the circuit breaker.
+/// Gate state: pauses, the circuit breaker and the store's health.
 #[derive(Debug, Default)]
 pub struct DeliveryState {
     /// Paused by the host (or an operator).
@@ -83,27 +84,12 @@ pub struct DeliveryState {
     pub unauthorized_since: Option<DateTime<Utc>>,
     /// What the upstream said when it refused our credentials.
     pub unauthorized_reason: Option<String>,
-    /// The store refuses writes: since when, and the last error.
-    pub store_failure: Option<StoreFailure>,
-    /// Consecutive retryable failures across items.
-    pub consecutive_failures: u32,
-    /// The circuit is open until this time.
-    pub open_until: Option<DateTime<Utc>>,
-    /// The cool-down used when the circuit last opened.
-    pub cooldown: Option<Duration>,
+    /// The circuit breaker.
+    pub circuit: CircuitBreaker,
+    /// Whether the store refuses writes, and the backoff that follows.
+    pub store_health: StoreHealth,
     /// Counters.
     pub stats: WorkerStats,
-}
-
-/// The store refusing writes, as the scheduler last saw it.
-#[derive(Debug, Clone)]
-pub struct StoreFailure {
-    /// When the first failure of this run of failures happened.
-    pub since: DateTime<Utc>,
-    /// The last error.
-    pub error: String,
-    /// Failures in a row.
-    pub count: u64,
 }
 
 impl DeliveryState {
@@ -141,9 +127,7 @@ impl DeliveryState {
         self.paused_since = None;
         self.unauthorized_reason = None;
         self.unauthorized_since = None;
-        self.open_until = None;
-        self.cooldown = None;
-        self.consecutive_failures = 0;
+        self.circuit.reset();
     }
 }
 
@@ -171,6 +155,10 @@ pub struct Shared {
     /// Items handed straight from an enqueue to delivery (stored claimed)
     /// and not yet settled; at most [`Shared::handoff_limit`].
     pub handed_off: std::sync::atomic::AtomicUsize,
+    /// IDs the upstream acknowledged whose delete the store refused (a
+    /// full disk): written before anything else is claimed, so a delivered
+    /// item is not sent again once the store accepts writes.
+    pub unapplied_acks: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -246,10 +234,52 @@ impl Shared {
             });
     }
 
+    /// Records what a store call said about the store's health: a failure
+    /// of the medium starts or extends a run of failures (logged at most
+    /// once per interval), anything else ends it.
+    pub fn observe_store<T>(&self, result: &QueueResult<T>) {
+        let now = self.clock.now();
+        let line = {
+            let mut state = self.state();
+            match result {
+                Err(e) if e.is_storage() => {
+                    state
+                        .store_health
+                        .record_failure(e.to_string(), now, self.config.interval)
+                }
+                _ if state.store_health.is_failing() => state.store_health.record_success(now),
+                _ => None,
+            }
+        };
+        match line {
+            Some(StoreHealthLog::Failing { error }) => {
+                tracing::error!(%error, "the store refuses writes; delivery backs off until it accepts them again");
+            }
+            Some(StoreHealthLog::StillFailing {
+                error,
+                count,
+                unlogged,
+            }) => {
+                tracing::error!(%error, failures = count, since_last_line = unlogged, "the store still refuses writes");
+            }
+            Some(StoreHealthLog::Recovered { count, lasted }) => {
+                tracing::info!(failures = count, lasted = %humantime::format_duration(lasted), "the store accepts writes again; delivery resumes");
+            }
+            None => {}
+        }
+    }
+
     /// Locks the delivery state (a poisoned lock is still usable: the state
     /// is plain counters and flags).
     pub fn state(&self) -> std::sync::MutexGuard<'_, DeliveryState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The acknowledgements waiting for the store (see [`Shared::unapplied_acks`]).
+    pub fn unapplied_acks(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.unapplied_acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -258,12 +288,7 @@ impl Shared {
 
     /// The circuit as the host sees it now.
     pub fn circuit_state(&self) -> CircuitState {
-        let state = self.state();
-        match state.open_until {
-            None => CircuitState::Closed,
-            Some(until) if self.clock.now() < until => CircuitState::Open,
-            Some(_) => CircuitState::HalfOpen,
-        }
+        self.state().circuit.state(self.clock.now())
     }
 
     fn emit(&self, event: WorkerEvent) {
@@ -434,10 +459,10 @@ fn gate(shared: &Shared, now: DateTime<Utc>) -> Gate {
             Gate::Closed
         };
     }
-    match state.open_until {
-        Some(until) if now < until => Gate::Closed,
-        Some(_) => Gate::Probe,
-        None => Gate::Open,
+    match state.circuit.state(now) {
+        CircuitState::Open => Gate::Closed,
+        CircuitState::HalfOpen => Gate::Probe,
+        CircuitState::Closed => Gate::Open,
     }
 }
 
@@ -523,8 +548,36 @@ fn decide(
     }
 }
 
+/// Writes the acknowledgements the store refused earlier. Fails, keeping
+/// them, while the store still refuses writes.
+async fn record_unapplied_acks(shared: &Shared, io: &Io) -> QueueResult<()> {
+    let acks = std::mem::take(&mut *shared.unapplied_acks());
+    if acks.is_empty() {
+        return Ok(());
+    }
+    let ops = acks
+        .iter()
+        .map(|id| WriteOp::Delete { id: id.clone() })
+        .collect();
+    match io.apply(ops).await {
+        // Per-item refusals (an item already gone) need nothing more.
+        Ok(_) => {
+            tracing::info!(
+                count = acks.len(),
+                "recorded deliveries the store had refused"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            shared.unapplied_acks().extend(acks);
+            Err(e)
+        }
+    }
+}
+
 /// Runs one delivery cycle and returns what happened to each claimed item.
 pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>> {
+    record_unapplied_acks(shared, io).await?;
     let now = shared.clock.now();
     let (limit, probing) = match gate(shared, now) {
         Gate::Closed => return Ok(Vec::new()),
@@ -745,7 +798,9 @@ async fn deliver(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "fingerprint check failed; treating the upstream as unreachable");
-                let unauthorized = matches!(e, CheckError::Unauthorized(_));
+                let message = e.to_string();
+                let unauthorized =
+                    matches!(e, CheckError::Unauthorized(_)).then_some(message.as_str());
                 record_failure(shared, probing, unauthorized);
                 for item in &to_push {
                     ops.push(WriteOp::Release {
@@ -774,11 +829,11 @@ async fn deliver(
             PushOutcome::Delivered | PushOutcome::Permanent { .. } => record_success(shared),
             PushOutcome::Retryable { message, .. } => {
                 tracing::warn!(item_id = %report.item.id, attempts = result.attempts, error = %message, "delivery failed");
-                record_failure(shared, probing, false);
+                record_failure(shared, probing, None);
             }
             PushOutcome::Unauthorized { message } => {
                 tracing::error!(item_id = %report.item.id, error = %message, "upstream refused our credentials; pausing delivery");
-                record_failure(shared, probing, true);
+                record_failure(shared, probing, Some(message));
             }
         }
         if let PushOutcome::Permanent { message } = &report.outcome {
@@ -789,7 +844,23 @@ async fn deliver(
         results.push(result);
     }
 
-    let applied = io.apply(ops).await?;
+    let acks: Vec<String> = ops
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Delete { id } => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    let applied = match io.apply(ops).await {
+        Ok(applied) => applied,
+        Err(e) => {
+            if e.is_storage() && !acks.is_empty() {
+                tracing::warn!(error = %e, count = acks.len(), "the store refused to record deliveries; they are recorded once it accepts writes");
+                shared.unapplied_acks().extend(acks);
+            }
+            return Err(e);
+        }
+    };
     let mut latency_iter = std::iter::repeat_n(None, results.len() - latencies.len())
         .chain(latencies.into_iter().map(Some));
     {
@@ -835,21 +906,23 @@ async fn deliver(
 
 fn record_success(shared: &Shared) {
     let mut state = shared.state();
-    if state.open_until.take().is_some() {
+    if state.circuit.record_success() == Some(CircuitTransition::Closed) {
         tracing::info!("upstream answered the probe; circuit closed");
     }
-    state.cooldown = None;
     if state.unauthorized_since.take().is_some() {
+        state.unauthorized_reason = None;
         tracing::info!("credentials accepted again; delivery resumed");
     }
-    state.consecutive_failures = 0;
 }
 
-fn record_failure(shared: &Shared, probing: bool, unauthorized: bool) {
+/// Records a failed push (or fingerprint check). `unauthorized` carries
+/// the upstream's message when it refused our credentials.
+fn record_failure(shared: &Shared, probing: bool, unauthorized: Option<&str>) {
     let now = shared.clock.now();
     let mut state = shared.state();
-    if unauthorized {
+    if let Some(message) = unauthorized {
         state.unauthorized_since = Some(now);
+        state.unauthorized_reason = Some(message.to_owned());
         return;
     }
     if state.unauthorized_since.is_some() && probing {
@@ -857,28 +930,28 @@ fn record_failure(shared: &Shared, probing: bool, unauthorized: bool) {
         state.unauthorized_since = Some(now);
         return;
     }
-    state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-    let threshold = shared.config.circuit.threshold;
-    if threshold > 0 && (state.consecutive_failures >= threshold || state.open_until.is_some()) {
-        let circuit = &shared.config.circuit;
-        // A failed probe doubles the cool-down: an hour-long outage costs
-        // the upstream a handful of probes.
-        let cooldown = match state.cooldown {
-            Some(previous) if state.open_until.is_some() => {
-                previous.saturating_mul(2).min(circuit.max_cooldown)
-            }
-            _ => circuit.cooldown,
-        };
-        state.cooldown = Some(cooldown);
-        let until = add_saturating(now, cooldown);
-        if state.open_until.is_none() {
+    let circuit = &shared.config.circuit;
+    let policy = CircuitPolicy {
+        threshold: circuit.threshold,
+        cooldown: circuit.cooldown,
+        max_cooldown: circuit.max_cooldown,
+    };
+    match state.circuit.record_failure(&policy, probing, now) {
+        Some(CircuitTransition::Opened { failures, cooldown }) => {
             tracing::warn!(
-                failures = state.consecutive_failures,
+                failures,
+                cooldown = %humantime::format_duration(cooldown),
                 "circuit opened: upstream looks down"
             );
             state.stats.circuit_opened += 1;
         }
-        state.open_until = Some(until);
+        Some(CircuitTransition::Reopened { cooldown }) => {
+            tracing::info!(
+                cooldown = %humantime::format_duration(cooldown),
+                "probe failed; circuit stays open"
+            );
+        }
+        Some(CircuitTransition::Closed) | None => {}
     }
 }
 
@@ -1028,7 +1101,7 @@ impl SchedulerActor {
                 // goes by the pause, the cool-down or the poll, not by the
                 // next due item, so asking the store would be wasted work
                 // on its thread (after every enqueue, while paused).
-                return (Ok(Vec::new()), None);
+                return (Ok(Vec::new()), None, false);
             }
             let results = run_cycle(&shared, &io).await;
             let next_due = match &*io {
@@ -1036,14 +1109,20 @@ impl SchedulerActor {
                 Io::Direct { queue, .. } => queue.next_due().ok(),
             }
             .flatten();
-            (results, next_due)
+            (results, next_due, true)
         };
         ctx.spawn(
             fut.into_actor(self)
-                .map(move |(results, next_due), act, ctx| {
+                .map(move |(results, next_due, asked_store), act, ctx| {
                     act.cycles_running -= 1;
+                    if asked_store {
+                        act.shared.observe_store(&results);
+                    }
                     let full = match &results {
                         Ok(r) => r.len() >= batch,
+                        // Store failures are logged by `observe_store`, at
+                        // a bounded rate.
+                        Err(e) if e.is_storage() => false,
                         Err(e) => {
                             tracing::error!(error = %e, "delivery cycle failed");
                             false
@@ -1059,13 +1138,28 @@ impl SchedulerActor {
                         act.stop_when_idle(ctx);
                         return;
                     }
-                    if full || act.rerun {
+                    let store_backoff = act.shared.state().store_health.backoff();
+                    if let Some(backoff) = store_backoff {
+                        // Retrying at once would spin on the full disk.
+                        act.arm_timer_after(ctx, backoff);
+                    } else if full || act.rerun {
                         ctx.notify(Wake);
                     } else {
                         act.arm_timer(ctx, next_due);
                     }
                 }),
         );
+    }
+
+    /// Starts the next cycle after exactly `delay`, whatever is due.
+    fn arm_timer_after(&mut self, ctx: &mut Context<Self>, delay: Duration) {
+        if let Some(handle) = self.next_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        self.next_timer = Some(ctx.run_later(delay, |act, ctx| {
+            act.next_timer = None;
+            act.start_cycle(ctx);
+        }));
     }
 
     /// Sleeps until the next item is due (or the poll interval, whichever
@@ -1086,7 +1180,7 @@ impl SchedulerActor {
             let state = self.shared.state();
             let now = self.shared.clock.now();
             for t in [
-                state.open_until,
+                state.circuit.probe_at(),
                 state
                     .unauthorized_since
                     .map(|s| add_saturating(s, self.shared.config.unauthorized_probe_interval)),

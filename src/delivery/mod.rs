@@ -1,0 +1,12 @@
+//! The delivery core: policy that decides what delivery does, with no
+//! actix in it. The actors and the `RetryWorker` handle sit on top of it.
+//!
+//! - [`circuit`]: the circuit breaker, as a type with its own tests.
+//! - [`store_health`]: backing off while the store refuses writes, and
+//!   logging that at a bounded rate.
+
+pub mod circuit;
+pub mod store_health;
+
+pub use circuit::{CircuitBreaker, CircuitState, CircuitTransition};
+pub use store_health::StoreHealth;
