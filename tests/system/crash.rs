@@ -3,9 +3,12 @@
 //! acknowledged item delivered, duplicates bounded by what was in flight,
 //! the dead instance's leases released at the next start).
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::harness::{report, wait_until, Deployment};
+use crate::harness::{http, report, wait_until, Deployment, TOKEN};
 use crate::upstream::{Mode, Upstream};
 
 #[test]
@@ -81,4 +84,170 @@ threshold = 1000000
     assert_eq!(upstream.duplicates(), 0, "duplicates after a graceful stop");
     eprintln!("sigterm: {delivered_before} delivered before SIGTERM, the rest after the restart");
     assert_eq!(daemon.sigterm().code(), Some(0));
+}
+
+const KILL_ROUNDS: usize = 3;
+const KILL_BATCH: usize = 20;
+
+#[test]
+fn kill_9_rounds_under_api_load_lose_nothing_and_redeliver_at_once() {
+    // Pushes take 30 ms, so a few are always in flight when the kill comes.
+    // The lease stays at its 5-minute default: only the owner lock's release
+    // at start can bring the dead instance's claims back within the test.
+    let upstream = Upstream::start(Mode::Delay(Duration::from_millis(30)));
+    let dep = Deployment::new();
+    let config = dep.config(
+        &upstream,
+        &format!(
+            r#"
+[worker]
+interval = "200ms"
+batch_size = {KILL_BATCH}
+concurrency = 4
+max_attempts = 1000
+[backoff]
+strategy = "constant"
+base = "200ms"
+max = "200ms"
+jitter = 0.0
+[circuit]
+threshold = 1000000
+"#
+        ),
+    );
+
+    let producer = Producer::start();
+    // (restart time, IDs the killed instance held in `processing`)
+    let mut restarts: Vec<(Instant, Vec<String>)> = Vec::new();
+    let mut daemon = dep.start(&config);
+    for _ in 0..KILL_ROUNDS {
+        producer.point_at(Some(daemon.addr));
+        std::thread::sleep(Duration::from_millis(1200));
+        producer.point_at(None);
+        daemon.kill9();
+        let held: Vec<String> = dep
+            .cli_list(&config, &["--status", "processing"])
+            .iter()
+            .filter_map(|i| i["id"].as_str().map(str::to_owned))
+            .collect();
+        let restarted_at = Instant::now();
+        daemon = dep.start(&config);
+        restarts.push((restarted_at, held));
+    }
+    producer.point_at(Some(daemon.addr));
+    std::thread::sleep(Duration::from_millis(1000));
+    let acked = producer.stop();
+    assert!(acked.len() >= 50, "only {} items acknowledged", acked.len());
+
+    let drained = wait_until(Duration::from_secs(20), || daemon.is_empty());
+    let accepted = upstream.accepted_per_key();
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|id| !accepted.contains_key(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged items never delivered (drained: {drained}): {:?}; stats: {}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(10)],
+        daemon.stats()
+    );
+    assert!(drained, "the queue did not drain: {}", daemon.stats());
+
+    // The killed instance's claims come back at the next start, not when
+    // their 5-minute lease expires.
+    let requests = upstream.requests();
+    let mut held_total = 0;
+    for (round, (restarted_at, held)) in restarts.iter().enumerate() {
+        held_total += held.len();
+        for id in held {
+            let redelivered = requests.iter().any(|r| {
+                r.key.as_deref() == Some(id.as_str())
+                    && r.at > *restarted_at
+                    && r.at < *restarted_at + Duration::from_secs(5)
+            });
+            assert!(
+                redelivered,
+                "round {round}: item {id}, in flight when the daemon was killed, \
+                 was not pushed again within 5 s of the restart"
+            );
+        }
+    }
+    assert!(
+        held_total > 0,
+        "no kill caught an item in flight: the rounds proved nothing about leases"
+    );
+
+    // Duplicates come only from pushes the upstream accepted whose
+    // acknowledgement the kill cut off: bounded by one batch per kill.
+    let duplicates = upstream.duplicates();
+    assert!(
+        duplicates <= KILL_ROUNDS * KILL_BATCH,
+        "{duplicates} duplicate deliveries over {KILL_ROUNDS} kills (at most \
+         {KILL_BATCH} per kill expected)"
+    );
+    eprintln!(
+        "kill -9: {} acknowledged, {} delivered, {duplicates} duplicates, \
+         {held_total} in flight at the kills",
+        acked.len(),
+        accepted.len()
+    );
+}
+
+/// A thread that POSTs unique reports to whichever daemon it is pointed at
+/// and keeps the IDs answered 201 (acknowledged: durable).
+struct Producer {
+    target: Arc<Mutex<Option<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Producer {
+    fn start() -> Producer {
+        let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, s) = (target.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut n = 0;
+            while !s.load(Ordering::SeqCst) {
+                let Some(addr) = *t.lock().unwrap() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                // Each attempt gets a new payload: one whose answer was cut
+                // off may be stored, and dedupe would refuse its twin.
+                let body = report("kill9", n).to_string();
+                n += 1;
+                // A refused connection or a cut-off answer is not an
+                // acknowledgement; the daemon is being killed on purpose.
+                if let Ok((201, v)) = http(
+                    addr,
+                    "POST",
+                    "/v1/items",
+                    Some(TOKEN),
+                    Some(body.as_bytes()),
+                ) {
+                    acked.push(v["id"].as_str().unwrap().to_owned());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            acked
+        });
+        Producer {
+            target,
+            stop,
+            thread,
+        }
+    }
+
+    fn point_at(&self, addr: Option<SocketAddr>) {
+        *self.target.lock().unwrap() = addr;
+    }
+
+    fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
 }
