@@ -120,7 +120,14 @@ fn committer(queue: Arc<dyn RetryQueue>, rx: mpsc::Receiver<Job>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "group commit failed; nothing in it was applied");
+                if matches!(e, crate::error::QueueError::DiskFull { .. }) {
+                    // Every caller gets the error, and the worker logs a
+                    // full disk at a bounded rate: one line per refused
+                    // enqueue would flood the log while it lasts.
+                    tracing::debug!(error = %e, "group commit refused: disk full");
+                } else {
+                    tracing::error!(error = %e, "group commit failed; nothing in it was applied");
+                }
                 group.answer(Err(e));
             }
         }
