@@ -16,5 +16,6 @@ mod support;
 mod harness;
 mod upstream;
 
+mod auth;
 mod crash;
 mod outage;
