@@ -88,6 +88,33 @@ impl AdminToken {
         }
     }
 
+    /// The token's text as [`AdminToken::load`] finds it (file, else
+    /// environment variable), validated the same way, for a client of the
+    /// API: the CLI sends it to a running daemon configured alike.
+    pub fn load_text(file: Option<&Path>, env_var: &str) -> Result<Option<String>, AdminError> {
+        let (text, origin) = match file {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| AdminError::TokenFile {
+                    path: path.to_owned(),
+                    source,
+                })?,
+                path.display().to_string(),
+            ),
+            None => match std::env::var(env_var) {
+                Ok(text) => (text, format!("environment variable {env_var}")),
+                Err(std::env::VarError::NotPresent) => return Ok(None),
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(AdminError::InvalidToken {
+                        origin: format!("environment variable {env_var}"),
+                        reason: "it is not valid UTF-8".to_owned(),
+                    })
+                }
+            },
+        };
+        Self::new(&text, &origin)?;
+        Ok(Some(text.trim().to_owned()))
+    }
+
     /// True when `candidate` is the token. Both sides are hashed first, so
     /// the comparison takes the same time whatever the candidate's length
     /// and content.
@@ -206,5 +233,13 @@ mod tests {
         assert!(AdminToken::load(None, "RETRYQ_TEST_SURELY_UNSET_VAR")
             .unwrap()
             .is_none());
+        // The client side reads the same text, trimmed, and refuses the same.
+        assert_eq!(
+            AdminToken::load_text(Some(&path), "RETRYQ_TEST_UNSET_VAR").unwrap(),
+            Some("file-token-abcdefghij".to_owned())
+        );
+        assert!(AdminToken::load_text(Some(&missing), "RETRYQ_TEST_UNSET_VAR").is_err());
+        std::fs::write(&path, "short\n").unwrap();
+        assert!(AdminToken::load_text(Some(&path), "RETRYQ_TEST_UNSET_VAR").is_err());
     }
 }

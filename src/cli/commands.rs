@@ -1,17 +1,26 @@
-//! One function per command: load the configuration, open the store, do
+//! One function per command: load the configuration, reach the store, do
 //! the thing, print the result.
+//!
+//! Reaching the store: when a `retryq run` daemon owns it (its owner lock is
+//! held), a command goes through that daemon's admin API
+//! ([`DaemonClient`]); otherwise it opens the store itself. Both paths print
+//! the same output, human and `--json`. The CLI never takes the owner lock
+//! and never claims.
 
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use retryq::admin::bulk;
 use retryq::config::{LoadOptions, Settings};
-use retryq::store::{ListFilter, RetryQueue};
-use retryq::{ItemStatus, NewItem, Payload};
-use serde_json::json;
+use retryq::store::{ListFilter, QueueStats, RetryQueue};
+use retryq::worker::WorkerStats;
+use retryq::{ItemStatus, NewItem, Payload, QueueItem};
+use serde_json::{json, Value};
 
-use super::output::{item_json, print_json, println_out, short, table, time};
+use super::daemon_client::{DaemonClient, NoDaemon};
+use super::output::{item_json, json_time, print_json, println_out, short, table, time};
 use super::{
     Cli, Command, ConfigCommand, EnqueueArgs, ListArgs, PluginsCommand, RetryArgs, UsageError,
 };
@@ -54,17 +63,12 @@ pub fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::List(args) => list(&ctx, args),
         Command::Show { id, payload } => show(&ctx, &id, payload),
         Command::Stats => stats(&ctx),
-        Command::Delete { id } => with_store(&ctx, |q| {
-            q.delete(&id)?;
-            if ctx.json {
-                print_json(&json!({ "deleted": id }))
-            } else {
-                println_out(&format!("deleted {id}"))
-            }
-        }),
+        Command::Delete { id } => delete(&ctx, &id),
         Command::Retry(args) => retry(&ctx, args),
         Command::Purge { status } => purge(&ctx, status.into()),
         Command::Cleanup { ttl } => cleanup(&ctx, ttl),
+        Command::Pause { reason } => pause(&ctx, reason),
+        Command::Resume => resume(&ctx),
         Command::Schedule { max_attempts } => schedule(&ctx, max_attempts),
         Command::Plugins(PluginsCommand::Check { plugin, settings }) => {
             plugins_check(&ctx, &plugin, settings.as_deref())
@@ -75,13 +79,31 @@ pub fn run_command(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// How a command reaches the store.
+enum Route {
+    /// A running daemon owns it: through its admin API.
+    Daemon(DaemonClient),
+    /// Nobody owns it: the CLI opens it.
+    Direct,
+}
+
+/// The settings and the route to the store they name.
+fn route(ctx: &Ctx) -> anyhow::Result<(Settings, Route)> {
+    let settings = ctx.settings()?;
+    let route = match DaemonClient::find(&settings)? {
+        Some(client) => Route::Daemon(client),
+        None => Route::Direct,
+    };
+    Ok((settings, route))
+}
+
 /// Opens the store, runs `f`, and closes the store whatever `f` returned.
 fn with_store<T>(
     ctx: &Ctx,
+    settings: &Settings,
     f: impl FnOnce(&dyn RetryQueue) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let settings = ctx.settings()?;
-    let queue = ctx.open_store(&settings)?;
+    let queue = ctx.open_store(settings)?;
     let result = f(queue.as_ref());
     let closed = queue.close();
     let value = result?;
@@ -126,204 +148,389 @@ fn read_payload(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
 
 fn enqueue(ctx: &Ctx, args: EnqueueArgs) -> anyhow::Result<()> {
     let bytes = read_payload(args.file.as_deref())?;
-    let payload = Payload::from_json_bytes(&bytes).map_err(|e| {
-        let source = args
-            .file
+    let source = || {
+        args.file
             .as_deref()
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "stdin".to_owned());
-        UsageError(format!("{source}: {e}"))
-    })?;
-    let mut item = NewItem::new(payload).with_type(args.item_type.as_str());
-    item.id = args.id;
-    item.fingerprint = args.fingerprint;
-    item.max_attempts = args.max_attempts;
-    item.agent_id = args.agent_id;
-    item.scanner_name = args.scanner_name;
-    item.target_path = args.target_path;
-    item.attributes = args.attrs.into_iter().collect();
-    with_store(ctx, |q| {
-        let id = q.enqueue(item)?;
-        if ctx.json {
-            print_json(&json!({ "id": id }))
-        } else {
-            println_out(&id)
+            .unwrap_or_else(|| "stdin".to_owned())
+    };
+    let (settings, route) = route(ctx)?;
+    // The API's limit, so a report is accepted or refused alike whichever
+    // way it comes in; checked before anything is stored or sent.
+    let limit = settings.admin.max_body;
+    if bytes.len() as u64 > limit {
+        bail!(UsageError(format!(
+            "{}: the report is {} bytes, larger than the limit of {limit} bytes \
+             (admin.max_body, the API's limit too); nothing was queued",
+            source(),
+            bytes.len()
+        )));
+    }
+    // Validated here too, for the same usage error on both routes.
+    let payload =
+        Payload::from_json_bytes(&bytes).map_err(|e| UsageError(format!("{}: {e}", source())))?;
+    let id = match route {
+        Route::Daemon(client) => {
+            let mut query: Vec<(&str, String)> = vec![("type", args.item_type.clone())];
+            let optional = [
+                ("fingerprint", args.fingerprint.clone()),
+                ("id", args.id.clone()),
+                ("max_attempts", args.max_attempts.map(|n| n.to_string())),
+            ];
+            query.extend(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
+            for (name, value) in [
+                ("agent_id", &args.agent_id),
+                ("scanner_name", &args.scanner_name),
+                ("target_path", &args.target_path),
+            ] {
+                if !value.is_empty() {
+                    query.push((name, value.clone()));
+                }
+            }
+            let attrs: Vec<(String, String)> = args
+                .attrs
+                .iter()
+                .map(|(k, v)| (format!("attr.{k}"), v.clone()))
+                .collect();
+            query.extend(attrs.iter().map(|(k, v)| (k.as_str(), v.clone())));
+            let answer = client.post(client.url(&["v1", "items"], &query)?, Some(bytes))?;
+            answer["id"]
+                .as_str()
+                .map(str::to_owned)
+                .context("the daemon's answer names no item ID")?
         }
-    })
+        Route::Direct => {
+            let mut item = NewItem::new(payload).with_type(args.item_type.as_str());
+            item.id = args.id;
+            item.fingerprint = args.fingerprint;
+            item.max_attempts = args.max_attempts;
+            item.agent_id = args.agent_id;
+            item.scanner_name = args.scanner_name;
+            item.target_path = args.target_path;
+            item.attributes = args.attrs.into_iter().collect();
+            with_store(ctx, &settings, |q| Ok(q.enqueue(item)?))?
+        }
+    };
+    if ctx.json {
+        print_json(&json!({ "id": id }))
+    } else {
+        println_out(&id)
+    }
+}
+
+/// The API's page cap may be below `--limit`: pages are fetched until the
+/// limit is reached or the daemon has no more.
+fn list_through(client: &DaemonClient, args: &ListArgs) -> anyhow::Result<Vec<Value>> {
+    let mut items: Vec<Value> = Vec::new();
+    while items.len() < args.limit {
+        let mut query: Vec<(&str, String)> = vec![
+            ("limit", (args.limit - items.len()).to_string()),
+            ("offset", (args.offset + items.len()).to_string()),
+            ("order_by", order_name(args.order_by).to_owned()),
+            ("desc", args.desc.to_string()),
+            ("ready", args.ready.to_string()),
+        ];
+        if let Some(status) = args.status {
+            query.push(("status", ItemStatus::from(status).as_str().to_owned()));
+        }
+        if let Some(t) = &args.item_type {
+            query.push(("type", t.clone()));
+        }
+        let answer = client.get(client.url(&["v1", "items"], &query)?)?;
+        let page = match answer.get("items") {
+            Some(Value::Array(page)) => page.clone(),
+            _ => bail!("the daemon's item list has no items array"),
+        };
+        if page.is_empty() {
+            break;
+        }
+        items.extend(page);
+    }
+    Ok(items)
+}
+
+fn order_name(order: super::OrderArg) -> &'static str {
+    match order {
+        super::OrderArg::CreatedAt => "created_at",
+        super::OrderArg::NextRetry => "next_retry",
+        super::OrderArg::Attempts => "attempts",
+    }
 }
 
 fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<()> {
-    let filter = ListFilter {
-        status: args.status.map(Into::into),
-        item_type: args.item_type.map(|t| t.as_str().into()),
-        ready_only: args.ready,
-        order_by: args.order_by.into(),
-        descending: args.desc,
-        offset: args.offset,
-        limit: Some(args.limit),
+    let (settings, route) = route(ctx)?;
+    // Both routes give the items as the API's JSON (no payloads), printed
+    // the same way.
+    let items: Vec<Value> = match route {
+        Route::Daemon(client) => list_through(&client, &args)?,
+        Route::Direct => {
+            let filter = ListFilter {
+                status: args.status.map(Into::into),
+                item_type: args.item_type.map(|t| t.as_str().into()),
+                ready_only: args.ready,
+                order_by: args.order_by.into(),
+                descending: args.desc,
+                offset: args.offset,
+                limit: Some(args.limit),
+            };
+            with_store(ctx, &settings, |q| {
+                q.list(&filter)?
+                    .iter()
+                    .map(|i| item_json(i, false))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })?
+        }
     };
-    with_store(ctx, |q| {
-        let items = q.list(&filter)?;
-        if ctx.json {
-            let values = items
-                .iter()
-                .map(|i| item_json(i, false))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            return print_json(&values);
-        }
-        let rows: Vec<Vec<String>> = items
-            .iter()
-            .map(|i| {
-                vec![
-                    i.id.clone(),
-                    i.item_type.to_string(),
-                    i.status.to_string(),
-                    format!("{}/{}", i.attempts, i.max_attempts),
-                    time(Some(i.next_retry)),
-                    short(&i.last_error, 60),
-                ]
-            })
-            .collect();
-        println_out(&table(
-            &[
-                "ID",
-                "TYPE",
-                "STATUS",
-                "ATTEMPTS",
-                "NEXT_RETRY",
-                "LAST_ERROR",
-            ],
-            &rows,
-        ))?;
-        if items.is_empty() {
-            eprintln!("(no items)");
-        }
-        Ok(())
-    })
+    if ctx.json {
+        return print_json(&items);
+    }
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|i| {
+            vec![
+                text(&i["id"]),
+                text(&i["type"]),
+                text(&i["status"]),
+                format!("{}/{}", text(&i["attempts"]), text(&i["max_attempts"])),
+                time(json_time(&i["next_retry"])),
+                short(&text(&i["last_error"]), 60),
+            ]
+        })
+        .collect();
+    println_out(&table(
+        &[
+            "ID",
+            "TYPE",
+            "STATUS",
+            "ATTEMPTS",
+            "NEXT_RETRY",
+            "LAST_ERROR",
+        ],
+        &rows,
+    ))?;
+    if items.is_empty() {
+        eprintln!("(no items)");
+    }
+    Ok(())
 }
 
 fn show(ctx: &Ctx, id: &str, payload: bool) -> anyhow::Result<()> {
-    with_store(ctx, |q| {
-        let item = q.get(id)?;
-        if ctx.json {
-            return print_json(&item_json(&item, payload)?);
+    let (settings, route) = route(ctx)?;
+    let item: QueueItem = match route {
+        Route::Daemon(client) => {
+            // With the payload, the API's item is the whole item.
+            let url = client.url(&["v1", "items", id], &[("payload", "true".to_owned())])?;
+            serde_json::from_value(client.get(url)?)
+                .context("the daemon's answer is not an item")?
         }
-        let mut lines = vec![
-            format!("id:           {}", item.id),
-            format!("type:         {}", item.item_type),
-            format!("status:       {}", item.status),
-            format!("fingerprint:  {}", item.fingerprint),
-            format!("attempts:     {}/{}", item.attempts, item.max_attempts),
-            format!("next_retry:   {}", time(Some(item.next_retry))),
-            format!("last_attempt: {}", time(item.last_attempt)),
-            format!("last_error:   {}", short(&item.last_error, 200)),
-            format!("created_at:   {}", time(Some(item.created_at))),
-            format!("updated_at:   {}", time(Some(item.updated_at))),
-            format!("agent_id:     {}", item.agent_id),
-            format!("scanner_name: {}", item.scanner_name),
-            format!("target_path:  {}", item.target_path),
-            format!("size_bytes:   {}", item.size_bytes()),
-        ];
-        if let Some(lease) = item.lease_until {
-            lines.push(format!("lease_until:  {}", time(Some(lease))));
-        }
-        for (k, v) in &item.attributes {
-            lines.push(format!("attr.{k}: {v}"));
-        }
-        if payload {
-            let pretty = serde_json::to_string_pretty(&item.report.to_value())
-                .context("cannot format the payload")?;
-            lines.push(format!("payload:\n{pretty}"));
-        }
-        println_out(&lines.join("\n"))
-    })
+        Route::Direct => with_store(ctx, &settings, |q| Ok(q.get(id)?))?,
+    };
+    if ctx.json {
+        return print_json(&item_json(&item, payload)?);
+    }
+    let mut lines = vec![
+        format!("id:           {}", item.id),
+        format!("type:         {}", item.item_type),
+        format!("status:       {}", item.status),
+        format!("fingerprint:  {}", item.fingerprint),
+        format!("attempts:     {}/{}", item.attempts, item.max_attempts),
+        format!("next_retry:   {}", time(Some(item.next_retry))),
+        format!("last_attempt: {}", time(item.last_attempt)),
+        format!("last_error:   {}", short(&item.last_error, 200)),
+        format!("created_at:   {}", time(Some(item.created_at))),
+        format!("updated_at:   {}", time(Some(item.updated_at))),
+        format!("agent_id:     {}", item.agent_id),
+        format!("scanner_name: {}", item.scanner_name),
+        format!("target_path:  {}", item.target_path),
+        format!("size_bytes:   {}", item.size_bytes()),
+    ];
+    if let Some(lease) = item.lease_until {
+        lines.push(format!("lease_until:  {}", time(Some(lease))));
+    }
+    for (k, v) in &item.attributes {
+        lines.push(format!("attr.{k}: {v}"));
+    }
+    if payload {
+        let pretty = serde_json::to_string_pretty(&item.report.to_value())
+            .context("cannot format the payload")?;
+        lines.push(format!("payload:\n{pretty}"));
+    }
+    println_out(&lines.join("\n"))
 }
 
 fn stats(ctx: &Ctx) -> anyhow::Result<()> {
-    with_store(ctx, |q| {
-        let s = q.stats()?;
-        if ctx.json {
-            return print_json(&s);
+    let (settings, route) = route(ctx)?;
+    let (stats, worker, body) = match route {
+        Route::Daemon(client) => {
+            let body = client.get(client.url(&["v1", "stats"], &[])?)?;
+            let stats: QueueStats = serde_json::from_value(body.clone())
+                .context("the daemon's statistics are not queue statistics")?;
+            let worker: Option<WorkerStats> = match &body["worker"] {
+                Value::Null => None,
+                w => Some(
+                    serde_json::from_value(w.clone())
+                        .context("the daemon's worker statistics are not readable")?,
+                ),
+            };
+            (stats, worker, body)
         }
-        println_out(
-            &[
-                format!("total_items:      {}", s.total_items),
-                format!("pending_items:    {}", s.pending_items),
-                format!("processing_items: {}", s.processing_items),
-                format!("failed_items:     {}", s.failed_items),
-                format!("oldest_item:      {}", time(s.oldest_item)),
-                format!("newest_item:      {}", time(s.newest_item)),
-                format!("total_retries:    {}", s.total_retries),
-                format!("last_retry:       {}", time(s.last_retry)),
-                format!("total_bytes:      {}", s.total_bytes),
-                format!("bytes_on_disk:    {}", s.bytes_on_disk),
-                format!("quarantined:      {}", s.quarantined),
-                format!("evicted:          {}", s.evicted),
-            ]
-            .join("\n"),
-        )
-    })
+        Route::Direct => {
+            let stats = with_store(ctx, &settings, |q| Ok(q.stats()?))?;
+            let body = serde_json::to_value(&stats).context("cannot serialize the statistics")?;
+            (stats, None, body)
+        }
+    };
+    if ctx.json {
+        // The daemon's answer adds `worker` (paused, pause_reason, ...).
+        return print_json(&body);
+    }
+    let s = stats;
+    let mut lines = vec![
+        format!("total_items:      {}", s.total_items),
+        format!("pending_items:    {}", s.pending_items),
+        format!("processing_items: {}", s.processing_items),
+        format!("failed_items:     {}", s.failed_items),
+        format!("oldest_item:      {}", time(s.oldest_item)),
+        format!("newest_item:      {}", time(s.newest_item)),
+        format!("total_retries:    {}", s.total_retries),
+        format!("last_retry:       {}", time(s.last_retry)),
+        format!("total_bytes:      {}", s.total_bytes),
+        format!("bytes_on_disk:    {}", s.bytes_on_disk),
+        format!("quarantined:      {}", s.quarantined),
+        format!("evicted:          {}", s.evicted),
+    ];
+    if s.salvaged > 0 || s.salvage_lost > 0 {
+        lines.push(format!("salvaged:         {}", s.salvaged));
+        lines.push(format!("salvage_lost:     {}", s.salvage_lost));
+    }
+    if s.skipped_entries > 0 {
+        lines.push(format!("skipped_entries:  {}", s.skipped_entries));
+    }
+    lines.push(format!(
+        "delivery:         {}",
+        delivery_state(worker.as_ref())
+    ));
+    if let Some(w) = &worker {
+        if let Some(error) = &w.store_error {
+            lines.push(format!(
+                "store_error:      {} (since {})",
+                short(error, 160),
+                time(w.store_failing_since)
+            ));
+        }
+    }
+    println_out(&lines.join("\n"))
+}
+
+/// The worker's state in a few words: running, paused and why, circuit open.
+fn delivery_state(worker: Option<&WorkerStats>) -> String {
+    let Some(w) = worker else {
+        return "no daemon running on this store".to_owned();
+    };
+    if !w.is_running {
+        return "stopped".to_owned();
+    }
+    if w.paused {
+        return format!(
+            "paused since {}: {}",
+            time(w.paused_since),
+            w.pause_reason.as_deref().unwrap_or("no reason given")
+        );
+    }
+    match w.circuit_state {
+        retryq::worker::CircuitState::Closed => "running".to_owned(),
+        retryq::worker::CircuitState::Open => {
+            "circuit open: upstream looks down, waiting for the cool-down".to_owned()
+        }
+        retryq::worker::CircuitState::HalfOpen => {
+            "circuit half-open: probing the upstream".to_owned()
+        }
+    }
+}
+
+fn delete(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let (settings, route) = route(ctx)?;
+    match route {
+        Route::Daemon(client) => {
+            client.delete(client.url(&["v1", "items", id], &[])?)?;
+        }
+        Route::Direct => with_store(ctx, &settings, |q| Ok(q.delete(id)?))?,
+    }
+    if ctx.json {
+        print_json(&json!({ "deleted": id }))
+    } else {
+        println_out(&format!("deleted {id}"))
+    }
 }
 
 fn retry(ctx: &Ctx, args: RetryArgs) -> anyhow::Result<()> {
-    with_store(ctx, |q| {
-        let ids: Vec<String> = match (&args.id, args.failed) {
-            (Some(id), _) => vec![id.clone()],
-            (None, true) => q
-                .list(&ListFilter {
-                    status: Some(ItemStatus::Failed),
-                    ..ListFilter::default()
-                })?
-                .into_iter()
-                .map(|i| i.id)
-                .collect(),
-            (None, false) => bail!(UsageError("give an ID or --failed".to_owned())),
-        };
-        let mut revived = Vec::with_capacity(ids.len());
-        for id in &ids {
-            revived.push(q.revive(id)?.id);
+    let (settings, route) = route(ctx)?;
+    let revived: Vec<String> = match (&args.id, args.failed, route) {
+        (None, false, _) => bail!(UsageError("give an ID or --failed".to_owned())),
+        (Some(id), _, Route::Daemon(client)) => {
+            client.post(client.url(&["v1", "items", id, "retry"], &[])?, None)?;
+            vec![id.clone()]
         }
-        if ctx.json {
-            print_json(&json!({ "revived": revived.len(), "ids": revived }))
-        } else {
-            println_out(&format!(
-                "{} item(s) back to pending, due now",
-                revived.len()
-            ))
+        (None, true, Route::Daemon(client)) => {
+            let answer = client.post(client.url(&["v1", "items", "retry-failed"], &[])?, None)?;
+            serde_json::from_value(answer["ids"].clone())
+                .context("the daemon's answer lists no revived IDs")?
         }
-    })
+        (Some(id), _, Route::Direct) => with_store(ctx, &settings, |q| Ok(vec![q.revive(id)?.id]))?,
+        (None, true, Route::Direct) => with_store(ctx, &settings, |q| Ok(bulk::revive_failed(q)?))?,
+    };
+    if ctx.json {
+        print_json(&json!({ "revived": revived.len(), "ids": revived }))
+    } else {
+        println_out(&format!(
+            "{} item(s) back to pending, due now",
+            revived.len()
+        ))
+    }
 }
 
 fn purge(ctx: &Ctx, status: ItemStatus) -> anyhow::Result<()> {
-    with_store(ctx, |q| {
-        let items = q.list(&ListFilter {
-            status: Some(status),
-            ..ListFilter::default()
-        })?;
-        let mut purged = 0usize;
-        for item in &items {
-            match q.delete(&item.id) {
-                Ok(()) => purged += 1,
-                // Gone meanwhile (a daemon delivered or expired it): nothing to purge.
-                Err(retryq::QueueError::ItemNotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+    let (settings, route) = route(ctx)?;
+    let purged = match route {
+        Route::Daemon(client) => {
+            let url = client.url(&["v1", "items"], &[("status", status.as_str().to_owned())])?;
+            let answer = client.delete(url)?;
+            answer["purged"]
+                .as_u64()
+                .context("the daemon's answer has no purged count")?
         }
-        if ctx.json {
-            print_json(&json!({ "purged": purged, "status": status.as_str() }))
-        } else {
-            println_out(&format!("purged {purged} {status} item(s)"))
-        }
-    })
+        Route::Direct => with_store(ctx, &settings, |q| Ok(bulk::purge_status(q, status)?))? as u64,
+    };
+    if ctx.json {
+        print_json(&json!({ "purged": purged, "status": status.as_str() }))
+    } else {
+        println_out(&format!("purged {purged} {status} item(s)"))
+    }
 }
 
 fn cleanup(ctx: &Ctx, ttl: Option<std::time::Duration>) -> anyhow::Result<()> {
-    let settings = ctx.settings()?;
-    let ttl = ttl.unwrap_or(settings.worker.ttl);
-    let queue = ctx.open_store(&settings)?;
-    let result = queue.cleanup(ttl);
-    queue.close().context("cannot close the store")?;
-    let report = result?;
+    let (settings, route) = route(ctx)?;
+    let effective_ttl = ttl.unwrap_or(settings.worker.ttl);
+    let report = match route {
+        Route::Daemon(client) => {
+            // Without --ttl the daemon runs its own janitor pass (its TTL,
+            // its limits, expired leases).
+            let query: Vec<(&str, String)> = ttl
+                .map(|t| ("ttl", humantime::format_duration(t).to_string()))
+                .into_iter()
+                .collect();
+            let answer = client.post(client.url(&["v1", "cleanup"], &query)?, None)?;
+            serde_json::from_value::<retryq::store::CleanupReport>(answer)
+                .context("the daemon's answer is not a cleanup report")?
+        }
+        Route::Direct => with_store(ctx, &settings, |q| Ok(q.cleanup(effective_ttl)?))?,
+    };
+    let ttl = effective_ttl;
     if ctx.json {
         let mut v = serde_json::to_value(report).context("cannot serialize the report")?;
         if let Some(obj) = v.as_object_mut() {
@@ -344,6 +551,45 @@ fn cleanup(ctx: &Ctx, ttl: Option<std::time::Duration>) -> anyhow::Result<()> {
             report.quarantine_trimmed
         ))
     }
+}
+
+/// The running daemon, or [`NoDaemon`] for `command`.
+fn daemon_for(ctx: &Ctx, command: &'static str) -> anyhow::Result<DaemonClient> {
+    let (settings, route) = route(ctx)?;
+    match route {
+        Route::Daemon(client) => Ok(client),
+        Route::Direct => Err(NoDaemon {
+            store: settings.store.effective_path().display().to_string(),
+            command,
+        }
+        .into()),
+    }
+}
+
+fn pause(ctx: &Ctx, reason: Option<String>) -> anyhow::Result<()> {
+    let client = daemon_for(ctx, "pause")?;
+    let body = reason
+        .map(|r| serde_json::to_vec(&json!({ "reason": r })))
+        .transpose()
+        .context("cannot encode the reason")?;
+    let answer = client.post(client.url(&["v1", "pause"], &[])?, body)?;
+    if ctx.json {
+        return print_json(&answer);
+    }
+    println_out(&format!(
+        "delivery paused (daemon pid {}): {}",
+        client.pid(),
+        answer["pause_reason"].as_str().unwrap_or("no reason given")
+    ))
+}
+
+fn resume(ctx: &Ctx) -> anyhow::Result<()> {
+    let client = daemon_for(ctx, "resume")?;
+    let answer = client.post(client.url(&["v1", "resume"], &[])?, None)?;
+    if ctx.json {
+        return print_json(&answer);
+    }
+    println_out(&format!("delivery resumed (daemon pid {})", client.pid()))
 }
 
 fn schedule(ctx: &Ctx, max_attempts: Option<u32>) -> anyhow::Result<()> {

@@ -2,9 +2,19 @@
 //! dispatch to each command. This is the binary edge: errors are `anyhow`
 //! here, and [`exit_code`] maps them to the documented exit codes.
 //!
-//! Exit codes: 0 success, 2 usage or configuration errors, 1 any other
-//! failure. Errors are one line on stderr; results go to stdout (as JSON
-//! with `--json`).
+//! Exit codes:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | any other failure |
+//! | 2 | usage or configuration error (also a report over `admin.max_body`, or not JSON) |
+//! | 3 | the disk is full (the store said so, or the daemon answered 507 `disk_full`) |
+//! | 4 | the command needs a running daemon (`pause`, `resume`) and none owns the store |
+//!
+//! Errors are one line on stderr; results go to stdout (as JSON with
+//! `--json`). While a `retryq run` daemon owns the store, the store commands
+//! go through its admin API (see [`commands`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +22,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod commands;
+mod daemon_client;
 pub mod logging;
 mod migrate;
 mod output;
@@ -25,8 +36,32 @@ pub use commands::run_command;
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// The exit code for an error: 2 for usage and configuration errors, 1 otherwise.
+/// Exit code: the disk is full.
+pub const EXIT_DISK_FULL: i32 = 3;
+/// Exit code: the command needs a running daemon and none owns the store.
+pub const EXIT_NO_DAEMON: i32 = 4;
+
+/// The exit code for an error (see the module doc): a full disk anywhere
+/// in the chain wins, then a missing daemon, then usage and configuration
+/// errors; 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
+    let disk_full = err.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<retryq::QueueError>(),
+            Some(retryq::QueueError::DiskFull { .. })
+        ) || e
+            .downcast_ref::<daemon_client::DaemonApiError>()
+            .is_some_and(|api| api.kind == "disk_full")
+    });
+    if disk_full {
+        return EXIT_DISK_FULL;
+    }
+    if err
+        .chain()
+        .any(|e| e.downcast_ref::<daemon_client::NoDaemon>().is_some())
+    {
+        return EXIT_NO_DAEMON;
+    }
     let usage = err.chain().any(|e| {
         e.downcast_ref::<UsageError>().is_some()
             || e.downcast_ref::<retryq::config::ConfigError>().is_some()
@@ -113,6 +148,15 @@ pub enum Command {
         #[arg(long, value_enum)]
         status: StatusArg,
     },
+    /// Stop delivery on the running daemon until `resume` (needs `retryq run`).
+    Pause {
+        /// Why, shown by `stats` [default: "paused by an operator"].
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Resume delivery on the running daemon (also after a 401 pause or an
+    /// open circuit).
+    Resume,
     /// Remove items older than the TTL and expired dead letters.
     Cleanup {
         /// TTL to apply [default: worker.ttl from the configuration].

@@ -35,6 +35,14 @@ pub fn item_json(item: &QueueItem, with_payload: bool) -> anyhow::Result<serde_j
     Ok(v)
 }
 
+/// A time from the API's JSON (RFC 3339), if it is one.
+pub fn json_time(value: &serde_json::Value) -> Option<DateTime<Utc>> {
+    let text = value.as_str()?;
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
 /// A time for people: RFC 3339 to the second, or `-`.
 pub fn time(t: Option<DateTime<Utc>>) -> String {
     match t {
