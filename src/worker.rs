@@ -385,6 +385,7 @@ impl RetryWorker {
                 wake_queued: Default::default(),
                 handed_off: Default::default(),
                 unapplied_acks: Default::default(),
+                in_flight_settled: Default::default(),
             }),
             queue,
             pusher,
@@ -492,8 +493,15 @@ impl RetryWorker {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         let system = running.shut_down_actors();
         let deadline = tokio::time::Instant::now() + timeout;
-        while !self.in_flight_ids().is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        loop {
+            // Registered before the check, so an emptying in between wakes it.
+            let mut settled = std::pin::pin!(self.shared.in_flight_settled.notified());
+            settled.as_mut().enable();
+            if self.in_flight_ids().is_empty()
+                || tokio::time::timeout_at(deadline, settled).await.is_err()
+            {
+                break;
+            }
         }
         let leftover = self.in_flight_ids();
         if !leftover.is_empty() {
@@ -564,9 +572,14 @@ impl RetryWorker {
     pub async fn process_now(&self) -> QueueResult<Vec<RetryResult>> {
         let io = self.io();
         let mut all = Vec::new();
-        // Bounded: a cycle claims at most batch_size; stop when the queue
-        // has nothing more due or delivery is gated.
-        for _ in 0..10_000 {
+        // "What is due now": at most what the queue holds at the start, so
+        // items enqueued meanwhile, or requeued due at once, cannot keep
+        // the call going. It also stops once less than a batch was due or
+        // delivery became gated.
+        let queue = self.queue.clone();
+        let held = blocking(move || queue.size()).await?;
+        let batch = self.shared.config.batch_size.max(1);
+        for _ in 0..held.div_ceil(batch).max(1) {
             let results = run_cycle(&self.shared, &io).await?;
             let more = results.len() >= self.shared.config.batch_size
                 && results

@@ -6,11 +6,10 @@
 //! | store     | `Apply`            | per-op results, after one durable commit |
 //! | store     | `Claim`            | the items now leased to the caller       |
 //! | store     | `NextDue`          | when something next becomes actionable   |
-//! | store     | `Stats`            | a queue snapshot                         |
 //! | store     | `Maintain`         | cleanup + limits + lease recovery report |
 //! | pusher    | `Push`             | the transport's outcome and latency      |
 //! | checker   | `CheckFingerprints`| existing / missing, or why it failed     |
-//! | scheduler | `Wake`, `Pause`, `Resume`, `Shutdown`, `ProcessNow` | see each |
+//! | scheduler | `Wake`, `DeliverClaimed`, `Pause`, `Resume`, `Shutdown` | see each |
 //! | janitor   | `Tick`             | runs one maintenance pass                |
 
 use std::time::Duration;
@@ -22,7 +21,7 @@ use serde::Serialize;
 
 use crate::error::QueueResult;
 use crate::item::QueueItem;
-use crate::store::{CleanupReport, QueueStats, WriteOp, WriteOutcome};
+use crate::store::{CleanupReport, WriteOp, WriteOutcome};
 
 /// Apply state changes in the store's next group commit.
 #[derive(Debug, Message)]
@@ -43,11 +42,6 @@ pub struct Claim {
 #[derive(Debug, Message)]
 #[rtype(result = "QueueResult<Option<DateTime<Utc>>>")]
 pub struct NextDue;
-
-/// A queue snapshot.
-#[derive(Debug, Message)]
-#[rtype(result = "QueueResult<QueueStats>")]
-pub struct Stats;
 
 /// One maintenance pass: expire by TTL, enforce limits, recover leases.
 #[derive(Debug, Message)]

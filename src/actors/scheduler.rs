@@ -159,6 +159,9 @@ pub struct Shared {
     /// full disk): written before anything else is claimed, so a delivered
     /// item is not sent again once the store accepts writes.
     pub unapplied_acks: Mutex<Vec<String>>,
+    /// Signalled whenever the in-flight set becomes empty (`stop` waits
+    /// for it).
+    pub in_flight_settled: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -284,6 +287,18 @@ impl Shared {
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `ids` out of the in-flight set and, when that empties it,
+    /// tells a waiting `stop`.
+    fn settle_in_flight<'a>(&self, ids: impl IntoIterator<Item = &'a String>) {
+        let mut in_flight = self.in_flight();
+        for id in ids {
+            in_flight.remove(id);
+        }
+        if in_flight.is_empty() {
+            self.in_flight_settled.notify_waiters();
+        }
     }
 
     /// The circuit as the host sees it now.
@@ -593,12 +608,7 @@ pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>
         .extend(items.iter().map(|i| i.id.clone()));
     let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
     let outcome = deliver(shared, io, items, probing).await;
-    {
-        let mut in_flight = shared.in_flight();
-        for id in &ids {
-            in_flight.remove(id);
-        }
-    }
+    shared.settle_in_flight(&ids);
     outcome
 }
 
@@ -690,10 +700,7 @@ fn hand_off(
         scheduler.do_send(DeliverClaimed(items));
         return Ok(());
     }
-    let mut in_flight = shared.in_flight();
-    for item in &items {
-        in_flight.remove(&item.id);
-    }
+    shared.settle_in_flight(items.iter().map(|i| &i.id));
     Err(items)
 }
 
@@ -721,10 +728,7 @@ async fn release_handed_off(shared: &Shared, io: &Io, items: Vec<QueueItem>) {
         if let Err(e) = io.apply(ops).await {
             tracing::warn!(error = %e, count = ids.len(), "could not release handed-off items; they are delivered once their lease expires");
         }
-        let mut in_flight = shared.in_flight();
-        for id in &ids {
-            in_flight.remove(id);
-        }
+        shared.settle_in_flight(&ids);
     }
     shared.unreserve_handoff(count);
 }
@@ -755,11 +759,7 @@ struct HandoffSettle<'a> {
 
 impl Drop for HandoffSettle<'_> {
     fn drop(&mut self) {
-        let mut in_flight = self.shared.in_flight();
-        for id in &self.ids {
-            in_flight.remove(id);
-        }
-        drop(in_flight);
+        self.shared.settle_in_flight(&self.ids);
         self.shared.unreserve_handoff(self.ids.len());
     }
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use actix::{Actor, Context, Handler, ResponseFuture};
 use tokio::sync::oneshot;
 
-use super::messages::{Apply, Claim, Maintain, MaintenanceReport, NextDue, Stats};
+use super::messages::{Apply, Claim, Maintain, MaintenanceReport, NextDue};
 use crate::error::{QueueError, QueueResult};
 use crate::store::{PendingSync, RetryQueue, WriteOp, WriteOutcome};
 
@@ -265,14 +265,6 @@ impl Handler<NextDue> for StoreActor {
     fn handle(&mut self, _: NextDue, _: &mut Context<Self>) -> Self::Result {
         let h = self.handle.clone();
         Box::pin(async move { h.read(|q| q.next_due()).await })
-    }
-}
-
-impl Handler<Stats> for StoreActor {
-    type Result = ResponseFuture<QueueResult<crate::store::QueueStats>>;
-    fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
-        let h = self.handle.clone();
-        Box::pin(async move { h.read(|q| q.stats()).await })
     }
 }
 
