@@ -26,6 +26,7 @@ pub mod error;
 pub mod item;
 pub mod metrics;
 pub mod plugin;
+pub mod plugin_process;
 pub mod store;
 pub mod worker;
 

@@ -27,7 +27,11 @@ fn main() {
         // --help and --version print to stdout and exit 0.
         Err(e) => e.exit(),
     };
-    if !matches!(args.command, cli::Command::Run) {
+    // The plugin host forwards its logs to the daemon over its own pipe.
+    if !matches!(
+        args.command,
+        cli::Command::Run | cli::Command::PluginHost { .. }
+    ) {
         cli::logging::init_quiet();
     }
     match cli::run_command(args) {

@@ -76,6 +76,21 @@ pub fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { from } => super::migrate::migrate(&ctx, &from),
         Command::Config(ConfigCommand::Check) => config_check(&ctx),
         Command::Config(ConfigCommand::Show) => config_show(&ctx),
+        Command::PluginHost {
+            path,
+            label,
+            sha256,
+            threads,
+            memory_limit,
+        } => Ok(retryq::plugin_process::child::serve(
+            retryq::plugin_process::child::ChildArgs {
+                path,
+                label,
+                sha256,
+                threads,
+                memory_limit,
+            },
+        )?),
     }
 }
 

@@ -181,6 +181,26 @@ pub enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Internal: serve one plugin library to a daemon over stdin/stdout
+    /// (`isolation = "process"`; see retryq::plugin_process).
+    #[command(hide = true)]
+    PluginHost {
+        /// The library file.
+        #[arg(long)]
+        path: PathBuf,
+        /// The plugin as configured, for messages.
+        #[arg(long)]
+        label: String,
+        /// Pinned SHA-256 of the library.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Calls served at once.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Address-space cap in bytes.
+        #[arg(long)]
+        memory_limit: Option<u64>,
+    },
 }
 
 /// `retryq plugins ...`.

@@ -16,6 +16,8 @@ pub mod export;
 #[cfg(feature = "host")]
 pub mod host;
 #[cfg(feature = "host")]
+pub mod sandbox;
+#[cfg(feature = "host")]
 pub mod testing;
 
 pub use export::host_log;
