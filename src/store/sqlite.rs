@@ -79,14 +79,16 @@
 //!
 //! Several processes may open the same file (the daemon and the admin CLI):
 //! WAL lets readers run beside the writer and `busy_timeout` makes writers
-//! wait their turn instead of failing. The dedupe set notices another
-//! connection's commits (`PRAGMA data_version`) and is rebuilt before its
-//! next use.
+//! wait their turn instead of failing; at open, the steps SQLite refuses as
+//! busy without waiting are retried (`sqlite/open.rs`), and an admin client
+//! can open without writing at all ([`OpenMode::Client`]). The dedupe set
+//! notices another connection's commits (`PRAGMA data_version`) and is
+//! rebuilt before its next use.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
@@ -102,9 +104,11 @@ mod checkpointer;
 mod fingerprints;
 #[cfg(test)]
 mod lease_tests;
+mod open;
 mod wal_sync;
 use checkpointer::Checkpointer;
 use fingerprints::FingerprintIndex;
+pub use open::OpenMode;
 use wal_sync::WalSync;
 
 /// The schema version this build writes and reads.
@@ -380,11 +384,31 @@ pub struct SqliteRetryQueue {
     path: PathBuf,
     options: StoreOptions,
     evicted: AtomicU64,
+    mode: OpenMode,
 }
 
 impl SqliteRetryQueue {
-    /// Opens (creating if needed) the queue database at `path`.
+    /// Opens (creating if needed) the queue database at `path`, returning
+    /// expired leases to pending ([`OpenMode::Recover`]).
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> QueueResult<Self> {
+        Self::open_with_mode(path, options, OpenMode::Recover)
+    }
+
+    /// Opens the queue database at `path` as an admin client beside a
+    /// daemon ([`OpenMode::Client`]): no write at open beyond a schema it
+    /// could not read otherwise.
+    pub fn open_as_client(path: impl AsRef<Path>, options: StoreOptions) -> QueueResult<Self> {
+        Self::open_with_mode(path, options, OpenMode::Client)
+    }
+
+    /// Opens (creating if needed) the queue database at `path` in `mode`.
+    /// Waits (up to about 10 s) for other processes that hold the database
+    /// or are opening it, rather than failing as busy.
+    pub fn open_with_mode(
+        path: impl AsRef<Path>,
+        options: StoreOptions,
+        mode: OpenMode,
+    ) -> QueueResult<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             create_private_dir(parent)?;
@@ -393,8 +417,11 @@ impl SqliteRetryQueue {
         set_private_file(&path)?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(sql_err("open"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql_err("open"))?;
+        // Can be refused as busy without any wait: see `sqlite/open.rs`.
+        open::retry_while_busy(Instant::now() + open::OPEN_BUSY_DEADLINE, || {
+            conn.pragma_update(None, "journal_mode", "WAL")
+        })
+        .map_err(sql_err("open"))?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sql_err("open"))?;
         conn.pragma_update(None, "foreign_keys", "OFF")
@@ -444,10 +471,13 @@ impl SqliteRetryQueue {
             path,
             options,
             evicted: AtomicU64::new(0),
+            mode,
         };
-        let released = queue.release_expired_leases()?;
-        if released > 0 {
-            tracing::info!(released, "returned items with expired leases to pending");
+        if mode == OpenMode::Recover {
+            let released = queue.release_expired_leases()?;
+            if released > 0 {
+                tracing::info!(released, "returned items with expired leases to pending");
+            }
         }
         Ok(queue)
     }
@@ -1864,7 +1894,13 @@ impl RetryQueue for SqliteRetryQueue {
         if let Some(conn) = guard.take() {
             // Fold the WAL back so the file is self-contained; failure here
             // loses nothing (the WAL is replayed at the next open).
-            let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+            // A client beside a daemon only copies what it can without
+            // waiting: TRUNCATE would hold back the daemon's writers.
+            let mode = match self.mode {
+                OpenMode::Recover => "TRUNCATE",
+                OpenMode::Client => "PASSIVE",
+            };
+            let _ = conn.pragma_update(None, "wal_checkpoint", mode);
             conn.close()
                 .map_err(|(_, e)| QueueError::storage("close", e))?;
         }
