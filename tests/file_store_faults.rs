@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use retryq::clock::{Clock, ManualClock};
 use retryq::store::file::{LockGuard, StoreFs};
-use retryq::store::{FileRetryQueue, ListFilter, RetryQueue, StoreOptions};
+use retryq::store::{FileRetryQueue, ListFilter, RetryQueue, StoreOptions, WriteOp, WriteOutcome};
 use retryq::{ItemStatus, NewItem, Payload, QueueError, QueueItem, QueueResult};
 
 const EIO: i32 = 5;
@@ -64,6 +64,9 @@ struct DiskState {
     crashed: bool,
     /// Disk full: every `write_file` fails with ENOSPC.
     full: bool,
+    /// `sync_file` and `sync_dir` calls so far.
+    file_syncs: u64,
+    dir_syncs: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,6 +94,12 @@ impl SimDisk {
 
     fn ops(&self) -> u64 {
         self.state().ops
+    }
+
+    /// (file syncs, directory syncs) so far.
+    fn syncs(&self) -> (u64, u64) {
+        let s = self.state();
+        (s.file_syncs, s.dir_syncs)
     }
 
     fn inject(&self, at: u64, fault: Fault) {
@@ -198,6 +207,7 @@ impl StoreFs for SimDisk {
 
     fn sync_file(&self, path: &Path) -> io::Result<()> {
         let mut s = self.begin()?;
+        s.file_syncs += 1;
         let ino = *s.entries.get(path).ok_or(io::ErrorKind::NotFound)?;
         let inode = s.inodes.get_mut(&ino).unwrap();
         inode.synced = inode.data.clone();
@@ -219,6 +229,7 @@ impl StoreFs for SimDisk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut s = self.begin()?;
+        s.dir_syncs += 1;
         let in_dir = |p: &PathBuf| p.parent() == Some(dir);
         s.durable_entries.retain(|p, _| !in_dir(p));
         let now: Vec<(PathBuf, u64)> = s
@@ -902,4 +913,188 @@ fn a_passing_read_error_at_open_quarantines_nothing() {
     let store = open(&disk, &clock).unwrap();
     assert_eq!(store.size().unwrap(), 1);
     assert_eq!(store.stats().unwrap().quarantined, 0);
+}
+
+// --- apply_batch: the store actor's group commit ----------------------------
+
+/// A group as the worker path sends it: new items (claimed or not) and the
+/// outcomes of earlier deliveries.
+fn group_ops(clock: &ManualClock) -> Vec<WriteOp> {
+    let lease = Duration::from_secs(60);
+    vec![
+        WriteOp::EnqueueClaimed {
+            item: item("n1"),
+            lease,
+        },
+        WriteOp::Enqueue(item("n2")),
+        WriteOp::Delete { id: "a".into() },
+        WriteOp::Requeue {
+            id: "b".into(),
+            error: "503".into(),
+            next_retry: clock.now() + chrono::Duration::minutes(1),
+        },
+        WriteOp::MarkFailed {
+            id: "c".into(),
+            reason: "422".into(),
+        },
+        // Refused ops: their own results, the rest of the group goes on.
+        WriteOp::Delete {
+            id: "missing".into(),
+        },
+        WriteOp::Enqueue(item("n2")),
+        // Two ops on one item: the file is written once, with the last state.
+        WriteOp::Release { id: "n1".into() },
+    ]
+}
+
+/// What `group_ops` leaves, by ID, applied one call at a time.
+fn group_one_by_one(clock: &ManualClock) -> Model {
+    let disk = SimDisk::default();
+    let store = filled_store(&disk, clock, options(clock));
+    let lease = Duration::from_secs(60);
+    store.enqueue_claimed(vec![item("n1")], lease).unwrap();
+    store.enqueue(item("n2")).unwrap();
+    store.delete("a").unwrap();
+    store
+        .requeue("b", "503", clock.now() + chrono::Duration::minutes(1))
+        .unwrap();
+    store.mark_failed("c", "422").unwrap();
+    store.release("n1").unwrap();
+    contents(&store)
+}
+
+#[test]
+fn a_group_is_one_directory_sync_and_one_file_sync_per_written_file() {
+    let clock = clock();
+    let disk = SimDisk::default();
+    let store = open(&disk, &clock).unwrap();
+
+    let n = 16;
+    let before = disk.syncs();
+    let results = store
+        .apply_batch(
+            (0..n)
+                .map(|i| WriteOp::Enqueue(item(&format!("i{i}"))))
+                .collect(),
+        )
+        .unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let after = disk.syncs();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (n, 1),
+        "{n} enqueues: {n} file syncs + 1 directory sync"
+    );
+
+    let before = disk.syncs();
+    let ops = (0..n)
+        .map(|i| WriteOp::Delete {
+            id: format!("i{i}"),
+        })
+        .collect();
+    store.apply_batch(ops).unwrap();
+    let after = disk.syncs();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 1),
+        "{n} deletes: one directory sync"
+    );
+    assert_eq!(store.size().unwrap(), 0);
+}
+
+#[test]
+fn a_group_does_what_its_ops_do_one_by_one() {
+    // Fresh clocks: both runs see the same times.
+    let expected = group_one_by_one(&clock());
+    let clock = clock();
+    let disk = SimDisk::default();
+    let store = filled_store(&disk, &clock, options(&clock));
+    let before = disk.syncs();
+    let results = store.apply_batch(group_ops(&clock)).unwrap();
+    let after = disk.syncs();
+    assert!(matches!(&results[0], Ok(WriteOutcome::Claimed(i)) if i.id == "n1"));
+    assert!(matches!(&results[1], Ok(WriteOutcome::Enqueued(id)) if id == "n2"));
+    assert!(results[2..5]
+        .iter()
+        .all(|r| matches!(r, Ok(WriteOutcome::Applied))));
+    assert!(matches!(results[5], Err(QueueError::ItemNotFound { .. })));
+    assert!(matches!(results[6], Err(QueueError::DuplicateItem { .. })));
+    assert!(matches!(results[7], Ok(WriteOutcome::Applied)));
+    // n1, n2, b, c written (n1 once); a unlinked; one directory sync.
+    assert_eq!((after.0 - before.0, after.1 - before.1), (4, 1));
+    assert_eq!(contents(&store), expected);
+    drop(store);
+    let reopened = open(&disk.reboot(), &clock).unwrap();
+    assert_eq!(contents(&reopened), expected, "durable when it returned");
+}
+
+#[test]
+fn a_group_is_all_or_nothing_at_every_fault() {
+    let after_group = group_one_by_one(&clock());
+    let range = {
+        let clock = clock();
+        op_range(&options(&clock), &clock, &|s| {
+            s.apply_batch(group_ops(&clock)).map(|_| ())
+        })
+    };
+    let (mut undone, mut poisoned) = (0, 0);
+    for at in range {
+        for fault in [Fault::Crash, Fault::Error(EIO), Fault::ErrorRun(3)] {
+            let label = format!("{fault:?} at op {at}");
+            let clock = clock();
+            let disk = SimDisk::default();
+            let store = filled_store(&disk, &clock, options(&clock));
+            let before = contents(&store);
+            disk.inject(at, fault);
+            let err = store.apply_batch(group_ops(&clock)).expect_err(&label);
+            assert!(err.is_storage(), "{label}: {err}");
+            if fault != Fault::Crash {
+                // Memory is back where it was, or the store refuses calls
+                // (the undo failed too) until reopened.
+                match store.size() {
+                    Ok(_) => {
+                        undone += 1;
+                        assert_eq!(contents(&store), before, "{label}: memory");
+                    }
+                    Err(e) => {
+                        poisoned += 1;
+                        assert!(e.is_storage(), "{label}: {e}");
+                    }
+                }
+            }
+            drop(store);
+            let store = open(&disk.reboot(), &clock).unwrap();
+            let found = contents(&store);
+            assert_eq!(store.stats().unwrap().quarantined, 0, "{label}");
+            if fault == Fault::Error(EIO) || fault == Fault::Crash {
+                // Nothing of the failed group survives: the directory sync
+                // that would have made it durable is its last step, and a
+                // one-shot error is undone.
+                assert_eq!(found.len(), before.len(), "{label}");
+                for (id, b) in &before {
+                    assert_eq!(found[id], after_open(b, &found[id]), "{label}: {id}");
+                }
+                continue;
+            }
+            // A failed undo: each item is whole, as before the group or as
+            // the group left it.
+            let ids: BTreeSet<&String> = before.keys().chain(after_group.keys()).collect();
+            let same = |e: Option<&QueueItem>, f: Option<&QueueItem>| match (e, f) {
+                (None, None) => true,
+                (Some(e), Some(f)) => after_open(e, f) == *f,
+                _ => false,
+            };
+            for id in ids {
+                let f = found.get(id);
+                assert!(
+                    same(before.get(id), f) || same(after_group.get(id), f),
+                    "{label}: {id} is {f:?}"
+                );
+            }
+        }
+    }
+    assert!(
+        undone > 0 && poisoned > 0,
+        "both paths ran: {undone} {poisoned}"
+    );
 }

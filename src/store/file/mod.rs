@@ -49,6 +49,18 @@
 //! `release_expired_leases`, `cleanup` and the recovery at open are single
 //! commits: many files, one directory fsync (group commit).
 //!
+//! `apply_batch` (the store actor's group commit on the worker path) is one
+//! commit too, however many callers' ops it holds: each op runs against
+//! the state the ops before it left and gets its own result, but its file
+//! changes are only collected (one change per file: its last content in
+//! the group, its content before the group for undo). When the last op has
+//! run, the collected changes go through steps 1 to 4 together: every new
+//! file synced, the renames and unlinks done, one directory fsync; only
+//! then does `apply_batch` return and the store actor answer the callers.
+//! If that commit fails it is undone like any other, the index returns to
+//! its state before the group, and every op of the group fails (nothing
+//! was applied).
+//!
 //! If a step fails, the commit is undone before the error is returned:
 //! temp files are removed, targets already renamed or unlinked get their
 //! previous content back (written with the same protocol), so a call that
@@ -103,6 +115,7 @@
 //! | call | files touched | directory fsyncs |
 //! |---|---|---|
 //! | `enqueue`, `enqueue_batch` | one new file per accepted item | 1 (+1 if `DropOldest` evicts) |
+//! | `apply_batch` (any mix of ops) | each op's files, once per file | 1 for the whole group (evictions included) |
 //! | `requeue`, `mark_failed`, `revive`, `update`, `release` | the item's file rewritten | 1 |
 //! | `claim`, `release_expired_leases` | each claimed / released item rewritten | 1 |
 //! | `delete` | the item's file unlinked | 1 |
@@ -148,7 +161,7 @@ use self::record::{decode, encode, file_name, parse_file_name, TMP_SUFFIX};
 use super::owner::OWNER_LOCK_FILE;
 use super::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, OverflowPolicy, QueueError,
-    QueueResult, QueueStats, RetryQueue, StoreOptions,
+    QueueResult, QueueStats, RetryQueue, StoreOptions, WriteOp, WriteOutcome,
 };
 use crate::item::{ItemStatus, NewItem, QueueItem};
 
@@ -316,11 +329,53 @@ impl Index {
 
 /// One file change of a commit: `new` content, or removal when `None`.
 /// `old` is the item the file held before (for undo), `None` if it is new.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Change {
     file: String,
     new: Option<Vec<u8>>,
     old: Option<QueueItem>,
+}
+
+/// The changes of one `apply_batch` group, held back while its ops run and
+/// committed together when the last one has: one directory fsync for the
+/// group instead of one per op.
+#[derive(Debug, Default)]
+struct Group {
+    /// One change per file, in first-touch order: `new` is the file's last
+    /// content in the group, `old` its item before the group.
+    changes: Vec<Change>,
+    /// Where each file's change is in `changes`.
+    by_file: HashMap<String, usize>,
+    /// The index entries the group's ops replaced, as they were before it
+    /// (`None`: absent), in the order first touched; undone in reverse if
+    /// the commit fails.
+    before: Vec<(String, Option<(QueueItem, String, u64)>)>,
+    /// `Inner::evicted` before the group.
+    evicted: u64,
+}
+
+impl Group {
+    /// Folds `changes` into the group, noting what the index held before.
+    fn add(&mut self, index: &Index, changes: &[Change]) {
+        for change in changes {
+            if let Some(&at) = self.by_file.get(&change.file) {
+                self.changes[at].new = change.new.clone();
+                continue;
+            }
+            let id = match &change.old {
+                Some(old) => old.id.as_str(),
+                // Our own file names always parse (the ID was validated).
+                None => parse_file_name(&change.file).unwrap_or_default(),
+            };
+            let before = index
+                .entries
+                .get(id)
+                .map(|e| (e.item.clone(), e.file.clone(), e.disk_len));
+            self.before.push((id.to_owned(), before));
+            self.by_file.insert(change.file.clone(), self.changes.len());
+            self.changes.push(change.clone());
+        }
+    }
 }
 
 /// Mutable state behind the mutex.
@@ -336,6 +391,9 @@ struct Inner {
     evicted: u64,
     /// Entries the open skipped and left in place.
     skipped_entries: u64,
+    /// While `apply_batch` runs: the changes its ops made so far, committed
+    /// at its end (see [`FileRetryQueue::commit`]).
+    group: Option<Group>,
 }
 
 /// Items already accepted earlier in the same `enqueue_batch` (or none).
@@ -448,6 +506,7 @@ impl FileRetryQueue {
                 quarantine: BTreeSet::new(),
                 evicted: 0,
                 skipped_entries: 0,
+                group: None,
             }),
         };
         store.recover()?;
@@ -621,7 +680,13 @@ impl FileRetryQueue {
 
     /// Locks the state, refusing calls on a closed or poisoned store.
     fn state(&self, op: &'static str) -> QueueResult<MutexGuard<'_, Inner>> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.group.take().is_some() {
+            // An `apply_batch` panicked mid-group: the index holds changes
+            // that never reached the disk.
+            tracing::error!("a group commit was interrupted; the store must be reopened");
+            inner.poisoned = Some("a group commit was interrupted by a panic".to_owned());
+        }
         if inner.closed {
             return Err(QueueError::QueueClosed);
         }
@@ -688,7 +753,16 @@ impl FileRetryQueue {
 
     /// Commits `changes` durably (see "Write protocol"); on failure undoes
     /// what became visible and returns `Storage`.
+    ///
+    /// Inside `apply_batch` it only adds `changes` to the open group (the
+    /// caller updates the index as if they were committed); the group's
+    /// commit at the end of `apply_batch` makes them durable, or undoes
+    /// the group's index changes.
     fn commit(&self, inner: &mut Inner, op: &'static str, changes: &[Change]) -> QueueResult<()> {
+        if let Some(group) = &mut inner.group {
+            group.add(&inner.index, changes);
+            return Ok(());
+        }
         let Err((visible, error)) = self.apply(changes) else {
             return Ok(());
         };
@@ -755,9 +829,108 @@ impl FileRetryQueue {
         f: impl FnMut(&mut QueueItem, DateTime<Utc>) -> QueueResult<()>,
     ) -> QueueResult<QueueItem> {
         let mut inner = self.state(op)?;
+        self.change_one_in(&mut inner, op, id, f)
+    }
+
+    fn change_one_in(
+        &self,
+        inner: &mut Inner,
+        op: &'static str,
+        id: &str,
+        f: impl FnMut(&mut QueueItem, DateTime<Utc>) -> QueueResult<()>,
+    ) -> QueueResult<QueueItem> {
         let now = self.now();
-        let mut items = self.change_many(&mut inner, op, &[id.to_owned()], now, f)?;
+        let mut items = self.change_many(inner, op, &[id.to_owned()], now, f)?;
         items.pop().ok_or_else(|| QueueError::not_found(id))
+    }
+
+    fn delete_in(&self, inner: &mut Inner, id: &str) -> QueueResult<()> {
+        inner.index.get(id)?;
+        self.remove_many(inner, "delete", &[id.to_owned()])
+    }
+
+    fn release_in(&self, inner: &mut Inner, id: &str) -> QueueResult<()> {
+        if inner.index.get(id)?.item.status != ItemStatus::Processing {
+            return Ok(());
+        }
+        let now = self.now();
+        self.change_many(inner, "release", &[id.to_owned()], now, |item, _| {
+            item.status = ItemStatus::Pending;
+            item.lease_until = None;
+            item.lease_owner = None;
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// One op of `apply_batch`, inside its group.
+    fn apply_one(&self, inner: &mut Inner, op: WriteOp) -> QueueResult<WriteOutcome> {
+        let one = |results: QueueResult<Vec<QueueResult<QueueItem>>>, op: &'static str| {
+            results.and_then(|mut r| {
+                r.pop()
+                    .unwrap_or_else(|| Err(QueueError::storage(op, "no result for the item")))
+            })
+        };
+        match op {
+            WriteOp::Enqueue(item) => one(
+                self.store_new_in(inner, "enqueue", vec![item], None),
+                "enqueue",
+            )
+            .map(|item| WriteOutcome::Enqueued(item.id)),
+            WriteOp::EnqueueClaimed { item, lease } => one(
+                self.store_new_in(inner, "enqueue_claimed", vec![item], Some(lease)),
+                "enqueue_claimed",
+            )
+            .map(|item| WriteOutcome::Claimed(Box::new(item))),
+            WriteOp::Delete { id } => self.delete_in(inner, &id).map(|_| WriteOutcome::Applied),
+            WriteOp::Requeue {
+                id,
+                error,
+                next_retry,
+            } => self
+                .change_one_in(inner, "requeue", &id, |item, now| {
+                    item.record_retry(&error, next_retry, now);
+                    Ok(())
+                })
+                .map(|_| WriteOutcome::Applied),
+            WriteOp::MarkFailed { id, reason } => self
+                .change_one_in(inner, "mark_failed", &id, |item, now| {
+                    item.record_dead_letter(&reason, now);
+                    Ok(())
+                })
+                .map(|_| WriteOutcome::Applied),
+            WriteOp::Release { id } => self.release_in(inner, &id).map(|_| WriteOutcome::Applied),
+        }
+    }
+
+    /// Commits the open group (see [`Group`]): every file written and
+    /// synced, the renames and unlinks done, then one directory fsync. On
+    /// failure the disk is undone as for any commit and the index goes
+    /// back to where it was before the group.
+    fn commit_group(&self, inner: &mut Inner) -> QueueResult<()> {
+        let Some(group) = inner.group.take() else {
+            return Ok(());
+        };
+        // A file created and removed within the group never reaches the disk.
+        let changes: Vec<Change> = group
+            .changes
+            .into_iter()
+            .filter(|c| c.new.is_some() || c.old.is_some())
+            .collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let committed = self.commit(inner, "apply_batch", &changes);
+        if committed.is_err() {
+            for (id, before) in group.before.into_iter().rev() {
+                inner.index.remove(&id);
+                if let Some((item, file, len)) = before {
+                    inner.index.insert(item, file, len);
+                }
+            }
+            inner.evicted = group.evicted;
+        }
+        committed
     }
 
     /// Removes the listed items in one commit.
@@ -922,6 +1095,16 @@ impl FileRetryQueue {
         lease: Option<Duration>,
     ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
         let mut inner = self.state(op)?;
+        self.store_new_in(&mut inner, op, items, lease)
+    }
+
+    fn store_new_in(
+        &self,
+        inner: &mut Inner,
+        op: &'static str,
+        items: Vec<NewItem>,
+        lease: Option<Duration>,
+    ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
         let now = self.now();
         let mut results: Vec<QueueResult<QueueItem>> = Vec::with_capacity(items.len());
         let mut part = NewItems::default();
@@ -948,7 +1131,7 @@ impl FileRetryQueue {
             let mut admitted = self.admit(&inner.index, &item, &mut part.admission);
             if matches!(admitted, Ok(Admitted::AfterEarlierItems)) {
                 let done = std::mem::take(&mut part);
-                match self.store_part(&mut inner, op, done, &mut results) {
+                match self.store_part(inner, op, done, &mut results) {
                     Ok(()) => stored_some = true,
                     Err(e) if !stored_some => return Err(e),
                     Err(e) => {
@@ -977,7 +1160,7 @@ impl FileRetryQueue {
                 Err(e) => results.push(Err(e)),
             }
         }
-        match self.store_part(&mut inner, op, part, &mut results) {
+        match self.store_part(inner, op, part, &mut results) {
             Err(e) if !stored_some => Err(e),
             _ => Ok(results),
         }
@@ -1080,8 +1263,7 @@ impl RetryQueue for FileRetryQueue {
 
     fn delete(&self, id: &str) -> QueueResult<()> {
         let mut inner = self.state("delete")?;
-        inner.index.get(id)?;
-        self.remove_many(&mut inner, "delete", &[id.to_owned()])
+        self.delete_in(&mut inner, id)
     }
 
     fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
@@ -1104,17 +1286,7 @@ impl RetryQueue for FileRetryQueue {
 
     fn release(&self, id: &str) -> QueueResult<()> {
         let mut inner = self.state("release")?;
-        if inner.index.get(id)?.item.status != ItemStatus::Processing {
-            return Ok(());
-        }
-        let now = self.now();
-        self.change_many(&mut inner, "release", &[id.to_owned()], now, |item, _| {
-            item.status = ItemStatus::Pending;
-            item.lease_until = None;
-            item.lease_owner = None;
-            Ok(())
-        })
-        .map(|_| ())
+        self.release_in(&mut inner, id)
     }
 
     fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
@@ -1291,6 +1463,26 @@ impl RetryQueue for FileRetryQueue {
             .collect();
         sort_and_page(&mut items, filter);
         Ok(items)
+    }
+
+    /// One commit for the whole group (see [`Group`]): each op runs as it
+    /// would alone, against the state the ops before it left, with its
+    /// own result; their file changes are then written, synced and renamed
+    /// together, followed by one directory fsync. Returns only after that
+    /// fsync, so no caller hears of a change before it is durable; if the
+    /// commit fails, nothing of the group was applied (outer error).
+    fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
+        let mut inner = self.state("apply_batch")?;
+        inner.group = Some(Group {
+            evicted: inner.evicted,
+            ..Group::default()
+        });
+        let results = ops
+            .into_iter()
+            .map(|op| self.apply_one(&mut inner, op))
+            .collect();
+        self.commit_group(&mut inner)?;
+        Ok(results)
     }
 
     fn close(&self) -> QueueResult<()> {
