@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::admin::{self, record_worker_metrics, AdminConfig, AdminState, RetryWorkerControl};
 use crate::config::{Settings, StoreBackend};
 use crate::metrics::Metrics;
-use crate::plugin::{load_checker, load_pusher, PluginError};
+use crate::plugin::{describe_plugin, load_checker, load_pusher, PluginError};
 use crate::store::owner::{OwnerInfo, OwnerLock};
 use crate::store::{RetryQueue, StoreOptions};
 use crate::worker::{RetryWorker, WorkerError};
@@ -186,11 +186,14 @@ async fn serve(
     record_worker_metrics(&worker, metrics.clone());
     let admin_config = AdminConfig::from_settings(&settings.admin)?;
     worker.start().await?;
+    let console = Arc::new(console_state(settings));
+    console.feed.attach(&worker);
     let state = AdminState::new(
         queue.clone(),
         Arc::new(RetryWorkerControl::new(worker.clone())),
         metrics,
-    );
+    )
+    .with_console(console.clone());
     let server = match admin::bind(admin_config, state) {
         Ok(server) => server,
         Err(e) => {
@@ -227,10 +230,46 @@ async fn serve(
         _ = actix_rt::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
     }
+    // Open event streams would hold the graceful stop for its whole timeout.
+    console.feed.close();
     handle.stop(true).await;
     let _ = serving.await;
     worker.stop(STOP_TIMEOUT).await?;
     queue.close()?;
     tracing::info!("retryq stopped; nothing in flight was lost");
     Ok(())
+}
+
+/// The console's state: its live feed, the store's limits and what the
+/// loaded plugins say about themselves (already loaded: this only reads).
+fn console_state(settings: &Settings) -> admin::console::ConsoleState {
+    let search_path = &settings.plugins.search_path;
+    let mut plugins = Vec::new();
+    let sections = [
+        ("pusher", &settings.pusher, true),
+        (
+            "checker",
+            &settings.checker,
+            settings.checker.is_configured(),
+        ),
+    ];
+    for (role, spec, configured) in sections {
+        if !configured {
+            continue;
+        }
+        match describe_plugin(role, spec, search_path) {
+            Ok(info) => plugins.push(info),
+            Err(e) => {
+                tracing::warn!(section = role, error = %e, "cannot describe the loaded plugin")
+            }
+        }
+    }
+    admin::console::ConsoleState::new(crate::clock::system_clock()).with_info(
+        admin::console::DaemonInfo {
+            max_bytes: settings.store.max_bytes,
+            max_items: settings.store.max_items,
+            plugins,
+            ..Default::default()
+        },
+    )
 }

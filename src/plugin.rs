@@ -74,3 +74,39 @@ pub fn load_checker(
     let checker = DynChecker::new(lib, &settings_value(spec))?;
     Ok(Arc::new(WithDeadline::new(Arc::new(checker))))
 }
+
+/// What the daemon reports about a loaded plugin (`GET /v1/info`, the
+/// console): enough for an operator to tell which build is running.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginInfo {
+    /// The section that loaded it: `pusher` or `checker`.
+    pub role: &'static str,
+    /// Name the plugin reports.
+    pub name: String,
+    /// Version the plugin reports.
+    pub version: String,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// SHA-256 of that file, lowercase hex; `None` if it could not be read.
+    pub sha256: Option<String>,
+    /// The C ABI version it reports.
+    pub abi_version: u32,
+}
+
+/// Describes the library a section names (loaded once: a second call
+/// returns the library already loaded).
+pub fn describe_plugin(
+    role: &'static str,
+    spec: &PluginSettings,
+    search_path: &[PathBuf],
+) -> Result<PluginInfo, PluginError> {
+    let lib = load_library(spec, search_path)?;
+    Ok(PluginInfo {
+        role,
+        name: lib.name.clone(),
+        version: lib.version.clone(),
+        path: lib.path.clone(),
+        sha256: file_sha256(&lib.path).ok(),
+        abi_version: lib.abi_version(),
+    })
+}

@@ -392,6 +392,7 @@ async fn ingest(
         }
     };
     state.metrics.record_enqueued(1);
+    state.console.feed.enqueued(&id, item_type.as_str());
     tracing::info!(id = %id, item_type = %item_type, bytes = bytes.len(), "item enqueued through the API");
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/v1/items/{id}")))

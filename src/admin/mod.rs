@@ -60,8 +60,12 @@
 
 mod auth;
 pub mod bulk;
+pub mod console;
 mod error;
+pub mod events;
 mod handlers;
+pub mod history;
+mod ui;
 mod worker_control;
 
 use std::future::Future;
@@ -206,6 +210,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Where "now" comes from (age of the oldest item).
     pub clock: SharedClock,
+    /// The console's live feed, history and daemon facts.
+    pub console: Arc<console::ConsoleState>,
 }
 
 impl AdminState {
@@ -219,8 +225,15 @@ impl AdminState {
             queue,
             worker,
             metrics,
+            console: Arc::new(console::ConsoleState::new(system_clock())),
             clock: system_clock(),
         }
+    }
+
+    /// Replaces the console's state (the daemon's feed, with its plugins).
+    pub fn with_console(mut self, console: Arc<console::ConsoleState>) -> Self {
+        self.console = console;
+        self
     }
 
     /// Replaces the clock.
@@ -404,6 +417,7 @@ pub fn routes(
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(settings.clone())
             .app_data(state.clone())
+            .configure(console::register)
             .configure(handlers::register);
     }
 }
