@@ -18,4 +18,5 @@ mod upstream;
 
 mod auth;
 mod crash;
+mod disk;
 mod outage;
