@@ -1,5 +1,5 @@
-//! Prometheus metrics: a small registry of atomic counters, gauges and one
-//! histogram, and a renderer for the Prometheus text exposition format 0.0.4.
+//! Prometheus metrics, kept in a `prometheus-client` registry and served
+//! in the OpenMetrics text format, which Prometheus scrapes.
 //!
 //! # Who records what
 //!
@@ -15,27 +15,35 @@
 //!   (circuit state and expired total, copied at each scrape);
 //! - gauges (items by status, bytes, age of the oldest item, quarantine
 //!   size) come from a [`QueueStats`] snapshot taken at scrape time, and so do
-//!   the eviction counter (the store counts evictions since it was opened)
-//!   and the quarantine counter (advanced by each increase of the quarantine
-//!   seen in a snapshot, see [`Metrics::observe_stats`]).
+//!   the eviction and salvage counters (the store counts them) and the
+//!   quarantine counter (advanced by each increase of the quarantine seen in
+//!   a snapshot, see [`Metrics::observe_stats`]).
 //!
 //! # Names
 //!
-//! Every metric is prefixed `retryq_`; counters end in `_total`, durations are
-//! in seconds and sizes in bytes, as Prometheus conventions ask.
+//! Every metric is prefixed `retryq_`; counters end in `_total`, durations
+//! are in seconds and sizes in bytes, as Prometheus conventions ask. The
+//! OpenMetrics `# TYPE` line of a counter names its family without the
+//! `_total` suffix; the samples keep it.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
+use crate::delivery::CircuitState;
 use crate::store::{CleanupReport, QueueStats};
 
-/// The content type of the text exposition format this module writes.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of the OpenMetrics text format this module writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds (seconds) of the push latency histogram buckets; `+Inf` is
 /// implied.
@@ -56,91 +64,60 @@ pub enum DeliveryOutcome {
     DeadLettered,
 }
 
-/// The circuit breaker's state, exported as a number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CircuitState {
-    /// Deliveries flow (0).
-    #[default]
-    Closed,
-    /// Deliveries are held back after repeated failures (1).
-    Open,
-    /// One probe delivery is allowed through (2).
-    HalfOpen,
-}
-
-impl CircuitState {
-    /// The gauge value: 0 closed, 1 open, 2 half-open.
-    pub fn as_gauge(self) -> u8 {
-        match self {
-            CircuitState::Closed => 0,
-            CircuitState::Open => 1,
-            CircuitState::HalfOpen => 2,
-        }
-    }
-
-    fn from_gauge(value: u8) -> Self {
-        match value {
-            1 => CircuitState::Open,
-            2 => CircuitState::HalfOpen,
-            _ => CircuitState::Closed,
-        }
+/// The gauge value of a circuit state: 0 closed, 1 open, 2 half-open.
+pub fn circuit_gauge(state: CircuitState) -> i64 {
+    match state {
+        CircuitState::Closed => 0,
+        CircuitState::Open => 1,
+        CircuitState::HalfOpen => 2,
     }
 }
 
-/// A cumulative histogram of durations with fixed buckets.
-#[derive(Debug)]
-struct Histogram {
-    /// Observations at or below each bound of [`PUSH_LATENCY_BUCKETS`]
-    /// (non-cumulative here; made cumulative when rendered).
-    buckets: [AtomicU64; PUSH_LATENCY_BUCKETS.len()],
-    /// All observations, including those above the last bound.
-    count: AtomicU64,
-    /// Sum of observations in nanoseconds (saturating).
-    sum_nanos: AtomicU64,
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
 }
 
-impl Histogram {
-    fn new() -> Self {
-        Histogram {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-
-    fn observe(&self, value: Duration) {
-        let seconds = value.as_secs_f64();
-        if let Some(index) = PUSH_LATENCY_BUCKETS.iter().position(|b| seconds <= *b) {
-            self.buckets[index].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(value.as_nanos()).unwrap_or(u64::MAX);
-        // Saturate instead of wrapping: a wrapped sum would look like a reset.
-        let _ = self
-            .sum_nanos
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some(s.saturating_add(nanos))
-            });
-    }
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabel {
+    plugin: String,
 }
 
-/// The metrics registry: cheap to update from any thread (atomics), rendered
-/// on scrape by [`Metrics::render`]. Share it as `Arc<Metrics>`.
+/// Gauges set from a queue snapshot at each scrape; left out of the
+/// output when the store could not be read.
+#[derive(Debug, Default)]
+struct SnapshotMetrics {
+    items: Family<StatusLabel, Gauge>,
+    items_bytes: Gauge,
+    disk_bytes: Gauge,
+    oldest_item_age: Gauge<f64, AtomicU64>,
+    quarantine_records: Gauge,
+    evicted: Counter,
+    salvaged: Counter,
+    salvage_lost: Counter,
+    skipped_entries: Gauge,
+}
+
+/// The metrics registry: cheap to update from any thread, encoded on
+/// scrape by [`Metrics::render`]. Share it as `Arc<Metrics>`.
 #[derive(Debug)]
 pub struct Metrics {
-    enqueued: AtomicU64,
-    delivered: AtomicU64,
-    skipped: AtomicU64,
-    retried: AtomicU64,
-    dead_lettered: AtomicU64,
-    expired: AtomicU64,
-    quarantined: AtomicU64,
+    registry: Registry,
+    snapshot_registry: Registry,
+    snapshot: SnapshotMetrics,
+    store_up: Gauge,
+    enqueued: Counter,
+    delivered: Counter,
+    skipped: Counter,
+    retried: Counter,
+    dead_lettered: Counter,
+    expired: Counter,
+    quarantined: Counter,
     /// The quarantine size in the last snapshot seen, to advance
     /// `quarantined` by increases only.
     last_quarantine_size: Mutex<Option<u64>>,
-    circuit: AtomicU8,
-    /// Plugin errors by plugin role or name.
-    plugin_errors: Mutex<BTreeMap<String, u64>>,
+    circuit: Gauge,
+    plugin_errors: Family<PluginLabel, Counter>,
     push_latency: Histogram,
 }
 
@@ -150,27 +127,160 @@ impl Default for Metrics {
     }
 }
 
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 impl Metrics {
     /// An empty registry: every counter at zero, the circuit closed.
     pub fn new() -> Self {
-        Metrics {
-            enqueued: AtomicU64::new(0),
-            delivered: AtomicU64::new(0),
-            skipped: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            expired: AtomicU64::new(0),
-            quarantined: AtomicU64::new(0),
+        let mut metrics = Metrics {
+            registry: Registry::default(),
+            snapshot_registry: Registry::default(),
+            snapshot: SnapshotMetrics::default(),
+            store_up: Gauge::default(),
+            enqueued: Counter::default(),
+            delivered: Counter::default(),
+            skipped: Counter::default(),
+            retried: Counter::default(),
+            dead_lettered: Counter::default(),
+            expired: Counter::default(),
+            quarantined: Counter::default(),
             last_quarantine_size: Mutex::new(None),
-            circuit: AtomicU8::new(CircuitState::Closed.as_gauge()),
-            plugin_errors: Mutex::new(BTreeMap::new()),
-            push_latency: Histogram::new(),
+            circuit: Gauge::default(),
+            plugin_errors: Family::default(),
+            push_latency: Histogram::new(PUSH_LATENCY_BUCKETS),
+        };
+        metrics.register();
+        metrics
+    }
+
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "retryq_store_up",
+            "1 when the last read of the queue store succeeded, 0 otherwise",
+            self.store_up.clone(),
+        );
+        for (name, help, counter) in [
+            (
+                "retryq_enqueued",
+                "Items accepted by enqueue",
+                &self.enqueued,
+            ),
+            (
+                "retryq_delivered",
+                "Items the upstream acknowledged",
+                &self.delivered,
+            ),
+            (
+                "retryq_skipped",
+                "Items removed unsent because the upstream already had their fingerprint",
+                &self.skipped,
+            ),
+            (
+                "retryq_retried",
+                "Failed attempts rescheduled for a retry",
+                &self.retried,
+            ),
+            (
+                "retryq_dead_lettered",
+                "Items that became dead letters",
+                &self.dead_lettered,
+            ),
+            (
+                "retryq_expired",
+                "Items removed by cleanup because they were older than their TTL",
+                &self.expired,
+            ),
+            (
+                "retryq_quarantined",
+                "Records moved to quarantine because they failed an integrity check",
+                &self.quarantined,
+            ),
+        ] {
+            r.register(name, help, counter.clone());
         }
+        r.register(
+            "retryq_plugin_errors",
+            "Errors reported by or about a plugin, by plugin",
+            self.plugin_errors.clone(),
+        );
+        r.register(
+            "retryq_circuit_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            self.circuit.clone(),
+        );
+        r.register_with_unit(
+            "retryq_push_latency",
+            "Duration of push calls to the upstream",
+            Unit::Seconds,
+            self.push_latency.clone(),
+        );
+
+        let s = &mut self.snapshot_registry;
+        let snap = &self.snapshot;
+        s.register(
+            "retryq_items",
+            "Items held in the queue, by status",
+            snap.items.clone(),
+        );
+        s.register(
+            "retryq_items_bytes",
+            "Bytes the held items count against the byte limit (payload plus metadata)",
+            snap.items_bytes.clone(),
+        );
+        s.register(
+            "retryq_store_disk_bytes",
+            "Bytes the store occupies on disk",
+            snap.disk_bytes.clone(),
+        );
+        s.register_with_unit(
+            "retryq_oldest_item_age",
+            "Age of the oldest item held, 0 when the queue is empty",
+            Unit::Seconds,
+            snap.oldest_item_age.clone(),
+        );
+        s.register(
+            "retryq_quarantine_records",
+            "Records currently held in quarantine",
+            snap.quarantine_records.clone(),
+        );
+        s.register(
+            "retryq_evicted",
+            "Items evicted by the drop_oldest overflow policy since the store was opened",
+            snap.evicted.clone(),
+        );
+        s.register(
+            "retryq_salvaged",
+            "Records copied into a fresh store by salvages of a corrupt one",
+            snap.salvaged.clone(),
+        );
+        s.register(
+            "retryq_salvage_lost",
+            "Records salvages of a corrupt store could not read back",
+            snap.salvage_lost.clone(),
+        );
+        s.register(
+            "retryq_skipped_entries",
+            "Entries in the store's folder that are not queue records, left alone",
+            snap.skipped_entries.clone(),
+        );
     }
 
     /// Counts `n` items accepted by `enqueue`.
     pub fn record_enqueued(&self, n: u64) {
-        self.enqueued.fetch_add(n, Ordering::Relaxed);
+        self.enqueued.inc_by(n);
+    }
+
+    /// Items accepted by `enqueue` so far.
+    pub fn enqueued_total(&self) -> u64 {
+        self.enqueued.get()
+    }
+
+    /// Records moved to quarantine so far.
+    pub fn quarantined_total(&self) -> u64 {
+        self.quarantined.get()
     }
 
     /// Counts one delivery outcome; `push_latency` is how long the push call
@@ -182,28 +292,28 @@ impl Metrics {
             DeliveryOutcome::Retried => &self.retried,
             DeliveryOutcome::DeadLettered => &self.dead_lettered,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
         if let Some(latency) = push_latency {
-            self.push_latency.observe(latency);
+            self.observe_push_latency(latency);
         }
     }
 
     /// Records one push call's latency without counting an outcome.
     pub fn observe_push_latency(&self, latency: Duration) {
-        self.push_latency.observe(latency);
+        self.push_latency.observe(latency.as_secs_f64());
     }
 
     /// Counts `n` items removed by a cleanup because they were too old
     /// (pending, processing and dead letters alike).
     pub fn record_expired(&self, n: u64) {
-        self.expired.fetch_add(n, Ordering::Relaxed);
+        self.expired.inc_by(n);
     }
 
     /// Raises the expired counter to `total` when it is below, for callers
     /// that keep their own running total (the worker's `total_expired`).
     /// Never lowers it: a counter only grows.
     pub fn raise_expired_total(&self, total: u64) {
-        self.expired.fetch_max(total, Ordering::Relaxed);
+        self.expired.inner().fetch_max(total, Ordering::Relaxed);
     }
 
     /// Counts what a cleanup removed for age: expired items and expired dead
@@ -216,27 +326,31 @@ impl Metrics {
     /// quarantines directly. Snapshots passed to [`Metrics::observe_stats`]
     /// also advance this counter, so a caller should use one way, not both.
     pub fn record_quarantined(&self, n: u64) {
-        self.quarantined.fetch_add(n, Ordering::Relaxed);
+        self.quarantined.inc_by(n);
     }
 
     /// Counts one error from a plugin; `plugin` is its role or name (for
     /// example `pusher` or `checker`) and becomes the `plugin` label.
     pub fn record_plugin_error(&self, plugin: &str) {
-        let mut errors = self
-            .plugin_errors
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *errors.entry(plugin.to_owned()).or_insert(0) += 1;
+        self.plugin_errors
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_owned(),
+            })
+            .inc();
     }
 
     /// Sets the circuit breaker state gauge.
     pub fn set_circuit_state(&self, state: CircuitState) {
-        self.circuit.store(state.as_gauge(), Ordering::Relaxed);
+        self.circuit.set(circuit_gauge(state));
     }
 
     /// The circuit breaker state last set.
     pub fn circuit_state(&self) -> CircuitState {
-        CircuitState::from_gauge(self.circuit.load(Ordering::Relaxed))
+        match self.circuit.get() {
+            1 => CircuitState::Open,
+            2 => CircuitState::HalfOpen,
+            _ => CircuitState::Closed,
+        }
     }
 
     /// Advances the quarantine counter by how much the quarantine grew since
@@ -250,266 +364,65 @@ impl Metrics {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let grown = stats.quarantined.saturating_sub(last.unwrap_or(0));
         if grown > 0 {
-            self.quarantined.fetch_add(grown, Ordering::Relaxed);
+            self.quarantined.inc_by(grown);
         }
         *last = Some(stats.quarantined);
     }
 
-    /// A counter's current value, by its short name (`enqueued`, `delivered`,
-    /// `skipped`, `retried`, `dead_lettered`, `expired`, `quarantined`);
-    /// `None` for another name. For tests and status output.
-    pub fn counter(&self, name: &str) -> Option<u64> {
-        let counter = match name {
-            "enqueued" => &self.enqueued,
-            "delivered" => &self.delivered,
-            "skipped" => &self.skipped,
-            "retried" => &self.retried,
-            "dead_lettered" => &self.dead_lettered,
-            "expired" => &self.expired,
-            "quarantined" => &self.quarantined,
-            _ => return None,
-        };
-        Some(counter.load(Ordering::Relaxed))
-    }
-
-    /// Renders every metric in the Prometheus text format 0.0.4.
+    /// Encodes every metric in the OpenMetrics text format.
     ///
     /// `stats` is a fresh snapshot of the queue (it is also passed to
     /// [`Metrics::observe_stats`]); `None` when the store could not be read,
     /// in which case the queue gauges are left out and `retryq_store_up` is 0.
     /// `now` is used for the age of the oldest item.
     pub fn render(&self, stats: Option<&QueueStats>, now: DateTime<Utc>) -> String {
+        self.store_up.set(i64::from(stats.is_some()));
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = encode_registry(&mut out, &self.registry);
         if let Some(stats) = stats {
             self.observe_stats(stats);
+            self.set_snapshot(stats, now);
+            // After the counters: `observe_stats` may have advanced one.
+            out.clear();
+            let _ = encode_registry(&mut out, &self.registry);
+            let _ = encode_registry(&mut out, &self.snapshot_registry);
         }
-        let mut out = String::with_capacity(4096);
-        let mut w = Writer { out: &mut out };
-
-        w.header(
-            "retryq_store_up",
-            "gauge",
-            "1 when the last read of the queue store succeeded, 0 otherwise.",
-        );
-        w.sample("retryq_store_up", &[], u64::from(stats.is_some()));
-
-        if let Some(stats) = stats {
-            w.header(
-                "retryq_items",
-                "gauge",
-                "Items held in the queue, by status.",
-            );
-            for (status, count) in [
-                ("pending", stats.pending_items),
-                ("processing", stats.processing_items),
-                ("failed", stats.failed_items),
-            ] {
-                w.sample("retryq_items", &[("status", status)], count as u64);
-            }
-            w.header(
-                "retryq_items_bytes",
-                "gauge",
-                "Bytes the held items count against the byte limit (payload plus metadata).",
-            );
-            w.sample("retryq_items_bytes", &[], stats.total_bytes);
-            w.header(
-                "retryq_store_disk_bytes",
-                "gauge",
-                "Bytes the store occupies on disk.",
-            );
-            w.sample("retryq_store_disk_bytes", &[], stats.bytes_on_disk);
-            w.header(
-                "retryq_oldest_item_age_seconds",
-                "gauge",
-                "Age of the oldest item held, 0 when the queue is empty.",
-            );
-            let age = stats
-                .oldest_item
-                .and_then(|oldest| (now - oldest).to_std().ok())
-                .map(|age| age.as_secs_f64())
-                .unwrap_or(0.0);
-            w.sample_f64("retryq_oldest_item_age_seconds", &[], age);
-            w.header(
-                "retryq_quarantine_records",
-                "gauge",
-                "Records currently held in quarantine.",
-            );
-            w.sample("retryq_quarantine_records", &[], stats.quarantined);
-            w.header(
-                "retryq_evicted_total",
-                "counter",
-                "Items evicted by the drop_oldest overflow policy since the store was opened.",
-            );
-            w.sample("retryq_evicted_total", &[], stats.evicted);
-        }
-
-        let counters: [(&str, &str, &AtomicU64); 7] = [
-            (
-                "retryq_enqueued_total",
-                "Items accepted by enqueue.",
-                &self.enqueued,
-            ),
-            (
-                "retryq_delivered_total",
-                "Items the upstream acknowledged.",
-                &self.delivered,
-            ),
-            (
-                "retryq_skipped_total",
-                "Items removed unsent because the upstream already had their fingerprint.",
-                &self.skipped,
-            ),
-            (
-                "retryq_retried_total",
-                "Failed attempts rescheduled for a retry.",
-                &self.retried,
-            ),
-            (
-                "retryq_dead_lettered_total",
-                "Items that became dead letters.",
-                &self.dead_lettered,
-            ),
-            (
-                "retryq_expired_total",
-                "Items removed by cleanup because they were older than their TTL.",
-                &self.expired,
-            ),
-            (
-                "retryq_quarantined_total",
-                "Records moved to quarantine because they failed an integrity check.",
-                &self.quarantined,
-            ),
-        ];
-        for (name, help, counter) in counters {
-            w.header(name, "counter", help);
-            w.sample(name, &[], counter.load(Ordering::Relaxed));
-        }
-
-        w.header(
-            "retryq_plugin_errors_total",
-            "counter",
-            "Errors reported by or about a plugin, by plugin.",
-        );
-        {
-            let errors = self
-                .plugin_errors
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (plugin, count) in errors.iter() {
-                w.sample(
-                    "retryq_plugin_errors_total",
-                    &[("plugin", plugin.as_str())],
-                    *count,
-                );
-            }
-        }
-
-        w.header(
-            "retryq_circuit_state",
-            "gauge",
-            "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
-        );
-        w.sample(
-            "retryq_circuit_state",
-            &[],
-            u64::from(self.circuit.load(Ordering::Relaxed)),
-        );
-
-        let name = "retryq_push_latency_seconds";
-        w.header(name, "histogram", "Duration of push calls to the upstream.");
-        let mut cumulative = 0u64;
-        for (bound, bucket) in PUSH_LATENCY_BUCKETS
-            .iter()
-            .zip(self.push_latency.buckets.iter())
-        {
-            cumulative += bucket.load(Ordering::Relaxed);
-            w.sample(
-                "retryq_push_latency_seconds_bucket",
-                &[("le", &format_float(*bound))],
-                cumulative,
-            );
-        }
-        let count = self.push_latency.count.load(Ordering::Relaxed);
-        w.sample(
-            "retryq_push_latency_seconds_bucket",
-            &[("le", "+Inf")],
-            count,
-        );
-        let sum = self.push_latency.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        w.sample_f64("retryq_push_latency_seconds_sum", &[], sum);
-        w.sample("retryq_push_latency_seconds_count", &[], count);
-
+        let _ = encode_eof(&mut out);
         out
     }
-}
 
-/// Writes lines of the exposition format into a string.
-struct Writer<'a> {
-    out: &'a mut String,
-}
-
-impl Writer<'_> {
-    fn header(&mut self, name: &str, kind: &str, help: &str) {
-        // Writing into a String cannot fail.
-        let _ = writeln!(self.out, "# HELP {name} {}", escape_help(help));
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        self.labels(name, labels);
-        let _ = writeln!(self.out, " {value}");
-    }
-
-    fn sample_f64(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        self.labels(name, labels);
-        let _ = writeln!(self.out, " {}", format_float(value));
-    }
-
-    fn labels(&mut self, name: &str, labels: &[(&str, &str)]) {
-        self.out.push_str(name);
-        if labels.is_empty() {
-            return;
+    fn set_snapshot(&self, stats: &QueueStats, now: DateTime<Utc>) {
+        let snap = &self.snapshot;
+        for (status, count) in [
+            ("pending", stats.pending_items),
+            ("processing", stats.processing_items),
+            ("failed", stats.failed_items),
+        ] {
+            snap.items
+                .get_or_create(&StatusLabel { status })
+                .set(to_i64(count as u64));
         }
-        self.out.push('{');
-        for (i, (key, value)) in labels.iter().enumerate() {
-            if i > 0 {
-                self.out.push(',');
-            }
-            let _ = write!(self.out, "{key}=\"{}\"", escape_label_value(value));
-        }
-        self.out.push('}');
-    }
-}
-
-/// Escapes a label value: backslash, double quote and line feed.
-pub fn escape_label_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            other => out.push(other),
-        }
-    }
-    out
-}
-
-/// Escapes HELP text: backslash and line feed.
-fn escape_help(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-/// Formats a float the way Prometheus parses it (`+Inf`, `-Inf`, `NaN`
-/// spelled out; integers without an exponent).
-fn format_float(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".to_owned()
-    } else if value == f64::INFINITY {
-        "+Inf".to_owned()
-    } else if value == f64::NEG_INFINITY {
-        "-Inf".to_owned()
-    } else {
-        format!("{value}")
+        snap.items_bytes.set(to_i64(stats.total_bytes));
+        snap.disk_bytes.set(to_i64(stats.bytes_on_disk));
+        let age = stats
+            .oldest_item
+            .and_then(|oldest| (now - oldest).to_std().ok())
+            .map(|age| age.as_secs_f64())
+            .unwrap_or(0.0);
+        snap.oldest_item_age.set(age);
+        snap.quarantine_records.set(to_i64(stats.quarantined));
+        // The store counts these since it was opened; a counter only grows.
+        snap.evicted
+            .inner()
+            .fetch_max(stats.evicted, Ordering::Relaxed);
+        snap.salvaged
+            .inner()
+            .fetch_max(stats.salvaged, Ordering::Relaxed);
+        snap.salvage_lost
+            .inner()
+            .fetch_max(stats.salvage_lost, Ordering::Relaxed);
+        snap.skipped_entries.set(to_i64(stats.skipped_entries));
     }
 }
 
@@ -518,59 +431,34 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    fn sample_value(text: &str, series: &str) -> Option<String> {
+    /// The value of one sample line (`series` is the name with its labels).
+    fn sample_value(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find(|line| {
                 !line.starts_with('#') && line.rsplit_once(' ').map(|(s, _)| s) == Some(series)
             })
-            .and_then(|line| line.rsplit_once(' ').map(|(_, v)| v.to_owned()))
+            .and_then(|line| line.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
     }
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).single().unwrap()
     }
 
+    /// The metric names dashboards use are the ones the hand-made renderer
+    /// wrote: the crate must not rename them.
     #[test]
-    fn every_family_has_help_and_type_before_its_samples() {
+    fn every_known_series_is_written_and_the_output_ends_with_eof() {
         let metrics = Metrics::new();
         metrics.record_plugin_error("pusher");
-        let stats = QueueStats::default();
-        let text = metrics.render(Some(&stats), now());
-        let mut declared: Vec<String> = Vec::new();
-        let mut help_seen: Vec<String> = Vec::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# HELP ") {
-                help_seen.push(rest.split(' ').next().unwrap().to_owned());
-            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let mut parts = rest.split(' ');
-                let name = parts.next().unwrap().to_owned();
-                let kind = parts.next().unwrap();
-                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
-                assert!(help_seen.contains(&name), "TYPE before HELP for {name}");
-                assert!(!declared.contains(&name), "{name} declared twice");
-                declared.push(name);
-            } else {
-                let series = line.split(['{', ' ']).next().unwrap();
-                assert!(series.starts_with("retryq_"), "{line}");
-                let family = declared.last().expect("sample before any TYPE");
-                assert!(
-                    series == family
-                        || series
-                            .strip_prefix(family.as_str())
-                            .is_some_and(|s| ["_bucket", "_sum", "_count"].contains(&s)),
-                    "sample {series} outside its family {family}"
-                );
-                let value = line.rsplit(' ').next().unwrap();
-                assert!(
-                    value.parse::<f64>().is_ok() || value == "+Inf",
-                    "unparsable value in {line}"
-                );
-            }
-        }
-        for name in [
-            "retryq_items",
+        metrics.observe_push_latency(Duration::from_millis(3));
+        let text = metrics.render(Some(&QueueStats::default()), now());
+        for series in [
+            "retryq_store_up",
+            "retryq_items{status=\"pending\"}",
             "retryq_items_bytes",
+            "retryq_store_disk_bytes",
             "retryq_oldest_item_age_seconds",
+            "retryq_quarantine_records",
             "retryq_enqueued_total",
             "retryq_delivered_total",
             "retryq_skipped_total",
@@ -579,13 +467,24 @@ mod tests {
             "retryq_evicted_total",
             "retryq_expired_total",
             "retryq_quarantined_total",
-            "retryq_push_latency_seconds",
+            "retryq_salvaged_total",
+            "retryq_salvage_lost_total",
+            "retryq_skipped_entries",
+            "retryq_push_latency_seconds_count",
+            "retryq_push_latency_seconds_sum",
             "retryq_circuit_state",
-            "retryq_plugin_errors_total",
+            "retryq_plugin_errors_total{plugin=\"pusher\"}",
         ] {
-            assert!(declared.iter().any(|d| d == name), "{name} missing");
+            assert!(
+                sample_value(&text, series).is_some(),
+                "{series} missing in\n{text}"
+            );
         }
-        assert!(text.ends_with('\n'));
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("retryq_"), "{line}");
+        }
     }
 
     #[test]
@@ -601,46 +500,35 @@ mod tests {
             bytes_on_disk: 8192,
             quarantined: 4,
             evicted: 7,
+            salvaged: 190,
+            salvage_lost: 10,
+            skipped_entries: 3,
             ..QueueStats::default()
         };
         let text = metrics.render(Some(&stats), now());
-        assert_eq!(
-            sample_value(&text, "retryq_items{status=\"pending\"}").as_deref(),
-            Some("3")
-        );
-        assert_eq!(
-            sample_value(&text, "retryq_items{status=\"processing\"}").as_deref(),
-            Some("1")
-        );
-        assert_eq!(
-            sample_value(&text, "retryq_items{status=\"failed\"}").as_deref(),
-            Some("2")
-        );
-        assert_eq!(
-            sample_value(&text, "retryq_items_bytes").as_deref(),
-            Some("1234")
-        );
-        assert_eq!(
-            sample_value(&text, "retryq_store_disk_bytes").as_deref(),
-            Some("8192")
-        );
-        assert_eq!(
-            sample_value(&text, "retryq_oldest_item_age_seconds").as_deref(),
-            Some("90")
-        );
-        assert_eq!(
-            sample_value(&text, "retryq_evicted_total").as_deref(),
-            Some("7")
-        );
-        assert_eq!(sample_value(&text, "retryq_store_up").as_deref(), Some("1"));
+        for (series, value) in [
+            ("retryq_items{status=\"pending\"}", 3.0),
+            ("retryq_items{status=\"processing\"}", 1.0),
+            ("retryq_items{status=\"failed\"}", 2.0),
+            ("retryq_items_bytes", 1234.0),
+            ("retryq_store_disk_bytes", 8192.0),
+            ("retryq_oldest_item_age_seconds", 90.0),
+            ("retryq_evicted_total", 7.0),
+            ("retryq_salvaged_total", 190.0),
+            ("retryq_salvage_lost_total", 10.0),
+            ("retryq_skipped_entries", 3.0),
+            ("retryq_store_up", 1.0),
+        ] {
+            assert_eq!(sample_value(&text, series), Some(value), "{series}");
+        }
     }
 
     #[test]
     fn store_down_leaves_out_queue_gauges() {
         let text = Metrics::new().render(None, now());
-        assert_eq!(sample_value(&text, "retryq_store_up").as_deref(), Some("0"));
+        assert_eq!(sample_value(&text, "retryq_store_up"), Some(0.0));
         assert!(!text.contains("retryq_items{"));
-        assert!(text.contains("retryq_enqueued_total 0"));
+        assert_eq!(sample_value(&text, "retryq_enqueued_total"), Some(0.0));
     }
 
     #[test]
@@ -660,32 +548,39 @@ mod tests {
             dead_letters_expired: 1,
             quarantine_trimmed: 5,
         });
+        metrics.raise_expired_total(1);
         metrics.set_circuit_state(CircuitState::HalfOpen);
         let text = metrics.render(None, now());
         for (series, value) in [
-            ("retryq_enqueued_total", "3"),
-            ("retryq_delivered_total", "1"),
-            ("retryq_retried_total", "1"),
-            ("retryq_dead_lettered_total", "1"),
-            ("retryq_skipped_total", "1"),
-            ("retryq_expired_total", "2"),
-            ("retryq_circuit_state", "2"),
-            ("retryq_push_latency_seconds_bucket{le=\"0.01\"}", "0"),
-            ("retryq_push_latency_seconds_bucket{le=\"0.025\"}", "1"),
-            ("retryq_push_latency_seconds_bucket{le=\"0.5\"}", "1"),
-            ("retryq_push_latency_seconds_bucket{le=\"1\"}", "2"),
-            ("retryq_push_latency_seconds_bucket{le=\"120\"}", "2"),
-            ("retryq_push_latency_seconds_bucket{le=\"+Inf\"}", "3"),
-            ("retryq_push_latency_seconds_count", "3"),
-            ("retryq_push_latency_seconds_sum", "500.72"),
+            ("retryq_enqueued_total", 3.0),
+            ("retryq_delivered_total", 1.0),
+            ("retryq_retried_total", 1.0),
+            ("retryq_dead_lettered_total", 1.0),
+            ("retryq_skipped_total", 1.0),
+            ("retryq_expired_total", 2.0),
+            ("retryq_circuit_state", 2.0),
+            ("retryq_push_latency_seconds_bucket{le=\"0.01\"}", 0.0),
+            ("retryq_push_latency_seconds_bucket{le=\"0.025\"}", 1.0),
+            ("retryq_push_latency_seconds_bucket{le=\"0.5\"}", 1.0),
+            ("retryq_push_latency_seconds_bucket{le=\"1.0\"}", 2.0),
+            ("retryq_push_latency_seconds_bucket{le=\"120.0\"}", 2.0),
+            ("retryq_push_latency_seconds_bucket{le=\"+Inf\"}", 3.0),
+            ("retryq_push_latency_seconds_count", 3.0),
         ] {
             assert_eq!(
-                sample_value(&text, series).as_deref(),
+                sample_value(&text, series),
                 Some(value),
-                "{series}"
+                "{series} in\n{text}"
             );
         }
+        let sum = sample_value(&text, "retryq_push_latency_seconds_sum").unwrap();
+        assert!((sum - 500.72).abs() < 1e-9, "{sum}");
         assert_eq!(metrics.circuit_state(), CircuitState::HalfOpen);
+        metrics.raise_expired_total(10);
+        assert_eq!(
+            sample_value(&metrics.render(None, now()), "retryq_expired_total"),
+            Some(10.0)
+        );
     }
 
     #[test]
@@ -696,49 +591,35 @@ mod tests {
             ..QueueStats::default()
         };
         metrics.observe_stats(&stats);
-        assert_eq!(metrics.counter("quarantined"), Some(2));
+        assert_eq!(metrics.quarantined_total(), 2);
         stats.quarantined = 5;
         metrics.observe_stats(&stats);
-        assert_eq!(metrics.counter("quarantined"), Some(5));
+        assert_eq!(metrics.quarantined_total(), 5);
         stats.quarantined = 1; // trimmed by cleanup
         metrics.observe_stats(&stats);
-        assert_eq!(metrics.counter("quarantined"), Some(5));
+        assert_eq!(metrics.quarantined_total(), 5);
         stats.quarantined = 3;
         let text = metrics.render(Some(&stats), now());
-        assert_eq!(
-            sample_value(&text, "retryq_quarantined_total").as_deref(),
-            Some("7")
-        );
-        assert_eq!(
-            sample_value(&text, "retryq_quarantine_records").as_deref(),
-            Some("3")
-        );
+        assert_eq!(sample_value(&text, "retryq_quarantined_total"), Some(7.0));
+        assert_eq!(sample_value(&text, "retryq_quarantine_records"), Some(3.0));
     }
 
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
-        assert_eq!(escape_label_value("line\nbreak"), "line\\nbreak");
+    fn label_values_are_escaped_onto_one_line() {
         let metrics = Metrics::new();
         metrics.record_plugin_error("we\"ird\\name\n");
         metrics.record_plugin_error("we\"ird\\name\n");
         let text = metrics.render(None, now());
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("retryq_plugin_errors_total{"))
+            .expect("the plugin's series");
+        assert!(line.ends_with(" 2"), "{line}");
+        assert!(!line.contains('\n'));
         assert!(
-            text.contains("retryq_plugin_errors_total{plugin=\"we\\\"ird\\\\name\\n\"} 2\n"),
+            text.lines()
+                .all(|l| l.starts_with('#') || l.starts_with("retryq_")),
             "{text}"
         );
-        // The escaped value keeps every sample on one line.
-        assert!(text
-            .lines()
-            .all(|l| l.starts_with('#') || l.starts_with("retryq_")));
-    }
-
-    #[test]
-    fn floats_use_prometheus_spelling() {
-        assert_eq!(format_float(f64::INFINITY), "+Inf");
-        assert_eq!(format_float(f64::NEG_INFINITY), "-Inf");
-        assert_eq!(format_float(f64::NAN), "NaN");
-        assert_eq!(format_float(0.25), "0.25");
-        assert_eq!(format_float(1.0), "1");
     }
 }

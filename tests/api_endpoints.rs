@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::http::StatusCode;
 use actix_web::{test, App};
-use api_support::{bearer, config_with_token, parse_prometheus, Fixture, TOKEN};
+use api_support::{bearer, config_with_token, parse_openmetrics, Fixture, TOKEN};
 use retryq::admin::{self, AdminConfig, WorkerControl};
 use retryq::item::ItemStatus;
 use retryq::store::RetryQueue;
@@ -231,7 +231,7 @@ async fn ingest_stores_the_payload_with_query_and_header_parameters() {
         assert_eq!(item.status, ItemStatus::Pending);
         // The worker was woken and the counter moved.
         assert_eq!(fx.worker.nudges.load(Ordering::SeqCst), 1);
-        assert_eq!(fx.metrics.counter("enqueued"), Some(1));
+        assert_eq!(fx.metrics.enqueued_total(), 1);
 
         // A caller-chosen ID is kept.
         let (status, body) = call(&svc, post_item("?id=my-id_1", "{\"x\":2}")).await;
@@ -298,7 +298,7 @@ async fn duplicate_is_409_with_the_existing_id() {
         assert_error(status, &body, StatusCode::CONFLICT, "duplicate_item");
         assert_eq!(body["existing_id"], "dup-id");
         assert_eq!(fx.queue.size().unwrap(), 2);
-        assert_eq!(fx.metrics.counter("enqueued"), Some(2));
+        assert_eq!(fx.metrics.enqueued_total(), 2);
     }
 }
 
@@ -839,7 +839,7 @@ async fn stats_use_the_seed_names_and_include_the_worker() {
 }
 
 #[actix_web::test]
-async fn metrics_are_prometheus_text() {
+async fn metrics_are_openmetrics_text() {
     for (fx, _dir) in fixtures(100, 1024 * 1024) {
         let svc = service(&fx, &config_with_token()).await;
         let ids = seed(&fx, 2);
@@ -867,26 +867,26 @@ async fn metrics_are_prometheus_text() {
             .unwrap()
             .to_owned();
         assert!(
-            content_type.starts_with("text/plain; version=0.0.4"),
+            content_type.starts_with("application/openmetrics-text; version=1.0.0"),
             "{content_type}"
         );
         let text = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
-        let types = parse_prometheus(&text);
+        let types = parse_openmetrics(&text);
         for (name, kind) in [
             ("retryq_items", "gauge"),
             ("retryq_items_bytes", "gauge"),
             ("retryq_oldest_item_age_seconds", "gauge"),
-            ("retryq_enqueued_total", "counter"),
-            ("retryq_delivered_total", "counter"),
-            ("retryq_skipped_total", "counter"),
-            ("retryq_retried_total", "counter"),
-            ("retryq_dead_lettered_total", "counter"),
-            ("retryq_evicted_total", "counter"),
-            ("retryq_expired_total", "counter"),
-            ("retryq_quarantined_total", "counter"),
+            ("retryq_enqueued", "counter"),
+            ("retryq_delivered", "counter"),
+            ("retryq_skipped", "counter"),
+            ("retryq_retried", "counter"),
+            ("retryq_dead_lettered", "counter"),
+            ("retryq_evicted", "counter"),
+            ("retryq_expired", "counter"),
+            ("retryq_quarantined", "counter"),
             ("retryq_push_latency_seconds", "histogram"),
             ("retryq_circuit_state", "gauge"),
-            ("retryq_plugin_errors_total", "counter"),
+            ("retryq_plugin_errors", "counter"),
         ] {
             assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
         }
@@ -906,7 +906,7 @@ async fn metrics_are_prometheus_text() {
         );
         // The oldest item was created 11 s before the (manual) clock's now.
         assert!(
-            text.contains("\nretryq_oldest_item_age_seconds 11\n"),
+            text.contains("\nretryq_oldest_item_age_seconds 11.0\n"),
             "{text}"
         );
     }

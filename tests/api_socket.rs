@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use api_support::{config_with_token, parse_prometheus, Fixture, TOKEN};
+use api_support::{config_with_token, parse_openmetrics, Fixture, TOKEN};
 use retryq::admin::{self, AdminConfig, AdminError, AdminToken};
 use retryq::store::RetryQueue;
 
@@ -86,9 +86,9 @@ async fn serves_over_a_real_socket_with_a_token() {
     assert_eq!(listed["items"][0]["id"], id.as_str());
     assert_eq!(metrics_refused.0, 401);
     assert_eq!(metrics.0, 200);
-    let types = parse_prometheus(&metrics.1);
+    let types = parse_openmetrics(&metrics.1);
     assert_eq!(
-        types.get("retryq_enqueued_total").map(String::as_str),
+        types.get("retryq_enqueued").map(String::as_str),
         Some("counter")
     );
     assert!(

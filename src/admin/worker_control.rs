@@ -11,9 +11,9 @@ use serde_json::json;
 
 use super::{ControlError, ControlFuture, WorkerControl};
 use crate::item::NewItem;
-use crate::metrics::{CircuitState as MetricsCircuit, DeliveryOutcome, Metrics};
+use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::store::CleanupReport;
-use crate::worker::{CircuitState, EventKind, RetryWorker, WorkerEvent};
+use crate::worker::{EventKind, RetryWorker, WorkerEvent};
 
 /// [`WorkerControl`] over a [`RetryWorker`].
 ///
@@ -132,11 +132,7 @@ impl WorkerControl for RetryWorkerControl {
 
     fn refresh_metrics(&self, metrics: &Metrics) {
         let stats = self.worker.stats();
-        metrics.set_circuit_state(match stats.circuit_state {
-            CircuitState::Closed => MetricsCircuit::Closed,
-            CircuitState::Open => MetricsCircuit::Open,
-            CircuitState::HalfOpen => MetricsCircuit::HalfOpen,
-        });
+        metrics.set_circuit_state(stats.circuit_state);
         metrics.raise_expired_total(
             stats
                 .total_expired

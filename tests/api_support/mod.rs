@@ -460,10 +460,10 @@ pub fn bearer() -> (&'static str, String) {
     ("Authorization", format!("Bearer {TOKEN}"))
 }
 
-/// Checks the Prometheus text format line by line: every sample belongs to
+/// Checks the OpenMetrics text format line by line: every sample belongs to
 /// a family declared by HELP and TYPE lines before it, values parse.
 /// Returns the declared families with their types.
-pub fn parse_prometheus(text: &str) -> BTreeMap<String, String> {
+pub fn parse_openmetrics(text: &str) -> BTreeMap<String, String> {
     let mut types = BTreeMap::new();
     let mut current: Option<String> = None;
     for line in text.lines() {
@@ -478,6 +478,8 @@ pub fn parse_prometheus(text: &str) -> BTreeMap<String, String> {
             );
             types.insert(name.to_owned(), kind.to_owned());
             current = Some(name.to_owned());
+        } else if line == "# EOF" || line.starts_with("# UNIT ") {
+            // OpenMetrics: the end marker, and a family's unit.
         } else {
             assert!(!line.starts_with('#'), "stray comment {line:?}");
             let (series, value) = line.rsplit_once(' ').expect("sample has a value");
@@ -485,6 +487,7 @@ pub fn parse_prometheus(text: &str) -> BTreeMap<String, String> {
             let family = current.as_deref().expect("sample before TYPE");
             assert!(
                 name == family
+                    || (types[family] == "counter" && name == format!("{family}_total"))
                     || (types[family] == "histogram"
                         && [
                             format!("{family}_bucket"),
