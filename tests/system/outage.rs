@@ -22,7 +22,19 @@ cooldown = "1s"
 
 #[test]
 fn an_outage_opens_the_circuit_and_recovery_drains_the_backlog() {
-    let upstream = Upstream::start(Mode::Fail(503));
+    outage_then_recovery(Mode::Fail(503));
+}
+
+/// The stall: an upstream that fails slowly keeps pushes in flight
+/// while the circuit opens, and their late failures left the breaker with
+/// no probe scheduled (reproduced on 5dfdca8..c11dd70).
+#[test]
+fn a_slow_failing_outage_still_probes_and_recovers() {
+    outage_then_recovery(Mode::FailSlowly(503, Duration::from_millis(300)));
+}
+
+fn outage_then_recovery(failing: Mode) {
+    let upstream = Upstream::start(failing);
     let dep = Deployment::new();
     let config = dep.config(&upstream, SCENARIO);
     let daemon = dep.start(&config);

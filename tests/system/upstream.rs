@@ -21,6 +21,9 @@ pub enum Mode {
     Accept,
     /// This status to everything (503, 500...).
     Fail(u16),
+    /// This status after a delay: a slow, overloaded upstream, which keeps
+    /// pushes in flight while the circuit opens.
+    FailSlowly(u16, Duration),
     /// 503 to the next N requests, then 200.
     FailFirst(u32),
     /// 401 to everything, as an upstream with revoked credentials.
@@ -186,6 +189,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let (status, extra, delay) = match mode {
         Mode::Accept | Mode::FailFirst(0) => (200, String::new(), None),
         Mode::Fail(status) => (status, String::new(), None),
+        Mode::FailSlowly(status, d) => (status, String::new(), Some(d)),
         Mode::FailFirst(_) => (503, String::new(), None),
         Mode::Unauthorized => (401, String::new(), None),
         Mode::TooMany { retry_after_secs } => {
