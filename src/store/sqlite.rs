@@ -2010,7 +2010,7 @@ mod tests {
             let payload = format!("{{\"n\":{n},\"pad\":\"{big}\"}}");
             match q.enqueue(NewItem::from_json(payload.as_bytes()).unwrap()) {
                 Ok(id) => acked.push(id),
-                Err(QueueError::Storage { .. }) => {
+                Err(QueueError::DiskFull { .. }) => {
                     saw_full = true;
                     break;
                 }
@@ -2061,8 +2061,8 @@ mod tests {
             item(3),
         ];
         match q.enqueue_batch(batch) {
-            Err(QueueError::Storage { .. }) => {}
-            other => panic!("expected a storage error, got {other:?}"),
+            Err(QueueError::DiskFull { .. }) => {}
+            other => panic!("expected a disk-full error, got {other:?}"),
         }
         assert_eq!(
             q.size().unwrap(),
