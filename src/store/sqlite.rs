@@ -74,6 +74,10 @@
 //! SQLite replays or discards its WAL itself. retryq then returns every
 //! `processing` item whose lease has expired to `pending`: a claim that a
 //! crashed process never acknowledged is delivered again (at-least-once).
+//! An admin client ([`OpenMode::Client`]) skips that write. Each claim
+//! records the instance that made it (`lease_owner`, schema 3), so a
+//! daemon that took the owner lock releases its predecessors' leases at
+//! once with `release_leases_except`, expired or not.
 //!
 //! # Sharing
 //!
