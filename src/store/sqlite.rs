@@ -109,10 +109,12 @@ mod fingerprints;
 #[cfg(test)]
 mod lease_tests;
 mod open;
+mod salvage;
 mod wal_sync;
 use checkpointer::Checkpointer;
 use fingerprints::FingerprintIndex;
 pub use open::OpenMode;
+pub use salvage::{repair, SalvageReport};
 use wal_sync::WalSync;
 
 /// The schema version this build writes and reads.
@@ -388,6 +390,8 @@ pub struct SqliteRetryQueue {
     path: PathBuf,
     options: StoreOptions,
     evicted: AtomicU64,
+    /// Skipped records and salvages of a corrupt file (`sqlite/salvage.rs`).
+    salvage: salvage::SalvageState,
     mode: OpenMode,
 }
 
@@ -395,14 +399,14 @@ impl SqliteRetryQueue {
     /// Opens (creating if needed) the queue database at `path`, returning
     /// expired leases to pending ([`OpenMode::Recover`]).
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> QueueResult<Self> {
-        Self::open_with_mode(path, options, OpenMode::Recover)
+        salvage::open_or_salvage(path.as_ref(), options, OpenMode::Recover)
     }
 
     /// Opens the queue database at `path` as an admin client beside a
     /// daemon ([`OpenMode::Client`]): no write at open beyond a schema it
     /// could not read otherwise.
     pub fn open_as_client(path: impl AsRef<Path>, options: StoreOptions) -> QueueResult<Self> {
-        Self::open_with_mode(path, options, OpenMode::Client)
+        salvage::open_or_salvage(path.as_ref(), options, OpenMode::Client)
     }
 
     /// Opens (creating if needed) the queue database at `path` in `mode`.
@@ -475,6 +479,7 @@ impl SqliteRetryQueue {
             path,
             options,
             evicted: AtomicU64::new(0),
+            salvage: salvage::SalvageState::default(),
             mode,
         };
         if mode == OpenMode::Recover {
@@ -510,9 +515,14 @@ impl SqliteRetryQueue {
 
     fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> QueueResult<T>) -> QueueResult<T> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_mut() {
+        let outcome = match guard.as_mut() {
             Some(conn) => f(conn),
-            None => Err(QueueError::QueueClosed),
+            None => return Err(QueueError::QueueClosed),
+        };
+        match outcome {
+            // Salvaged under this lock: no other call sees the swap midway.
+            Err(e) if salvage::is_corruption(&e) => Err(self.salvage_locked(&mut guard, e)),
+            other => other,
         }
     }
 
@@ -637,7 +647,7 @@ impl SqliteRetryQueue {
             .prepare_cached(&load_sql(where_sql))
             .map_err(sql_err("read"))?;
         let rows = stmt
-            .query_map(params, read_row)
+            .query_map(params, salvage::read_row_or_bad)
             .map_err(sql_err("read"))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(sql_err("read"))?;
@@ -646,27 +656,10 @@ impl SqliteRetryQueue {
         for row in rows {
             match row {
                 Loaded::Ok { seq, item } => items.push((seq, *item)),
-                Loaded::Bad { seq, id, reason } => self.quarantine(tx, seq, &id, &reason)?,
+                Loaded::Bad { seq, id, reason } => self.quarantine_record(tx, seq, &id, &reason)?,
             }
         }
         Ok((items, seen))
-    }
-
-    fn quarantine(&self, conn: &Connection, seq: i64, id: &str, reason: &str) -> QueueResult<()> {
-        tracing::warn!(item_id = id, reason, "quarantining corrupt queue record");
-        let body: Option<Vec<u8>> = conn
-            .query_row("SELECT body FROM payloads WHERE seq = ?1", [seq], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(sql_err("quarantine"))?;
-        conn.execute(
-            "INSERT INTO quarantine (item_id, reason, quarantined_at, body) VALUES (?1, ?2, ?3, ?4)",
-            params![id, reason, to_nanos(self.now()), body],
-        )
-        .map_err(sql_err("quarantine"))?;
-        self.delete_row(conn, "quarantine", seq)?;
-        Ok(())
     }
 
     /// Deletes the item with rowid `seq` and its payload (quarantine,
@@ -708,6 +701,7 @@ impl SqliteRetryQueue {
         let exists: Option<i64> =
             query_optional(conn, "get", "SELECT 1 FROM items WHERE id = ?1", [id])?;
         if exists.is_none() {
+            salvage::confirm_missing(conn, [id])?;
             return Err(QueueError::not_found(id));
         }
         let mut items = self.load(conn, "WHERE i.id = ?1", &[&id])?;
@@ -1206,6 +1200,10 @@ impl SqliteRetryQueue {
                 .collect()
             })
             .map_err(sql_err("delete"))?;
+        if found.len() < ids.len() {
+            let missing = ids.iter().filter(|id| !found.contains_key(*id));
+            salvage::confirm_missing(conn, missing.map(String::as_str))?;
+        }
         let seqs: Vec<i64> = found.values().map(|row| row.0).collect();
         let seq_list = serde_json::to_string(&seqs)
             .map_err(|e| QueueError::storage("delete", e.to_string()))?;
@@ -1484,16 +1482,20 @@ fn order_sql(filter: &ListFilter) -> String {
 
 impl RetryQueue for SqliteRetryQueue {
     fn enqueue(&self, item: NewItem) -> QueueResult<String> {
-        self.write("enqueue", |tx| {
-            self.enqueue_in(tx, item, None, &mut KnownTotals::default())
-                .map(|item| item.id)
+        self.salvaging(|| {
+            self.write("enqueue", |tx| {
+                self.enqueue_in(tx, item.clone(), None, &mut KnownTotals::default())
+                    .map(|item| item.id)
+            })
         })
     }
 
     fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
-        let results = self.batch("enqueue_batch", items, |conn, item, known| {
-            self.enqueue_in(conn, item, None, known)
-                .map(|item| WriteOutcome::Enqueued(item.id))
+        let results = self.salvaging(|| {
+            self.batch("enqueue_batch", items.clone(), |conn, item, known| {
+                self.enqueue_in(conn, item, None, known)
+                    .map(|item| WriteOutcome::Enqueued(item.id))
+            })
         })?;
         Ok(results
             .into_iter()
@@ -1506,9 +1508,11 @@ impl RetryQueue for SqliteRetryQueue {
         items: Vec<NewItem>,
         lease: Duration,
     ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
-        let results = self.batch("enqueue_claimed", items, |conn, item, known| {
-            self.enqueue_in(conn, item, Some(lease), known)
-                .map(|item| WriteOutcome::Claimed(Box::new(item)))
+        let results = self.salvaging(|| {
+            self.batch("enqueue_claimed", items.clone(), |conn, item, known| {
+                self.enqueue_in(conn, item, Some(lease), known)
+                    .map(|item| WriteOutcome::Claimed(Box::new(item)))
+            })
         })?;
         Ok(results
             .into_iter()
@@ -1533,26 +1537,32 @@ impl RetryQueue for SqliteRetryQueue {
 
     fn peek(&self) -> QueueResult<Option<QueueItem>> {
         let now = to_nanos(self.now());
-        self.write("peek", |tx| {
-            // Loop: a corrupt head is quarantined and the next one tried.
-            loop {
-                let head: Option<i64> = query_optional(
-                    tx,
-                    "peek",
-                    "SELECT seq FROM items WHERE status = 0 AND next_retry <= ?1 \
-                     ORDER BY next_retry, created_at, id LIMIT 1",
-                    [now],
-                )?;
-                let Some(seq) = head else { return Ok(None) };
-                if let Some(item) = self.load(tx, "WHERE i.seq = ?1", &[&seq])?.pop() {
-                    return Ok(Some(item));
+        self.salvaging(|| {
+            self.write("peek", |tx| {
+                // Loop: a corrupt head is quarantined (or skipped, and then
+                // left out of the query) and the next one tried.
+                loop {
+                    let head: Option<i64> = query_optional(
+                        tx,
+                        "peek",
+                        &self.salvage.exclude_skipped(
+                            "SELECT seq FROM items WHERE status = 0 AND next_retry <= ?1 \
+                             ORDER BY next_retry, created_at, id LIMIT 1",
+                            "seq",
+                        ),
+                        [now],
+                    )?;
+                    let Some(seq) = head else { return Ok(None) };
+                    if let Some(item) = self.load(tx, "WHERE i.seq = ?1", &[&seq])?.pop() {
+                        return Ok(Some(item));
+                    }
                 }
-            }
+            })
         })
     }
 
     fn get(&self, id: &str) -> QueueResult<QueueItem> {
-        self.write("get", |tx| self.get_in(tx, id))
+        self.salvaging(|| self.write("get", |tx| self.get_in(tx, id)))
     }
 
     fn update(&self, item: &QueueItem) -> QueueResult<()> {
@@ -1586,15 +1596,15 @@ impl RetryQueue for SqliteRetryQueue {
     }
 
     fn delete(&self, id: &str) -> QueueResult<()> {
-        self.write("delete", |tx| self.delete_in(tx, id))
+        self.salvaging(|| self.write("delete", |tx| self.delete_in(tx, id)))
     }
 
     fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
-        self.write("mark_failed", |tx| self.mark_failed_in(tx, id, reason))
+        self.salvaging(|| self.write("mark_failed", |tx| self.mark_failed_in(tx, id, reason)))
     }
 
     fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
-        self.write("requeue", |tx| self.requeue_in(tx, id, error, next_retry))
+        self.salvaging(|| self.write("requeue", |tx| self.requeue_in(tx, id, error, next_retry)))
     }
 
     fn revive(&self, id: &str) -> QueueResult<QueueItem> {
@@ -1606,7 +1616,7 @@ impl RetryQueue for SqliteRetryQueue {
 
     fn release(&self, id: &str) -> QueueResult<()> {
         let now = to_nanos(self.now());
-        self.write("release", |tx| Self::release_in(tx, id, now))
+        self.salvaging(|| self.write("release", |tx| Self::release_in(tx, id, now)))
     }
 
     fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
@@ -1615,38 +1625,43 @@ impl RetryQueue for SqliteRetryQueue {
         }
         let now = self.now();
         let lease_until = crate::backoff::add_saturating(now, lease);
-        self.write("claim", |tx| {
-            let mut claimed = Vec::with_capacity(limit.min(1024));
-            // Loops only when corrupt rows were quarantined out of a page.
-            while claimed.len() < limit {
-                let want = limit - claimed.len();
-                let (items, seen) =
-                    self.load_counted(tx, CLAIM_WHERE, &[&to_nanos(now), &(want as i64)])?;
-                let seqs: Vec<i64> = items.iter().map(|(seq, _)| *seq).collect();
-                let seq_list = serde_json::to_string(&seqs)
-                    .map_err(|e| QueueError::storage("claim", e.to_string()))?;
-                tx.prepare_cached(
-                    "UPDATE OR FAIL items SET status = 1, lease_until = ?2, updated_at = ?3, \
-                     lease_owner = ?4 WHERE seq IN (SELECT value FROM json_each(?1))",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        seq_list,
-                        to_nanos(lease_until),
-                        to_nanos(now),
-                        self.options.instance_id
-                    ])
-                })
-                .map_err(sql_err("claim"))?;
-                for (_, mut item) in items {
-                    item.record_claim(lease_until, &self.options.instance_id, now);
-                    claimed.push(item);
+        self.salvaging(|| {
+            self.write("claim", |tx| {
+                let mut claimed = Vec::with_capacity(limit.min(1024));
+                // Loops only when corrupt rows were quarantined out of a page.
+                while claimed.len() < limit {
+                    let want = limit - claimed.len();
+                    let (items, seen) = self.load_counted(
+                        tx,
+                        &self.salvage.exclude_skipped(CLAIM_WHERE, "i.seq"),
+                        &[&to_nanos(now), &(want as i64)],
+                    )?;
+                    let seqs: Vec<i64> = items.iter().map(|(seq, _)| *seq).collect();
+                    let seq_list = serde_json::to_string(&seqs)
+                        .map_err(|e| QueueError::storage("claim", e.to_string()))?;
+                    tx.prepare_cached(
+                        "UPDATE OR FAIL items SET status = 1, lease_until = ?2, updated_at = ?3, \
+                         lease_owner = ?4 WHERE seq IN (SELECT value FROM json_each(?1))",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            seq_list,
+                            to_nanos(lease_until),
+                            to_nanos(now),
+                            self.options.instance_id
+                        ])
+                    })
+                    .map_err(sql_err("claim"))?;
+                    for (_, mut item) in items {
+                        item.record_claim(lease_until, &self.options.instance_id, now);
+                        claimed.push(item);
+                    }
+                    if seen < want {
+                        break;
+                    }
                 }
-                if seen < want {
-                    break;
-                }
-            }
-            Ok(claimed)
+                Ok(claimed)
+            })
         })
     }
 
@@ -1755,6 +1770,8 @@ impl RetryQueue for SqliteRetryQueue {
                     r.get::<_, i64>(0)
                 })
                 .map_err(sql_err("stats"))? as u64;
+            (stats.salvaged, stats.salvage_lost) = salvage::recorded(conn)?;
+            stats.skipped_entries = self.salvage.skipped_count();
             Ok(stats)
         })?;
         stats.bytes_on_disk = ["", "-wal", "-shm"]
@@ -1874,7 +1891,8 @@ impl RetryQueue for SqliteRetryQueue {
     }
 
     fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
-        let (results, _in_commit) = self.apply_ops(ops, Durability::InCommit)?;
+        let (results, _in_commit) =
+            self.salvaging(|| self.apply_ops(ops.clone(), Durability::InCommit))?;
         Ok(results)
     }
 
@@ -1882,7 +1900,9 @@ impl RetryQueue for SqliteRetryQueue {
         &self,
         ops: Vec<WriteOp>,
     ) -> QueueResult<(Vec<QueueResult<WriteOutcome>>, Option<PendingSync>)> {
-        self.apply_ops(ops, Durability::Deferred)
+        // Cloned for the one retry after a salvage (a delivered item's
+        // delete must land, or the item would be sent again).
+        self.salvaging(|| self.apply_ops(ops.clone(), Durability::Deferred))
     }
 
     fn close(&self) -> QueueResult<()> {
