@@ -1,7 +1,7 @@
 //! [`HttpPusher`]: delivers one item per HTTP request and maps the answer to
 //! a [`PushOutcome`] (see the crate documentation for the mapping).
 
-use std::io::Write;
+use std::io::{Read, Write};
 
 use reqwest::header::{HeaderValue, CONTENT_ENCODING, CONTENT_TYPE, LOCATION};
 use reqwest::StatusCode;
@@ -115,6 +115,7 @@ fn transport_failure(error: &reqwest::Error, timeout: std::time::Duration) -> Pu
 fn classify(response: reqwest::blocking::Response) -> PushOutcome {
     let status = response.status();
     if status.is_success() {
+        drain(response);
         return PushOutcome::Delivered;
     }
     if status.is_redirection() {
@@ -153,6 +154,17 @@ fn classify(response: reqwest::blocking::Response) -> PushOutcome {
         "unexpected answer from upstream: {}",
         describe_status(response)
     ))
+}
+
+/// The most of a 2xx body read only to keep its connection.
+const DRAIN_LIMIT: u64 = 256 * 1024;
+
+/// Reads the rest of a body nobody needs: a connection goes back to the
+/// client's pool (keep-alive) only once its answer was read to the end;
+/// otherwise every push would open a new one. A body larger than
+/// [`DRAIN_LIMIT`] costs its connection instead of the time to read it.
+fn drain(response: reqwest::blocking::Response) {
+    let _ = std::io::copy(&mut response.take(DRAIN_LIMIT), &mut std::io::sink());
 }
 
 fn is_retryable_status(status: StatusCode) -> bool {
