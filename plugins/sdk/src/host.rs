@@ -9,7 +9,9 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -653,42 +655,176 @@ impl FingerprintChecker for DynChecker {
     }
 }
 
-/// Runs each call of the inner transport on its own thread and waits only
-/// until the call's deadline: a call past it is a retryable failure, and the
-/// stuck thread is abandoned (the next call gets a fresh one) instead of
-/// holding a pool thread forever.
+/// A panic payload carried from a call thread back to its caller.
+type Panic = Box<dyn std::any::Any + Send>;
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads kept idle at most; more are only needed while that many calls
+/// run at once, and they exit when handed back past this.
+const MAX_IDLE_CALL_THREADS: usize = 256;
+
+/// Reusable threads for transport calls that must be abandoned at their
+/// deadline.
+///
+/// A call runs on an idle pool thread (one is started when none is idle)
+/// and the caller waits only until the deadline. A call that returns in
+/// time hands its thread back for the next call; a late call's thread is
+/// abandoned (it exits once the call finally returns) and the next call
+/// that finds no idle thread starts its replacement. So threads are started
+/// only up to the peak number of calls at once, plus one per abandoned
+/// call, never one per call.
+pub struct CallPool {
+    shared: Arc<PoolShared>,
+}
+
+struct PoolShared {
+    name: String,
+    idle: Mutex<Vec<CallThread>>,
+    started: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+/// One pool thread, reached through its job channel; dropping this closes
+/// the channel, and the thread exits after the job it is running, if any.
+struct CallThread {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl CallPool {
+    /// An empty pool whose threads are called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        CallPool {
+            shared: Arc::new(PoolShared {
+                name: name.into(),
+                idle: Mutex::new(Vec::new()),
+                started: AtomicU64::new(0),
+                abandoned: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Threads started so far (the first calls', and replacements).
+    pub fn threads_started(&self) -> u64 {
+        self.shared.started.load(Ordering::Relaxed)
+    }
+
+    /// Calls abandoned at their deadline so far.
+    pub fn calls_abandoned(&self) -> u64 {
+        self.shared.abandoned.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on a pool thread and waits for it at most `timeout`.
+    /// `None` when the call is late (it goes on, alone, on its abandoned
+    /// thread) or no thread could be started. A panic in `f` is resumed
+    /// here, on the caller's thread, which keeps the pool thread.
+    pub fn run<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Option<R> {
+        if timeout.is_zero() {
+            return None;
+        }
+        let (tx, rx) = mpsc::sync_channel::<Result<R, Panic>>(1);
+        let mut job: Job = Box::new(move || {
+            let _ = tx.send(std::panic::catch_unwind(AssertUnwindSafe(f)));
+        });
+        // An idle thread's channel is closed only if the thread died, which
+        // catch_unwind prevents; should it happen anyway, use another one.
+        let thread = loop {
+            let thread = self.take_idle().or_else(|| self.start_thread())?;
+            match thread.jobs.send(job) {
+                Ok(()) => break thread,
+                Err(mpsc::SendError(back)) => job = back,
+            }
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(value)) => {
+                self.give_back(thread);
+                Some(value)
+            }
+            Ok(Err(panic)) => {
+                self.give_back(thread);
+                std::panic::resume_unwind(panic)
+            }
+            Err(_) => {
+                // Dropping `thread` closes its channel: it exits after the
+                // late call instead of returning to the pool.
+                self.shared.abandoned.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn take_idle(&self) -> Option<CallThread> {
+        self.shared
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+    }
+
+    fn give_back(&self, thread: CallThread) {
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_CALL_THREADS {
+            idle.push(thread);
+        }
+    }
+
+    fn start_thread(&self) -> Option<CallThread> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name(self.shared.name.clone())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                self.shared.started.fetch_add(1, Ordering::Relaxed);
+                Some(CallThread { jobs })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a transport call thread");
+                None
+            }
+        }
+    }
+}
+
+/// Runs each call of the inner transport on a [`CallPool`] thread and waits
+/// only until the call's deadline: a call past it is a retryable failure,
+/// and its thread is abandoned (and replaced for later calls) instead of
+/// holding a pusher thread forever.
 pub struct WithDeadline<T: ?Sized> {
     inner: Arc<T>,
+    pool: CallPool,
 }
 
 impl<T: ?Sized> WithDeadline<T> {
     /// Wraps `inner`.
     pub fn new(inner: Arc<T>) -> Self {
-        WithDeadline { inner }
+        WithDeadline {
+            inner,
+            pool: CallPool::new("retryq-call"),
+        }
     }
-}
 
-fn run_with_deadline<R: Send + 'static>(
-    ctx: &CallContext,
-    f: impl FnOnce() -> R + Send + 'static,
-) -> Option<R> {
-    let (tx, rx) = mpsc::sync_channel(1);
-    let spawned = std::thread::Builder::new()
-        .name("retryq-plugin-call".into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        });
-    if spawned.is_err() {
-        return None;
+    /// The threads the calls run on.
+    pub fn pool(&self) -> &CallPool {
+        &self.pool
     }
-    rx.recv_timeout(ctx.remaining()).ok()
 }
 
 impl<T: Pusher + ?Sized + 'static> Pusher for WithDeadline<T> {
     fn push(&self, item: &ItemMeta, payload: &[u8], ctx: &CallContext) -> PushOutcome {
         let inner = self.inner.clone();
         let (item2, payload2, ctx2) = (item.clone(), payload.to_vec(), *ctx);
-        run_with_deadline(ctx, move || inner.push(&item2, &payload2, &ctx2)).unwrap_or_else(|| {
+        let pushed = self.pool.run(ctx.remaining(), move || {
+            inner.push(&item2, &payload2, &ctx2)
+        });
+        pushed.unwrap_or_else(|| {
             tracing::warn!(item_id = %item.id, "transport call passed its deadline; abandoning it");
             // The budget, not what is left of it: by now that is zero.
             PushOutcome::retryable(format!(
@@ -703,11 +839,100 @@ impl<T: FingerprintChecker + ?Sized + 'static> FingerprintChecker for WithDeadli
     fn check(&self, fingerprints: &[String], ctx: &CallContext) -> Result<CheckResult, CheckError> {
         let inner = self.inner.clone();
         let (fps, ctx2) = (fingerprints.to_vec(), *ctx);
-        run_with_deadline(ctx, move || inner.check(&fps, &ctx2)).unwrap_or_else(|| {
+        let checked = self
+            .pool
+            .run(ctx.remaining(), move || inner.check(&fps, &ctx2));
+        checked.unwrap_or_else(|| {
             Err(CheckError::Unavailable(format!(
                 "fingerprint check timed out (deadline {:?})",
                 ctx.timeout()
             )))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn calls_in_turn_share_one_thread() {
+        let pool = CallPool::new("test-call");
+        let mut names = std::collections::HashSet::new();
+        for i in 0..200 {
+            let id = pool
+                .run(LONG, move || (i, std::thread::current().id()))
+                .expect("answered in time");
+            assert_eq!(id.0, i);
+            names.insert(id.1);
+        }
+        assert_eq!(pool.threads_started(), 1);
+        assert_eq!(names.len(), 1, "every call ran on the same thread");
+    }
+
+    #[test]
+    fn concurrent_calls_start_at_most_one_thread_each() {
+        let pool = Arc::new(CallPool::new("test-call"));
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                let pool = pool.clone();
+                scope.spawn(move || {
+                    for _ in 0..100 {
+                        assert_eq!(pool.run(LONG, || 7), Some(7));
+                    }
+                });
+            }
+        });
+        let started = pool.threads_started();
+        assert!(
+            (1..=4).contains(&started),
+            "{started} threads for 4 callers"
+        );
+    }
+
+    #[test]
+    fn a_late_call_is_abandoned_and_only_its_thread_replaced() {
+        let pool = CallPool::new("test-call");
+        assert_eq!(pool.run(LONG, || 1), Some(1));
+        let (release, wait) = mpsc::channel::<()>();
+        let late = pool.run(Duration::from_millis(50), move || {
+            let _ = wait.recv();
+            2
+        });
+        assert_eq!(late, None, "the caller stopped waiting at the deadline");
+        assert_eq!(pool.calls_abandoned(), 1);
+        // The stuck thread is not handed out again: a new one serves.
+        assert_eq!(pool.run(LONG, || 3), Some(3));
+        assert_eq!(pool.threads_started(), 2);
+        drop(release);
+        assert_eq!(pool.run(LONG, || 4), Some(4));
+        assert_eq!(pool.threads_started(), 2, "the replacement is reused");
+    }
+
+    #[test]
+    fn a_panic_reaches_the_caller_and_the_thread_survives() {
+        let pool = CallPool::new("test-call");
+        let caught = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pool.run(LONG, || -> u32 { panic!("boom") })
+        }));
+        let panic = caught.expect_err("the panic is resumed in the caller");
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"boom"));
+        assert_eq!(pool.run(LONG, || 5), Some(5));
+        assert_eq!(pool.threads_started(), 1);
+    }
+
+    #[test]
+    fn a_call_with_no_time_left_is_not_started() {
+        let pool = CallPool::new("test-call");
+        let ran = Arc::new(AtomicU64::new(0));
+        let r = ran.clone();
+        assert_eq!(
+            pool.run(Duration::ZERO, move || r.fetch_add(1, Ordering::SeqCst)),
+            None
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        assert_eq!(pool.threads_started(), 0);
     }
 }
