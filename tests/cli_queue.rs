@@ -272,3 +272,39 @@ fn default_store_is_sqlite_under_retryq_data() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(dir.path().join("retryq-data/queue.db").is_file());
 }
+
+#[test]
+fn enqueue_refuses_a_report_over_the_api_body_limit_before_storing_it() {
+    for backend in ["sqlite", "files"] {
+        let env = Env::new(backend);
+        let cfg = format!("[store]\nbackend = \"{backend}\"\n[admin]\nmax_body = 256\n");
+        std::fs::write(env.path().join("retryq.toml"), cfg).unwrap();
+        let big = format!("{{\"blob\":\"{}\"}}", "x".repeat(300));
+        let out = env.run_stdin(&["enqueue"], &big);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{backend}: {err}");
+        assert!(
+            err.contains(&big.len().to_string()) && err.contains("256"),
+            "{backend}: both sizes named: {err}"
+        );
+        let stats = env.json(&["stats"]);
+        assert_eq!(stats["total_items"], 0, "{backend}: nothing stored");
+        // At the limit exactly it is taken.
+        let fits = format!("{{\"blob\":\"{}\"}}", "x".repeat(256 - 11));
+        assert_eq!(fits.len(), 256);
+        let out = env.run_stdin(&["enqueue"], &fits);
+        assert!(out.status.success(), "{backend}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn pause_and_resume_need_a_running_daemon() {
+    let env = Env::new("sqlite");
+    for command in ["pause", "resume"] {
+        let out = env.run(&[command]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(4), "{command}: {err}");
+        assert!(err.contains("no daemon is running"), "{command}: {err}");
+        assert!(err.contains(command), "{command}: {err}");
+    }
+}

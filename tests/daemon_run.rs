@@ -1,6 +1,8 @@
 //! The real `retryq run` daemon: the chaos plugin, items enqueued by the CLI
 //! from another process while it runs, the token-protected API, SIGTERM
-//! during delivery (exit 0, nothing lost) and a restart that drains.
+//! during delivery (exit 0, nothing lost) and a restart that drains; store
+//! ownership (a second daemon refused, the CLI going through the owner's
+//! API on both backends, a `kill -9`'s claims released at the next start).
 
 #![cfg(unix)]
 
@@ -30,16 +32,30 @@ fn free_port() -> u16 {
 struct Deployment {
     dir: tempfile::TempDir,
     port: u16,
+    backend: &'static str,
 }
 
 impl Deployment {
     fn new() -> Self {
+        Self::on("sqlite")
+    }
+
+    /// A deployment on the `sqlite` or `files` backend.
+    fn on(backend: &'static str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("plugins")).unwrap();
         std::fs::copy(chaos_lib(), dir.path().join("plugins/libretryq_chaos.so")).unwrap();
         Deployment {
             dir,
             port: free_port(),
+            backend,
+        }
+    }
+
+    fn store_path(&self) -> PathBuf {
+        match self.backend {
+            "files" => self.dir.path().join("queue"),
+            _ => self.dir.path().join("queue.db"),
         }
     }
 
@@ -49,19 +65,33 @@ impl Deployment {
 
     /// Writes the config with the chaos plugin failing the first `fail_first` pushes.
     fn config(&self, fail_first: u32) -> PathBuf {
+        self.config_with(
+            &format!("retryq-{fail_first}.toml"),
+            &format!("fail_first = {fail_first}"),
+            "",
+        )
+    }
+
+    /// Writes config `name`: the chaos plugin with `chaos` settings (TOML
+    /// lines), `worker` lines added to `[worker]`.
+    fn config_with(&self, name: &str, chaos: &str, worker: &str) -> PathBuf {
         let d = self.dir.path();
-        let path = d.join(format!("retryq-{fail_first}.toml"));
+        let path = d.join(name);
+        let worker = if worker.is_empty() {
+            "push_timeout = \"2s\"\nlease = \"10s\"\nmax_attempts = 1000"
+        } else {
+            worker
+        };
         std::fs::write(
             &path,
             format!(
                 r#"
 [store]
+backend = "{backend}"
 path = "{db}"
 [worker]
 interval = "1s"
-push_timeout = "2s"
-lease = "10s"
-max_attempts = 1000
+{worker}
 [backoff]
 strategy = "constant"
 base = "200ms"
@@ -72,7 +102,7 @@ threshold = 1000000
 [pusher]
 name = "chaos"
 [pusher.settings]
-fail_first = {fail_first}
+{chaos}
 record_dir = "{rec}"
 [plugins]
 search_path = ["{plugins}"]
@@ -81,7 +111,8 @@ listen = "127.0.0.1:{port}"
 [log]
 level = "info"
 "#,
-                db = d.join("queue.db").display(),
+                backend = self.backend,
+                db = self.store_path().display(),
                 rec = self.delivered_dir().display(),
                 plugins = d.join("plugins").display(),
                 port = self.port,
@@ -109,10 +140,36 @@ level = "info"
     }
 
     fn cli(&self, config: &Path, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.cli_output(config, args, stdin);
+        assert!(
+            out.status.success(),
+            "retryq {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `cli` with `--json`, parsed.
+    fn cli_json(&self, config: &Path, args: &[&str], stdin: Option<&str>) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(config, &all, stdin);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// Runs the CLI as an operator would beside the daemon: same config,
+    /// same admin token.
+    fn cli_output(
+        &self,
+        config: &Path,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> std::process::Output {
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(config)
             .args(args)
+            .env("RETRYQ_ADMIN_TOKEN", TOKEN)
             .current_dir(self.dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -128,13 +185,7 @@ level = "info"
                 .unwrap();
         }
         drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "retryq {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        child.wait_with_output().unwrap()
     }
 
     fn deliveries(&self) -> Vec<String> {
@@ -269,4 +320,203 @@ fn sigterm_during_an_outage_loses_nothing_and_a_restart_drains() {
         assert!(dep.deliveries().iter().any(|f| f.starts_with(id.as_str())));
     }
     assert_eq!(sigterm(daemon), 0);
+}
+
+/// Sends SIGKILL: no graceful stop, no lease released.
+fn kill9(mut child: Child) {
+    let ok = Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let _ = child.wait();
+}
+
+#[test]
+fn a_second_daemon_on_the_same_store_is_refused_naming_the_first() {
+    for backend in ["sqlite", "files"] {
+        let dep = Deployment::on(backend);
+        let config = dep.config(0);
+        let first = dep.start(&config);
+        // Same store, another port: only the store is shared.
+        let other = dep.dir.path().join("second.toml");
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            &format!("127.0.0.1:{}", dep.port),
+            &format!("127.0.0.1:{}", free_port()),
+        );
+        std::fs::write(&other, text).unwrap();
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&other)
+            .arg("run")
+            .env("RETRYQ_ADMIN_TOKEN", TOKEN)
+            .current_dir(dep.dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{backend}: second daemon started");
+        assert!(
+            stderr.contains(&format!("pid {}", first.id())),
+            "{backend}: {stderr}"
+        );
+        // The first one is untouched and still serving.
+        let (status, _) = http(dep.port, "GET", "/v1/stats", Some(TOKEN)).unwrap();
+        assert_eq!(status, 200, "{backend}");
+        assert_eq!(sigterm(first), 0, "{backend}");
+    }
+}
+
+#[test]
+fn every_cli_command_works_through_a_running_daemon_on_both_backends() {
+    for backend in ["sqlite", "files"] {
+        let dep = Deployment::on(backend);
+        // The upstream always fails and one attempt is allowed: every item
+        // becomes a dead letter and stays.
+        let config = dep.config_with(
+            "down.toml",
+            "fail_first = 1000000",
+            "push_timeout = \"2s\"\nlease = \"10s\"\nmax_attempts = 1",
+        );
+        let daemon = dep.start(&config);
+        let ids: Vec<String> = (0..3)
+            .map(|n| {
+                let v = dep.cli_json(&config, &["enqueue"], Some(&format!("{{\"n\":{n}}}")));
+                v["id"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        let failed = |dep: &Deployment| {
+            let list = dep.cli_json(&config, &["list", "--status", "failed"], None);
+            list.as_array().unwrap().len()
+        };
+        wait_for("three dead letters", || failed(&dep) == 3);
+        let shown = dep.cli_json(&config, &["show", &ids[0], "--payload"], None);
+        assert_eq!(shown["report"], serde_json::json!({"n": 0}), "{backend}");
+        let human = dep.cli(&config, &["list"], None);
+        assert!(
+            human.contains(&ids[1]) && human.contains("failed"),
+            "{backend}: {human}"
+        );
+
+        let stats = dep.cli_json(&config, &["stats"], None);
+        assert_eq!(stats["failed_items"], 3, "{backend}: {stats}");
+        assert_eq!(stats["worker"]["is_running"], true, "{backend}: {stats}");
+
+        // Paused, a revived dead letter stays pending.
+        let paused = dep.cli_json(&config, &["pause", "--reason", "maintenance"], None);
+        assert_eq!(paused["paused"], true, "{backend}: {paused}");
+        let human = dep.cli(&config, &["stats"], None);
+        assert!(
+            human.contains("paused since") && human.contains("maintenance"),
+            "{backend}: {human}"
+        );
+        let revived = dep.cli_json(&config, &["retry", "--failed"], None);
+        assert_eq!(revived["revived"], 3, "{backend}: {revived}");
+        std::thread::sleep(Duration::from_millis(1500));
+        let stats = dep.cli_json(&config, &["stats"], None);
+        assert_eq!(stats["pending_items"], 3, "{backend}: {stats}");
+        assert_eq!(stats["worker"]["pause_reason"], "maintenance", "{backend}");
+
+        // Resumed, they fail again; then purge and delete.
+        let resumed = dep.cli_json(&config, &["resume"], None);
+        assert_eq!(resumed["paused"], false, "{backend}: {resumed}");
+        wait_for("the dead letters again", || failed(&dep) == 3);
+        let deleted = dep.cli_json(&config, &["delete", &ids[0]], None);
+        assert_eq!(deleted["deleted"], ids[0].as_str());
+        let purged = dep.cli_json(&config, &["purge", "--status", "failed"], None);
+        assert_eq!(purged["purged"], 2, "{backend}: {purged}");
+        let cleaned = dep.cli_json(&config, &["cleanup"], None);
+        assert_eq!(cleaned["removed"], 0, "{backend}: {cleaned}");
+        let stats = dep.cli_json(&config, &["stats"], None);
+        assert_eq!(stats["total_items"], 0, "{backend}: {stats}");
+
+        assert_eq!(sigterm(daemon), 0, "{backend}");
+        // Without the daemon the same commands open the store themselves,
+        // and pause has nobody to ask (exit 4).
+        let stats = dep.cli_json(&config, &["stats"], None);
+        assert_eq!(stats["total_items"], 0, "{backend}: {stats}");
+        assert!(stats.get("worker").is_none(), "{backend}: {stats}");
+        let out = dep.cli_output(&config, &["pause"], None);
+        assert_eq!(out.status.code(), Some(4), "{backend}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no daemon is running"),
+            "{backend}"
+        );
+    }
+}
+
+#[test]
+fn a_wrong_token_is_named_when_the_cli_goes_through_the_daemon() {
+    let dep = Deployment::new();
+    let config = dep.config(0);
+    let daemon = dep.start(&config);
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["stats"])
+        .env("RETRYQ_ADMIN_TOKEN", "another-token-0123456789")
+        .current_dir(dep.dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("401") && stderr.contains("token"),
+        "{stderr}"
+    );
+    assert_eq!(sigterm(daemon), 0);
+}
+
+#[test]
+fn after_kill_9_the_next_daemon_takes_the_killed_ones_claims_back_at_once() {
+    for backend in ["sqlite", "files"] {
+        let dep = Deployment::on(backend);
+        // Every push hangs far longer than the test: claims stay in flight.
+        // The lease is 5 minutes, so only an at-once release can deliver
+        // them within the bounded wait below.
+        let hanging = dep.config_with(
+            "hanging.toml",
+            "fail_first = 1000000\nfailure = \"hang\"\nhang = \"10m\"",
+            "push_timeout = \"4m\"\nlease = \"5m\"\nmax_attempts = 1000\nbatch_size = 20",
+        );
+        // Queued before the daemon starts (the CLI opens the store itself).
+        let ids: Vec<String> = (0..6)
+            .map(|n| {
+                dep.cli(&hanging, &["enqueue"], Some(&format!("{{\"n\":{n}}}")))
+                    .trim()
+                    .to_owned()
+            })
+            .collect();
+        let daemon = dep.start(&hanging);
+        wait_for("claims in flight", || {
+            let stats = dep.cli_json(&hanging, &["stats"], None);
+            stats["processing_items"].as_u64() >= Some(1)
+        });
+        kill9(daemon);
+
+        // Nobody owns the store. On SQLite the killed instance's claims are
+        // still there for the next owner to release; the files backend
+        // releases them whenever it opens (its own lock proves nobody else
+        // has it open), the CLI's open included.
+        let list = dep.cli_json(&hanging, &["list"], None);
+        let items = list.as_array().unwrap();
+        assert_eq!(items.len(), ids.len(), "{backend}: nothing lost: {list}");
+        if backend == "sqlite" {
+            let in_flight = items.iter().filter(|i| i["status"] == "processing").count();
+            assert!(in_flight >= 1, "{backend}: {list}");
+        }
+
+        // The upstream is back. The new owner releases them at start.
+        let up = dep.config_with(
+            "up.toml",
+            "fail_first = 0",
+            "push_timeout = \"2s\"\nlease = \"5m\"\nmax_attempts = 1000",
+        );
+        let daemon = dep.start(&up);
+        wait_for("every item delivered", || {
+            ids.iter()
+                .all(|id| dep.deliveries().iter().any(|f| f.starts_with(id.as_str())))
+        });
+        assert_eq!(sigterm(daemon), 0, "{backend}");
+    }
 }
