@@ -70,6 +70,11 @@ threshold = 1000000
     }
 
     let daemon = dep.start(&config);
+    assert_eq!(
+        daemon.log_count("admin API listening"),
+        2,
+        "both runs log to the deployment's log"
+    );
     assert!(
         wait_until(Duration::from_secs(20), || daemon.is_empty()),
         "the restart did not drain: {}",

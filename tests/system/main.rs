@@ -17,6 +17,7 @@ mod harness;
 mod upstream;
 
 mod auth;
+mod corruption;
 mod crash;
 mod disk;
 mod outage;
