@@ -349,3 +349,44 @@ fn parse_attr(s: &str) -> Result<(String, String), String> {
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk_full() -> retryq::QueueError {
+        retryq::QueueError::DiskFull {
+            op: "enqueue",
+            source: "No space left on device".into(),
+        }
+    }
+
+    #[test]
+    fn exit_codes_name_the_kind_of_failure_wherever_it_sits_in_the_chain() {
+        let direct = anyhow::Error::from(disk_full()).context("cannot enqueue");
+        assert_eq!(exit_code(&direct), EXIT_DISK_FULL);
+        let through_daemon = anyhow::Error::from(daemon_client::DaemonApiError {
+            pid: 7,
+            status: 507,
+            kind: "disk_full".to_owned(),
+            message: "the disk is full".to_owned(),
+        });
+        assert_eq!(exit_code(&through_daemon), EXIT_DISK_FULL);
+        // A full queue is no full disk.
+        let queue_full = anyhow::Error::from(daemon_client::DaemonApiError {
+            pid: 7,
+            status: 507,
+            kind: "queue_full".to_owned(),
+            message: "the queue is full".to_owned(),
+        });
+        assert_eq!(exit_code(&queue_full), 1);
+        let no_daemon = anyhow::Error::from(daemon_client::NoDaemon {
+            store: "q.db".to_owned(),
+            command: "pause",
+        });
+        assert_eq!(exit_code(&no_daemon), EXIT_NO_DAEMON);
+        let usage = anyhow::Error::from(UsageError("bad".to_owned())).context("enqueue");
+        assert_eq!(exit_code(&usage), 2);
+        assert_eq!(exit_code(&anyhow::anyhow!("anything else")), 1);
+    }
+}
