@@ -13,16 +13,29 @@
 //! run with `Instant` follows, with the store thread's CPU time per item
 //! (steadier than rates on a shared machine). Run with
 //! `cargo bench --bench worker`.
+//!
+//! Then the same two paths on the files backend (plain summary only, fewer
+//! items: every item is a file and an fsync), twice in the same run: with
+//! its `apply_batch` (one directory fsync per store-actor group) and
+//! through a wrapper that leaves `apply_batch` to the trait's default (one
+//! commit per op: the files backend before group commit). A counting
+//! `StoreFs` over the real disk reports the fsyncs per item.
+//! `RETRYQ_BENCH_FILES_ONLY=1 cargo bench --bench worker` runs only that.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use retryq::plugin_sdk::{CallContext, ItemMeta, PushOutcome, Pusher};
+use retryq::store::file::{LockGuard, OsFs, StoreFs};
+use retryq::store::{CleanupReport, FileRetryQueue, ListFilter, QueueStats};
 use retryq::worker::{RetryWorker, RetryWorkerConfig};
-use retryq::{NewItem, Payload, RetryQueue, SqliteRetryQueue, StoreOptions};
+use retryq::{
+    NewItem, Payload, QueueItem, QueueResult, RetryQueue, SqliteRetryQueue, StoreOptions,
+};
 use tokio::runtime::Runtime;
 
 const PRODUCERS: usize = 64;
@@ -34,6 +47,10 @@ const PER_PRODUCER: usize = 128;
 /// Items delivered end to end in the plain summary.
 const DELIVERY_ITEMS: usize = 20_000;
 const ENQUEUE_CHUNK: usize = 1_000;
+/// Items per producer on the files backend (64 x 16 = 1,024 items).
+const FILES_PER_PRODUCER: usize = 16;
+/// Items delivered end to end on the files backend.
+const FILES_DELIVERY_ITEMS: usize = 2_000;
 
 /// A transport that accepts everything and counts what it saw.
 #[derive(Default)]
@@ -220,13 +237,210 @@ fn per_sec(items: usize, spent: Duration) -> f64 {
     items as f64 / spent.as_secs_f64()
 }
 
+/// The real disk, counting the fsyncs asked of it.
+#[derive(Debug, Default)]
+struct CountingFs {
+    file_syncs: AtomicU64,
+    dir_syncs: AtomicU64,
+}
+
+impl CountingFs {
+    fn syncs(&self) -> u64 {
+        self.file_syncs.load(Ordering::Relaxed) + self.dir_syncs.load(Ordering::Relaxed)
+    }
+}
+
+impl StoreFs for CountingFs {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        OsFs.create_dir_all(dir)
+    }
+    fn write_file(&self, path: &Path, data: &[u8]) -> std::io::Result<()> {
+        OsFs.write_file(path, data)
+    }
+    fn sync_file(&self, path: &Path) -> std::io::Result<()> {
+        self.file_syncs.fetch_add(1, Ordering::Relaxed);
+        OsFs.sync_file(path)
+    }
+    fn sync_files(&self, paths: &[std::path::PathBuf]) -> std::io::Result<()> {
+        // OsFs overlaps them; keep that, count each.
+        self.file_syncs
+            .fetch_add(paths.len() as u64, Ordering::Relaxed);
+        OsFs.sync_files(paths)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        OsFs.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        OsFs.remove_file(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.dir_syncs.fetch_add(1, Ordering::Relaxed);
+        OsFs.sync_dir(dir)
+    }
+    fn read_dir(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        OsFs.read_dir(dir)
+    }
+    fn read_file(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        OsFs.read_file(path)
+    }
+    fn try_lock(&self, path: &Path, owner: &str) -> std::io::Result<Option<Box<dyn LockGuard>>> {
+        OsFs.try_lock(path, owner)
+    }
+}
+
+/// The files backend with `apply_batch` left to the trait's default (one
+/// commit per op): the files backend as it was before group commit.
+struct OneByOne(FileRetryQueue);
+
+impl RetryQueue for OneByOne {
+    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+        self.0.enqueue(item)
+    }
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+        self.0.enqueue_batch(items)
+    }
+    fn enqueue_claimed(
+        &self,
+        items: Vec<NewItem>,
+        lease: Duration,
+    ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
+        self.0.enqueue_claimed(items, lease)
+    }
+    fn dequeue(&self) -> QueueResult<Option<QueueItem>> {
+        self.0.dequeue()
+    }
+    fn peek(&self) -> QueueResult<Option<QueueItem>> {
+        self.0.peek()
+    }
+    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+        self.0.get(id)
+    }
+    fn update(&self, item: &QueueItem) -> QueueResult<()> {
+        self.0.update(item)
+    }
+    fn delete(&self, id: &str) -> QueueResult<()> {
+        self.0.delete(id)
+    }
+    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+        self.0.mark_failed(id, reason)
+    }
+    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+        self.0.requeue(id, error, next_retry)
+    }
+    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+        self.0.revive(id)
+    }
+    fn release(&self, id: &str) -> QueueResult<()> {
+        self.0.release(id)
+    }
+    fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
+        self.0.claim(limit, lease)
+    }
+    fn release_expired_leases(&self) -> QueueResult<usize> {
+        self.0.release_expired_leases()
+    }
+    fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
+        self.0.next_due()
+    }
+    fn size(&self) -> QueueResult<usize> {
+        self.0.size()
+    }
+    fn stats(&self) -> QueueResult<QueueStats> {
+        self.0.stats()
+    }
+    fn cleanup(&self, ttl: Duration) -> QueueResult<CleanupReport> {
+        self.0.cleanup(ttl)
+    }
+    fn enforce_limits(&self) -> QueueResult<usize> {
+        self.0.enforce_limits()
+    }
+    fn list(&self, filter: &ListFilter) -> QueueResult<Vec<QueueItem>> {
+        self.0.list(filter)
+    }
+    fn close(&self) -> QueueResult<()> {
+        self.0.close()
+    }
+}
+
+/// A files-backend queue in `dir` on the counting disk, grouped or not.
+fn open_files(dir: &Path, grouped: bool) -> (Arc<dyn RetryQueue>, Arc<CountingFs>) {
+    let fs = Arc::new(CountingFs::default());
+    let options = StoreOptions {
+        max_items: 10_000_000,
+        max_bytes: 1 << 40,
+        ..StoreOptions::default()
+    };
+    let store = FileRetryQueue::open_with_fs(dir, options, fs.clone()).expect("open files store");
+    let queue: Arc<dyn RetryQueue> = if grouped {
+        Arc::new(store)
+    } else {
+        Arc::new(OneByOne(store))
+    };
+    (queue, fs)
+}
+
+/// One files-backend run: (enqueue items/s and fsyncs per item with 64
+/// producers, delivery items/s and fsyncs per item).
+fn files_run(rt: &Runtime, root: &Path, grouped: bool) -> (f64, f64, f64, f64) {
+    let name = if grouped { "grouped" } else { "one-by-one" };
+    let (queue, fs) = open_files(&root.join(format!("files-enqueue-{name}")), grouped);
+    let worker = rt.block_on(paused_worker(queue));
+    let total = PRODUCERS * FILES_PER_PRODUCER;
+    let before = fs.syncs();
+    let enqueue = per_sec(
+        total,
+        rt.block_on(produce(&worker, PRODUCERS, FILES_PER_PRODUCER)),
+    );
+    let enqueue_syncs = (fs.syncs() - before) as f64 / total as f64;
+    rt.block_on(worker.stop(Duration::from_secs(5)))
+        .expect("stop worker");
+    drop(worker);
+
+    let (queue, fs) = open_files(&root.join(format!("files-deliver-{name}")), grouped);
+    let pusher = Arc::new(AcceptAll::default());
+    let worker = RetryWorker::new(config(), queue, pusher.clone()).expect("worker config");
+    rt.block_on(worker.start()).expect("start worker");
+    let before = fs.syncs();
+    let delivery = per_sec(
+        FILES_DELIVERY_ITEMS,
+        rt.block_on(deliver(&worker, &pusher, FILES_DELIVERY_ITEMS)),
+    );
+    let delivery_syncs = (fs.syncs() - before) as f64 / FILES_DELIVERY_ITEMS as f64;
+    rt.block_on(worker.stop(Duration::from_secs(5)))
+        .expect("stop worker");
+    (enqueue, enqueue_syncs, delivery, delivery_syncs)
+}
+
+/// The files backend with and without group commit, in this run.
+fn files_summary(rt: &Runtime, root: &Path) {
+    let (old_enq, old_enq_syncs, old_del, old_del_syncs) = files_run(rt, root, false);
+    let (new_enq, new_enq_syncs, new_del, new_del_syncs) = files_run(rt, root, true);
+    println!();
+    println!("=== retryq worker summary, files backend (measured in this run with Instant) ===");
+    println!(
+        "enqueue, {PRODUCERS} concurrent producers ({} items, one per call):",
+        PRODUCERS * FILES_PER_PRODUCER
+    );
+    println!("  one commit per op:     {old_enq:>8.0} items/s, {old_enq_syncs:.2} fsyncs per item");
+    println!("  group commit:          {new_enq:>8.0} items/s, {new_enq_syncs:.2} fsyncs per item");
+    println!("  ratio: {:.1}x", new_enq / old_enq);
+    println!("end-to-end delivery, accept-all transport ({FILES_DELIVERY_ITEMS} items):");
+    println!("  one commit per op:     {old_del:>8.0} items/s, {old_del_syncs:.2} fsyncs per item");
+    println!("  group commit:          {new_del:>8.0} items/s, {new_del_syncs:.2} fsyncs per item");
+    println!("  ratio: {:.1}x", new_del / old_del);
+}
+
 fn main() {
-    let mut c = Criterion::default().without_plots().configure_from_args();
     let rt = Runtime::new().expect("tokio runtime");
     let root = tempfile::Builder::new()
         .prefix("retryq-bench-worker-")
         .tempdir()
         .expect("temp dir");
+    if std::env::var_os("RETRYQ_BENCH_FILES_ONLY").is_some() {
+        files_summary(&rt, root.path());
+        return;
+    }
+    let mut c = Criterion::default().without_plots().configure_from_args();
 
     // 1. Group commit: 64 concurrent producers against one.
     let producer_worker = rt.block_on(paused_worker(open_store(root.path(), "enqueue.db")));
@@ -323,4 +537,5 @@ fn main() {
         "end-to-end delivery, accept-all transport: {delivery:>9.0} items/s ({DELIVERY_ITEMS} items, {pushed} pushes; store thread CPU {} per item) (target >= 20,000)",
         micros(delivery_cpu)
     );
+    files_summary(&rt, root.path());
 }
