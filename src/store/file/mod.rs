@@ -336,6 +336,9 @@ struct Change {
     old: Option<QueueItem>,
 }
 
+/// An index entry as saved for undo: item, file name, size on disk.
+type Saved = (QueueItem, String, u64);
+
 /// The changes of one `apply_batch` group, held back while its ops run and
 /// committed together when the last one has: one directory fsync for the
 /// group instead of one per op.
@@ -349,7 +352,7 @@ struct Group {
     /// The index entries the group's ops replaced, as they were before it
     /// (`None`: absent), in the order first touched; undone in reverse if
     /// the commit fails.
-    before: Vec<(String, Option<(QueueItem, String, u64)>)>,
+    before: Vec<(String, Option<Saved>)>,
     /// `Inner::evicted` before the group.
     evicted: u64,
 }
