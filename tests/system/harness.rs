@@ -197,10 +197,6 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
-    }
-
     /// An admin API request with the token.
     pub fn api(
         &self,
@@ -279,10 +275,6 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Log lines whose message contains `needle`.

@@ -16,6 +16,7 @@ mod support;
 mod harness;
 mod upstream;
 
+mod answers;
 mod auth;
 mod corruption;
 mod crash;
