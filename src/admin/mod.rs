@@ -16,6 +16,10 @@
 //! | `POST /v1/resume` | deliver again (also ends a 401 pause and an open circuit) | 200, 401, 503 |
 //! | `POST /v1/cleanup` | expire old items (`?ttl=7d` optional) | 200, 400, 401, 503 |
 //! | `GET /v1/stats` | queue statistics (the seed's names) and `worker` (with `paused`, `pause_reason`, `paused_since`) | 200, 401 |
+//! | `GET /v1/events` | live events as server-sent events (format in [`events`]) | 200, 401 |
+//! | `GET /v1/stats/history` | delivered, failed, dead-lettered and enqueued per minute over the last hour ([`history`]) | 200, 401 |
+//! | `GET /v1/info` | version, `max_bytes`, `max_items`, loaded plugins with their sha256 ([`console`]) | 200, 401 |
+//! | `GET /ui` | the operator console: embedded HTML, script and style, no token (its API calls carry it) | 200 |
 //! | `GET /healthz` | liveness: always 200 while serving, no token | 200 |
 //! | `GET /readyz` | readiness: store open and worker running, no token | 200, 503 |
 //! | `GET /metrics` | Prometheus text format 0.0.4 (token unless disabled) | 200, 401 |
@@ -49,6 +53,13 @@
 //! [`bind`] refuses a non-loopback address without a token. Request bodies
 //! are limited to [`AdminConfig::body_limit`] bytes. Neither payloads nor
 //! tokens are ever logged.
+//!
+//! Cross-site requests: every state-changing endpoint requires the bearer
+//! header, which a cross-site form or link cannot send, and the API sets no
+//! cookie, so another site has no ambient credential to ride on. The
+//! console keeps the token in the tab's `sessionStorage` and sends it only in
+//! that header (never in a URL, which is why `/v1/events` is read with
+//! `fetch()` rather than `EventSource`).
 //!
 //! # Wiring
 //!
