@@ -308,3 +308,21 @@ fn pause_and_resume_need_a_running_daemon() {
         assert!(err.contains(command), "{command}: {err}");
     }
 }
+
+#[test]
+fn repair_checks_a_stopped_sqlite_store_and_explains_the_files_backend() {
+    let env = Env::new("sqlite");
+    let out = env.run_stdin(&["enqueue"], "{\"a\":1}");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = env.json(&["repair"]);
+    assert_eq!(report["healthy"], true, "{report}");
+    assert_eq!(report["moved_to"], serde_json::Value::Null, "{report}");
+    // Healthy means untouched: the item is still there.
+    assert_eq!(env.json(&["stats"])["total_items"], 1);
+
+    let files = Env::new("files");
+    let out = files.run(&["repair"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("corrupt/"), "{err}");
+}

@@ -360,6 +360,16 @@ fn a_second_daemon_on_the_same_store_is_refused_naming_the_first() {
             stderr.contains(&format!("pid {}", first.id())),
             "{backend}: {stderr}"
         );
+        // Nor may `retryq repair` replace the store under it.
+        if backend == "sqlite" {
+            let out = dep.cli_output(&config, &["repair"], None);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert!(
+                stderr.contains(&format!("pid {}", first.id())) && stderr.contains("stop"),
+                "{stderr}"
+            );
+        }
         // The first one is untouched and still serving.
         let (status, _) = http(dep.port, "GET", "/v1/stats", Some(TOKEN)).unwrap();
         assert_eq!(status, 200, "{backend}");

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use retryq::admin::bulk;
-use retryq::config::{LoadOptions, Settings};
-use retryq::store::{ListFilter, QueueStats, RetryQueue};
+use retryq::config::{LoadOptions, Settings, StoreBackend};
+use retryq::store::{ListFilter, QueueStats, RetryQueue, SqliteRetryQueue};
 use retryq::worker::WorkerStats;
 use retryq::{ItemStatus, NewItem, Payload, QueueItem};
 use serde_json::{json, Value};
@@ -36,8 +36,19 @@ impl Ctx {
         Ok(Settings::load(&self.load)?)
     }
 
+    /// Opens the store for a CLI command: a SQLite database as an admin
+    /// client (no write at open, so the command never races a daemon that
+    /// is starting); the files backend as usual.
     pub(crate) fn open_store(&self, settings: &Settings) -> anyhow::Result<Arc<dyn RetryQueue>> {
-        settings.open_store().with_context(|| {
+        let opened: Result<Arc<dyn RetryQueue>, retryq::QueueError> = match settings.store.backend {
+            StoreBackend::Sqlite => SqliteRetryQueue::open_as_client(
+                settings.store.effective_path(),
+                settings.store_options(),
+            )
+            .map(|q| Arc::new(q) as Arc<dyn RetryQueue>),
+            StoreBackend::Files => settings.open_store(),
+        };
+        opened.with_context(|| {
             format!(
                 "cannot open the {} store at {}",
                 settings.store.backend.as_str(),
@@ -69,6 +80,7 @@ pub fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Cleanup { ttl } => cleanup(&ctx, ttl),
         Command::Pause { reason } => pause(&ctx, reason),
         Command::Resume => resume(&ctx),
+        Command::Repair => repair(&ctx),
         Command::Schedule { max_attempts } => schedule(&ctx, max_attempts),
         Command::Plugins(PluginsCommand::Check { plugin, settings }) => {
             plugins_check(&ctx, &plugin, settings.as_deref())
@@ -740,4 +752,47 @@ fn config_show(ctx: &Ctx) -> anyhow::Result<()> {
         let text = toml::to_string(&settings).context("cannot format the configuration as TOML")?;
         println_out(text.trim_end())
     }
+}
+
+fn repair(ctx: &Ctx) -> anyhow::Result<()> {
+    let settings = ctx.settings()?;
+    let path = settings.store.effective_path();
+    if settings.store.backend == StoreBackend::Files {
+        bail!(UsageError(format!(
+            "retryq repair salvages a SQLite store; the files backend at {} needs none: \
+             it moves a damaged item file to corrupt/ whenever it opens",
+            path.display()
+        )));
+    }
+    // The salvage replaces the database file: never under a running daemon
+    // (repair itself refuses then too, naming its pid).
+    let report = SqliteRetryQueue::repair(&path, &settings.store_options()).with_context(|| {
+        format!(
+            "cannot repair {} (retryq repair runs on a stopped store: stop `retryq run` first)",
+            path.display()
+        )
+    })?;
+    if ctx.json {
+        return print_json(&report);
+    }
+    if report.healthy {
+        return println_out(&format!(
+            "{} is healthy (quick_check ok); nothing changed",
+            path.display()
+        ));
+    }
+    let moved = report
+        .moved_to
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "-".to_owned());
+    println_out(&format!(
+        "salvaged {}: {} item(s) kept, {} quarantined, {} lost; the damaged file is kept at {moved} \
+         (cause: {})",
+        path.display(),
+        report.salvaged,
+        report.quarantined,
+        report.lost,
+        short(&report.cause, 200)
+    ))
 }

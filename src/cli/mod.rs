@@ -157,6 +157,9 @@ pub enum Command {
     /// Resume delivery on the running daemon (also after a 401 pause or an
     /// open circuit).
     Resume,
+    /// Check the SQLite store and salvage it if it is damaged (a stopped
+    /// store only: refused while `retryq run` owns it).
+    Repair,
     /// Remove items older than the TTL and expired dead letters.
     Cleanup {
         /// TTL to apply [default: worker.ttl from the configuration].
