@@ -530,3 +530,56 @@ fn after_kill_9_the_next_daemon_takes_the_killed_ones_claims_back_at_once() {
         assert_eq!(sigterm(daemon), 0, "{backend}");
     }
 }
+
+#[test]
+fn with_port_0_the_cli_finds_the_daemon_through_the_owner_lock() {
+    let dep = Deployment::new();
+    let config = dep.config(1_000_000);
+    // Let the kernel pick the port: only the owner lock says which.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}", dep.port), "127.0.0.1:0");
+    std::fs::write(&config, text).unwrap();
+    let daemon = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .env("RETRYQ_ADMIN_TOKEN", TOKEN)
+        .current_dir(dep.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = dep.dir.path().join("queue.db.owner.lock");
+    let mut owner = serde_json::Value::Null;
+    wait_for("the admin address in the owner lock", || {
+        owner = std::fs::read_to_string(&lock)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        owner["admin_addr"].is_string()
+    });
+    assert_eq!(owner["pid"], daemon.id(), "{owner}");
+    let port: u16 = owner["admin_addr"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(port, 0);
+
+    // Pause needs the daemon: it is found.
+    let paused = dep.cli_json(&config, &["pause"], None);
+    assert_eq!(paused["pause_reason"], "paused by an operator", "{paused}");
+    let (status, body) = http(port, "GET", "/v1/stats", Some(TOKEN)).unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("paused by an operator"), "{body}");
+    let stats = dep.cli_json(&config, &["stats"], None);
+    assert_eq!(stats["worker"]["paused"], true, "{stats}");
+    assert_eq!(sigterm(daemon), 0);
+    // Released on exit: the next CLI opens the store itself.
+    let stats = dep.cli_json(&config, &["stats"], None);
+    assert!(stats.get("worker").is_none(), "{stats}");
+}
