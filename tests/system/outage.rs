@@ -50,6 +50,18 @@ fn outage_then_recovery(failing: Mode) {
     let opened_at = Instant::now();
     let before_open = upstream.request_count();
 
+    // README: after `threshold` (5) consecutive failures the circuit opens
+    // and nothing more is pushed; only pushes already in flight (at most
+    // `concurrency`, 4) may still arrive. Items already claimed or handed
+    // over from the enqueue must wait too, or an outage under load costs the
+    // upstream every one of them.
+    assert!(
+        before_open <= 5 + 4 + 2,
+        "{before_open} requests reached the upstream before the circuit opened \
+         (threshold 5, concurrency 4); arrivals (ms): {:?}",
+        arrivals_ms(&upstream)
+    );
+
     // Stay down for a few cool-downs: the breaker should send a handful of
     // probes (1 s, then 2 s: about two in 4 s), not one push per item.
     std::thread::sleep(Duration::from_secs(4));
@@ -80,8 +92,9 @@ fn outage_then_recovery(failing: Mode) {
     );
     eprintln!(
         "outage: {before_open} requests before the circuit opened, {during} during 4 s open, \
-         drained {:?} after recovery",
-        recovered_at.elapsed()
+         drained {:?} after recovery; arrivals (ms): {:?}",
+        recovered_at.elapsed(),
+        arrivals_ms(&upstream)
     );
 
     let accepted = upstream.accepted_per_key();
@@ -93,4 +106,17 @@ fn outage_then_recovery(failing: Mode) {
         .iter()
         .all(|r| r.method == "POST" && r.path == "/api/v1/agent/ingest"));
     assert_eq!(daemon.stats()["worker"]["circuit_state"], "closed");
+}
+
+/// When each request arrived, in ms after the first: the outage's timeline
+/// for a failure message.
+fn arrivals_ms(upstream: &Upstream) -> Vec<u128> {
+    let requests = upstream.requests();
+    let Some(first) = requests.first().map(|r| r.at) else {
+        return Vec::new();
+    };
+    requests
+        .iter()
+        .map(|r| (r.at - first).as_millis())
+        .collect()
 }
