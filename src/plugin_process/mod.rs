@@ -343,9 +343,10 @@ impl Supervisor {
         }
         .encode();
         // A write error means the child is already gone: the reader says how.
-        let _ = lock(&conn.stdin)
-            .write_all(&create)
-            .and_then(|_| lock(&conn.stdin).flush());
+        {
+            let mut stdin = lock(&conn.stdin);
+            let _ = stdin.write_all(&create).and_then(|_| stdin.flush());
+        }
         let deadline = Instant::now() + self.options.start_timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -682,6 +683,13 @@ fn read_answers(
     }
     let status = lock(&conn.child).wait();
     let what = describe(status, lock(&conn.kill_reason).take());
+    // A child that never served is reported to `start_child` alone (which
+    // may hold the state lock while it waits for this very report).
+    let sup = if serving { sup.upgrade() } else { None };
+    // The death is recorded (restart backoff set) before the calls in flight
+    // hear of it and before anyone can see the connection closed: a caller
+    // that finds it closed then also finds the backoff.
+    let mut st = sup.as_ref().map(|s| lock(&s.state));
     let in_flight: Vec<Pending> = {
         let mut pending = lock(&conn.pending);
         conn.closed.store(true, Ordering::SeqCst);
@@ -694,24 +702,23 @@ fn read_answers(
         return;
     }
     let alone = in_flight.len() == 1;
-    let calls: Vec<&str> = in_flight.iter().map(|p| p.call).collect();
+    // Gone when the supervisor itself was dropped: a stop, not a death.
+    if let (Some(sup), Some(st)) = (&sup, st.as_mut()) {
+        if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+            st.conn = None;
+        }
+        let what = match in_flight.first() {
+            Some(p) if alone => format!("{what} in {}", p.call),
+            _ => what.clone(),
+        };
+        sup.note_death(st, &what, in_flight.len());
+    }
+    drop(st);
     for p in &in_flight {
         let _ = p.tx.send(Reply::Died {
             what: format!("{what} in {}", p.call),
             alone,
         });
-    }
-    // Gone when the supervisor itself was dropped: a stop, not a death.
-    if let Some(sup) = sup.upgrade() {
-        let mut st = lock(&sup.state);
-        if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
-            st.conn = None;
-        }
-        let what = match calls.first() {
-            Some(call) if alone => format!("{what} in {call}"),
-            _ => what,
-        };
-        sup.note_death(&mut st, &what, calls.len());
     }
 }
 

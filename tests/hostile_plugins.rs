@@ -1,0 +1,277 @@
+//! Hostile plugins under process isolation (`isolation = "process"`): a C
+//! plugin compiled at test time (tests/c_plugin/hostile.c) segfaults,
+//! aborts, exits, spins, allocates without bound, answers an out-of-range
+//! status, invalid UTF-8 or a NULL buffer with a length, or refuses create,
+//! each as a payload asks. For each: the host survives, nothing acknowledged
+//! is lost, no innocent item is charged an attempt, and the item's
+//! `last_error` (and the log) names the cause.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use retryq::plugin_process::{PluginTarget, ProcessOptions, ProcessPusher};
+use retryq::plugin_sdk::host::PluginError;
+use retryq::plugin_sdk::{CallContext, ItemMeta, PushOutcome, Pusher};
+use retryq::store::{RetryQueue, SqliteRetryQueue, StoreOptions};
+use retryq::worker::{EventKind, RetryWorker, RetryWorkerConfig};
+use retryq::NewItem;
+
+/// Compiles tests/c_plugin/hostile.c once per test binary.
+fn hostile_lib() -> PathBuf {
+    static LIB: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("libhostile.so");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+            .args(["-shared", "-fPIC", "-O0", "-o"])
+            .arg(&out)
+            .arg("-I")
+            .arg(root.join("plugins/sdk/include"))
+            .arg(root.join("tests/c_plugin/hostile.c"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cc failed");
+        (dir, out)
+    })
+    .1
+    .clone()
+}
+
+fn options() -> ProcessOptions {
+    ProcessOptions {
+        concurrency: 4,
+        // Enough for the child, small enough that "alloc" dies quickly.
+        memory_limit: Some(512 << 20),
+        restart_backoff: Duration::from_millis(20),
+        hang_grace: Duration::from_millis(100),
+        ..ProcessOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_retryq")))
+    }
+}
+
+fn target(settings: serde_json::Value) -> PluginTarget {
+    PluginTarget {
+        label: "hostile".into(),
+        path: hostile_lib(),
+        sha256: None,
+        settings,
+    }
+}
+
+fn start(options: ProcessOptions) -> Arc<ProcessPusher> {
+    Arc::new(ProcessPusher::start(target(serde_json::json!({})), options).unwrap())
+}
+
+fn open_queue(dir: &Path) -> Arc<dyn RetryQueue> {
+    Arc::new(SqliteRetryQueue::open(dir.join("q.db"), StoreOptions::default()).unwrap())
+}
+
+fn worker_config() -> RetryWorkerConfig {
+    RetryWorkerConfig {
+        batch_size: 8,
+        concurrency: 4,
+        // Room for the replays one at a time after a crash: they share the
+        // deadline of the call that was in flight.
+        push_timeout: Duration::from_secs(3),
+        lease: Duration::from_secs(30),
+        ..RetryWorkerConfig::default()
+    }
+}
+
+fn item(payload: &str) -> NewItem {
+    NewItem::from_json(payload.as_bytes()).unwrap()
+}
+
+/// Runs one batch of `good` innocent items and one poison item through a
+/// worker; checks the guarantees and returns the poison's `last_error`.
+async fn one_poison(poison: &str, good: &[&str]) -> (String, Arc<ProcessPusher>) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open_queue(dir.path());
+    let pusher = start(options());
+    let worker = RetryWorker::new(worker_config(), queue.clone(), pusher.clone()).unwrap();
+    let mut goods = Vec::new();
+    for (n, g) in good.iter().enumerate() {
+        goods.push(
+            queue
+                .enqueue(item(&format!("{{\"n\":{n},\"w\":\"{g}\"}}")))
+                .unwrap(),
+        );
+    }
+    let bad = queue
+        .enqueue(item(&format!("{{\"w\":\"{poison}\"}}")))
+        .unwrap();
+    let results = worker.process_now().await.unwrap();
+    for id in &goods {
+        let r: Vec<_> = results.iter().filter(|r| &r.item_id == id).collect();
+        assert_eq!(r.len(), 1, "{poison}: {results:#?}");
+        assert_eq!(
+            (r[0].kind, r[0].attempts),
+            (EventKind::Delivered, 1),
+            "{poison}: an innocent item was charged: {r:?}"
+        );
+        assert!(
+            queue.get(id).is_err(),
+            "{poison}: delivered item still queued"
+        );
+    }
+    let poisoned = queue.get(&bad).unwrap();
+    assert_eq!(poisoned.attempts, 1, "{poison}: {poisoned:?}");
+    assert_eq!(poisoned.status, retryq::ItemStatus::Pending);
+    // The host is alive and the transport serves again (a restarted child).
+    let ok = pusher.push(
+        &ItemMeta {
+            id: "after".into(),
+            ..ItemMeta::default()
+        },
+        b"{}",
+        &CallContext::with_timeout(Duration::from_secs(5)),
+    );
+    assert_eq!(ok, PushOutcome::Delivered, "{poison}: no recovery");
+    (poisoned.last_error, pusher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_dies_fails_only_its_item_and_names_the_cause() {
+    for (poison, cause) in [
+        (
+            "segv",
+            "plugin hostile: plugin host crashed with SIGSEGV in push",
+        ),
+        ("abort", "plugin host crashed with SIGABRT in push"),
+        ("exit", "plugin host exited with code 3 in push"),
+    ] {
+        let (error, pusher) = one_poison(poison, &["a", "b", "c", "d", "e"]).await;
+        assert!(error.contains(cause), "{poison}: {error}");
+        let health = pusher.health();
+        // One death, or two when innocent calls were in flight with it (the
+        // poison then dies again when replayed alone).
+        assert!((1..=2).contains(&health.deaths), "{poison}: {health:?}");
+        assert!(health.starts >= 2 && health.running, "{health:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hang_is_killed_at_the_deadline_and_unbounded_allocation_dies_alone() {
+    let (error, pusher) = one_poison("loop", &["a", "b", "c"]).await;
+    assert!(
+        error.contains("hung in push past its deadline (3s)"),
+        "{error}"
+    );
+    assert!((1..=2).contains(&pusher.health().deaths));
+    let (error, pusher) = one_poison("alloc", &["a", "b", "c"]).await;
+    // Past the address-space cap malloc fails and the unchecked write faults.
+    assert!(
+        error.contains("plugin host crashed with") || error.contains("killed"),
+        "{error}"
+    );
+    assert!((1..=2).contains(&pusher.health().deaths));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_answers_are_contained_in_the_child_without_a_death() {
+    let (error, pusher) = one_poison("status", &["a", "b"]).await;
+    assert!(error.contains("unknown status 77"), "{error}");
+    let (error, _) = one_poison("utf8", &["a", "b"]).await;
+    assert!(error.contains("bad \u{fffd}\u{fffd} bytes"), "{error}");
+    let (_error, _) = one_poison("nullbuf", &["a", "b"]).await;
+    assert_eq!(pusher.health().deaths, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn innocent_calls_in_flight_when_it_dies_are_replayed_alone() {
+    // Four calls in flight for 300 ms; the poison then segfaults with the
+    // three innocent ones still inside the child.
+    let (error, pusher) = one_poison("slow segv", &["slow", "slow", "slow"]).await;
+    assert!(error.contains("crashed with SIGSEGV in push"), "{error}");
+    // The first death (four in flight) and the poison's replay alone.
+    assert_eq!(pusher.health().deaths, 2, "{:?}", pusher.health());
+}
+
+#[test]
+fn refused_create_is_a_start_error_naming_the_plugin() {
+    let err = ProcessPusher::start(target(serde_json::json!({"refuse": true})), options())
+        .err()
+        .expect("create must be refused");
+    match &err {
+        PluginError::BadSettings { plugin, message } => {
+            assert_eq!(plugin, "hostile");
+            assert_eq!(message, "hostile: refusing create");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_crash_loop_holds_restarts_back_and_does_not_spin() {
+    let pusher = start(ProcessOptions {
+        crash_loop_deaths: 3,
+        ..options()
+    });
+    let ctx = || CallContext::with_timeout(Duration::from_secs(2));
+    let mut messages = Vec::new();
+    for n in 0..20 {
+        let meta = ItemMeta {
+            id: format!("i{n}"),
+            ..ItemMeta::default()
+        };
+        match pusher.push(&meta, b"{\"w\":\"segv\"}", &ctx()) {
+            PushOutcome::Retryable { message, .. } => messages.push(message),
+            other => panic!("{other:?}"),
+        }
+    }
+    let health = pusher.health();
+    assert!(health.crash_loop, "{health:?}");
+    // Three children died; none was started after that.
+    assert_eq!((health.starts, health.deaths), (3, 3), "{health:?}");
+    assert!(
+        messages[3..].iter().all(|m| m.contains("crash loop")),
+        "{messages:#?}"
+    );
+}
+
+/// Captures what the global subscriber formats.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn plugin_logs_reach_the_host_tagged_with_name_and_level() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .init();
+    let pusher = start(options());
+    let meta = ItemMeta {
+        id: "logged".into(),
+        ..ItemMeta::default()
+    };
+    let outcome = pusher.push(
+        &meta,
+        b"{}",
+        &CallContext::with_timeout(Duration::from_secs(5)),
+    );
+    assert_eq!(outcome, PushOutcome::Delivered);
+    // The log frame precedes the answer on the pipe: it is already emitted.
+    let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains("hostile push"))
+        .unwrap_or_else(|| panic!("no plugin line in {text}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("retryq::plugin"), "{line}");
+    assert!(line.contains("plugin=\"hostile\""), "{line}");
+}
