@@ -583,3 +583,26 @@ fn with_port_0_the_cli_finds_the_daemon_through_the_owner_lock() {
     let stats = dep.cli_json(&config, &["stats"], None);
     assert!(stats.get("worker").is_none(), "{stats}");
 }
+
+#[test]
+fn a_files_daemon_waits_for_a_cli_command_that_still_holds_the_queue_directory() {
+    let dep = Deployment::on("files");
+    let config = dep.config(0);
+    // A CLI command that opened the directory just before the daemon took
+    // the owner lock: it holds the files backend's own lock for a moment.
+    let held = retryq::FileRetryQueue::open(dep.store_path(), retryq::StoreOptions::default())
+        .expect("open the queue directory");
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(800));
+        retryq::store::RetryQueue::close(&held).unwrap();
+    });
+    // `start` waits for the API: the daemon did not give up on the lock.
+    let daemon = dep.start(&config);
+    releaser.join().unwrap();
+    let id = dep.cli(&config, &["enqueue"], Some("{\"after\":\"wait\"}"));
+    let id = id.trim().to_owned();
+    wait_for("the delivery", || {
+        dep.deliveries().iter().any(|f| f.starts_with(id.as_str()))
+    });
+    assert_eq!(sigterm(daemon), 0);
+}
