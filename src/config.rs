@@ -261,6 +261,23 @@ pub struct PluginSettings {
     pub sha256: Option<String>,
     /// The plugin's own settings, handed to it as JSON as they are.
     pub settings: serde_json::Map<String, serde_json::Value>,
+    /// Where the plugin runs: in the daemon, or in a child process that may
+    /// crash without taking the daemon along.
+    pub isolation: Isolation,
+    /// With `isolation = "process"`: the child's address-space cap in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
+}
+
+/// `[pusher] isolation` / `[checker] isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Loaded into the daemon (fastest; a crash in the plugin is the daemon's).
+    #[default]
+    InProcess,
+    /// Run by a `retryq plugin-host` child (see `crate::plugin_process`).
+    Process,
 }
 
 impl PluginSettings {
@@ -507,10 +524,14 @@ pub const SCHEMA: &[KeySpec] = &[
     opt("pusher.path", KeyKind::Path),
     opt("pusher.sha256", KeyKind::Sha256),
     key("pusher.settings", KeyKind::FreeTable),
+    key("pusher.isolation", KeyKind::Enum(&["in_process", "process"])),
+    opt("pusher.memory_limit", BYTES),
     opt("checker.name", KeyKind::String),
     opt("checker.path", KeyKind::Path),
     opt("checker.sha256", KeyKind::Sha256),
     key("checker.settings", KeyKind::FreeTable),
+    key("checker.isolation", KeyKind::Enum(&["in_process", "process"])),
+    opt("checker.memory_limit", BYTES),
     key("plugins.search_path", KeyKind::PathList),
     key("admin.listen", KeyKind::SocketAddr),
     opt("admin.token_file", KeyKind::Path),

@@ -17,7 +17,8 @@ use std::time::Duration;
 use crate::admin::{self, record_worker_metrics, AdminConfig, AdminState, RetryWorkerControl};
 use crate::config::{Settings, StoreBackend};
 use crate::metrics::Metrics;
-use crate::plugin::{describe_plugin, load_checker, load_pusher, PluginError};
+use crate::plugin::{describe_plugin, PluginError};
+use crate::plugin_process::{checker_for, pusher_for};
 use crate::store::owner::{OwnerInfo, OwnerLock};
 use crate::store::{RetryQueue, StoreOptions};
 use crate::worker::{RetryWorker, WorkerError};
@@ -167,15 +168,16 @@ async fn serve(
     owner: &mut OwnerLock,
 ) -> Result<(), DaemonError> {
     let search_path = &settings.plugins.search_path;
-    let pusher =
-        load_pusher(&settings.pusher, search_path).map_err(|source| DaemonError::Plugin {
+    // In the daemon or in a plugin-host child, as [pusher] isolation says.
+    let pusher = pusher_for(&settings.pusher, search_path, settings.worker.concurrency)
+        .map_err(|source| DaemonError::Plugin {
             section: "pusher",
             source,
         })?;
     let mut worker = RetryWorker::new(settings.worker_config(), queue.clone(), pusher)?;
     if settings.checker.is_configured() {
         let checker =
-            load_checker(&settings.checker, search_path).map_err(|source| DaemonError::Plugin {
+            checker_for(&settings.checker, search_path).map_err(|source| DaemonError::Plugin {
                 section: "checker",
                 source,
             })?;

@@ -275,3 +275,119 @@ fn plugin_logs_reach_the_host_tagged_with_name_and_level() {
     assert!(line.contains("retryq::plugin"), "{line}");
     assert!(line.contains("plugin=\"hostile\""), "{line}");
 }
+
+/// Runs the CLI beside a deployment (no daemon: it opens the store itself;
+/// a daemon: it goes through its API).
+fn cli(dir: &Path, config: &Path, args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_retryq"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RETRYQ_ADMIN_TOKEN", "test-token-0123456789abcdef")
+        .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "retryq {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_real_daemon_survives_a_segfaulting_plugin_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("retryq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[store]
+path = "{db}"
+[worker]
+interval = "1s"
+push_timeout = "3s"
+lease = "20s"
+[pusher]
+path = "{lib}"
+isolation = "process"
+memory_limit = 536870912
+[admin]
+listen = "127.0.0.1:{port}"
+[log]
+level = "info"
+"#,
+            db = dir.path().join("q.db").display(),
+            lib = hostile_lib().display(),
+        ),
+    )
+    .unwrap();
+    for payload in [r#"{"n":1}"#, r#"{"w":"segv"}"#, r#"{"n":2}"#, r#"{"n":3}"#] {
+        cli(dir.path(), &config, &["enqueue"], payload);
+    }
+    let log = dir.path().join("daemon.log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_retryq"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .env("RETRYQ_ADMIN_TOKEN", "test-token-0123456789abcdef")
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // A bounded wait for the daemon to act, not a timing assertion.
+    let mut items: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..600 {
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "the daemon died: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let Ok(list) =
+            std::panic::catch_unwind(|| cli(dir.path(), &config, &["--json", "list"], ""))
+        else {
+            continue;
+        };
+        items = serde_json::from_str(&list).unwrap();
+        if items.len() == 1 && items[0]["attempts"].as_u64() >= Some(1) {
+            break;
+        }
+    }
+    assert_eq!(items.len(), 1, "{items:#?}");
+    let error = items[0]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("plugin hostile: plugin host crashed with SIGSEGV in push"),
+        "{error}"
+    );
+    let ok = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("crashed with SIGSEGV") && text.contains("hostile"),
+        "{text}"
+    );
+}

@@ -40,6 +40,8 @@ use retryq_plugin::{
 };
 use serde::Serialize;
 
+use crate::config::{Isolation, PluginSettings};
+
 use protocol::{read_frame, Answer, CheckTag, CreateStatus, OutcomeTag, Request};
 
 /// How the supervisor runs and restarts its child.
@@ -817,5 +819,68 @@ impl FingerprintChecker for ProcessChecker {
             }
             other => Err(CheckError::Unavailable(self.sup.failure(other))),
         }
+    }
+}
+
+/// The library file a section names, found as the in-process loader finds
+/// it but not loaded here: only the child loads it (and checks its
+/// permissions and pinned hash).
+fn target_of(spec: &PluginSettings, search_path: &[PathBuf]) -> Result<PluginTarget, PluginError> {
+    let (label, path) = match (&spec.name, &spec.path) {
+        (_, Some(path)) => (path.display().to_string(), path.clone()),
+        (Some(name), None) => (
+            name.clone(),
+            retryq_plugin::host::resolve(name, &crate::plugin::effective_search_path(search_path))?,
+        ),
+        (None, None) => {
+            return Err(PluginError::NotFound {
+                plugin: "(none)".into(),
+                looked_in: Vec::new(),
+            })
+        }
+    };
+    Ok(PluginTarget {
+        label,
+        path,
+        sha256: spec.sha256.clone(),
+        settings: serde_json::Value::Object(spec.settings.clone()),
+    })
+}
+
+fn options_for(spec: &PluginSettings, concurrency: usize) -> Result<ProcessOptions, PluginError> {
+    Ok(ProcessOptions {
+        concurrency,
+        memory_limit: spec.memory_limit,
+        ..ProcessOptions::this_executable()?
+    })
+}
+
+/// The pusher a `[pusher]` section names, in the daemon or in a child as
+/// its `isolation` says; `concurrency` is the worker's.
+pub fn pusher_for(
+    spec: &PluginSettings,
+    search_path: &[PathBuf],
+    concurrency: usize,
+) -> Result<Arc<dyn Pusher>, PluginError> {
+    match spec.isolation {
+        Isolation::InProcess => crate::plugin::load_pusher(spec, search_path),
+        Isolation::Process => Ok(Arc::new(ProcessPusher::start(
+            target_of(spec, search_path)?,
+            options_for(spec, concurrency)?,
+        )?)),
+    }
+}
+
+/// The checker a `[checker]` section names, in the daemon or in a child.
+pub fn checker_for(
+    spec: &PluginSettings,
+    search_path: &[PathBuf],
+) -> Result<Arc<dyn FingerprintChecker>, PluginError> {
+    match spec.isolation {
+        Isolation::InProcess => crate::plugin::load_checker(spec, search_path),
+        Isolation::Process => Ok(Arc::new(ProcessChecker::start(
+            target_of(spec, search_path)?,
+            options_for(spec, 1)?,
+        )?)),
     }
 }
