@@ -1,36 +1,60 @@
 //! `retryq migrate --from DIR`: imports a Go SDK retry-queue directory into
 //! the configured store.
 //!
-//! The Go directory is never changed: its regular files are copied to a
-//! private temporary directory and the copy is opened with the files backend,
-//! which indexes what survives (an item left `processing` returns to
-//! pending), quarantines torn or foreign records and drops temp files. Each
-//! surviving item is then written to the target store with its ID,
-//! fingerprint, attempts, status, last error and timestamps: the target is
-//! opened with a manual clock set to the item's `created_at` for the enqueue
-//! and to its `updated_at` for the `update` that restores its delivery state.
-//! Deduplication by fingerprint is off during the import (every surviving
-//! item is kept); an ID already in the target is skipped, so a second run
-//! imports nothing twice.
+//! The Go directory is only read, never changed ([`QueueDirScan`]): each
+//! item file is read and checked as the files backend would at open; a
+//! torn, corrupt or unreadable one is reported as quarantined and not
+//! imported; foreign entries are reported and ignored. The items are
+//! written in batches of [`BATCH`] through
+//! [`RetryQueue::import_batch`](retryq::RetryQueue::import_batch), one
+//! durable commit per batch (group commit), each with its ID,
+//! fingerprint, attempts, status, last error and timestamps as the Go file
+//! holds them (an item Go left `processing` is imported `pending`). A
+//! reader thread reads and checks the next batch while the current one
+//! commits.
+//!
+//! **Interrupted runs.** A batch is durable once committed and the source
+//! is untouched, so Ctrl-C or a kill loses nothing; running the command
+//! again imports only what is missing: an item whose ID is already in the
+//! store is counted as skipped, never imported twice. (Fingerprint dedupe
+//! is off during the import: every item of the source is kept.)
+//!
+//! **Output.** Progress goes to stderr: a bar on a terminal, a plain line
+//! at most once a second otherwise, nothing with `--json`. A summary
+//! (imported, skipped, quarantined) ends on stdout.
+//!
+//! A store owned by a running daemon is refused: the daemon claims from it
+//! while the import writes, and a daemon on the files backend holds its
+//! directory. Stop the daemon, or migrate into a separate store.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use chrono::Utc;
-use retryq::clock::ManualClock;
-use retryq::config::{open_store, StoreBackend, StoreSettings};
-use retryq::store::{ListFilter, StoreOptions};
-use retryq::{ItemStatus, NewItem, QueueError, QueueItem};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use retryq::config::{open_store, StoreBackend};
+use retryq::store::file::QueueDirScan;
+use retryq::store::owner::{owner_lock_path, OwnerLock};
+use retryq::{ItemStatus, QueueError, QueueItem, RetryQueue};
 use serde::Serialize;
 
 use super::commands::Ctx;
 use super::output::{print_json, println_out};
 use super::UsageError;
 
+/// Items per commit: large enough that the commit's fixed cost (an fsync)
+/// is shared by many items, small enough that a batch is a few MiB.
+const BATCH: usize = 256;
+/// Batches read ahead of the one committing.
+const READ_AHEAD: usize = 2;
+/// How often the plain progress line is printed when stderr is not a
+/// terminal.
+const LINE_EVERY: Duration = Duration::from_secs(1);
+
 /// What `migrate` did.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct MigrateReport {
     /// The Go SDK directory read.
     pub source: PathBuf,
@@ -42,134 +66,98 @@ pub struct MigrateReport {
     pub imported: usize,
     /// Of those, items imported as dead letters.
     pub imported_failed: usize,
-    /// Items skipped, with why (already in the target).
-    pub skipped: Vec<SkippedItem>,
-    /// Records the files backend quarantined (torn, corrupt, foreign JSON).
+    /// Items not written because their ID is already in the store (an
+    /// earlier run imported them).
+    pub skipped: usize,
+    /// Item files not imported because they are torn, corrupt or
+    /// unreadable.
     pub quarantined: u64,
-    /// The quarantined files' names.
+    /// Those files' names.
     pub quarantined_files: Vec<String>,
+    /// Intact items the store refused (invalid or too large), with why.
+    pub refused: Vec<RefusedItem>,
+    /// Entries of the source that are not queue records, ignored.
+    pub foreign_entries: usize,
+    /// Wall-clock time of the import, in seconds.
+    pub seconds: f64,
 }
 
-/// An item not imported.
+/// An item the store refused.
 #[derive(Debug, Serialize)]
-pub struct SkippedItem {
+pub struct RefusedItem {
     /// Its ID.
     pub id: String,
     /// Why.
     pub reason: String,
 }
 
-/// A private copy of the source directory, removed when dropped.
-struct TempCopy {
-    path: PathBuf,
-}
-
-impl TempCopy {
-    fn of(source: &Path) -> anyhow::Result<TempCopy> {
-        let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
-        let path =
-            std::env::temp_dir().join(format!("retryq-migrate-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&path)
-            .with_context(|| format!("cannot create the working copy {}", path.display()))?;
-        let copy = TempCopy { path };
-        restrict(&copy.path, 0o700)?;
-        let entries = std::fs::read_dir(source)
-            .with_context(|| format!("cannot read {}", source.display()))?;
-        for entry in entries {
-            let entry = entry.with_context(|| format!("cannot read {}", source.display()))?;
-            let file_type = entry
-                .file_type()
-                .with_context(|| format!("cannot read {}", entry.path().display()))?;
-            // Only the item files live at the top level; sub-directories are
-            // the Go SDK's own leftovers and are not items.
-            if !file_type.is_file() {
-                continue;
-            }
-            let to = copy.path.join(entry.file_name());
-            std::fs::copy(entry.path(), &to).with_context(|| {
-                format!("cannot copy {} to the working copy", entry.path().display())
-            })?;
-            // The source may be read-only; the copy must be writable by its owner.
-            restrict(&to, 0o600)?;
-        }
-        Ok(copy)
-    }
-
-    fn json_files(&self) -> anyhow::Result<Vec<String>> {
-        let mut names = Vec::new();
-        for entry in std::fs::read_dir(&self.path).context("cannot read the working copy")? {
-            let entry = entry.context("cannot read the working copy")?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".json") {
-                names.push(name);
-            }
-        }
-        names.sort();
-        Ok(names)
-    }
-}
-
-impl Drop for TempCopy {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the migration working copy");
-        }
-    }
-}
-
-#[cfg(unix)]
-fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set permissions on {}", path.display()))
-}
-
-#[cfg(not(unix))]
-fn restrict(_path: &Path, _mode: u32) -> anyhow::Result<()> {
-    Ok(())
-}
-
-/// Progress on stderr: a bar on a terminal, a few lines otherwise.
-struct Progress {
-    total: usize,
-    tty: bool,
-    last_decile: usize,
+/// Progress on stderr: a bar on a terminal, a line at most every second
+/// otherwise, nothing with `--json`.
+enum Progress {
+    Bar(ProgressBar),
+    Lines {
+        total: usize,
+        done: usize,
+        last: Option<Instant>,
+    },
+    Silent,
 }
 
 impl Progress {
-    fn new(total: usize) -> Self {
-        Progress {
-            total,
-            tty: std::io::stderr().is_terminal(),
-            last_decile: usize::MAX,
+    fn new(total: usize, json: bool) -> Self {
+        if json {
+            return Progress::Silent;
+        }
+        if !std::io::stderr().is_terminal() {
+            return Progress::Lines {
+                total,
+                done: 0,
+                last: None,
+            };
+        }
+        let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template(
+            "migrating [{bar:30}] {pos}/{len} items, {per_sec}, eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("#>.");
+        bar.set_style(style);
+        Progress::Bar(bar)
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Progress::Bar(bar) => bar.inc(n as u64),
+            Progress::Lines { total, done, last } => {
+                *done += n;
+                let due = last.is_none_or(|t| t.elapsed() >= LINE_EVERY);
+                if due || *done == *total {
+                    eprintln!("migrating: {done}/{total} items");
+                    *last = Some(Instant::now());
+                }
+            }
+            Progress::Silent => {}
         }
     }
 
-    fn update(&mut self, done: usize) {
-        let total = self.total.max(1);
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            let width = 30;
-            let filled = done * width / total;
-            let _ = write!(
-                err,
-                "\rmigrating [{}{}] {done}/{}",
-                "#".repeat(filled),
-                ".".repeat(width - filled),
-                self.total
-            );
-            if done == self.total {
-                let _ = writeln!(err);
-            }
-        } else {
-            let decile = done * 10 / total;
-            if decile != self.last_decile || done == self.total {
-                self.last_decile = decile;
-                let _ = writeln!(err, "migrating: {done}/{} items", self.total);
-            }
+    /// A warning line, printed above the bar when there is one.
+    fn warn(&self, line: &str) {
+        match self {
+            Progress::Bar(bar) => bar.suspend(|| eprintln!("{line}")),
+            _ => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish();
         }
     }
 }
+
+/// One batch as read from the source: each item file's name and item, or
+/// why it is not one.
+type ReadBatch = Vec<(String, Result<QueueItem, String>)>;
 
 /// Imports the Go SDK queue in `from` into the configured store.
 pub fn migrate(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
@@ -187,51 +175,21 @@ pub fn migrate(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
             from.display()
         )));
     }
-
-    // 1. Read the source through the files backend, on a private copy.
-    let copy = TempCopy::of(from)?;
-    let before = copy.json_files()?;
-    let source_settings = StoreSettings {
-        backend: StoreBackend::Files,
-        path: Some(copy.path.clone()),
-        ..StoreSettings::default()
-    };
-    let source_options = StoreOptions {
-        max_items: usize::MAX,
-        max_bytes: u64::MAX,
-        dedupe: false,
-        ..StoreOptions::default()
-    };
-    let source = open_store(&source_settings, source_options)
-        .with_context(|| format!("cannot open {} as a Go SDK queue", from.display()))?;
-    let read = source.list(&ListFilter::default()).and_then(|items| {
-        let stats = source.stats()?;
-        Ok((items, stats.quarantined))
-    });
-    source.close().context("cannot close the source copy")?;
-    let (items, quarantined) =
-        read.with_context(|| format!("cannot read the items of {}", from.display()))?;
-    let kept: std::collections::BTreeSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
-    let quarantined_files: Vec<String> = before
-        .into_iter()
-        .filter(|name| {
-            let id = name
-                .trim_end_matches(".json")
-                .split_once('_')
-                .map(|(_, id)| id)
-                .unwrap_or("");
-            !kept.contains(id)
-        })
-        .collect();
-    for name in &quarantined_files {
-        eprintln!("quarantined: {name} (unreadable or failed its integrity check; not imported)");
+    let lock = owner_lock_path(&target_path, settings.store.backend == StoreBackend::Files);
+    if let Some(holder) = OwnerLock::holder(&lock).context("cannot check who owns the store")? {
+        bail!(
+            "the store {} is owned by a running retryq daemon ({}): stop the daemon before \
+             migrating into its store, or migrate into a separate store (another --config \
+             with its own [store] path)",
+            target_path.display(),
+            holder.describe()
+        );
     }
 
-    // 2. Write each item to the target with its state and timestamps.
-    let clock = ManualClock::new(Utc::now());
+    let scan = QueueDirScan::open(from)
+        .with_context(|| format!("cannot read the Go SDK queue {}", from.display()))?;
     let mut options = settings.store_options();
     options.dedupe = false;
-    options.clock = Arc::new(clock.clone());
     let target = open_store(&settings.store, options).with_context(|| {
         format!(
             "cannot open the {} store at {}",
@@ -242,98 +200,154 @@ pub fn migrate(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
     let mut report = MigrateReport {
         source: from.to_path_buf(),
         target: target_path.clone(),
-        found: items.len(),
-        imported: 0,
-        imported_failed: 0,
-        skipped: Vec::new(),
-        quarantined,
-        quarantined_files,
+        foreign_entries: scan.skipped().len(),
+        ..MigrateReport::default()
     };
-    let mut progress = Progress::new(items.len());
-    let result = (|| -> anyhow::Result<()> {
-        for (n, item) in items.iter().enumerate() {
-            match import_one(target.as_ref(), &clock, item) {
-                Ok(()) => {
-                    report.imported += 1;
-                    if item.status == ItemStatus::Failed {
-                        report.imported_failed += 1;
-                    }
-                }
-                Err(QueueError::DuplicateItem { existing_id }) => {
-                    report.skipped.push(SkippedItem {
-                        id: item.id.clone(),
-                        reason: format!("already in the store as {existing_id}"),
-                    });
-                }
-                Err(e) => {
-                    return Err(anyhow::Error::from(e).context(format!(
-                        "cannot import item {} ({} of {} imported so far)",
-                        item.id, report.imported, report.found
-                    )))
-                }
-            }
-            progress.update(n + 1);
-        }
-        Ok(())
-    })();
+    let mut progress = Progress::new(scan.item_files().len(), ctx.json);
+    for (name, why) in scan.skipped() {
+        progress.warn(&format!("ignored: {name} ({why})"));
+    }
+    let started = Instant::now();
+    let imported = import_all(&scan, target.as_ref(), &mut report, &mut progress);
+    report.seconds = started.elapsed().as_secs_f64();
+    progress.finish();
     let closed = target.close();
-    result?;
+    if let Err(e) = imported {
+        eprintln!("{}", summary(&report));
+        return Err(e);
+    }
     closed.context("cannot close the store")?;
 
     if ctx.json {
         print_json(&report)
     } else {
-        println_out(&format!(
-            "imported {} of {} item(s) from {} into {} ({} dead letter(s)); {} skipped; {} quarantined{}",
-            report.imported,
-            report.found,
-            from.display(),
-            target_path.display(),
-            report.imported_failed,
-            report.skipped.len(),
-            report.quarantined,
-            if report.quarantined_files.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", report.quarantined_files.join(", "))
-            }
-        ))
+        println_out(&summary(&report))
     }
 }
 
-/// Writes one item: enqueue at its creation time, then restore its delivery
-/// state at its last update time.
-fn import_one(
-    target: &dyn retryq::RetryQueue,
-    clock: &ManualClock,
-    item: &QueueItem,
-) -> Result<(), QueueError> {
-    clock.set(item.created_at);
-    let mut new = NewItem::new(item.report.clone()).with_type(item.item_type.clone());
-    new.id = Some(item.id.clone());
-    new.fingerprint = Some(item.fingerprint.clone());
-    new.max_attempts = Some(item.max_attempts.max(1));
-    new.agent_id = item.agent_id.clone();
-    new.scanner_name = item.scanner_name.clone();
-    new.target_path = item.target_path.clone();
-    new.next_retry = Some(item.next_retry);
-    new.attributes = item.attributes.clone();
-    target.enqueue(new)?;
-    let untouched = item.status == ItemStatus::Pending
-        && item.attempts == 0
-        && item.last_error.is_empty()
-        && item.last_attempt.is_none();
-    if !untouched {
-        clock.set(item.updated_at.max(item.created_at));
-        let mut state = item.clone();
-        // Never import a claim: nobody holds it any more.
-        if state.status == ItemStatus::Processing {
-            state.status = ItemStatus::Pending;
+/// Reads the source on a second thread, [`BATCH`] items at a time, and
+/// commits each batch in turn.
+fn import_all(
+    scan: &QueueDirScan,
+    target: &dyn RetryQueue,
+    report: &mut MigrateReport,
+    progress: &mut Progress,
+) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::sync_channel::<ReadBatch>(READ_AHEAD);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for names in scan.item_files().chunks(BATCH) {
+                let batch = names.iter().map(|n| (n.clone(), scan.read(n))).collect();
+                // The importer stopped (an error): nothing more to read.
+                if tx.send(batch).is_err() {
+                    break;
+                }
+            }
+        });
+        // `rx` moves into the loop: leaving it early drops the receiver,
+        // which ends the reader.
+        for batch in rx {
+            let n = batch.len();
+            import_batch(batch, target, report, progress)?;
+            progress.advance(n);
         }
-        state.lease_until = None;
-        target.update(&state)?;
+        Ok(())
+    })
+}
+
+/// Commits one batch and counts what became of each item.
+fn import_batch(
+    batch: ReadBatch,
+    target: &dyn RetryQueue,
+    report: &mut MigrateReport,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let mut items = Vec::with_capacity(batch.len());
+    for (name, read) in batch {
+        match read {
+            Ok(item) => items.push(item),
+            Err(reason) => {
+                progress.warn(&format!("quarantined: {name} ({reason}); not imported"));
+                report.quarantined += 1;
+                report.quarantined_files.push(name);
+            }
+        }
+    }
+    report.found += items.len();
+    let kinds: Vec<(String, ItemStatus)> = items.iter().map(|i| (i.id.clone(), i.status)).collect();
+    let results = target.import_batch(items).with_context(|| {
+        format!(
+            "cannot import a batch ({} imported before it; run the command again to go on)",
+            report.imported
+        )
+    })?;
+    for ((id, status), result) in kinds.into_iter().zip(results) {
+        match result {
+            Ok(()) => {
+                report.imported += 1;
+                if status == ItemStatus::Failed {
+                    report.imported_failed += 1;
+                }
+            }
+            Err(QueueError::DuplicateItem { .. }) => report.skipped += 1,
+            Err(e @ (QueueError::InvalidItem { .. } | QueueError::TooLarge { .. })) => {
+                progress.warn(&format!("refused: item {id} ({e}); not imported"));
+                report.refused.push(RefusedItem {
+                    id,
+                    reason: e.to_string(),
+                });
+            }
+            // A full store or disk, a storage fault: the rest would fail too.
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context(format!(
+                    "cannot import item {id} ({} imported before it; raise the store's limits \
+                     or free space, then run the command again to go on)",
+                    report.imported
+                )))
+            }
+        }
     }
     Ok(())
+}
+
+fn summary(report: &MigrateReport) -> String {
+    let rate = if report.seconds > 0.0 {
+        format!(
+            ", {:.0} items/s",
+            (report.imported + report.skipped) as f64 / report.seconds
+        )
+    } else {
+        String::new()
+    };
+    let mut text = format!(
+        "imported {} of {} item(s) from {} into {} ({} dead letter(s)); {} skipped (already in the store); {} quarantined",
+        report.imported,
+        report.found,
+        report.source.display(),
+        report.target.display(),
+        report.imported_failed,
+        report.skipped,
+        report.quarantined,
+    );
+    if !report.quarantined_files.is_empty() {
+        text.push_str(&format!(" ({})", report.quarantined_files.join(", ")));
+    }
+    if !report.refused.is_empty() {
+        text.push_str(&format!("; {} refused", report.refused.len()));
+    }
+    if report.foreign_entries > 0 {
+        text.push_str(&format!(
+            "; {} foreign entr{} ignored",
+            report.foreign_entries,
+            if report.foreign_entries == 1 {
+                "y"
+            } else {
+                "ies"
+            }
+        ));
+    }
+    text.push_str(&format!(" in {:.2} s{rate}", report.seconds));
+    text
 }
 
 fn same_path(a: &Path, b: &Path) -> bool {

@@ -446,6 +446,22 @@ pub trait RetryQueue: Send + Sync {
         Ok(results)
     }
 
+    /// Stores items taken from another store (`retryq migrate`) exactly as
+    /// they were — ID, fingerprint, attempts, last error, times, dead
+    /// letter or not — in one durable commit, as `enqueue_batch` does.
+    /// Each item has its own result: `DuplicateItem` when its ID exists
+    /// (or, with dedupe on, a live item has its fingerprint), and the other
+    /// refusals of `enqueue`. A `processing` item is stored `pending`
+    /// without its lease: nobody holds that claim any more. The default
+    /// refuses: a backend must store `created_at` as given to support it.
+    fn import_batch(&self, items: Vec<QueueItem>) -> QueueResult<Vec<QueueResult<()>>> {
+        let _ = items;
+        Err(QueueError::storage(
+            "import",
+            "this backend cannot import items with their state",
+        ))
+    }
+
     /// [`Self::apply_batch`], except that the commit may not be durable yet
     /// when it returns. A returned [`PendingSync`] says when it is: nobody
     /// may be told the changes are stored before its `wait` returned `Ok`.
@@ -559,6 +575,9 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
         (**self).apply_batch(ops)
     }
+    fn import_batch(&self, items: Vec<QueueItem>) -> QueueResult<Vec<QueueResult<()>>> {
+        (**self).import_batch(items)
+    }
     fn apply_batch_deferred(
         &self,
         ops: Vec<WriteOp>,
@@ -568,6 +587,27 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     fn close(&self) -> QueueResult<()> {
         (**self).close()
     }
+}
+
+/// An item for [`RetryQueue::import_batch`], checked as `enqueue` checks a
+/// new one, with any claim dropped.
+pub(crate) fn importable(mut item: QueueItem) -> QueueResult<QueueItem> {
+    crate::item::validate_id(&item.id)?;
+    if item.max_attempts == 0 {
+        return Err(QueueError::invalid("max_attempts must be at least 1"));
+    }
+    if item.fingerprint.trim().is_empty() {
+        return Err(QueueError::invalid("fingerprint is empty"));
+    }
+    if item.item_type.as_str().is_empty() {
+        return Err(QueueError::invalid("type is empty"));
+    }
+    if item.status == ItemStatus::Processing {
+        item.status = ItemStatus::Pending;
+    }
+    item.lease_until = None;
+    item.lease_owner = None;
+    Ok(item)
 }
 
 /// Sorts `items` as `filter` says (total order: ties by id) and applies

@@ -815,6 +815,18 @@ impl SqliteRetryQueue {
                 now,
             );
         }
+        self.insert_new_in(conn, item, caller_id, known)
+    }
+
+    /// Stores `item` as a new row after the checks `enqueue` makes (an ID
+    /// the caller chose is checked for a duplicate); returns it as stored.
+    fn insert_new_in(
+        &self,
+        conn: &Connection,
+        item: QueueItem,
+        caller_id: bool,
+        known: &mut KnownTotals,
+    ) -> QueueResult<QueueItem> {
         let row = ItemRow::new(&item)?;
         if caller_id {
             // A fresh UUIDv7 cannot collide; only a caller's ID can.
@@ -1894,6 +1906,17 @@ impl RetryQueue for SqliteRetryQueue {
         let (results, _in_commit) =
             self.salvaging(|| self.apply_ops(ops.clone(), Durability::InCommit))?;
         Ok(results)
+    }
+
+    fn import_batch(&self, items: Vec<QueueItem>) -> QueueResult<Vec<QueueResult<()>>> {
+        let results = self.salvaging(|| {
+            self.batch("import", items.clone(), |conn, item, known| {
+                let item = super::importable(item)?;
+                self.insert_new_in(conn, item, true, known)
+                    .map(|_| WriteOutcome::Applied)
+            })
+        })?;
+        Ok(results.into_iter().map(|r| r.map(|_| ())).collect())
     }
 
     fn apply_batch_deferred(

@@ -146,6 +146,7 @@
 
 mod fs;
 mod record;
+mod scan;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
@@ -158,6 +159,7 @@ use chrono::{DateTime, Utc};
 use self::fs::with_path as io_ctx;
 pub use self::fs::{LockGuard, OsFs, StoreFs};
 use self::record::{decode, encode, file_name, parse_file_name, TMP_SUFFIX};
+pub use self::scan::QueueDirScan;
 use super::owner::OWNER_LOCK_FILE;
 use super::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, OverflowPolicy, QueueError,
@@ -1109,21 +1111,38 @@ impl FileRetryQueue {
         lease: Option<Duration>,
     ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
         let now = self.now();
+        let built = items
+            .into_iter()
+            .map(|new| {
+                let mut item = new.into_item(now, self.options.default_max_attempts)?;
+                if let Some(lease) = lease {
+                    item.record_claim(saturating_add(now, lease), &self.options.instance_id, now);
+                }
+                Ok(item)
+            })
+            .collect();
+        self.store_items_in(inner, op, built)
+    }
+
+    /// [`Self::store_new_in`] for items already built (or refused).
+    fn store_items_in(
+        &self,
+        inner: &mut Inner,
+        op: &'static str,
+        items: Vec<QueueResult<QueueItem>>,
+    ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
         let mut results: Vec<QueueResult<QueueItem>> = Vec::with_capacity(items.len());
         let mut part = NewItems::default();
         let mut stored_some = false;
         let mut items = items.into_iter();
-        while let Some(new) = items.next() {
-            let mut item = match new.into_item(now, self.options.default_max_attempts) {
+        while let Some(item) = items.next() {
+            let item = match item {
                 Ok(item) => item,
                 Err(e) => {
                     results.push(Err(e));
                     continue;
                 }
             };
-            if let Some(lease) = lease {
-                item.record_claim(saturating_add(now, lease), &self.options.instance_id, now);
-            }
             let encoded = match Self::encode(op, &item) {
                 Ok(encoded) => encoded,
                 Err(e) => {
@@ -1466,6 +1485,18 @@ impl RetryQueue for FileRetryQueue {
             .collect();
         sort_and_page(&mut items, filter);
         Ok(items)
+    }
+
+    /// One commit, as `enqueue_batch`; each file is named by the item's own
+    /// `created_at`.
+    fn import_batch(&self, items: Vec<QueueItem>) -> QueueResult<Vec<QueueResult<()>>> {
+        let mut inner = self.state("import")?;
+        let items = items.into_iter().map(super::importable).collect();
+        Ok(self
+            .store_items_in(&mut inner, "import", items)?
+            .into_iter()
+            .map(|r| r.map(|_| ()))
+            .collect())
     }
 
     /// One commit for the whole group (see [`Group`]): each op runs as it
