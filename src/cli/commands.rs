@@ -392,6 +392,7 @@ fn show(ctx: &Ctx, id: &str, payload: bool) -> anyhow::Result<()> {
 
 fn stats(ctx: &Ctx) -> anyhow::Result<()> {
     let (settings, route) = route(ctx)?;
+    let via_daemon = matches!(route, Route::Daemon(_));
     let (stats, worker, body) = match route {
         Route::Daemon(client) => {
             let body = client.get(client.url(&["v1", "stats"], &[])?)?;
@@ -440,7 +441,7 @@ fn stats(ctx: &Ctx) -> anyhow::Result<()> {
     }
     lines.push(format!(
         "delivery:         {}",
-        delivery_state(worker.as_ref())
+        delivery_state(via_daemon, worker.as_ref())
     ));
     if let Some(w) = &worker {
         if let Some(error) = &w.store_error {
@@ -455,9 +456,13 @@ fn stats(ctx: &Ctx) -> anyhow::Result<()> {
 }
 
 /// The worker's state in a few words: running, paused and why, circuit open.
-fn delivery_state(worker: Option<&WorkerStats>) -> String {
+fn delivery_state(via_daemon: bool, worker: Option<&WorkerStats>) -> String {
     let Some(w) = worker else {
-        return "no daemon running on this store".to_owned();
+        return if via_daemon {
+            "stopped (the daemon's worker is not running)".to_owned()
+        } else {
+            "no daemon running on this store".to_owned()
+        };
     };
     if !w.is_running {
         return "stopped".to_owned();
