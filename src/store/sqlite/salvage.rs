@@ -590,20 +590,32 @@ pub(super) fn salvage_file(path: &Path, cause: &str) -> QueueResult<SalvageRepor
         ..SalvageReport::default()
     };
     let tmp = with_suffix(path, ".salvage-tmp");
+    let scratch = with_suffix(path, ".salvage-scratch");
     for leftover in ["", "-journal", "-wal", "-shm"] {
         // A salvage that crashed midway left these; they hold nothing new.
-        let p = with_suffix(&tmp, leftover);
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(|e| io("removing", &p, e))?;
+        for p in [with_suffix(&tmp, leftover), with_suffix(&scratch, leftover)] {
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| io("removing", &p, e))?;
+            }
         }
     }
     {
         let mut fresh = Connection::open(&tmp).map_err(sql_error(op))?;
         super::set_private_file(&tmp)?;
         migrate(&mut fresh, 0, &tmp)?;
+        // Read from a copy with its schema text restored when the damage hit
+        // that text: otherwise SQLite cannot name a single table in it.
+        let source = match restore_schema_copy(path, &scratch, &fresh) {
+            Ok(true) => scratch.clone(),
+            Ok(false) => path.to_path_buf(),
+            Err(e) => {
+                tracing::warn!(error = %e, "salvage: cannot restore the damaged schema text");
+                path.to_path_buf()
+            }
+        };
         let tx = fresh.transaction().map_err(sql_error(op))?;
         tx.execute_batch(SALVAGES_TABLE).map_err(sql_error(op))?;
-        match open_damaged(path) {
+        match open_damaged(&source) {
             Ok(old) => {
                 copy_items(&old, &tx, now, &mut report)?;
                 copy_quarantine(&old, &tx, &mut report)?;
@@ -634,6 +646,10 @@ pub(super) fn salvage_file(path: &Path, cause: &str) -> QueueResult<SalvageRepor
         .map_err(sql_error(op))?;
         tx.commit().map_err(sql_error(op))?;
         fresh.close().map_err(|(_, e)| QueueError::storage(op, e))?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        // Only a copy: the damaged original is what moves aside.
+        let _ = std::fs::remove_file(with_suffix(&scratch, suffix));
     }
     swap_files(path, &tmp, &aside).map_err(|e| io("moving aside", path, e))?;
     sync_parent(path).map_err(|e| io("syncing the folder of", path, e))?;
@@ -683,6 +699,102 @@ fn swap_files(path: &Path, fresh: &Path, aside: &Path) -> std::io::Result<()> {
         }
     }
     result
+}
+
+/// One row of `sqlite_master`, its text columns read whatever the damage
+/// left in them.
+#[derive(Debug, Clone, PartialEq)]
+struct SchemaRow {
+    rowid: i64,
+    kind: String,
+    name: String,
+    table: String,
+    sql: Option<String>,
+}
+
+fn schema_rows(conn: &Connection) -> rusqlite::Result<Vec<SchemaRow>> {
+    let text = |v: Value| value_bytes(v).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let mut stmt =
+        conn.prepare("SELECT rowid, type, name, tbl_name, sql FROM sqlite_master ORDER BY rowid")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(SchemaRow {
+            rowid: r.get(0)?,
+            kind: text(r.get(1)?).unwrap_or_default(),
+            name: text(r.get(2)?).unwrap_or_default(),
+            table: text(r.get(3)?).unwrap_or_default(),
+            sql: text(r.get(4)?),
+        })
+    })?;
+    rows.collect()
+}
+
+/// When SQLite cannot parse the damaged file's schema, writes a copy of
+/// the file to `scratch` with the schema rows restored from `fresh` (a new
+/// database at the same schema version), keeping each table's root page.
+/// Returns whether it did: `false` when the schema parses, or when the
+/// file is at another version, whose exact text this build does not know.
+fn restore_schema_copy(path: &Path, scratch: &Path, fresh: &Connection) -> rusqlite::Result<bool> {
+    {
+        let probe = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        probe.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+        probe.pragma_update(None, "query_only", true)?;
+        match probe.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        }) {
+            Err(e)
+                if is_corrupt_sqlite(&e) && e.to_string().contains("malformed database schema") => {
+            }
+            _ => return Ok(false),
+        }
+    }
+    let old = open_damaged(path)?;
+    let version: i64 = old.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version != SCHEMA_VERSION {
+        return Ok(false);
+    }
+    let damaged = schema_rows(&old)?;
+    drop(old);
+    let wanted = schema_rows(fresh)?;
+    // The same script created both, in the same order: pair rows by
+    // position when the counts agree, else by name.
+    let pairs: Vec<(&SchemaRow, &SchemaRow)> = if damaged.len() == wanted.len() {
+        damaged.iter().zip(&wanted).collect()
+    } else {
+        damaged
+            .iter()
+            .filter_map(|d| wanted.iter().find(|w| w.name == d.name).map(|w| (d, w)))
+            .collect()
+    };
+    let fixes: Vec<(i64, &SchemaRow)> = pairs
+        .into_iter()
+        .filter(|(d, w)| {
+            (&d.kind, &d.name, &d.table, &d.sql) != (&w.kind, &w.name, &w.table, &w.sql)
+        })
+        .map(|(d, w)| (d.rowid, w))
+        .collect();
+    if fixes.is_empty() {
+        return Ok(false);
+    }
+    let io = |e: std::io::Error| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
+    std::fs::copy(path, scratch).map_err(io)?;
+    let wal = with_suffix(path, "-wal");
+    if wal.exists() {
+        std::fs::copy(&wal, with_suffix(scratch, "-wal")).map_err(io)?;
+    }
+    let copy = Connection::open(scratch)?;
+    copy.pragma_update(None, "writable_schema", true)?;
+    for (rowid, row) in &fixes {
+        tracing::warn!(entry = %row.name, "salvage: restoring damaged schema text");
+        copy.execute(
+            "UPDATE sqlite_master SET type = ?2, name = ?3, tbl_name = ?4, sql = ?5 WHERE rowid = ?1",
+            params![rowid, row.kind, row.name, row.table, row.sql],
+        )?;
+    }
+    copy.close().map_err(|(_, e)| e)?;
+    Ok(true)
 }
 
 #[cfg(unix)]
