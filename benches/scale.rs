@@ -24,6 +24,9 @@
 //!   goal, the run reports what it reaches);
 //! - `RETRYQ_SCALE_ROUNDS`: measuring rounds (child processes) per backend,
 //!   default 3;
+//! - `RETRYQ_SCALE_KEEP=1`: keep the stores and print the command that
+//!   repeats one measuring round on them (to profile it, e.g. under
+//!   `perf record`);
 //! - `RETRYQ_BENCH_DIR`: where the stores' temporary directory goes (the
 //!   system's temp directory otherwise). The store of 1,000,000 items takes
 //!   about 0.6 GB.
@@ -165,6 +168,19 @@ fn proc_status_kib(field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
 }
 
+/// This thread's CPU time and time spent waiting for a CPU, from
+/// `/proc/thread-self/schedstat`: on a shared machine the wall time of a
+/// step can be mostly the wait, which these two tell apart.
+fn thread_sched() -> (Duration, Duration) {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let mut fields = text
+        .split_whitespace()
+        .map(|f| Duration::from_nanos(f.parse().unwrap_or(0)));
+    let run = fields.next().unwrap_or_default();
+    let wait = fields.next().unwrap_or_default();
+    (run, wait)
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -196,23 +212,37 @@ fn child(backend: Backend) {
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} unset"));
     let large_dir = PathBuf::from(var(LARGE_DIR_ENV));
     let small_dir = PathBuf::from(var(SMALL_DIR_ENV));
-    let expected: usize = var(EXPECTED_ENV).parse().expect("expected count");
-    let seq: u64 = var(SEQ_ENV).parse().expect("seq");
+    // Unset when a round is repeated by hand (`RETRYQ_SCALE_KEEP`): then
+    // the count is not checked and the new payloads are numbered by time.
+    let expected: Option<usize> = env_usize(EXPECTED_ENV);
+    let seq: u64 = env_usize(SEQ_ENV).map_or_else(
+        || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1 << 50, |d| d.as_nanos() as u64)
+        },
+        |s| s as u64,
+    );
 
     let rss_before = proc_status_kib("VmRSS");
     let started = Instant::now();
     let large = backend.open(&large_dir);
     let reopen = started.elapsed();
+    let (run_before, wait_before) = thread_sched();
     let started = Instant::now();
     enqueue(large.as_ref(), seq..seq + 1);
     let first_enqueue = started.elapsed();
+    let (run_after, wait_after) = thread_sched();
+    let (first_cpu, first_wait) = (run_after - run_before, wait_after - wait_before);
     let rss_after = proc_status_kib("VmRSS");
     let hwm = proc_status_kib("VmHWM");
     let started = Instant::now();
     enqueue(large.as_ref(), seq + 1..seq + 2);
     let second_enqueue = started.elapsed();
     let held = large.size().expect("size");
-    assert_eq!(held, expected + 2, "the reopened store lost items");
+    if let Some(expected) = expected {
+        assert_eq!(held, expected + 2, "the reopened store lost items");
+    }
 
     let small = backend.open(&small_dir);
     for _ in 0..CLAIM_WARMUP {
@@ -229,7 +259,7 @@ fn child(backend: Backend) {
     small.close().expect("close");
 
     println!(
-        "{:>6} | {held:>9} | {reopen:>9.2?} | {first_enqueue:>9.2?} | {:>9.2?} | {:>7.1} -> {:>6.1} MiB (+{:.1}), peak {:>6.1} | {second_enqueue:>8.2?} | {claim_large:>8.2?} vs {claim_small:>8.2?} = x{:.2}",
+        "{:>6} | {held:>9} | {reopen:>9.2?} | {first_enqueue:>9.2?} | {:>9.2?} | {:>7.1} -> {:>6.1} MiB (+{:.1}), peak {:>6.1} | {second_enqueue:>8.2?} | {claim_large:>8.2?} vs {claim_small:>8.2?} = x{:.2} | 1st enq. CPU {first_cpu:.2?}, waited for a CPU {first_wait:.2?}",
         backend.name(),
         reopen + first_enqueue,
         mib(rss_before),
@@ -269,9 +299,18 @@ fn run(backend: Backend, n: usize, rounds: usize, root: &Path) {
     build(backend, &small_dir, SMALL, 1 << 40);
 
     println!(
-        "backend |     items | reopen    | 1st enq.  | sum       | RSS before -> after open+1st enqueue, peak | 2nd enq. | claim({CLAIM}) @N vs @{SMALL} = ratio"
+        "backend |     items | reopen    | 1st enq.  | sum       | RSS before -> after open+1st enqueue, peak | 2nd enq. | claim({CLAIM}) @N vs @{SMALL} = ratio | 1st enqueue's thread"
     );
     let exe = std::env::current_exe().expect("current exe");
+    if std::env::var_os("RETRYQ_SCALE_KEEP").is_some() {
+        println!(
+            "to repeat one round: {CHILD_ENV}={} {LARGE_DIR_ENV}={} {SMALL_DIR_ENV}={} {}",
+            backend.name(),
+            large_dir.display(),
+            small_dir.display(),
+            exe.display()
+        );
+    }
     for round in 0..rounds {
         // Each round adds two items with new payloads to the large store.
         let status = Command::new(&exe)
@@ -311,5 +350,8 @@ fn main() {
     match files {
         Some(n) => run(Backend::Files, n, rounds, root.path()),
         None => println!("files: skipped (set RETRYQ_SCALE_FILES=N to measure it)"),
+    }
+    if std::env::var_os("RETRYQ_SCALE_KEEP").is_some() {
+        println!("kept the stores in {}", root.keep().display());
     }
 }
