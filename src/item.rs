@@ -23,7 +23,19 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 pub const MAX_ID_LEN: usize = 64;
 
 /// Where an item is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ItemStatus {
     /// Waiting for its `next_retry`, or due.
@@ -390,18 +402,20 @@ pub fn compact_json(text: &str) -> String {
 /// One report waiting for delivery, with its delivery state.
 ///
 /// Serialized with the Go SDK's field names (`type`, `report`, ...).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueItem {
     /// Unique ID: a UUIDv7 unless the caller chose one (see [`validate_id`]).
     pub id: String,
     /// Report type.
     #[serde(rename = "type")]
+    #[schema(value_type = String)]
     pub item_type: ItemType,
     /// Identity of the content for deduplication (SHA-256 of the payload by default).
     pub fingerprint: String,
     /// Delivery state.
     pub status: ItemStatus,
-    /// The report itself.
+    /// The report itself (the API shows it only when asked: `?payload=true`).
+    #[schema(value_type = serde_json::Value, required = false)]
     pub report: Payload,
     /// Delivery attempts made so far (every failed push counts one).
     pub attempts: u32,

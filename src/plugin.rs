@@ -77,7 +77,7 @@ pub fn load_checker(
 
 /// What the daemon reports about a loaded plugin (`GET /v1/info`, the
 /// console): enough for an operator to tell which build is running.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct PluginInfo {
     /// The section that loaded it: `pusher` or `checker`.
     pub role: &'static str,
@@ -86,6 +86,7 @@ pub struct PluginInfo {
     /// Version the plugin reports.
     pub version: String,
     /// The file it was loaded from.
+    #[schema(value_type = String)]
     pub path: PathBuf,
     /// SHA-256 of that file, lowercase hex; `None` if it could not be read.
     pub sha256: Option<String>,

@@ -237,4 +237,32 @@ fn history_info_and_ui_on_an_empty_queue() {
         );
     }
     assert_eq!(daemon.api_as(None, "GET", "/ui/missing.js", None).0, 404);
+
+    // The OpenAPI document needs no token and is 3.1.
+    let (status, doc) = daemon.api_as(None, "GET", "/v1/openapi.json", None);
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/v1/events"]["get"].is_object());
+    // A 405 lists the methods the document gives the resource.
+    let allow = |method: &str, path: &str| {
+        let resp = client
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
+                daemon.url(path),
+            )
+            .bearer_auth(TOKEN)
+            .send()
+            .expect("request");
+        assert_eq!(resp.status(), 405, "{method} {path}");
+        resp.headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(allow("PUT", "/v1/items"), "GET, POST, DELETE");
+    assert_eq!(allow("OPTIONS", "/v1/items/retry-failed"), "POST");
+    assert_eq!(allow("PUT", "/v1/items/some-id"), "GET, DELETE");
+    // The pause body is an object or nothing.
+    assert_eq!(daemon.api("POST", "/v1/pause", Some("[]")).0, 400);
 }

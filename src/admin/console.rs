@@ -11,12 +11,12 @@ use serde::Serialize;
 
 use super::auth::Authorized;
 use super::events::{self, LiveFeed};
-use super::{history, ui, AdminState, ApiError};
+use super::{history, openapi, ui, AdminState, ApiError};
 use crate::clock::SharedClock;
 use crate::plugin::PluginInfo;
 
 /// What the daemon tells the console about itself.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct DaemonInfo {
     /// retryq's version.
     pub version: &'static str,
@@ -63,12 +63,17 @@ impl ConsoleState {
 pub(super) fn register(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/events").route(web::get().to(events::get_events)))
         .service(web::resource("/v1/stats/history").route(web::get().to(history::get_history)))
-        .service(web::resource("/v1/info").route(web::get().to(get_info)));
+        .service(web::resource("/v1/info").route(web::get().to(get_info)))
+        .service(web::resource("/v1/openapi.json").route(web::get().to(openapi::get_openapi)));
     ui::register(cfg);
 }
 
 /// `GET /v1/info`.
-async fn get_info(
+#[utoipa::path(get, path = "/v1/info", tag = "live",
+    responses(
+        (status = 200, description = "Version, limits and loaded plugins", body = DaemonInfo),
+        (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+pub(super) async fn get_info(
     _auth: Authorized,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {

@@ -62,7 +62,18 @@ async fn no_route(req: HttpRequest) -> HttpResponse {
 }
 
 async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
-    HttpResponse::MethodNotAllowed().json(json!({
+    let mut response = HttpResponse::MethodNotAllowed();
+    // RFC 9110: a 405 lists the methods the resource has (from the OpenAPI
+    // document, so the two cannot disagree).
+    // The literal path first: `/v1/items/retry-failed` is its own resource
+    // for POST but matches `/v1/items/{id}` for other methods.
+    if let Some(allow) = super::openapi::allowed_methods(req.path()).or_else(|| {
+        req.match_pattern()
+            .and_then(|p| super::openapi::allowed_methods(&p))
+    }) {
+        response.insert_header((header::ALLOW, allow));
+    }
+    response.json(json!({
         "error": "method_not_allowed",
         "message": format!("{} is not allowed on {}", req.method(), req.path()),
     }))
@@ -139,11 +150,17 @@ fn item_json(item: &QueueItem, with_payload: bool) -> Result<Value, ApiError> {
 
 // ---- health -------------------------------------------------------------
 
-async fn healthz() -> HttpResponse {
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()),
+    responses((status = 200, description = "Serving", body = super::openapi::Health)))]
+pub(super) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-async fn readyz(state: State) -> HttpResponse {
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()),
+    responses(
+        (status = 200, description = "Store open and writable, worker running", body = super::openapi::Readiness),
+        (status = 503, description = "Not ready", body = super::openapi::Readiness)))]
+pub(super) async fn readyz(state: State) -> HttpResponse {
     let store_open = store_call(&state, |q| q.size()).await.is_ok();
     let worker_running = state.worker.is_running();
     let store_error = state.worker.store_error();
@@ -162,7 +179,11 @@ async fn readyz(state: State) -> HttpResponse {
     }
 }
 
-async fn metrics(
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses(
+        (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
+        (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+pub(super) async fn metrics(
     req: HttpRequest,
     state: State,
     settings: Settings,
@@ -336,7 +357,25 @@ fn header_params(headers: &HeaderMap) -> Result<BTreeMap<String, String>, ApiErr
     Ok(params)
 }
 
-async fn ingest(
+#[utoipa::path(post, path = "/v1/items", tag = "items",
+    params(
+        ("type" = Option<String>, Query, min_length = 1, description = "Report type"),
+        ("fingerprint" = Option<String>, Query, min_length = 1, description = "Dedupe key (default: SHA-256 of the payload)"),
+        ("id" = Option<String>, Query, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Caller-chosen ID (a UUID, or up to 64 of A-Z, a-z, 0-9, _ and -)"),
+        ("agent_id" = Option<String>, Query),
+        ("scanner_name" = Option<String>, Query),
+        ("target_path" = Option<String>, Query),
+        ("max_attempts" = Option<u32>, Query, minimum = 1),
+    ),
+    request_body(content = serde_json::Value, content_type = "application/json", description = "The payload: one JSON document"),
+    responses(
+        (status = 201, description = "Stored durably", body = super::openapi::Created),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody),
+        (status = 409, description = "Duplicate ID or fingerprint (existing_id names the item)", body = super::openapi::ErrorBody),
+        (status = 413, description = "Body over admin.max_body, or item over the store's limit", body = super::openapi::ErrorBody),
+        (status = 503, description = "The store is closed or in use", body = super::openapi::ErrorBody),
+        (status = 507, description = "The queue or the disk is full", body = super::openapi::ErrorBody)))]
+pub(super) async fn ingest(
     _auth: Authorized,
     req: HttpRequest,
     body: web::Payload,
@@ -401,7 +440,20 @@ async fn ingest(
 
 // ---- reads --------------------------------------------------------------
 
-async fn list_items(
+#[utoipa::path(get, path = "/v1/items", tag = "items",
+    params(
+        ("status" = Option<crate::item::ItemStatus>, Query),
+        ("type" = Option<String>, Query, min_length = 1),
+        ("ready" = Option<String>, Query, pattern = "^(|[Tt][Rr][Uu][Ee]|1|[Yy][Ee][Ss]|[Ff][Aa][Ll][Ss][Ee]|0|[Nn][Oo])$", description = "Only pending items due now (true, 1, yes or empty; false, 0 or no)"),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 18446744073709551615_u64, description = "Page size (default 100, capped)"),
+        ("offset" = Option<usize>, Query, maximum = 18446744073709551615_u64),
+        ("order_by" = Option<super::openapi::OrderByParam>, Query),
+        ("desc" = Option<String>, Query, pattern = "^(|[Tt][Rr][Uu][Ee]|1|[Yy][Ee][Ss]|[Ff][Aa][Ll][Ss][Ee]|0|[Nn][Oo])$", description = "Descending (true, 1, yes or empty; false, 0 or no)"),
+    ),
+    responses(
+        (status = 200, description = "A page of items, without payloads", body = super::openapi::ItemPage),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+pub(super) async fn list_items(
     _auth: Authorized,
     req: HttpRequest,
     state: State,
@@ -477,7 +529,12 @@ fn reason(err: &QueueError) -> String {
     }
 }
 
-async fn get_item(
+#[utoipa::path(get, path = "/v1/items/{id}", tag = "items",
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "The item ID"), ("payload" = Option<String>, Query, pattern = "^(|[Tt][Rr][Uu][Ee]|1|[Yy][Ee][Ss]|[Ff][Aa][Ll][Ss][Ee]|0|[Nn][Oo])$", description = "Include the report (true, 1, yes or empty; false, 0 or no)")),
+    responses(
+        (status = 200, description = "The item", body = super::openapi::ItemView),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 404, description = "No such item", body = super::openapi::ErrorBody)))]
+pub(super) async fn get_item(
     _auth: Authorized,
     req: HttpRequest,
     id: web::Path<String>,
@@ -493,7 +550,11 @@ async fn get_item(
     Ok(HttpResponse::Ok().json(item_json(&item, with_payload)?))
 }
 
-async fn stats(_auth: Authorized, state: State) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(get, path = "/v1/stats", tag = "items",
+    responses(
+        (status = 200, description = "Queue and worker statistics", body = super::openapi::StatsView),
+        (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+pub(super) async fn stats(_auth: Authorized, state: State) -> Result<HttpResponse, ApiError> {
     let queue_stats = store_call(&state, |q| q.stats()).await?;
     let worker = match state.worker.stats().await {
         Ok(value) => value,
@@ -510,7 +571,12 @@ async fn stats(_auth: Authorized, state: State) -> Result<HttpResponse, ApiError
 
 // ---- changes ------------------------------------------------------------
 
-async fn delete_item(
+#[utoipa::path(delete, path = "/v1/items/{id}", tag = "items",
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "The item ID")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 404, description = "No such item", body = super::openapi::ErrorBody)))]
+pub(super) async fn delete_item(
     _auth: Authorized,
     id: web::Path<String>,
     state: State,
@@ -522,7 +588,13 @@ async fn delete_item(
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn retry_item(
+#[utoipa::path(post, path = "/v1/items/{id}/retry", tag = "items",
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "The item ID")),
+    responses(
+        (status = 200, description = "The dead letter is pending again, due now", body = super::openapi::ItemView),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 404, description = "No such item", body = super::openapi::ErrorBody),
+        (status = 409, description = "The item is not a dead letter", body = super::openapi::ErrorBody)))]
+pub(super) async fn retry_item(
     _auth: Authorized,
     id: web::Path<String>,
     state: State,
@@ -547,13 +619,22 @@ async fn retry_item(
     }
 }
 
-async fn process_now(_auth: Authorized, state: State) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(post, path = "/v1/process-now", tag = "delivery",
+    responses(
+        (status = 200, description = "The round's results", body = super::openapi::ProcessNowResult),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 503, description = "The worker is not running", body = super::openapi::ErrorBody)))]
+pub(super) async fn process_now(_auth: Authorized, state: State) -> Result<HttpResponse, ApiError> {
     tracing::info!("delivery round requested through the API");
     let summary = state.worker.process_now().await?;
     Ok(HttpResponse::Ok().json(summary))
 }
 
-async fn cleanup(
+#[utoipa::path(post, path = "/v1/cleanup", tag = "delivery",
+    params(("ttl" = Option<String>, Query, pattern = "^[1-9][0-9]{0,4}(s|m|h|d)$", description = "A duration such as 7d (default: the configured TTL)")),
+    responses(
+        (status = 200, description = "What was removed", body = super::openapi::CleanupResult),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 503, description = "The worker is not running", body = super::openapi::ErrorBody)))]
+pub(super) async fn cleanup(
     _auth: Authorized,
     req: HttpRequest,
     state: State,
@@ -590,7 +671,11 @@ async fn cleanup(
     })))
 }
 
-async fn retry_failed(
+#[utoipa::path(post, path = "/v1/items/retry-failed", tag = "items",
+    responses(
+        (status = 200, description = "Every dead letter is pending again, due now", body = super::openapi::Revived),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+pub(super) async fn retry_failed(
     _auth: Authorized,
     req: HttpRequest,
     state: State,
@@ -607,7 +692,12 @@ async fn retry_failed(
     Ok(HttpResponse::Ok().json(json!({ "revived": ids.len(), "ids": ids })))
 }
 
-async fn purge_items(
+#[utoipa::path(delete, path = "/v1/items", tag = "items",
+    params(("status" = crate::item::ItemStatus, Query, description = "The status to purge (required)")),
+    responses(
+        (status = 200, description = "Purged", body = super::openapi::Purged),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+pub(super) async fn purge_items(
     _auth: Authorized,
     req: HttpRequest,
     state: State,
@@ -646,7 +736,12 @@ struct PauseRequest {
     reason: Option<String>,
 }
 
-async fn pause(
+#[utoipa::path(post, path = "/v1/pause", tag = "delivery",
+    request_body(content = super::openapi::PauseRequest, content_type = "application/json", description = "Optional: a reason (the body may be empty)"),
+    responses(
+        (status = 200, description = "Paused", body = super::openapi::PauseState),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 503, description = "The worker is not running", body = super::openapi::ErrorBody)))]
+pub(super) async fn pause(
     _auth: Authorized,
     req: HttpRequest,
     body: web::Bytes,
@@ -656,6 +751,13 @@ async fn pause(
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
+        // serde would also read a struct from a JSON array (`[]`): only an
+        // object is the documented body.
+        if !body.trim_ascii_start().starts_with(b"{") {
+            return Err(ApiError::invalid_request(
+                "the body must be empty or {\"reason\": \"...\"}",
+            ));
+        }
         let request: PauseRequest = serde_json::from_slice(&body).map_err(|e| {
             ApiError::invalid_request(format!(
                 "the body must be empty or {{\"reason\": \"...\"}}: {e}"
@@ -682,7 +784,11 @@ async fn pause(
     Ok(HttpResponse::Ok().json(answer))
 }
 
-async fn resume(
+#[utoipa::path(post, path = "/v1/resume", tag = "delivery",
+    responses(
+        (status = 200, description = "Resumed (also ends a 401 pause and an open circuit)", body = super::openapi::PauseState),
+        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 503, description = "The worker is not running", body = super::openapi::ErrorBody)))]
+pub(super) async fn resume(
     _auth: Authorized,
     req: HttpRequest,
     state: State,

@@ -37,7 +37,7 @@ pub enum Tally {
 }
 
 /// One minute's counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, utoipa::ToSchema)]
 pub struct Bucket {
     /// Start of the minute (UTC, whole minute).
     pub start: DateTime<Utc>,
@@ -151,20 +151,24 @@ impl History {
 }
 
 /// `GET /v1/stats/history`.
+#[utoipa::path(get, path = "/v1/stats/history", tag = "live",
+    responses(
+        (status = 200, description = "The last hour in one-minute buckets", body = super::openapi::HistoryView),
+        (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
 pub(super) async fn get_history(
     _auth: Authorized,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
     let buckets = state.console.feed.history.snapshot();
     let total = |f: fn(&Bucket) -> u64| buckets.iter().map(f).sum::<u64>();
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "bucket_seconds": BUCKET_SECONDS,
-        "delivered": total(|b| b.delivered),
-        "failed": total(|b| b.failed),
-        "dead_lettered": total(|b| b.dead_lettered),
-        "enqueued": total(|b| b.enqueued),
-        "buckets": buckets,
-    })))
+    Ok(HttpResponse::Ok().json(super::openapi::HistoryView {
+        bucket_seconds: BUCKET_SECONDS,
+        delivered: total(|b| b.delivered),
+        failed: total(|b| b.failed),
+        dead_lettered: total(|b| b.dead_lettered),
+        enqueued: total(|b| b.enqueued),
+        buckets,
+    }))
 }
 
 #[cfg(test)]

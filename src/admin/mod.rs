@@ -76,6 +76,7 @@ mod error;
 pub mod events;
 mod handlers;
 pub mod history;
+pub mod openapi;
 mod ui;
 mod worker_control;
 

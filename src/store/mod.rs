@@ -165,7 +165,7 @@ pub struct ListFilter {
 }
 
 /// A snapshot of the queue, with the seed's JSON field names.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueStats {
     /// Items in any status.
     pub total_items: usize,
