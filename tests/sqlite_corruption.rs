@@ -415,3 +415,31 @@ fn damaged_schema_text_is_restored_and_every_item_kept() {
     assert_eq!(moved_aside(&path).len(), 1);
     assert!(drained.errors.is_empty(), "{:?}", drained.errors);
 }
+
+#[test]
+fn corruption_found_by_the_recovery_at_open_is_salvaged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    build(&path);
+    {
+        let q = SqliteRetryQueue::open(&path, options()).unwrap();
+        // Leases that have expired by the next open, which returns them to
+        // pending through the index about to be broken.
+        assert_eq!(
+            q.claim(ITEMS, Duration::from_millis(1)).unwrap().len(),
+            ITEMS
+        );
+        q.close().unwrap();
+    }
+    break_leased_index(&path);
+    std::thread::sleep(Duration::from_millis(5));
+    let q = SqliteRetryQueue::open(&path, options()).unwrap();
+    let stats = q.stats().unwrap();
+    assert_eq!(
+        moved_aside(&path).len(),
+        1,
+        "one salvage, not one per attempt"
+    );
+    assert_eq!((stats.salvaged, stats.salvage_lost), (ITEMS as u64, 0));
+    assert_eq!(stats.pending_items, ITEMS, "{stats:?}");
+}

@@ -1679,13 +1679,15 @@ impl RetryQueue for SqliteRetryQueue {
 
     fn release_expired_leases(&self) -> QueueResult<usize> {
         let now = to_nanos(self.now());
-        self.write("release_expired_leases", |tx| {
-            tx.execute(
-                "UPDATE items SET status = 0, lease_until = NULL, lease_owner = NULL, \
-                 updated_at = ?1 WHERE status = 1 AND (lease_until IS NULL OR lease_until <= ?1)",
-                [now],
-            )
-            .map_err(sql_err("release_expired_leases"))
+        self.salvaging(|| {
+            self.write("release_expired_leases", |tx| {
+                tx.execute(
+                    "UPDATE items SET status = 0, lease_until = NULL, lease_owner = NULL, \
+                     updated_at = ?1 WHERE status = 1 AND (lease_until IS NULL OR lease_until <= ?1)",
+                    [now],
+                )
+                .map_err(sql_err("release_expired_leases"))
+            })
         })
     }
 
@@ -1693,45 +1695,49 @@ impl RetryQueue for SqliteRetryQueue {
         // One statement in one durable transaction: a new daemon releases
         // every lease of its predecessors at once, however many there are.
         let now = to_nanos(self.now());
-        self.write("release_leases_except", |tx| {
-            tx.execute(
-                "UPDATE items SET status = 0, lease_until = NULL, lease_owner = NULL, \
-                 updated_at = ?1 WHERE status = 1 AND (lease_owner IS NULL OR lease_owner != ?2)",
-                params![now, owner],
-            )
-            .map_err(sql_err("release_leases_except"))
+        self.salvaging(|| {
+            self.write("release_leases_except", |tx| {
+                tx.execute(
+                    "UPDATE items SET status = 0, lease_until = NULL, lease_owner = NULL, \
+                     updated_at = ?1 WHERE status = 1 AND (lease_owner IS NULL OR lease_owner != ?2)",
+                    params![now, owner],
+                )
+                .map_err(sql_err("release_leases_except"))
+            })
         })
     }
 
     fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
-        self.with_conn(|conn| {
-            let pending: Option<i64> = conn
-                .query_row(
-                    "SELECT next_retry FROM items WHERE status = 0 ORDER BY next_retry LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(sql_err("next_due"))?;
-            let lease: Option<i64> = conn
-                .query_row(
-                    "SELECT lease_until FROM items WHERE status = 1 AND lease_until IS NOT NULL \
-                     ORDER BY lease_until LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(sql_err("next_due"))?
-                .flatten();
-            Ok(match (pending, lease) {
-                (Some(a), Some(b)) => Some(from_nanos(a.min(b))),
-                (a, b) => a.or(b).map(from_nanos),
+        self.salvaging(|| {
+            self.with_conn(|conn| {
+                let pending: Option<i64> = conn
+                    .query_row(
+                        "SELECT next_retry FROM items WHERE status = 0 ORDER BY next_retry LIMIT 1",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(sql_err("next_due"))?;
+                let lease: Option<i64> = conn
+                    .query_row(
+                        "SELECT lease_until FROM items WHERE status = 1 AND lease_until IS NOT NULL \
+                         ORDER BY lease_until LIMIT 1",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(sql_err("next_due"))?
+                    .flatten();
+                Ok(match (pending, lease) {
+                    (Some(a), Some(b)) => Some(from_nanos(a.min(b))),
+                    (a, b) => a.or(b).map(from_nanos),
+                })
             })
         })
     }
 
     fn size(&self) -> QueueResult<usize> {
-        self.with_conn(|conn| Ok(self.totals(conn)?.0 as usize))
+        self.salvaging(|| self.with_conn(|conn| Ok(self.totals(conn)?.0 as usize)))
     }
 
     fn stats(&self) -> QueueResult<QueueStats> {
@@ -1897,8 +1903,10 @@ impl RetryQueue for SqliteRetryQueue {
             order_sql(filter),
             filter.offset.min(i64::MAX as usize)
         );
-        self.write("list", |tx| {
-            self.load(tx, &sql, &[&status, &item_type, &now])
+        self.salvaging(|| {
+            self.write("list", |tx| {
+                self.load(tx, &sql, &[&status, &item_type, &now])
+            })
         })
     }
 
