@@ -88,6 +88,15 @@
 //! can open without writing at all ([`OpenMode::Client`]). The dedupe set
 //! notices another connection's commits (`PRAGMA data_version`) and is
 //! rebuilt before its next use.
+//!
+//! # Damage
+//!
+//! A record that fails its check is quarantined; one that cannot even be
+//! quarantined is skipped for the process, never retried in a loop. When
+//! SQLite reports the file itself corrupt, at open or in any operation,
+//! the queue salvages it: it copies what is readable into a fresh file,
+//! moves the damaged one aside, and retries the operation once. `repair`
+//! does the same by hand (`sqlite/salvage.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
