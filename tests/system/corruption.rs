@@ -48,11 +48,53 @@ fn flip_bytes(path: &Path, from: usize, count: usize, seed: u64) -> Vec<usize> {
     offsets
 }
 
+const ITEMS: usize = 200;
+const SEED: u64 = 0x5eed_0013;
+
 #[test]
 fn flipped_bytes_in_the_sqlite_file_neither_stall_nor_loop() {
-    const ITEMS: usize = 200;
-    const FLIPS: usize = 16;
-    const SEED: u64 = 0x5eed_0013;
+    // Past page 1 (the header and the schema): damage to records and
+    // indexes. Sixteen bytes hit at most sixteen pages, and a page holds a
+    // few dozen records at most: most of the queue must get through.
+    damaged_sqlite("16 flips past page 1", ITEMS / 2, |db| {
+        format!("offsets {:?}", flip_bytes(db, 4096, 16, SEED))
+    });
+}
+
+#[test]
+fn many_flipped_bytes_and_a_damaged_first_page_neither_stall_nor_loop() {
+    // The issue's case: 64 bytes past the header, so page 1 (the schema)
+    // can be hit too. No minimum: only no stall, no loop, and a report.
+    damaged_sqlite("64 flips past the header", 0, |db| {
+        let offsets = flip_bytes(db, 100, 64, SEED ^ 64);
+        // SQLite fills page 1 from its end: the schema text sits there.
+        let mut bytes = std::fs::read(db).unwrap();
+        bytes[3900] ^= 0x5a;
+        std::fs::write(db, bytes).unwrap();
+        format!(
+            "seed {:#x}, {} of them on page 1, plus one at 3900",
+            SEED ^ 64,
+            offsets.iter().filter(|o| **o < 4096).count()
+        )
+    });
+}
+
+#[test]
+fn a_sqlite_file_truncated_to_half_is_salvaged() {
+    damaged_sqlite("truncated to half", 0, |db| {
+        let len = std::fs::metadata(db).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+        file.set_len(len / 2).unwrap();
+        format!("{len} bytes cut to {}", len / 2)
+    });
+}
+
+/// Builds a 200-item SQLite queue, stops the daemon, lets `damage` break
+/// the file, restarts against an accepting upstream and checks: the daemon
+/// starts, the queue drains within 30 s, nothing is pushed once drained
+/// nor any item more than 3 times, at least `min_delivered` items arrive,
+/// and whatever did not arrive is reported in `stats`.
+fn damaged_sqlite(what: &str, min_delivered: usize, damage: impl FnOnce(&Path) -> String) {
     let upstream = Upstream::start(Mode::Unauthorized);
     let dep = Deployment::new();
     let config = dep.config(&upstream, BUILD);
@@ -62,16 +104,13 @@ fn flipped_bytes_in_the_sqlite_file_neither_stall_nor_loop() {
         .collect();
     assert_eq!(daemon.sigterm().code(), Some(0));
 
-    let db = dep.path().join("queue.db");
-    // Past page 1 (the header and the schema): damage to records and
-    // indexes, not a file that is no database at all.
-    let offsets = flip_bytes(&db, 4096, FLIPS, SEED);
-    let sent_before = upstream.request_count();
+    let damage = damage(&dep.path().join("queue.db"));
+    let what = format!("{what} ({damage})");
     upstream.set_mode(Mode::Accept);
 
     let mut daemon = dep.try_start(&config).unwrap_or_else(|e| {
         panic!(
-            "the daemon did not start on a damaged database: {e}\n{}",
+            "the daemon did not start on a database {what}: {e}\n{}",
             crate::harness::log_tail(&dep.log, 40)
         )
     });
@@ -81,14 +120,11 @@ fn flipped_bytes_in_the_sqlite_file_neither_stall_nor_loop() {
             .api("GET", "/v1/stats", None)
             .is_ok_and(|(s, v)| s == 200 && v["pending_items"] == 0 && v["processing_items"] == 0)
     });
-    assert!(
-        daemon.is_running(),
-        "the daemon died on the damaged database"
-    );
+    assert!(daemon.is_running(), "the daemon died on a database {what}");
     let stats = daemon.stats();
     assert!(
         drained,
-        "the queue did not drain within 30 s (flips at {offsets:?}, seed {SEED:#x}): {stats}"
+        "the queue did not drain within 30 s, database {what}: {stats}"
     );
 
     // No re-send loop: once drained, the upstream hears nothing more, and
@@ -98,32 +134,38 @@ fn flipped_bytes_in_the_sqlite_file_neither_stall_nor_loop() {
     assert_eq!(
         upstream.request_count(),
         settled,
-        "pushes continue after the drain: a loop (stats: {stats})"
+        "pushes continue after the drain, database {what}: a loop (stats: {stats})"
     );
     let accepted = upstream.accepted_per_key();
     let worst = accepted.values().copied().max().unwrap_or(0);
-    assert!(worst <= 3, "an item was delivered {worst} times");
+    assert!(
+        worst <= 3,
+        "an item was delivered {worst} times, database {what}"
+    );
 
     let delivered = ids.iter().filter(|id| accepted.contains_key(*id)).count();
-    let reported = ["quarantined", "salvage_lost", "failed_items"]
-        .iter()
-        .map(|k| stats[k].as_u64().unwrap_or(0))
-        .sum::<u64>();
+    let counter = |k: &str| stats[k].as_u64().unwrap_or(0);
     eprintln!(
-        "sqlite corruption: {FLIPS} flips at {offsets:?}: {delivered}/{ITEMS} delivered, \
-         {sent_before} pushes while building; stats: quarantined {} salvaged {} salvage_lost {} failed {}",
-        stats["quarantined"], stats["salvaged"], stats["salvage_lost"], stats["failed_items"]
+        "sqlite {what}: {delivered}/{ITEMS} delivered; quarantined {} salvaged {} \
+         salvage_lost {} failed {}",
+        counter("quarantined"),
+        counter("salvaged"),
+        counter("salvage_lost"),
+        counter("failed_items")
     );
-    // Sixteen flipped bytes damage at most sixteen pages; a page holds a
-    // few dozen records at most, so most of the queue must get through.
     assert!(
-        delivered >= ITEMS / 2,
-        "only {delivered} of {ITEMS} items delivered after {FLIPS} flipped bytes: {stats}"
+        delivered >= min_delivered,
+        "only {delivered} of {ITEMS} items delivered, database {what}: {stats}"
     );
     if delivered < ITEMS {
+        let reported = ["quarantined", "salvaged", "salvage_lost", "failed_items"]
+            .iter()
+            .map(|k| counter(k))
+            .sum::<u64>();
         assert!(
             reported > 0,
-            "{} items neither delivered nor reported (quarantined, salvage_lost, failed): {stats}",
+            "{} items neither delivered nor reported (quarantined, salvaged, salvage_lost, \
+             failed), database {what}: {stats}",
             ITEMS - delivered
         );
     }
