@@ -19,6 +19,7 @@
 //! | `GET /v1/events` | live events as server-sent events (format in [`events`]) | 200, 401 |
 //! | `GET /v1/stats/history` | delivered, failed, dead-lettered and enqueued per minute over the last hour ([`history`]) | 200, 401 |
 //! | `GET /v1/info` | version, `max_bytes`, `max_items`, loaded plugins with their sha256 ([`console`]) | 200, 401 |
+//! | `GET /v1/openapi.json` | this API described in OpenAPI 3.1, generated from the handlers ([`openapi`]); no token | 200 |
 //! | `GET /ui` | the operator console: embedded HTML, script and style, no token (its API calls carry it) | 200 |
 //! | `GET /healthz` | liveness: always 200 while serving, no token | 200 |
 //! | `GET /readyz` | readiness: store open and worker running, no token | 200, 503 |

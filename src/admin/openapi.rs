@@ -215,16 +215,14 @@ struct BearerAuth;
 
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        if let Some(body) = openapi
+        if let Some(utoipa::openapi::RefOr::T(body)) = openapi
             .paths
             .paths
             .get_mut("/v1/pause")
             .and_then(|item| item.post.as_mut())
             .and_then(|op| op.request_body.as_mut())
         {
-            if let utoipa::openapi::RefOr::T(body) = body {
-                body.required = Some(utoipa::openapi::Required::False);
-            }
+            body.required = Some(utoipa::openapi::Required::False);
         }
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(

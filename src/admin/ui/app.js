@@ -1,5 +1,5 @@
 // retryq console. Plain script, no build step: everything it shows is read
-// from the daemon's API (documented at /v1/openapi.json when available) and
+// from the daemon's API (only what /v1/openapi.json describes) and
 // re-read after every action, so the page never shows a state it has not
 // read. The token lives in sessionStorage and travels only in the
 // Authorization header (never in a URL); the live feed is read with
