@@ -53,6 +53,9 @@ pub enum DaemonError {
     /// The admin API could not start.
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    /// The poison-item guard could not run.
+    #[error(transparent)]
+    Poison(#[from] crate::poison::PoisonError),
     /// Signal handling failed.
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
@@ -65,8 +68,8 @@ pub fn run_until_signal(settings: Settings) -> Result<(), DaemonError> {
 
 async fn run(settings: Settings) -> Result<(), DaemonError> {
     let mut owner = take_ownership(&settings)?;
-    let queue = open_as_owner(&settings, owner.info())?;
-    let result = serve(&settings, queue.clone(), &mut owner).await;
+    let (queue, stale) = open_as_owner(&settings, owner.info())?;
+    let result = serve(&settings, queue.clone(), &mut owner, stale).await;
     if result.is_err() {
         // Stopped early: leave nothing open behind the lock. A close error
         // would only hide the error that stopped us.
@@ -116,15 +119,24 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
 /// Opens the store with `owner`'s instance ID on every claim, then returns
 /// the leases of earlier instances to pending: holding the lock proves none
 /// of them is alive, so waiting for their leases to expire helps nobody.
+/// Also returns what those instances had in flight, for the poison-item
+/// guard ([`crate::poison`]).
 fn open_as_owner(
     settings: &Settings,
     owner: &OwnerInfo,
-) -> Result<Arc<dyn RetryQueue>, DaemonError> {
+) -> Result<(Arc<dyn RetryQueue>, Vec<String>), DaemonError> {
     let options = StoreOptions {
         instance_id: owner.instance_id.clone(),
         ..settings.store_options()
     };
     let queue = open_waiting_for_cli(settings, options)?;
+    let stale = match crate::poison::stale_in_flight(queue.as_ref(), &owner.instance_id) {
+        Ok(stale) => stale,
+        Err(e) => {
+            let _ = queue.close();
+            return Err(e.into());
+        }
+    };
     match queue.release_leases_except(&owner.instance_id) {
         Ok(0) => {}
         Ok(released) => tracing::info!(
@@ -136,7 +148,7 @@ fn open_as_owner(
             return Err(e.into());
         }
     }
-    Ok(queue)
+    Ok((queue, stale))
 }
 
 /// Opens the store. The files backend refuses a second opener while a CLI
@@ -166,6 +178,7 @@ async fn serve(
     settings: &Settings,
     queue: Arc<dyn RetryQueue>,
     owner: &mut OwnerLock,
+    stale: Vec<String>,
 ) -> Result<(), DaemonError> {
     let search_path = &settings.plugins.search_path;
     // In the daemon or in a plugin-host child, as [pusher] isolation says.
@@ -174,6 +187,15 @@ async fn serve(
             section: "pusher",
             source,
         })?;
+    // Before the worker claims anything: what died in flight is judged
+    // one item at a time, so a poison item cannot kill us at every start.
+    crate::poison::recover(
+        queue.as_ref(),
+        &pusher,
+        &settings.worker_config(),
+        &crate::poison::marker_path(&settings.store.owner_lock_path()),
+        stale,
+    )?;
     let mut worker = RetryWorker::new(settings.worker_config(), queue.clone(), pusher)?;
     if settings.checker.is_configured() {
         let checker =

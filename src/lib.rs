@@ -27,6 +27,7 @@ pub mod item;
 pub mod metrics;
 pub mod plugin;
 pub mod plugin_process;
+pub mod poison;
 pub mod store;
 pub mod worker;
 

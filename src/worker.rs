@@ -386,6 +386,7 @@ impl RetryWorker {
                 handed_off: Default::default(),
                 unapplied_acks: Default::default(),
                 in_flight_settled: Default::default(),
+                claim_gate: Default::default(),
             }),
             queue,
             pusher,
@@ -503,7 +504,12 @@ impl RetryWorker {
                 break;
             }
         }
-        let leftover = self.in_flight_ids();
+        // A claim still running registers its items first: they are in
+        // flight too.
+        let leftover = {
+            let _claims = self.shared.claim_gate.write().await;
+            self.in_flight_ids()
+        };
         if !leftover.is_empty() {
             tracing::warn!(
                 count = leftover.len(),
@@ -797,9 +803,7 @@ impl Parts {
         let timeout = config.push_timeout;
         let store = StoreActor::new(self.store).start();
         let pusher = self.pusher;
-        let pusher_pool = SyncArbiter::start(config.concurrency, move || {
-            PusherActor::new(pusher.clone(), timeout)
-        });
+        let pusher_pool = PusherActor::new(pusher, timeout, config.concurrency).start();
         let checker = self
             .checker
             .map(|c| SyncArbiter::start(1, move || CheckerActor::new(c.clone(), timeout)));

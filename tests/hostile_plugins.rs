@@ -181,9 +181,9 @@ async fn bad_answers_are_contained_in_the_child_without_a_death() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn innocent_calls_in_flight_when_it_dies_are_replayed_alone() {
-    // Four calls in flight for 300 ms; the poison then segfaults with the
-    // three innocent ones still inside the child.
-    let (error, pusher) = one_poison("slow segv", &["slow", "slow", "slow"]).await;
+    // Four calls in flight; the poison segfaults after 300 ms with the three
+    // innocent ones (500 ms each) still inside the child.
+    let (error, pusher) = one_poison("slow segv", &["linger", "linger", "linger"]).await;
     assert!(error.contains("crashed with SIGSEGV in push"), "{error}");
     // The first death (four in flight) and the poison's replay alone.
     assert_eq!(pusher.health().deaths, 2, "{:?}", pusher.health());
@@ -390,4 +390,103 @@ level = "info"
         text.contains("crashed with SIGSEGV") && text.contains("hostile"),
         "{text}"
     );
+}
+
+/// Writes a daemon config for the hostile plugin with `isolation`.
+fn daemon_config(dir: &Path, isolation: &str) -> (PathBuf, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join(format!("retryq-{isolation}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[store]
+path = "{db}"
+[worker]
+interval = "1s"
+push_timeout = "3s"
+lease = "20s"
+[pusher]
+path = "{lib}"
+isolation = "{isolation}"
+[admin]
+listen = "127.0.0.1:{port}"
+[log]
+level = "info"
+"#,
+            db = dir.join("q.db").display(),
+            lib = hostile_lib().display(),
+        ),
+    )
+    .unwrap();
+    (config, port)
+}
+
+#[test]
+fn in_process_a_poison_item_is_dead_lettered_after_two_crashes_and_innocents_are_delivered() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = daemon_config(dir.path(), "in_process");
+    for payload in [
+        r#"{"w":"slow","n":1}"#,
+        r#"{"w":"slow segv"}"#,
+        r#"{"w":"slow","n":2}"#,
+        r#"{"w":"slow","n":3}"#,
+    ] {
+        cli(dir.path(), &config, &["enqueue"], payload);
+    }
+    let mut crashes = 0;
+    let mut settled = None;
+    'rounds: for _ in 0..8 {
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_retryq"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // A bounded wait for the daemon to act, not a timing assertion.
+        for _ in 0..300 {
+            std::thread::sleep(Duration::from_millis(50));
+            if let Some(status) = daemon.try_wait().unwrap() {
+                assert_eq!(status.signal(), Some(11), "{status:?}");
+                crashes += 1;
+                continue 'rounds;
+            }
+            let Ok(list) =
+                std::panic::catch_unwind(|| cli(dir.path(), &config, &["--json", "list"], ""))
+            else {
+                continue;
+            };
+            let items: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+            if items.len() == 1 && items[0]["status"] == "failed" {
+                settled = Some((daemon, items));
+                break 'rounds;
+            }
+        }
+        panic!("the daemon neither crashed nor settled");
+    }
+    let (daemon, items) = settled.expect("the poison item was never dead-lettered");
+    // The first crash had four items in flight (nobody charged); then the
+    // poison, pushed alone, crashed twice.
+    assert_eq!(crashes, 3, "{items:#?}");
+    let error = items[0]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("crashed the transport"), "{error}");
+    // The crashes themselves charged no attempt: the one attempt is the
+    // dead-lettering's. The innocent items were delivered (gone).
+    assert_eq!(items[0]["attempts"], 1, "{items:#?}");
+    let ok = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let mut daemon = daemon;
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
 }

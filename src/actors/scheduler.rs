@@ -162,6 +162,10 @@ pub struct Shared {
     /// Signalled whenever the in-flight set becomes empty (`stop` waits
     /// for it).
     pub in_flight_settled: tokio::sync::Notify,
+    /// Held shared by a cycle from its claim until the claimed IDs are in
+    /// `in_flight`; `stop` takes it exclusively before it releases what is
+    /// in flight, so items a claim returns meanwhile are not left leased.
+    pub claim_gate: tokio::sync::RwLock<()>,
 }
 
 impl Shared {
@@ -481,8 +485,9 @@ fn gate(shared: &Shared, now: DateTime<Utc>) -> Gate {
     }
 }
 
-/// What one push outcome does to its item.
-fn decide(
+/// What one push outcome does to its item (also used by the daemon's
+/// poison-item guard at start, see `crate::poison`).
+pub fn decide(
     config: &RetryWorkerConfig,
     item: &QueueItem,
     outcome: &PushOutcome,
@@ -599,6 +604,7 @@ pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>
         Gate::Probe => (1, true),
         Gate::Open => (shared.config.batch_size, false),
     };
+    let registering = shared.claim_gate.read().await;
     let items = io.claim(limit, shared.config.lease).await?;
     if items.is_empty() {
         return Ok(Vec::new());
@@ -606,6 +612,7 @@ pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>
     shared
         .in_flight()
         .extend(items.iter().map(|i| i.id.clone()));
+    drop(registering);
     let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
     let outcome = deliver(shared, io, items, probing).await;
     shared.settle_in_flight(&ids);

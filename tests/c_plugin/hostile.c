@@ -8,7 +8,8 @@
  *   "status"   returns status 77, which means nothing
  *   "utf8"     answers retryable with a message that is not UTF-8
  *   "nullbuf"  answers retryable with a NULL message of length 5
- *   "slow"     takes 300 ms, then delivers (to have calls in flight)
+ *   "slow"     takes 300 ms first (to have calls in flight)
+ *   "linger"   takes 500 ms first
  * Every push logs one line through the host callback ("hostile push").
  * Settings containing "refuse" make create fail. */
 #include <stdlib.h>
@@ -54,6 +55,7 @@ static int32_t h_push(void *inst, const uint8_t *meta, size_t meta_len, const ui
     out->retry_after_ms = -1;
     out->message.ptr = NULL; out->message.len = 0; out->message.cap = 0;
     if (contains(p, n, "slow")) usleep(300 * 1000);
+    if (contains(p, n, "linger")) usleep(500 * 1000);
     if (contains(p, n, "segv")) { volatile int *null = NULL; *null = 1; }
     if (contains(p, n, "abort")) abort();
     if (contains(p, n, "exit")) exit(3);

@@ -6,12 +6,12 @@
 //! them into dangling code). Every failure is a [`PluginError`] naming the
 //! plugin and what to do about it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -663,6 +663,10 @@ type Job = Box<dyn FnOnce() + Send>;
 /// run at once, and they exit when handed back past this.
 const MAX_IDLE_CALL_THREADS: usize = 256;
 
+const CALL_RUNNING: u8 = 0;
+const CALL_DONE: u8 = 1;
+const CALL_ABANDONED: u8 = 2;
+
 /// Reusable threads for transport calls that must be abandoned at their
 /// deadline.
 ///
@@ -684,10 +688,39 @@ struct PoolShared {
     abandoned: AtomicU64,
 }
 
-/// One pool thread, reached through its job channel; dropping this closes
-/// the channel, and the thread exits after the job it is running, if any.
+/// One pool thread, reached through its job channel. Only the idle list or
+/// the job it is running holds this: dropping it closes the channel, and
+/// the thread exits after the job it is running, if any.
 struct CallThread {
     jobs: mpsc::Sender<Job>,
+}
+
+/// A call started with [`CallPool::start`]; the waiter's handle on it.
+pub struct CallTicket {
+    state: Arc<AtomicU8>,
+    pool: Arc<PoolShared>,
+}
+
+impl CallTicket {
+    /// Gives up on the call (its deadline passed): its thread exits after
+    /// it instead of serving again. `false` if the call had already
+    /// returned: then its result is delivered (or about to be), and the
+    /// waiter should take it.
+    pub fn abandon(self) -> bool {
+        let won = self
+            .state
+            .compare_exchange(
+                CALL_RUNNING,
+                CALL_ABANDONED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if won {
+            self.pool.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+        won
+    }
 }
 
 impl CallPool {
@@ -713,6 +746,45 @@ impl CallPool {
         self.shared.abandoned.load(Ordering::Relaxed)
     }
 
+    /// Starts `f` on a pool thread; `done` receives its result (or its
+    /// panic) on that thread once it returns, whether or not the waiter
+    /// still waits. The waiter waits however it likes (a channel, a
+    /// future) and calls [`CallTicket::abandon`] at the deadline. `None`
+    /// when no thread could be started.
+    pub fn start<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+        done: impl FnOnce(std::thread::Result<R>) + Send + 'static,
+    ) -> Option<CallTicket> {
+        let state = Arc::new(AtomicU8::new(CALL_RUNNING));
+        let ticket = CallTicket {
+            state: state.clone(),
+            pool: self.shared.clone(),
+        };
+        let thread = self.take_idle().or_else(|| self.start_thread())?;
+        let sender = thread.jobs.clone();
+        let pool = self.shared.clone();
+        let job: Job = Box::new(move || {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+            // Back to the pool before the result goes out, so a caller
+            // calling again at once finds this thread idle.
+            if state
+                .compare_exchange(CALL_RUNNING, CALL_DONE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                pool.give_back(thread);
+            } else {
+                drop(thread);
+            }
+            done(result);
+        });
+        // A pool thread leaves its loop only once its channel is closed, and
+        // we hold a sender: this fails only if the thread died some other
+        // way (an abort would end the process anyway).
+        sender.send(job).ok()?;
+        Some(ticket)
+    }
+
     /// Runs `f` on a pool thread and waits for it at most `timeout`.
     /// `None` when the call is late (it goes on, alone, on its abandoned
     /// thread) or no thread could be started. A panic in `f` is resumed
@@ -726,33 +798,18 @@ impl CallPool {
             return None;
         }
         let (tx, rx) = mpsc::sync_channel::<Result<R, Panic>>(1);
-        let mut job: Job = Box::new(move || {
-            let _ = tx.send(std::panic::catch_unwind(AssertUnwindSafe(f)));
-        });
-        // An idle thread's channel is closed only if the thread died, which
-        // catch_unwind prevents; should it happen anyway, use another one.
-        let thread = loop {
-            let thread = self.take_idle().or_else(|| self.start_thread())?;
-            match thread.jobs.send(job) {
-                Ok(()) => break thread,
-                Err(mpsc::SendError(back)) => job = back,
-            }
+        let ticket = self.start(f, move |result| {
+            let _ = tx.send(result);
+        })?;
+        let result = match rx.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(_) if ticket.abandon() => return None,
+            // It returned just as the deadline passed: its result is sent.
+            Err(_) => rx.recv().ok()?,
         };
-        match rx.recv_timeout(timeout) {
-            Ok(Ok(value)) => {
-                self.give_back(thread);
-                Some(value)
-            }
-            Ok(Err(panic)) => {
-                self.give_back(thread);
-                std::panic::resume_unwind(panic)
-            }
-            Err(_) => {
-                // Dropping `thread` closes its channel: it exits after the
-                // late call instead of returning to the pool.
-                self.shared.abandoned.fetch_add(1, Ordering::Relaxed);
-                None
-            }
+        match result {
+            Ok(value) => Some(value),
+            Err(panic) => std::panic::resume_unwind(panic),
         }
     }
 
@@ -762,13 +819,6 @@ impl CallPool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop()
-    }
-
-    fn give_back(&self, thread: CallThread) {
-        let mut idle = self.shared.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE_CALL_THREADS {
-            idle.push(thread);
-        }
     }
 
     fn start_thread(&self) -> Option<CallThread> {
@@ -791,6 +841,38 @@ impl CallPool {
             }
         }
     }
+}
+
+impl PoolShared {
+    fn give_back(&self, thread: CallThread) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_CALL_THREADS {
+            idle.push(thread);
+        }
+    }
+}
+
+thread_local! {
+    static DEADLINE_ENFORCED_BY_CALLER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with [`WithDeadline`] calls on this thread made directly, with
+/// no hop to a call thread of its own: for a caller that already runs `f`
+/// on an abandonable thread (a [`CallPool`] thread) and enforces the same
+/// deadline itself. One thread switch less per call.
+pub fn deadline_enforced_by_caller<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DEADLINE_ENFORCED_BY_CALLER.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(DEADLINE_ENFORCED_BY_CALLER.with(|flag| flag.replace(true)));
+    f()
+}
+
+fn deadline_enforced_here() -> bool {
+    DEADLINE_ENFORCED_BY_CALLER.with(Cell::get)
 }
 
 /// Runs each call of the inner transport on a [`CallPool`] thread and waits
@@ -819,6 +901,9 @@ impl<T: ?Sized> WithDeadline<T> {
 
 impl<T: Pusher + ?Sized + 'static> Pusher for WithDeadline<T> {
     fn push(&self, item: &ItemMeta, payload: &[u8], ctx: &CallContext) -> PushOutcome {
+        if deadline_enforced_here() {
+            return self.inner.push(item, payload, ctx);
+        }
         let inner = self.inner.clone();
         let (item2, payload2, ctx2) = (item.clone(), payload.to_vec(), *ctx);
         let pushed = self.pool.run(ctx.remaining(), move || {
@@ -837,6 +922,9 @@ impl<T: Pusher + ?Sized + 'static> Pusher for WithDeadline<T> {
 
 impl<T: FingerprintChecker + ?Sized + 'static> FingerprintChecker for WithDeadline<T> {
     fn check(&self, fingerprints: &[String], ctx: &CallContext) -> Result<CheckResult, CheckError> {
+        if deadline_enforced_here() {
+            return self.inner.check(fingerprints, ctx);
+        }
         let inner = self.inner.clone();
         let (fps, ctx2) = (fingerprints.to_vec(), *ctx);
         let checked = self
@@ -934,5 +1022,30 @@ mod tests {
         );
         assert_eq!(ran.load(Ordering::SeqCst), 0);
         assert_eq!(pool.threads_started(), 0);
+    }
+
+    struct ThreadOf(Mutex<Vec<std::thread::ThreadId>>);
+
+    impl Pusher for ThreadOf {
+        fn push(&self, _: &ItemMeta, _: &[u8], _: &CallContext) -> PushOutcome {
+            self.0.lock().unwrap().push(std::thread::current().id());
+            PushOutcome::Delivered
+        }
+    }
+
+    #[test]
+    fn with_deadline_runs_inline_when_the_caller_enforces_the_deadline() {
+        let inner = Arc::new(ThreadOf(Mutex::new(Vec::new())));
+        let guarded = WithDeadline::new(inner.clone());
+        let ctx = CallContext::with_timeout(LONG);
+        let me = std::thread::current().id();
+        guarded.push(&ItemMeta::default(), b"{}", &ctx);
+        deadline_enforced_by_caller(|| guarded.push(&ItemMeta::default(), b"{}", &ctx));
+        guarded.push(&ItemMeta::default(), b"{}", &ctx);
+        let seen = inner.0.lock().unwrap().clone();
+        assert_ne!(seen[0], me, "a call of its own runs on a pool thread");
+        assert_eq!(seen[1], me, "inline while the caller enforces the deadline");
+        assert_ne!(seen[2], me, "and only then");
+        assert_eq!(guarded.pool().threads_started(), 1);
     }
 }
