@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use console_support::{Daemon, Mode, Upstream, TOKEN};
+use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
@@ -457,13 +458,26 @@ fn pause_stops_delivery_and_resume_restarts_it_without_a_login() {
         wait_text(page, "no-login", "#pause-state", |t| t == "delivering").await;
         wait_text(page, "no-login", "#live", |t| t == "live").await;
 
-        page.find(Locator::Id("pause-reason"))
+        // By keyboard: type the reason, Tab to the Pause button, Enter.
+        let reason = page
+            .find(Locator::Id("pause-reason"))
             .await
-            .expect("reason field")
-            .send_keys("browser test")
+            .expect("reason field");
+        reason.click().await.expect("focus the reason field");
+        reason
+            .send_keys(&format!("browser test{}", char::from(Key::Tab)))
             .await
-            .expect("type a reason");
-        click(page, "#pause").await;
+            .expect("type a reason and Tab on");
+        let focused = page.active_element().await.expect("focused element");
+        assert_eq!(
+            focused.attr("id").await.expect("id").as_deref(),
+            Some("pause"),
+            "Tab from the reason reaches Pause"
+        );
+        focused
+            .send_keys(&char::from(Key::Enter).to_string())
+            .await
+            .expect("press Enter");
         wait_text(page, "paused", "#outcome", |t| {
             t.contains("Delivery paused: browser test")
         })
@@ -531,6 +545,23 @@ fn the_overview_and_the_last_failed_call_stay_visible() {
         wait_text(page, "overview", "#bytes-text", |t| t.contains("of 100.0 MiB")).await;
         // The README's screenshot.
         shot(page, "overview").await;
+        // At 200% zoom a 1280 px window lays out like a 640 px one: the page
+        // reflows instead of scrolling sideways (wide tables scroll in
+        // their own box).
+        page.set_window_size(640, 1400).await.expect("narrow window");
+        let overflow = page
+            .execute(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth;",
+                vec![],
+            )
+            .await
+            .expect("measure");
+        assert!(
+            overflow.as_i64().is_some_and(|px| px <= 1),
+            "no sideways scrolling at 640 px: {overflow}"
+        );
+        shot(page, "overview-640px").await;
+        page.set_window_size(1280, 1600).await.expect("wide window");
 
         // A call the daemon refuses: a pause reason over 500 characters.
         let reason = "x".repeat(501);
