@@ -906,7 +906,9 @@ fn rowids(conn: &Connection, table: &str, key: &str) -> BTreeSet<i64> {
         }
     };
     scan_back_from(i64::MAX, &mut found);
-    let mut after = i64::MIN;
+    // Rowids start at 1: a skip that began at i64::MIN would double its
+    // way through empty keys and never reach them.
+    let mut after = 0;
     let mut step: i64 = 1;
     let mut skipped = false;
     loop {
@@ -1084,13 +1086,28 @@ fn copy_items(
     }
     let accounted = report.salvaged + report.quarantined + known_lost;
     // A damaged totals row may claim anything: never more rows than the
-    // rowids seen could have held.
+    // rowids seen could have held, or, when none was seen, than the file
+    // could hold (an item row takes well over 64 bytes).
+    let bound = if max_seq > 0 {
+        max_seq as u64
+    } else {
+        file_bytes(old) / 64
+    };
     report.lost_unseen = expected_items(old)
         .unwrap_or(0)
         .saturating_sub(accounted)
-        .min(max_seq.max(0) as u64);
+        .min(bound);
     report.lost = known_lost + report.lost_unseen;
     Ok(())
+}
+
+/// The damaged file's size by its header (page count times page size).
+fn file_bytes(old: &Connection) -> u64 {
+    let read = |pragma: &str| old.pragma_query_value(None, pragma, |r| r.get::<_, i64>(0));
+    match (read("page_count"), read("page_size")) {
+        (Ok(pages), Ok(size)) => pages.max(0) as u64 * size.max(0) as u64,
+        _ => 0,
+    }
 }
 
 /// The item count the damaged file's totals row holds, if readable.
