@@ -73,18 +73,19 @@ fn main() {
          http plugin vs raw reqwest, same sink, measured in this run) ==="
     );
     println!(
-        "{:>5} | {:>14} | {:>14} | {:>6} | {:>26} | {:>11} | {:>11}",
+        "{:>5} | {:>14} | {:>14} | {:>6} | {:>26} | {:>12} | {:>12} | {:>9}",
         "conc.",
         "retryq items/s",
         "raw req/s",
         "ratio",
         "retryq CPU/item (usr+sys)",
+        "raw CPU/req",
         "conns retryq",
         "conns raw"
     );
     for (concurrency, w, r) in &rows {
         println!(
-            "{:>5} | {:>14.0} | {:>14.0} | {:>6.2} | {:>9.1} µs ({:>5.1}+{:>5.1}) | {:>11} | {:>11}",
+            "{:>5} | {:>14.0} | {:>14.0} | {:>6.2} | {:>9.1} µs ({:>5.1}+{:>5.1}) | {:>9.1} µs | {:>12} | {:>9}",
             concurrency,
             w.rate,
             r.rate,
@@ -92,6 +93,7 @@ fn main() {
             w.cpu_user_us + w.cpu_sys_us,
             w.cpu_user_us,
             w.cpu_sys_us,
+            r.cpu_user_us + r.cpu_sys_us,
             w.connections,
             r.connections
         );
