@@ -21,23 +21,25 @@ use retryq::NewItem;
 /// Compiles tests/c_plugin/hostile.c once per test binary.
 fn hostile_lib() -> PathBuf {
     static LIB: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("libhostile.so");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-            .args(["-shared", "-fPIC", "-O0", "-o"])
-            .arg(&out)
-            .arg("-I")
-            .arg(root.join("plugins/sdk/include"))
-            .arg(root.join("tests/c_plugin/hostile.c"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "cc failed");
-        (dir, out)
-    })
-    .1
-    .clone()
+    LIB.get_or_init(|| compile_hostile(&[])).1.clone()
+}
+
+/// Compiles tests/c_plugin/hostile.c with `defines` into a private folder.
+fn compile_hostile(defines: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("libhostile.so");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-shared", "-fPIC", "-O0", "-o"])
+        .arg(&out)
+        .arg("-I")
+        .arg(root.join("plugins/sdk/include"))
+        .args(defines)
+        .arg(root.join("tests/c_plugin/hostile.c"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "cc failed");
+    (dir, out)
 }
 
 fn options() -> ProcessOptions {
@@ -489,4 +491,66 @@ fn in_process_a_poison_item_is_dead_lettered_after_two_crashes_and_innocents_are
     assert!(ok);
     let mut daemon = daemon;
     assert_eq!(daemon.wait().unwrap().code(), Some(0));
+}
+
+/// `retryq plugins check` on `lib`, pushes bounded by `push_timeout`.
+fn plugins_check(lib: &Path, push_timeout: &str) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_retryq"))
+        .args(["--json", "plugins", "check"])
+        .arg(lib)
+        .env("RETRYQ__WORKER__PUSH_TIMEOUT", push_timeout)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn plugins_check_gives_a_crashing_plugin_a_verdict_naming_the_call() {
+    let (_dir, lib) = compile_hostile(&["-DALWAYS=\"segv\""]);
+    let (code, stdout) = plugins_check(&lib, "5s");
+    // The CLI itself came back, with a failed verdict (exit 1).
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("crashed with SIGSEGV"), "{stdout}");
+    assert!(
+        stdout.contains("plugin host crashed with SIGSEGV in push"),
+        "{stdout}"
+    );
+    let (_dir, lib) = compile_hostile(&["-DALWAYS=\"abort\""]);
+    let (code, stdout) = plugins_check(&lib, "5s");
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("crashed with SIGABRT in push"), "{stdout}");
+}
+
+#[test]
+fn plugins_check_gives_a_hanging_plugin_a_verdict() {
+    let (_dir, lib) = compile_hostile(&["-DALWAYS=\"loop\""]);
+    let (code, stdout) = plugins_check(&lib, "1s");
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("the plugin hangs in push"), "{stdout}");
+}
+
+#[test]
+fn plugins_check_reports_the_kits_own_findings_from_the_child() {
+    // Pushes that return: the kit runs to its end in the child and its
+    // findings come back as they are (this plugin accepts any settings).
+    let (code, stdout) = plugins_check(&hostile_lib(), "5s");
+    assert_eq!(code, Some(1), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["name"], "hostile");
+    let findings = v["findings"].as_array().unwrap();
+    let passed = |check: &str| {
+        findings
+            .iter()
+            .find(|f| f["check"] == check)
+            .map(|f| f["passed"] == true)
+    };
+    assert_eq!(passed("push returns an outcome"), Some(true), "{stdout}");
+    assert_eq!(
+        passed("refuses an unknown settings key"),
+        Some(false),
+        "{stdout}"
+    );
 }

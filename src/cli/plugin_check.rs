@@ -39,7 +39,19 @@ pub fn check(
     let options = CheckOptions {
         call_deadline: config.worker.push_timeout,
     };
-    let report = check_plugin_with(&path, &serde_json::Value::Object(settings), &options);
+    // In a child process (this binary again), so a plugin that crashes or
+    // hangs yields a verdict instead of a dead CLI; the child runs the kit
+    // in-process.
+    let in_child = std::env::var_os(retryq::plugin_process::check::CHILD_ENV).is_none();
+    let report = match std::env::current_exe() {
+        Ok(exe) if in_child => retryq::plugin_process::check::check_in_child(
+            &exe,
+            &path,
+            &settings,
+            options.call_deadline,
+        ),
+        _ => check_plugin_with(&path, &serde_json::Value::Object(settings), &options),
+    };
     Ok(CheckReport {
         plugin: plugin.to_owned(),
         path,

@@ -22,6 +22,7 @@
 //! - what the plugin logs in the child reaches this process's tracing with
 //!   target `retryq::plugin`, the plugin's name and its level.
 
+pub mod check;
 pub mod child;
 pub mod protocol;
 

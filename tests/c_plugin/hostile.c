@@ -11,7 +11,8 @@
  *   "slow"     takes 300 ms first (to have calls in flight)
  *   "linger"   takes 500 ms first
  * Every push logs one line through the host callback ("hostile push").
- * Settings containing "refuse" make create fail. */
+ * Settings containing "refuse" make create fail. Built with -DALWAYS='"word"'
+ * every push behaves as if its payload held that word. */
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -21,6 +22,9 @@ static const RqHostCallbacks *HOST;
 
 static int contains(const uint8_t *hay, size_t len, const char *needle) {
     size_t n = strlen(needle);
+#ifdef ALWAYS
+    if (strcmp(needle, ALWAYS) == 0) return 1;
+#endif
     for (size_t i = 0; i + n <= len; i++)
         if (memcmp(hay + i, needle, n) == 0) return 1;
     return 0;
