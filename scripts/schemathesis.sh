@@ -15,9 +15,12 @@ cd "$(dirname "$0")/.."
 MAX_EXAMPLES="${MAX_EXAMPLES:-25}"
 TOKEN="schemathesis-token-0123456789"
 
-if ! command -v st >/dev/null 2>&1; then
+if ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
   python3 -m pip install -q schemathesis
 fi
+# Its command, found through the interpreter that has it (a fresh pyenv may
+# not have its shim yet).
+ST="$(python3 -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "st"))')"
 
 cargo build -q --bin retryq -p retryq -p retryq-chaos
 WORK="$(mktemp -d)"
@@ -50,12 +53,12 @@ cleanup() {
 }
 trap cleanup EXIT
 for _ in $(seq 100); do
-  curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
   sleep 0.1
 done
 
 status=0
-st run "http://127.0.0.1:$PORT/v1/openapi.json" \
+"$ST" run "http://127.0.0.1:$PORT/v1/openapi.json" \
   --header "Authorization: Bearer $TOKEN" \
   --checks all \
   --exclude-path /v1/events \

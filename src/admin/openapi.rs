@@ -271,7 +271,7 @@ impl Modify for BearerAuth {
         console::get_info,
         get_openapi,
     ),
-    components(schemas(ErrorBody, PluginInfo)),
+    components(schemas(ErrorBody, PluginInfo, OrderByParam, ItemStatus)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
