@@ -482,3 +482,42 @@ fn items_no_scan_can_reach_are_reported_lost_not_forgotten() {
     assert!(drain(&q, &expected).delivered.is_empty());
     assert_eq!(q.stats().unwrap().salvage_lost, ITEMS as u64);
 }
+
+#[test]
+fn a_salvage_that_cannot_run_leaves_the_queue_serving_and_is_not_retried_per_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let q = SqliteRetryQueue::open(&path, options()).unwrap();
+    let ids: Vec<String> = (0..20)
+        .map(|n| {
+            q.enqueue(NewItem::from_json(payload(n).as_bytes()).unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(q.claim(20, LEASE).unwrap().len(), 20);
+    break_leased_index(&path);
+    // The salvage builds its fresh file here: a folder in the way fails it.
+    let obstacle = dir.path().join("queue.db.salvage-tmp");
+    std::fs::create_dir(&obstacle).unwrap();
+    let err = q.delete(&ids[0]).unwrap_err();
+    assert!(err.is_storage(), "{err}");
+    assert!(
+        moved_aside(&path).is_empty(),
+        "nothing moved when it failed"
+    );
+    // The damaged file still serves what it can read.
+    assert_eq!(q.get(&ids[1]).unwrap().id, ids[1]);
+    // Failed salvages back off: with the obstacle gone, the very next
+    // failure still does not read and rewrite the whole file again.
+    std::fs::remove_dir(&obstacle).unwrap();
+    assert!(q.delete(&ids[2]).is_err());
+    assert!(moved_aside(&path).is_empty(), "no salvage per call");
+    q.close().unwrap();
+    // The next open salvages, and the deletes land.
+    let q = SqliteRetryQueue::open(&path, options()).unwrap();
+    for id in &ids {
+        q.delete(id).unwrap();
+    }
+    assert_eq!(moved_aside(&path).len(), 1);
+    assert_eq!(q.size().unwrap(), 0);
+}

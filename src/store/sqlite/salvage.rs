@@ -48,6 +48,7 @@
 //! damaged file's `totals` row says how many items there were, and the
 //! difference is reported as lost (`lost_unseen`).
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +71,11 @@ use crate::store::StoreOptions;
 /// How long after a failed salvage the next corruption error may try again:
 /// a salvage reads the whole file, so it must not run once per operation.
 const RETRY_FAILED_SALVAGE_AFTER: Duration = Duration::from_secs(30);
+
+thread_local! {
+    /// Set while this thread salvages (see [`SqliteRetryQueue::salvage_locked`]).
+    static SALVAGING: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Rowids read per query while enumerating a damaged table.
 const SCAN_PAGE: usize = 512;
@@ -383,7 +389,9 @@ impl SqliteRetryQueue {
         conn: &mut Option<Connection>,
         cause: QueueError,
     ) -> QueueError {
-        if !self.salvage.may_try() {
+        // The fresh file is opened inside the salvage; should SQLite call
+        // even that corrupt, this must not recurse into another salvage.
+        if !self.salvage.may_try() || SALVAGING.with(Cell::get) {
             return cause;
         }
         if let Err(e) = refuse_if_owned_elsewhere(&self.path) {
@@ -404,26 +412,31 @@ impl SqliteRetryQueue {
         if let Some(old) = conn.take() {
             let _ = old.close();
         }
+        SALVAGING.with(|flag| flag.set(true));
         let swapped = salvage_file(&self.path, &cause.to_string()).and_then(|_| {
             SqliteRetryQueue::open_with_mode(&self.path, self.options.clone(), self.mode)
         });
         let fresh = match swapped {
             Ok(fresh) => {
                 self.salvage.succeeded();
-                fresh
+                Ok(fresh)
             }
             Err(e) => {
                 tracing::error!(error = %e, "salvage failed; serving on from the damaged database");
                 self.salvage.failed();
-                match SqliteRetryQueue::open_with_mode(&self.path, self.options.clone(), self.mode)
-                {
-                    Ok(old) => old,
-                    Err(reopen) => {
+                // As a client: the lease recovery's write could meet the
+                // damage again, and it already ran when the queue opened.
+                SqliteRetryQueue::open_with_mode(&self.path, self.options.clone(), OpenMode::Client)
+                    .map_err(|reopen| {
                         tracing::error!(error = %reopen, "cannot reopen the damaged database");
-                        return e;
-                    }
-                }
+                        e
+                    })
             }
+        };
+        SALVAGING.with(|flag| flag.set(false));
+        let fresh = match fresh {
+            Ok(fresh) => fresh,
+            Err(e) => return e,
         };
         *conn = fresh.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
         *self.checkpointer.lock().unwrap_or_else(|p| p.into_inner()) = fresh
