@@ -345,3 +345,30 @@ fn a_store_owned_by_a_daemon_is_refused() {
     );
     assert!(!dir.path().join("target.db").exists(), "nothing written");
 }
+
+/// The bulk-import figure: 20,000 Go items of about 4 KiB into SQLite. Not
+/// a speed assertion (speeds live in benchmarks); it prints the rate. Run
+/// with `cargo test --release --test cli_migrate -- --ignored --nocapture
+/// import_rate`.
+#[test]
+#[ignore]
+fn import_rate_of_twenty_thousand_go_items_into_sqlite() {
+    let n = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    write_go_queue(&dir.path().join("go"), n, 4096);
+    sqlite_config(dir.path());
+    let started = std::time::Instant::now();
+    let report = json(&retryq(
+        dir.path(),
+        &["--json", "-c", "r.toml", "migrate", "--from", "go"],
+    ));
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(report["imported"], n, "{report}");
+    let import = report["seconds"].as_f64().unwrap();
+    println!(
+        "migrate {n} Go items (4 KiB) into SQLite: {:.0} items/s for the whole command \
+         ({wall:.2} s), {:.0} items/s in the import loop ({import:.2} s)",
+        n as f64 / wall,
+        n as f64 / import
+    );
+}
