@@ -6,7 +6,14 @@
 //!
 //! Scenarios, one module each: outage then recovery (`outage`), `kill -9`
 //! rounds and SIGTERM (`crash`), 401 then fixed credentials (`auth`), a full
-//! disk (`disk`), corruption of either backend (`corruption`).
+//! disk (`disk`), corruption of either backend (`corruption`), and how
+//! single answers map to delivery: 429 Retry-After, a hang, fail-first-N
+//! (`answers`).
+//!
+//! Run alone with `cargo test --test system`; the plugin library is built
+//! on first use (`support::plugin_lib`). The full-disk test needs root and
+//! skips otherwise, unless RETRYQ_REQUIRE_SERVICES=1 (CI) makes that a
+//! failure.
 
 #![cfg(unix)]
 
