@@ -412,3 +412,40 @@ fn leftover_temp_files_are_removed_and_foreign_files_kept() {
     assert_eq!(q.size().unwrap(), 0);
     assert_eq!(q.stats().unwrap().quarantined, 0);
 }
+
+#[test]
+fn import_keeps_each_items_state_and_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let q = FileRetryQueue::open(dir.path(), options(&clock)).unwrap();
+    let created = clock.now() - chrono::Duration::days(3);
+    let mut item = new_item(1)
+        .with_id("imported-1")
+        .into_item(created, 5)
+        .unwrap();
+    item.record_retry("503", created + chrono::Duration::hours(1), created);
+    let mut claimed = new_item(2)
+        .with_id("imported-2")
+        .into_item(created, 5)
+        .unwrap();
+    claimed.record_claim(clock.now(), "gone-instance", created);
+
+    let results = q
+        .import_batch(vec![item.clone(), claimed.clone(), item.clone()])
+        .unwrap();
+    assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+    assert!(matches!(results[2], Err(QueueError::DuplicateItem { .. })));
+    // Stored as given, under the name its own creation time gives.
+    assert_eq!(q.get("imported-1").unwrap(), item);
+    assert!(dir.path().join(file_name(&item)).exists());
+    // A claim nobody holds any more is not imported.
+    let got = q.get("imported-2").unwrap();
+    assert_eq!(
+        (got.status, got.lease_until, got.lease_owner),
+        (ItemStatus::Pending, None, None)
+    );
+    assert_eq!(got.created_at, created);
+    q.close().unwrap();
+    let q = FileRetryQueue::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(q.get("imported-1").unwrap(), item);
+}
