@@ -12,6 +12,12 @@
 //! logged once, counted in `QueueStats::skipped_entries`, and left out of
 //! `claim` and `peek`. It is never claimed, failed and retried in a loop.
 //!
+//! A damaged index can also lose an entry without SQLite noticing. An item
+//! missing from the index of IDs could never be acknowledged, and would be
+//! sent again at every lease expiry. So a delete or state change whose ID
+//! is not found checks the table itself (a scan, only on a miss), and
+//! reports the file corrupt when the item is there ([`confirm_missing`]).
+//!
 //! # A corrupt database
 //!
 //! When an operation fails with `SQLITE_CORRUPT` or `SQLITE_NOTADB`, the
@@ -24,21 +30,30 @@
 //!
 //! A salvage:
 //! 1. Builds a fresh database at `<db>.salvage-tmp` at the current schema.
-//! 2. Copies every row the damaged file still yields. It finds rowids with
-//!    forward scans that skip past a page that fails, backward scans, and
-//!    the `items_created` index. Then it reads each row alone, so one bad
-//!    page loses only the rows stored on it. Each copied item is read back
-//!    through the normal read path (payload checksum, status, attributes).
-//!    One that fails goes to the quarantine table, as it would have at its
-//!    next claim. Quarantine rows and earlier salvage records are copied too.
+//! 2. Copies every row the damaged file still yields. When SQLite cannot
+//!    parse the damaged schema text (a flip on page 1), it reads from a
+//!    copy whose schema rows are restored from the fresh database. It finds
+//!    rowids with forward scans that skip past a page that fails, backward
+//!    scans, and the `items_created` index. Then it reads each row alone,
+//!    so one bad page loses only the rows stored on it. Each copied item is
+//!    read back through the normal read path (payload checksum, status,
+//!    attributes). One that fails goes to the quarantine table, as it
+//!    would have at its next claim. Quarantine rows and earlier salvage
+//!    records are copied too.
 //! 3. Moves the damaged file aside as `<db>.corrupt-<UTC time>`, with its
 //!    `-wal` and `-shm` renamed to match so SQLite can still open the pair,
-//!    and renames the fresh file into place. A crash between the WAL's move
-//!    and the last rename leaves the damaged file without its WAL; the
-//!    next open then salvages what the file alone holds, and the moved-aside
-//!    pair still holds the rest.
+//!    and renames the fresh file into place over the damaged one. The
+//!    damaged file is hard-linked aside first, so the store's name never
+//!    stands empty. A crash between the WAL's move and the last rename
+//!    leaves the damaged file under its name without its WAL; the next
+//!    salvage then reads what the file alone holds, and the pair aside
+//!    still holds the rest.
 //! 4. Logs the counts and records them in the fresh database's `salvages`
 //!    table. `stats` sums that table, so the counts outlive restarts.
+//!
+//! A salvage that fails (the fresh file cannot be written, say) leaves the
+//! queue serving from the damaged file; the next corruption error tries
+//! again only after [`RETRY_FAILED_SALVAGE_AFTER`].
 //!
 //! Only the store's owner salvages. A process that finds another process
 //! holding the owner lock, such as the CLI beside a running daemon, reports
@@ -689,11 +704,18 @@ pub(super) fn salvage_file(path: &Path, cause: &str) -> QueueResult<SalvageRepor
 }
 
 /// Moves the damaged file and its WAL and shared-memory index aside, then
-/// renames the fresh file into place; on failure, moves back what it moved
-/// so the store is never left without its data under its own name.
+/// renames the fresh file into place. The damaged file is linked aside
+/// first, so its name never stands empty (an open would create an empty
+/// store there), and the last rename replaces it atomically. On failure it
+/// moves back what it moved.
 fn swap_files(path: &Path, fresh: &Path, aside: &Path) -> std::io::Result<()> {
-    std::fs::rename(path, aside)?;
-    let mut moved = vec![(path.to_path_buf(), aside.to_path_buf())];
+    let linked = std::fs::hard_link(path, aside).is_ok();
+    if !linked {
+        // A file system without hard links: a plain move, and a short
+        // moment without a file under the store's name.
+        std::fs::rename(path, aside)?;
+    }
+    let mut moved = Vec::new();
     let mut rest = || -> std::io::Result<()> {
         for suffix in ["-wal", "-shm"] {
             let from = with_suffix(path, suffix);
@@ -710,6 +732,11 @@ fn swap_files(path: &Path, fresh: &Path, aside: &Path) -> std::io::Result<()> {
         for (from, to) in moved.iter().rev() {
             let _ = std::fs::rename(to, from);
         }
+        let _ = if linked {
+            std::fs::remove_file(aside)
+        } else {
+            std::fs::rename(aside, path)
+        };
     }
     result
 }
