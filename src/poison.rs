@@ -317,7 +317,7 @@ mod tests {
             stale,
         )
         .unwrap();
-        assert_eq!(report.dead_lettered, [id.clone()]);
+        assert_eq!(report.dead_lettered, vec![id.clone()]);
         let item = queue.get(&id).unwrap();
         assert_eq!(item.status, ItemStatus::Failed);
         assert!(

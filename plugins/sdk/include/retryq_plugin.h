@@ -18,6 +18,19 @@
  *    and check thread-safe.
  *  - deadline_unix_ms: wall-clock milliseconds since the Unix epoch after
  *    which the host stops waiting (a late call counts as retryable).
+ *
+ * Evolution rules (a plugin built from the frozen 1.0 copy of this header,
+ * tests/abi/v1/, must load and pass the conformance checks in every host):
+ *  - Fields of RqPluginTable and RqHostCallbacks are only ever appended:
+ *    never removed, reordered or retyped.
+ *  - Every appended field is optional: NULL / 0 means absent. A host reads a
+ *    table field only if the plugin's struct_size reaches it, so an older
+ *    (shorter) table loads with the newer fields absent, and a newer
+ *    (longer) table loads with the fields this host does not know ignored.
+ *  - Likewise a plugin reads a host callback only if the host's
+ *    RqHostCallbacks.struct_size reaches it.
+ *  - Fields up to free_buffer (the 1.0 table) are required.
+ *  - Anything else is a new abi_version with a new entry symbol.
  */
 #ifndef RETRYQ_PLUGIN_H
 #define RETRYQ_PLUGIN_H
@@ -102,6 +115,11 @@ typedef struct RqPluginTable {
 
     /* Frees a buffer this plugin returned. */
     void (*free_buffer)(RqBuf buf);
+
+    /* ---- appended after 1.0: optional (NULL = absent) ---- */
+
+    /* A one-line description, NUL-terminated, static; or NULL. */
+    const char *description;
 } RqPluginTable;
 
 const RqPluginTable *retryq_plugin_entry_v1(void);

@@ -5,6 +5,19 @@
 //! starts with `abi_version` and `struct_size`; later versions only append
 //! fields, so a host checks `struct_size` before reading a field it needs.
 //!
+//! Evolution rules (proven by `tests/abi_evolution.rs` with a plugin built
+//! from the frozen 1.0 header in `tests/abi/v1/`):
+//! - fields are only ever appended, never removed, reordered or retyped;
+//! - an appended field is optional: null / zero means absent, and the host
+//!   reads it only when the plugin's `struct_size` reaches it
+//!   ([`copy_table`]); fields a newer plugin appends that the host does not
+//!   know are ignored;
+//! - the same holds for [`HostCallbacks`] in the other direction: a plugin
+//!   reads a callback only when the host's `struct_size` reaches it
+//!   ([`read_host_callbacks`]);
+//! - anything else (a changed meaning, a required new field) is a new
+//!   `abi_version` and a new entry symbol.
+//!
 //! Rules of the boundary:
 //! - item metadata and fingerprint lists cross as UTF-8 JSON, payloads as raw
 //!   bytes; the callee never keeps a pointer it was given after returning;
@@ -157,6 +170,65 @@ pub struct PluginTable {
     pub destroy: DestroyFn,
     /// Frees a buffer returned by the plugin.
     pub free_buffer: FreeBufferFn,
+    // ---- appended after 1.0: optional, null/absent in a shorter table ----
+    /// A one-line description, NUL-terminated UTF-8, or null. Appended
+    /// after the first release: a table that ends before it (a plugin built
+    /// against the 1.0 header) has none.
+    pub description: *const c_char,
+}
+
+/// Size of the table as the first release of ABI version 1 defined it
+/// (every field up to `free_buffer`): the least a host accepts. Every field
+/// after it is optional and reads as absent when a plugin's table is
+/// shorter.
+pub const PLUGIN_TABLE_V1_SIZE: u32 = std::mem::offset_of!(PluginTable, description) as u32;
+
+/// Copies a plugin's table into a full-size host-owned one: the first
+/// `min(struct_size, size_of::<PluginTable>())` bytes come from the plugin,
+/// the rest are zero, so fields a shorter (older) table lacks are null /
+/// absent and fields a longer (newer) table appends are ignored.
+///
+/// # Safety
+/// `table` must point to at least `struct_size` readable bytes, and
+/// `struct_size` must be at least [`PLUGIN_TABLE_V1_SIZE`] (the required
+/// function pointers are present).
+pub unsafe fn copy_table(table: *const PluginTable, struct_size: u32) -> PluginTable {
+    let n = (struct_size as usize).min(std::mem::size_of::<PluginTable>());
+    let mut out = std::mem::MaybeUninit::<PluginTable>::zeroed();
+    // SAFETY: the caller guarantees `n` readable bytes at `table`; `out` is
+    // a distinct local of at least `n` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(table as *const u8, out.as_mut_ptr() as *mut u8, n) };
+    // SAFETY: the v1 prefix (function pointers included) came from a valid
+    // table (n >= PLUGIN_TABLE_V1_SIZE), and every later field is a raw
+    // pointer or Option for which all-zero is a valid "absent".
+    unsafe { out.assume_init() }
+}
+
+/// The host's callbacks as a plugin may use them: a field the host's struct
+/// (`struct_size`) does not reach reads as absent. This is what the SDK
+/// does before it reads a callback.
+///
+/// # Safety
+/// `host` is null or points to at least `struct_size` readable bytes (its
+/// first field) of a callbacks struct.
+pub unsafe fn read_host_callbacks(host: *const HostCallbacks) -> HostCallbacks {
+    let mut out = HostCallbacks {
+        struct_size: 0,
+        log: None,
+    };
+    if host.is_null() {
+        return out;
+    }
+    // SAFETY: every version starts with struct_size.
+    let size = unsafe { (host as *const u32).read() };
+    out.struct_size = size;
+    let log_end = std::mem::offset_of!(HostCallbacks, log)
+        + std::mem::size_of::<Option<unsafe extern "C" fn(i32, *const u8, usize)>>();
+    if size as usize >= log_end {
+        // SAFETY: the host's struct reaches past `log`.
+        out.log = unsafe { (*host).log };
+    }
+    out
 }
 
 // SAFETY: the table is immutable static data: function pointers and pointers
@@ -164,3 +236,38 @@ pub struct PluginTable {
 unsafe impl Sync for PluginTable {}
 // SAFETY: as above; nothing in it is tied to a thread.
 unsafe impl Send for PluginTable {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    unsafe extern "C" fn never(_: i32, _: *const u8, _: usize) {}
+
+    #[test]
+    fn a_callback_beyond_the_hosts_struct_size_is_absent() {
+        let full = HostCallbacks {
+            struct_size: std::mem::size_of::<HostCallbacks>() as u32,
+            log: Some(never),
+        };
+        // SAFETY: valid struct.
+        assert!(unsafe { read_host_callbacks(&full) }.log.is_some());
+        // An older host whose struct ends before `log`.
+        let short = HostCallbacks {
+            struct_size: 4,
+            log: Some(never),
+        };
+        // SAFETY: valid struct (larger than it claims).
+        assert!(unsafe { read_host_callbacks(&short) }.log.is_none());
+        // SAFETY: null is allowed.
+        assert!(unsafe { read_host_callbacks(std::ptr::null()) }
+            .log
+            .is_none());
+    }
+
+    #[test]
+    fn the_v1_table_ends_where_description_begins() {
+        assert!(PLUGIN_TABLE_V1_SIZE as usize <= std::mem::size_of::<PluginTable>());
+        #[cfg(target_pointer_width = "64")]
+        assert_eq!(PLUGIN_TABLE_V1_SIZE, 72);
+    }
+}

@@ -126,8 +126,9 @@ pub unsafe fn create(
         status
     };
     if !host.is_null() {
-        // SAFETY: the host passes a valid callbacks struct that outlives us.
-        let callbacks = unsafe { *host };
+        // SAFETY: the host passes a valid callbacks struct that outlives us;
+        // only the fields its struct_size reaches are read.
+        let callbacks = unsafe { crate::abi::read_host_callbacks(host) };
         let _ = HOST.set(callbacks);
     }
     // SAFETY: the host passes `settings_len` readable bytes.
@@ -346,6 +347,8 @@ macro_rules! export_plugin {
             check: $crate::export::check,
             destroy: $crate::export::destroy,
             free_buffer: $crate::export::free_buffer,
+            description: concat!(env!("CARGO_PKG_DESCRIPTION"), "\0").as_ptr()
+                as *const ::std::ffi::c_char,
         };
 
         /// The plugin's entry point (retryq plugin ABI v1).

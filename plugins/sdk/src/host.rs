@@ -237,6 +237,9 @@ pub struct Library {
     pub version: String,
     /// `RQ_KIND_*` bits.
     pub kinds: u32,
+    /// Its one-line description; empty when its table has none (a plugin
+    /// built against the 1.0 header).
+    pub description: String,
     /// The file it was loaded from.
     pub path: PathBuf,
     table: &'static PluginTable,
@@ -337,7 +340,8 @@ pub fn load(
             expected: ABI_VERSION,
         });
     }
-    let needed = std::mem::size_of::<PluginTable>() as u32;
+    // Only the first release's fields are required; later ones are optional.
+    let needed = PLUGIN_TABLE_V1_SIZE;
     if struct_size < needed {
         return Err(PluginError::TableTooSmall {
             plugin: plugin.to_owned(),
@@ -345,9 +349,12 @@ pub fn load(
             expected: needed,
         });
     }
-    // SAFETY: version and size checked: the table has every v1 field, and
-    // it is static data of a library we never unload.
-    let table: &'static PluginTable = unsafe { &*table_ptr };
+    // SAFETY: version and size checked: the table has every v1 field and
+    // `struct_size` readable bytes (static data of a library we never
+    // unload). The copy reads no further: a shorter table's later fields
+    // are absent, a longer one's unknown fields ignored.
+    let table: &'static PluginTable =
+        Box::leak(Box::new(unsafe { copy_table(table_ptr, struct_size) }));
     let text = |p: *const std::ffi::c_char| {
         if p.is_null() {
             String::new()
@@ -360,6 +367,7 @@ pub fn load(
         name: text(table.name),
         version: text(table.version),
         kinds: table.kinds,
+        description: text(table.description),
         path: canonical.clone(),
         table,
     }));
