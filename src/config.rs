@@ -325,6 +325,12 @@ pub struct AdminSettings {
     pub token_env: String,
     /// Largest request body accepted, in bytes.
     pub max_body: u64,
+    /// PEM certificate chain: with `tls_key`, the listener serves HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for AdminSettings {
@@ -334,6 +340,8 @@ impl Default for AdminSettings {
             token_file: None,
             token_env: DEFAULT_ADMIN_TOKEN_ENV.to_owned(),
             max_body: DEFAULT_ADMIN_MAX_BODY,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -537,6 +545,8 @@ pub const SCHEMA: &[KeySpec] = &[
     opt("admin.token_file", KeyKind::Path),
     key("admin.token_env", KeyKind::String),
     key("admin.max_body", BYTES),
+    opt("admin.tls_cert", KeyKind::Path),
+    opt("admin.tls_key", KeyKind::Path),
     key("log.level", KeyKind::LogFilter),
     key("log.format", KeyKind::Enum(&["pretty", "json"])),
 ];

@@ -209,6 +209,7 @@ async fn serve(
     let metrics = Arc::new(Metrics::new());
     record_worker_metrics(&worker, metrics.clone());
     let admin_config = AdminConfig::from_settings(&settings.admin)?;
+    let admin_tls = admin_config.tls.is_some();
     worker.start().await?;
     let console = Arc::new(console_state(settings));
     console.feed.attach(&worker);
@@ -234,7 +235,13 @@ async fn serve(
             std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    if let Err(e) = owner.set_admin_addr(reachable.to_string()) {
+    // With TLS the scheme goes too, so the CLI speaks HTTPS to us.
+    let published = if admin_tls {
+        format!("https://{reachable}")
+    } else {
+        reachable.to_string()
+    };
+    if let Err(e) = owner.set_admin_addr(published) {
         // Delivery works without it; only the CLI cannot find us.
         tracing::warn!(error = %e, "cannot record the admin address in the owner lock; the CLI will not reach this daemon");
     }

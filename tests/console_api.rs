@@ -266,3 +266,87 @@ fn history_info_and_ui_on_an_empty_queue() {
     // The pause body is an object or nothing.
     assert_eq!(daemon.api("POST", "/v1/pause", Some("[]")).0, 400);
 }
+
+/// A self-signed certificate for 127.0.0.1 made by `openssl`, or `None`
+/// (with the reason printed) when the machine has no openssl.
+fn self_signed(dir: &std::path::Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=retryq-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    match made {
+        Ok(status) if status.success() => Some((cert, key)),
+        other => {
+            assert!(
+                std::env::var("RETRYQ_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "RETRYQ_REQUIRE_SERVICES=1 but openssl could not make a test certificate: {other:?}"
+            );
+            eprintln!("skipping the TLS test: openssl could not make a certificate ({other:?})");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_listener_serves_tls_and_the_cli_follows_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Some((cert, key)) = self_signed(dir.path()) else {
+        return;
+    };
+    let upstream = Upstream::start(Mode::Accept);
+    let daemon = Daemon::start_tls(dir, &upstream, Some(TOKEN), &cert, &key);
+    assert!(daemon.url("/").starts_with("https://"));
+
+    // The API and the console over HTTPS, the certificate verified.
+    let id = daemon.enqueue(r#"{"over":"tls"}"#, "");
+    daemon.wait_for("the delivery", Duration::from_secs(20), || {
+        daemon.stats()["total_items"] == 0
+    });
+    assert_eq!(upstream.accepted_per_key().get(&id), Some(&1));
+    assert_eq!(daemon.api_as(None, "GET", "/ui", None).0, 200);
+    assert_eq!(daemon.api_as(None, "GET", "/v1/stats", None).0, 401);
+
+    // Plain HTTP on the same port gets no answer.
+    let plain = reqwest::blocking::Client::new()
+        .get(format!("http://127.0.0.1:{}/healthz", daemon.port))
+        .timeout(Duration::from_secs(5))
+        .send();
+    assert!(
+        plain.as_ref().map_or(true, |r| r.status() != 200),
+        "plain HTTP answered: {plain:?}"
+    );
+
+    // The CLI reaches the daemon through its published https address,
+    // trusting the configured certificate.
+    let out = std::process::Command::new(console_support::BIN)
+        .arg("--config")
+        .arg(daemon.path().join("retryq.toml"))
+        .args(["--json", "stats"])
+        .env("RETRYQ_ADMIN_TOKEN", TOKEN)
+        .current_dir(daemon.path())
+        .output()
+        .expect("run the CLI");
+    assert!(
+        out.status.success(),
+        "retryq stats over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    assert_eq!(stats["total_items"], 0, "{stats}");
+}

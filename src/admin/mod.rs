@@ -51,7 +51,10 @@
 //! once at startup) every endpoint but `/healthz` and `/readyz` requires
 //! `Authorization: Bearer <token>`, compared in constant time; `/metrics`
 //! requires it too unless [`AdminConfig::metrics_require_token`] is false.
-//! [`bind`] refuses a non-loopback address without a token. Request bodies
+//! [`bind`] refuses a non-loopback address without a token. With
+//! [`AdminConfig::tls`] (`[admin] tls_cert` and `tls_key`) the listener
+//! serves HTTPS through rustls; use it whenever it is not on loopback, or
+//! the token crosses the network in clear. Request bodies
 //! are limited to [`AdminConfig::body_limit`] bytes. Neither payloads nor
 //! tokens are ever logged.
 //!
@@ -78,6 +81,7 @@ pub mod events;
 mod handlers;
 pub mod history;
 pub mod openapi;
+mod tls;
 mod ui;
 mod worker_control;
 
@@ -99,6 +103,7 @@ use crate::store::{CleanupReport, RetryQueue};
 
 pub use auth::{AdminToken, DEFAULT_TOKEN_ENV};
 pub use error::ApiError;
+pub use tls::TlsFiles;
 pub use worker_control::{record_worker_metrics, RetryWorkerControl};
 
 /// Default listen address: loopback only.
@@ -281,6 +286,8 @@ pub struct AdminConfig {
     pub workers: usize,
     /// How long a graceful stop waits for requests in flight.
     pub shutdown_timeout: Duration,
+    /// Serve HTTPS with these files; plain HTTP when `None`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for AdminConfig {
@@ -293,6 +300,7 @@ impl Default for AdminConfig {
             max_list_limit: DEFAULT_MAX_LIST_LIMIT,
             workers: 2,
             shutdown_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -349,6 +357,14 @@ pub enum AdminError {
     /// The server failed while running.
     #[error("admin server failed: {0}")]
     Server(#[source] io::Error),
+    /// A TLS certificate or key file is missing, unreadable or unusable.
+    #[error("admin TLS: {}: {reason}", path.display())]
+    Tls {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Settings the handlers read (kept in app data).
@@ -374,6 +390,10 @@ impl AdminConfig {
             listen: settings.listen,
             token: AdminToken::load(settings.token_file.as_deref(), &settings.token_env)?,
             body_limit,
+            tls: TlsFiles::from_settings(
+                settings.tls_cert.as_deref(),
+                settings.tls_key.as_deref(),
+            )?,
             ..AdminConfig::default()
         };
         config.validate()?;
@@ -477,17 +497,23 @@ pub fn bind(config: AdminConfig, state: AdminState) -> Result<AdminServer, Admin
     let server = HttpServer::new(move || App::new().configure(routes.clone()))
         .workers(config.workers)
         .disable_signals()
-        .shutdown_timeout(config.shutdown_timeout.as_secs())
-        .bind(config.listen)
-        .map_err(|source| AdminError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        .shutdown_timeout(config.shutdown_timeout.as_secs());
+    let bind_error = |source| AdminError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let server = match &config.tls {
+        Some(files) => server
+            .bind_rustls_0_23(config.listen, files.server_config()?)
+            .map_err(bind_error)?,
+        None => server.bind(config.listen).map_err(bind_error)?,
+    };
     let addrs = server.addrs();
     let server = server.run();
     tracing::info!(
         addr = %addrs.first().copied().unwrap_or(config.listen),
         token_required = config.token.is_some(),
+        tls = config.tls.is_some(),
         metrics_require_token = config.metrics_require_token,
         "admin API listening"
     );

@@ -36,7 +36,8 @@ pub struct OwnerInfo {
     pub pid: u32,
     /// The owner's instance ID, recorded on each of its claims.
     pub instance_id: String,
-    /// Where the owner serves its admin API (`host:port`), once it does.
+    /// Where the owner serves its admin API (`host:port`, or
+    /// `https://host:port` when it serves TLS), once it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_addr: Option<String>,
     /// When the owner took the lock.

@@ -34,6 +34,8 @@ fn free_port() -> u16 {
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// `http` or `https`.
+    pub scheme: &'static str,
     pub log: PathBuf,
     pub plugin: PathBuf,
     child: Option<Child>,
@@ -45,6 +47,28 @@ impl Daemon {
     /// appended to the config (e.g. a `[worker]` table), and waits for its API.
     pub fn start(upstream: &Upstream, token: Option<&str>, worker: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir, upstream, token, worker, None)
+    }
+
+    /// [`Daemon::start`] serving TLS with `cert` and `key` (PEM files in
+    /// `dir`); the test client trusts `cert`.
+    pub fn start_tls(
+        dir: tempfile::TempDir,
+        upstream: &Upstream,
+        token: Option<&str>,
+        cert: &Path,
+        key: &Path,
+    ) -> Daemon {
+        Self::start_in(dir, upstream, token, "", Some((cert, key)))
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        upstream: &Upstream,
+        token: Option<&str>,
+        worker: &str,
+        tls: Option<(&Path, &Path)>,
+    ) -> Daemon {
         let plugins = dir.path().join("plugins");
         std::fs::create_dir(&plugins).expect("plugins dir");
         let lib = support::plugin_lib("retryq_http");
@@ -52,6 +76,14 @@ impl Daemon {
         std::fs::copy(&lib, &plugin).expect("copy the http plugin");
         let port = free_port();
         let config = dir.path().join("retryq.toml");
+        let tls_lines = match tls {
+            Some((cert, key)) => format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
@@ -78,6 +110,7 @@ connect_timeout = "1s"
 search_path = ["{plugins}"]
 [admin]
 listen = "127.0.0.1:{port}"
+{tls_lines}
 [log]
 level = "info"
 "#,
@@ -101,13 +134,18 @@ level = "info"
             cmd.env("RETRYQ_ADMIN_TOKEN", token);
         }
         let child = cmd.spawn().expect("spawn retryq run");
-        let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(20))
-            .build()
-            .expect("http client");
+        let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(20));
+        if let Some((cert, _)) = tls {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let pem = std::fs::read(cert).expect("read the test certificate");
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).expect("PEM certificate");
+            builder = builder.tls_certs_only(certs);
+        }
+        let client = builder.build().expect("http client");
         let daemon = Daemon {
             dir,
             port,
+            scheme: if tls.is_some() { "https" } else { "http" },
             log,
             plugin,
             child: Some(child),
@@ -124,7 +162,7 @@ level = "info"
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
     /// The last lines of the daemon's log, for failure messages.
