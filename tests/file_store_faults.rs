@@ -802,10 +802,15 @@ fn drop_oldest_never_loses_the_new_item_or_unrequested_evictions() {
 /// Everything directly in `dir` except the quarantine, with each file's
 /// bytes (a folder lists as its entry count, a symlink as its target).
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    snapshot_without(dir, "corrupt")
+}
+
+/// [`snapshot`], leaving out `skip` too (a FIFO cannot be read).
+fn snapshot_without(dir: &Path, skip: &str) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap())
-        .filter(|e| e.file_name() != "corrupt")
+        .filter(|e| e.file_name() != "corrupt" && e.file_name() != skip)
         .map(|e| {
             let kind = e.file_type().unwrap();
             let bytes = if kind.is_symlink() {
@@ -854,6 +859,13 @@ fn nothing_in_the_directory_stops_the_open() {
     // root, where a chmod 000 file still reads).
     let unreadable = "1795168800123456790_3f1c2b9e-6a4d-4c1e-9b7a-0d2e5f8a1c02.json";
     std::os::unix::fs::symlink(tmp.path().join("nowhere"), dir.join(unreadable)).unwrap();
+    // A FIFO named like an item file: reading it must not block the open.
+    let fifo = "1795168800123456791_3f1c2b9e-6a4d-4c1e-9b7a-0d2e5f8a1c03.json";
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.join(fifo))
+        .status()
+        .unwrap();
+    assert!(made.success());
     // A valid record under a name that does not parse.
     std::fs::write(dir.join("garbage_name.json"), &a_record).unwrap();
     // Foreign entries.
@@ -861,7 +873,7 @@ fn nothing_in_the_directory_stops_the_open() {
     std::fs::create_dir(dir.join("backup")).unwrap();
     // retryq's own owner lock is not foreign.
     std::fs::write(dir.join(retryq::store::owner::OWNER_LOCK_FILE), b"{}").unwrap();
-    let mut foreign = snapshot(&dir);
+    let mut foreign = snapshot_without(&dir, fifo);
     foreign.remove(unreadable);
 
     let store = FileRetryQueue::open(&dir, options(&clock)).expect("open succeeds");
@@ -870,19 +882,24 @@ fn nothing_in_the_directory_stops_the_open() {
         store.get(id).unwrap();
     }
     let stats = store.stats().unwrap();
-    assert_eq!(stats.quarantined, 1, "the unreadable item file");
+    assert_eq!(
+        stats.quarantined, 2,
+        "the unreadable item file and the FIFO"
+    );
     assert_eq!(
         stats.skipped_entries, 4,
         "item-named dir, garbage_name.json, notes.txt, backup/"
     );
     // Nothing foreign moved or changed; the unreadable file went aside.
     assert_eq!(snapshot(&dir), foreign);
-    let quarantined: Vec<String> = std::fs::read_dir(dir.join("corrupt"))
+    let mut quarantined: Vec<String> = std::fs::read_dir(dir.join("corrupt"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(quarantined.len(), 1);
+    quarantined.sort();
+    assert_eq!(quarantined.len(), 2);
     assert!(quarantined[0].ends_with(unreadable), "{quarantined:?}");
+    assert!(quarantined[1].ends_with(fifo), "{quarantined:?}");
 
     // The store works, and a reopen counts the same.
     let id = store.enqueue(item("after")).unwrap();
@@ -896,7 +913,7 @@ fn nothing_in_the_directory_stops_the_open() {
     let stats = store.stats().unwrap();
     assert_eq!(
         (stats.total_items, stats.quarantined, stats.skipped_entries),
-        (21, 1, 4)
+        (21, 2, 4)
     );
 }
 

@@ -20,6 +20,26 @@ pub(crate) fn with_path(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
+/// The contents of `path` if it is a regular file (or a link to one).
+/// Anything else fails at once: opening a FIFO named like an item file
+/// would block the open until a writer came.
+pub(crate) fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    let meta = fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            "is a directory",
+        ));
+    }
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    fs::read(path)
+}
+
 /// A held directory lock; the lock is released when the guard is dropped.
 pub trait LockGuard: Send + Sync + Debug {}
 
@@ -166,7 +186,7 @@ impl StoreFs for OsFs {
     }
 
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
-        fs::read(path)
+        read_regular(path)
     }
 
     fn try_lock(&self, path: &Path, owner: &str) -> io::Result<Option<Box<dyn LockGuard>>> {

@@ -77,8 +77,8 @@ impl QueueDirScan {
     /// another ID.
     pub fn read(&self, name: &str) -> Result<QueueItem, String> {
         let id = parse_file_name(name).ok_or_else(|| "not an item file name".to_owned())?;
-        let bytes =
-            std::fs::read(self.dir.join(name)).map_err(|e| format!("cannot be read: {e}"))?;
+        let bytes = super::fs::read_regular(&self.dir.join(name))
+            .map_err(|e| format!("cannot be read: {e}"))?;
         decode(&bytes, id)
     }
 }
