@@ -1,0 +1,3 @@
+module retryq-go-transport
+
+go 1.19
