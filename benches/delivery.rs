@@ -241,6 +241,9 @@ const CLOCK_TICKS_PER_SEC: u64 = 100;
 // The raw client.
 
 fn run_raw(sink: &Sink, body: &str, concurrency: usize, items: usize) -> Measured {
+    // retryq's reqwest has rustls without a provider of its own (the admin
+    // TLS listener and the CLI use ring): install it, or building panics.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

@@ -105,6 +105,10 @@ impl DaemonClient {
             &settings.admin.token_env,
         )
         .context("cannot read the admin token to reach the running daemon")?;
+        // reqwest is built with rustls but no crypto provider of its own
+        // (the http plugin and the TLS listener use ring): install ring
+        // before building any client, TLS or not, or reqwest panics.
+        let _already = rustls::crypto::ring::default_provider().install_default();
         let mut builder = Client::builder()
             .timeout(CALL_TIMEOUT)
             .connect_timeout(Duration::from_secs(5));
@@ -226,8 +230,6 @@ fn tls_client(
         .with_context(|| format!("cannot read admin.tls_cert {}", cert_path.display()))?;
     let certs = reqwest::Certificate::from_pem_bundle(&pem)
         .with_context(|| format!("admin.tls_cert {} is not PEM", cert_path.display()))?;
-    // The provider the daemon's listener and the http plugin use.
-    let _already = rustls::crypto::ring::default_provider().install_default();
     Ok(builder
         .tls_certs_only(certs)
         .tls_danger_accept_invalid_hostnames(true))

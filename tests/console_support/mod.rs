@@ -134,9 +134,11 @@ level = "info"
             cmd.env("RETRYQ_ADMIN_TOKEN", token);
         }
         let child = cmd.spawn().expect("spawn retryq run");
+        // reqwest has rustls without a provider (see src/cli/daemon_client.rs):
+        // every client the tests build, TLS or not, needs ring installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(20));
         if let Some((cert, _)) = tls {
-            let _ = rustls::crypto::ring::default_provider().install_default();
             let pem = std::fs::read(cert).expect("read the test certificate");
             let certs = reqwest::Certificate::from_pem_bundle(&pem).expect("PEM certificate");
             builder = builder.tls_certs_only(certs);
