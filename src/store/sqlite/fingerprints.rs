@@ -27,13 +27,19 @@
 //! - It is built lazily, on the first lookup: opening a store, or a store
 //!   with dedupe off, never scans the table for it.
 //!
-//! Cost: about 50 bytes per live item (a hash map of two integers), and a
-//! scan of the table at each build: about 80 ms for 100,000 items on the
-//! benchmark VM, paid by the first enqueue after open and after each commit
-//! by another process (an admin CLI write, typically).
+//! Cost (measured by `cargo bench --bench scale`, 1,000,000 items, on the
+//! 2-core benchmark VM):
+//!
+//! - memory: 17 bytes per slot of a hash table sized for every item when
+//!   it is built (rounded up to a power of two): 36 MB at 1,000,000 items,
+//!   20 to 39 bytes per item depending on the count;
+//! - time: a scan of the table at each build, about 0.3 s of CPU at
+//!   1,000,000 items (two thirds of it SQLite reading the rows), paid by
+//!   the first enqueue after open and after each commit by another process
+//!   (an admin CLI write, typically).
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use rusqlite::Connection;
 
@@ -45,60 +51,105 @@ pub(super) fn is_live(status: i64) -> bool {
     status == STATUS_PENDING || status == STATUS_PROCESSING
 }
 
-/// A 64-bit hash of a fingerprint. Stable within a process, which is all an
-/// in-memory set needs; collisions only cost an extra row read.
-fn hash(fingerprint: &str) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    fingerprint.hash(&mut hasher);
-    hasher.finish()
-}
+/// The maps' hasher: their keys are already keyed SipHash outputs
+/// ([`FingerprintIndex::hash`]), uniformly spread, so hashing them again
+/// (what the default hasher does) would only cost time at every one of a
+/// rebuild's million inserts.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassThrough(u64);
 
-/// The rowids of the live items whose fingerprints share one hash: almost
-/// always one (dedupe keeps one live item per fingerprint), more after a
-/// hash collision or when dedupe was off for some items.
-#[derive(Debug, Clone, PartialEq)]
-enum Rowids {
-    One(i64),
-    Many(Vec<i64>),
-}
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
 
-impl Rowids {
-    fn as_slice(&self) -> &[i64] {
-        match self {
-            Rowids::One(rowid) => std::slice::from_ref(rowid),
-            Rowids::Many(rowids) => rowids,
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; anything else still hashes.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
     }
 }
 
-/// `hash(fingerprint)` to rowids of every live item.
-type Entries = HashMap<u64, Rowids>;
+/// Rows read between two runs of inserts in a rebuild (64 KiB of pairs).
+const INSERT_CHUNK: usize = 4096;
 
-fn insert(entries: &mut Entries, h: u64, rowid: i64) {
-    match entries.get_mut(&h) {
-        None => {
-            entries.insert(h, Rowids::One(rowid));
-        }
-        Some(Rowids::One(first)) if *first != rowid => {
-            let first = *first;
-            entries.insert(h, Rowids::Many(vec![first, rowid]));
-        }
-        Some(Rowids::Many(rowids)) if !rowids.contains(&rowid) => rowids.push(rowid),
-        Some(_) => {}
-    }
+type PassThroughMap<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
+
+/// `hash(fingerprint)` to the rowids of every live item, in two maps so the
+/// common entry is 16 bytes (a hash and one rowid) rather than a hash and
+/// a list: about 17 bytes per item with hashbrown's control byte, where a
+/// map of lists took 33. A hash is in one map or the other, never both.
+#[derive(Debug, Default)]
+struct Entries {
+    /// The hashes held by one live item: almost all (dedupe keeps one live
+    /// item per fingerprint).
+    single: PassThroughMap<i64>,
+    /// The hashes several live items share: after a 64-bit collision, or
+    /// when dedupe was off for some items or `revive` made two live.
+    shared: PassThroughMap<Vec<i64>>,
 }
 
-fn remove(entries: &mut Entries, h: u64, rowid: i64) {
-    let emptied = match entries.get_mut(&h) {
-        Some(Rowids::One(only)) => *only == rowid,
-        Some(Rowids::Many(rowids)) => {
+impl Entries {
+    fn with_capacity(items: usize) -> Self {
+        Entries {
+            single: PassThroughMap::with_capacity_and_hasher(items, Default::default()),
+            shared: PassThroughMap::default(),
+        }
+    }
+
+    fn get(&self, h: u64) -> Vec<i64> {
+        match self.single.get(&h) {
+            Some(&rowid) => vec![rowid],
+            None => self.shared.get(&h).cloned().unwrap_or_default(),
+        }
+    }
+
+    fn insert(&mut self, h: u64, rowid: i64) {
+        if let Some(rowids) = self.shared.get_mut(&h) {
+            if !rowids.contains(&rowid) {
+                rowids.push(rowid);
+            }
+            return;
+        }
+        match self.single.insert(h, rowid) {
+            Some(first) if first != rowid => {
+                self.single.remove(&h);
+                self.shared.insert(h, vec![first, rowid]);
+            }
+            _ => {}
+        }
+    }
+
+    /// Inserts and empties `pairs` (hash, rowid).
+    fn insert_all(&mut self, pairs: &mut Vec<(u64, i64)>) {
+        for (h, rowid) in pairs.drain(..) {
+            self.insert(h, rowid);
+        }
+    }
+
+    fn remove(&mut self, h: u64, rowid: i64) {
+        if self.single.get(&h) == Some(&rowid) {
+            self.single.remove(&h);
+        } else if let Some(rowids) = self.shared.get_mut(&h) {
             rowids.retain(|&r| r != rowid);
-            rowids.is_empty()
+            // Back to the compact map when one holder is left.
+            if let [only] = rowids[..] {
+                self.shared.remove(&h);
+                self.single.insert(h, only);
+            } else if rowids.is_empty() {
+                self.shared.remove(&h);
+            }
         }
-        None => false,
-    };
-    if emptied {
-        entries.remove(&h);
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.single.is_empty() && self.shared.is_empty()
     }
 }
 
@@ -114,9 +165,21 @@ pub(super) struct FingerprintIndex {
     data_version: i64,
     /// `data_version` was checked in the open write transaction.
     checked_in_transaction: bool,
+    /// The keys of [`Self::hash`]: random per index (so fingerprints, which
+    /// callers may choose, cannot be picked to collide), kept across
+    /// rebuilds.
+    keys: RandomState,
 }
 
 impl FingerprintIndex {
+    /// A 64-bit keyed hash of a fingerprint's bytes; collisions only cost
+    /// an extra row read.
+    fn hash(&self, fingerprint: &[u8]) -> u64 {
+        let mut hasher = self.keys.build_hasher();
+        hasher.write(fingerprint);
+        hasher.finish()
+    }
+
     /// Forgets the set (after a rollback); the next lookup rebuilds it.
     pub(super) fn invalidate(&mut self) {
         self.entries = None;
@@ -145,33 +208,50 @@ impl FingerprintIndex {
             }
             self.checked_in_transaction = true;
         }
+        let h = self.hash(fingerprint.as_bytes());
         Ok(self
             .entries
             .as_ref()
-            .and_then(|entries| entries.get(&hash(fingerprint)))
-            .map(|rowids| rowids.as_slice().to_vec())
+            .map(|entries| entries.get(h))
             .unwrap_or_default())
     }
 
     /// Reads every live item's fingerprint from the table.
     pub(super) fn rebuild(&mut self, conn: &Connection, version: i64) -> QueueResult<()> {
+        // Sized up front from the item count (dead letters included, so at
+        // most a little too large): growing a map of a million entries
+        // step by step rehashes it ~20 times and, at the last step, holds
+        // the old and the new table at once.
+        let mut entries = Entries::with_capacity(item_count(conn));
+        // The old set goes first, so the two are never held together.
+        self.entries = None;
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT seq, fingerprint FROM items WHERE status IN ({STATUS_PENDING}, {STATUS_PROCESSING})"
             ))
             .map_err(sql_err("dedupe index"))?;
         let mut rows = stmt.query([]).map_err(sql_err("dedupe index"))?;
-        let mut entries = Entries::new();
         let mut live = 0;
+        // Rows are hashed as they are read but inserted a chunk at a time:
+        // each insert is a cache miss somewhere in a large table, and a
+        // run of them overlaps those misses where one per row, between
+        // SQLite's row decoding, waits for each. Measured at 1,000,000
+        // items: half the rebuild's CPU time (`benches/scale.rs`).
+        let mut chunk: Vec<(u64, i64)> = Vec::with_capacity(INSERT_CHUNK);
         while let Some(row) = rows.next().map_err(sql_err("dedupe index"))? {
             let rowid: i64 = row.get(0).map_err(sql_err("dedupe index"))?;
-            let fingerprint: &str = row
+            // The bytes as stored: no UTF-8 check needed to hash them.
+            let fingerprint = row
                 .get_ref(1)
-                .and_then(|v| v.as_str().map_err(Into::into))
+                .and_then(|v| v.as_bytes().map_err(Into::into))
                 .map_err(sql_err("dedupe index"))?;
-            insert(&mut entries, hash(fingerprint), rowid);
+            chunk.push((self.hash(fingerprint), rowid));
+            if chunk.len() == INSERT_CHUNK {
+                entries.insert_all(&mut chunk);
+            }
             live += 1;
         }
+        entries.insert_all(&mut chunk);
         tracing::debug!(live_items = live, "built the dedupe index");
         self.entries = Some(entries);
         self.live = live;
@@ -188,20 +268,23 @@ impl FingerprintIndex {
         before: Option<(&str, i64)>,
         after: Option<(&str, i64)>,
     ) {
+        if self.entries.is_none() {
+            return;
+        }
+        let before = before.filter(|&(_, status)| is_live(status));
+        let after = after.filter(|&(_, status)| is_live(status));
+        let before = before.map(|(fingerprint, _)| self.hash(fingerprint.as_bytes()));
+        let after = after.map(|(fingerprint, _)| self.hash(fingerprint.as_bytes()));
         let Some(entries) = self.entries.as_mut() else {
             return;
         };
-        if let Some((fingerprint, status)) = before {
-            if is_live(status) {
-                remove(entries, hash(fingerprint), rowid);
-                self.live = self.live.saturating_sub(1);
-            }
+        if let Some(h) = before {
+            entries.remove(h, rowid);
+            self.live = self.live.saturating_sub(1);
         }
-        if let Some((fingerprint, status)) = after {
-            if is_live(status) {
-                insert(entries, hash(fingerprint), rowid);
-                self.live += 1;
-            }
+        if let Some(h) = after {
+            entries.insert(h, rowid);
+            self.live += 1;
         }
     }
 
@@ -210,6 +293,15 @@ impl FingerprintIndex {
     pub(super) fn len(&self) -> Option<usize> {
         self.entries.as_ref().map(|_| self.live)
     }
+}
+
+/// How many items the store holds (its `totals` row), to size the set.
+/// Only a hint: without it (a table without `totals`, in unit tests) the
+/// set grows as it fills.
+fn item_count(conn: &Connection) -> usize {
+    conn.prepare_cached("SELECT items FROM totals WHERE id = 0")
+        .and_then(|mut stmt| stmt.query_row([], |r| r.get::<_, i64>(0)))
+        .map_or(0, |n| usize::try_from(n).unwrap_or(0))
 }
 
 /// `PRAGMA data_version`: changes when another connection commits.
@@ -268,17 +360,46 @@ mod tests {
 
     #[test]
     fn shared_hashes_keep_every_rowid() {
-        let mut entries = Entries::new();
-        insert(&mut entries, 7, 1);
-        insert(&mut entries, 7, 2);
-        insert(&mut entries, 7, 2);
-        assert_eq!(entries[&7], Rowids::Many(vec![1, 2]));
-        remove(&mut entries, 7, 1);
-        assert_eq!(entries[&7].as_slice(), &[2]);
-        remove(&mut entries, 7, 2);
+        let mut entries = Entries::default();
+        entries.insert(7, 1);
+        entries.insert(7, 1);
+        assert_eq!(entries.get(7), vec![1]);
+        assert!(entries.shared.is_empty(), "one holder stays compact");
+        entries.insert(7, 2);
+        entries.insert(7, 2);
+        entries.insert(7, 3);
+        assert_eq!(entries.get(7), vec![1, 2, 3]);
+        assert!(
+            !entries.single.contains_key(&7),
+            "a hash is in one map only"
+        );
+        entries.remove(7, 1);
+        assert_eq!(entries.get(7), vec![2, 3]);
+        entries.remove(7, 2);
+        assert_eq!(entries.get(7), vec![3]);
+        assert!(entries.shared.is_empty(), "back to the compact map");
+        entries.remove(7, 9);
+        assert_eq!(entries.get(7), vec![3], "another rowid is not removed");
+        entries.remove(7, 3);
         assert!(entries.is_empty());
-        remove(&mut entries, 7, 2);
+        entries.remove(7, 3);
         assert!(entries.is_empty());
+    }
+
+    #[test]
+    fn the_set_is_sized_from_the_totals_row() {
+        let conn = table();
+        conn.execute_batch(
+            "CREATE TABLE totals (id INTEGER PRIMARY KEY, items INTEGER, bytes INTEGER);
+             INSERT INTO totals VALUES (0, 5000, 0);",
+        )
+        .unwrap();
+        assert_eq!(item_count(&conn), 5000);
+        let mut index = FingerprintIndex::default();
+        index.candidates(&conn, "aa").unwrap();
+        let capacity = index.entries.as_ref().unwrap().single.capacity();
+        assert!(capacity >= 5000, "sized for the store, got {capacity}");
+        assert_eq!(item_count(&table()), 0, "no totals row: no hint");
     }
 
     #[test]
