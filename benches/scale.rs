@@ -18,7 +18,8 @@
 //!
 //! Environment:
 //!
-//! - `RETRYQ_SCALE_ITEMS`: N for SQLite (e.g. `100000` for a quick run);
+//! - `RETRYQ_SCALE_ITEMS`: N for SQLite (e.g. `100000` for a quick run,
+//!   `0` to skip it);
 //! - `RETRYQ_SCALE_FILES`: N for the files backend; unset skips it (one
 //!   file and one fsync per item makes 1,000,000 slow to build; it has no
 //!   goal, the run reports what it reaches);
@@ -346,7 +347,9 @@ fn main() {
         "=== retryq scale benchmark under {} (goals, SQLite at 1,000,000: reopen + 1st enqueue < 1 s, RSS < 200 MiB, claim ratio <= 2) ===",
         root.path().display()
     );
-    run(Backend::Sqlite, n, rounds, root.path());
+    if n > 0 {
+        run(Backend::Sqlite, n, rounds, root.path());
+    }
     match files {
         Some(n) => run(Backend::Files, n, rounds, root.path()),
         None => println!("files: skipped (set RETRYQ_SCALE_FILES=N to measure it)"),
