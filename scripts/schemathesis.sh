@@ -65,6 +65,7 @@ status=0
   --max-examples "$MAX_EXAMPLES" \
   --request-timeout 10 \
   --generation-deterministic \
+  --generation-database none \
   --no-color || status=$?
 if [ "$status" -ne 0 ]; then
   echo "--- daemon log (last 40 lines)"
