@@ -58,6 +58,9 @@ for _ in $(seq 100); do
 done
 
 status=0
+# From the scratch folder: whatever schemathesis keeps (.schemathesis/) goes
+# with it, not into the work tree.
+cd "$WORK"
 "$ST" run "http://127.0.0.1:$PORT/v1/openapi.json" \
   --header "Authorization: Bearer $TOKEN" \
   --checks all \
@@ -65,7 +68,6 @@ status=0
   --max-examples "$MAX_EXAMPLES" \
   --request-timeout 10 \
   --generation-deterministic \
-  --generation-database none \
   --no-color || status=$?
 if [ "$status" -ne 0 ]; then
   echo "--- daemon log (last 40 lines)"
