@@ -52,8 +52,10 @@
 //!    table. `stats` sums that table, so the counts outlive restarts.
 //!
 //! A salvage that fails (the fresh file cannot be written, say) leaves the
-//! queue serving from the damaged file; the next corruption error tries
-//! again only after [`RETRY_FAILED_SALVAGE_AFTER`].
+//! queue serving from the damaged file. Salvages of one queue are at least
+//! [`MIN_SALVAGE_INTERVAL`] apart, failed or not: a disk that keeps
+//! corrupting the file must not have it read and copied aside once per
+//! operation.
 //!
 //! Only the store's owner salvages. A process that finds another process
 //! holding the owner lock, such as the CLI beside a running daemon, reports
@@ -83,9 +85,9 @@ use crate::error::{QueueError, QueueResult};
 use crate::store::owner::{owner_lock_path, OwnerLock};
 use crate::store::StoreOptions;
 
-/// How long after a failed salvage the next corruption error may try again:
-/// a salvage reads the whole file, so it must not run once per operation.
-const RETRY_FAILED_SALVAGE_AFTER: Duration = Duration::from_secs(30);
+/// Least time between two salvages of one queue: each reads the whole file
+/// and leaves a copy aside.
+const MIN_SALVAGE_INTERVAL: Duration = Duration::from_secs(30);
 
 thread_local! {
     /// Set while this thread salvages (see [`SqliteRetryQueue::salvage_locked`]).
@@ -134,8 +136,8 @@ pub struct SalvageReport {
 pub(super) struct SalvageState {
     /// Completed salvages; an operation that sees it change retries once.
     generation: AtomicU64,
-    /// When the last salvage failed.
-    failed_at: Mutex<Option<Instant>>,
+    /// When the last salvage ran.
+    last_run: Mutex<Option<Instant>>,
     /// Rowids of records that could not be quarantined, skipped until the
     /// process ends or a salvage replaces the file.
     skipped: Mutex<BTreeSet<i64>>,
@@ -187,16 +189,16 @@ impl SalvageState {
     }
 
     fn may_try(&self) -> bool {
-        let failed_at = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
-        failed_at.is_none_or(|at| at.elapsed() >= RETRY_FAILED_SALVAGE_AFTER)
+        let last_run = self.last_run.lock().unwrap_or_else(|p| p.into_inner());
+        last_run.is_none_or(|at| at.elapsed() >= MIN_SALVAGE_INTERVAL)
     }
 
     fn failed(&self) {
-        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.last_run.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 
     fn succeeded(&self) {
-        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.last_run.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         // The fresh file holds what was readable of the skipped records in
         // its quarantine table; their rowids mean nothing there.
         self.skipped().clear();
