@@ -45,6 +45,9 @@ use crate::config::{Isolation, PluginSettings};
 
 use protocol::{read_frame, Answer, CheckTag, CreateStatus, OutcomeTag, Request};
 
+/// Pipe size asked for each direction (the Linux default maximum).
+const PIPE_BYTES: usize = 1 << 20;
+
 /// How the supervisor runs and restarts its child.
 #[derive(Debug, Clone)]
 pub struct ProcessOptions {
@@ -323,6 +326,10 @@ impl Supervisor {
             let _ = child.kill();
             return Err(self.plugin_error("plugin host started without pipes".into()));
         };
+        // A report larger than the default 64 KiB pipe would cross in many
+        // wake-ups of both sides; best effort (the pipe works either way).
+        let _ = retryq_plugin::sandbox::grow_pipe(&stdin, PIPE_BYTES);
+        let _ = retryq_plugin::sandbox::grow_pipe(&stdout, PIPE_BYTES);
         let conn = Arc::new(Conn {
             child: Mutex::new(child),
             stdin: Mutex::new(stdin),

@@ -22,6 +22,32 @@ extern "C" {
     fn dup(fd: i32) -> i32;
     fn dup2(old: i32, new: i32) -> i32;
     fn setrlimit(resource: i32, limit: *const RLimit) -> i32;
+    fn fcntl(fd: i32, cmd: i32, ...) -> i32;
+}
+
+/// `F_SETPIPE_SZ` on Linux.
+#[cfg(target_os = "linux")]
+const F_SETPIPE_SZ: i32 = 1031;
+
+/// Grows the pipe behind `fd` to hold `bytes` (rounded up by the kernel; at
+/// most `/proc/sys/fs/pipe-max-size`, 1 MiB by default), so a large report
+/// crosses in one write instead of a ping-pong of 64 KiB wake-ups. Best
+/// effort: the pipe keeps working at its old size if this fails.
+#[cfg(target_os = "linux")]
+pub fn grow_pipe(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
+    // SAFETY: fcntl on a descriptor we own, with an int argument, as
+    // F_SETPIPE_SZ takes.
+    if unsafe { fcntl(fd.as_raw_fd(), F_SETPIPE_SZ, bytes) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Not supported off Linux: a no-op.
+#[cfg(not(target_os = "linux"))]
+pub fn grow_pipe<T>(_fd: &T, _bytes: usize) -> io::Result<()> {
+    Ok(())
 }
 
 /// `RLIMIT_AS` on Linux (every architecture Rust supports there).
