@@ -21,7 +21,7 @@ use std::sync::Arc;
 use actix::{Actor, Context, Handler, ResponseFuture};
 use tokio::sync::oneshot;
 
-use super::messages::{Apply, Claim, Maintain, MaintenanceReport, NextDue};
+use super::messages::{Apply, Claim, Maintain, MaintenanceReport, NextDue, ProbeWritable};
 use crate::error::{QueueError, QueueResult};
 use crate::store::{PendingSync, RetryQueue, WriteOp, WriteOutcome};
 
@@ -154,8 +154,18 @@ impl Group {
             Err(e) => {
                 let message = e.to_string();
                 for reply in self.replies {
+                    // Each caller gets its own copy, of the same kind: a
+                    // full disk must stay a full disk (507, not 500).
                     let err = match &e {
                         QueueError::QueueClosed => QueueError::QueueClosed,
+                        QueueError::DiskFull { .. } => QueueError::DiskFull {
+                            op: "group commit",
+                            source: message.clone().into(),
+                        },
+                        QueueError::Corrupt { what, detail } => QueueError::Corrupt {
+                            what: what.clone(),
+                            detail: detail.clone(),
+                        },
                         _ => QueueError::storage("group commit", message.clone()),
                     };
                     let _ = reply.send(Err(err));
@@ -265,6 +275,14 @@ impl Handler<NextDue> for StoreActor {
     fn handle(&mut self, _: NextDue, _: &mut Context<Self>) -> Self::Result {
         let h = self.handle.clone();
         Box::pin(async move { h.read(|q| q.next_due()).await })
+    }
+}
+
+impl Handler<ProbeWritable> for StoreActor {
+    type Result = ResponseFuture<QueueResult<bool>>;
+    fn handle(&mut self, _: ProbeWritable, _: &mut Context<Self>) -> Self::Result {
+        let h = self.handle.clone();
+        Box::pin(async move { h.read(|q| q.probe_writable()).await })
     }
 }
 
