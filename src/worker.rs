@@ -384,7 +384,7 @@ impl RetryWorker {
                 shutdown: Default::default(),
                 wake_queued: Default::default(),
                 handed_off: Default::default(),
-                unapplied_acks: Default::default(),
+                unapplied_writes: Default::default(),
                 in_flight_settled: Default::default(),
                 claim_gate: Default::default(),
             }),
@@ -522,15 +522,14 @@ impl RetryWorker {
             let queue = self.queue.clone();
             blocking(move || queue.apply_batch(ops)).await?;
         }
-        // Acknowledgements the store refused earlier: one last try, so a
-        // restart does not send those items again.
-        let acks = std::mem::take(&mut *self.shared.unapplied_acks());
-        if !acks.is_empty() {
-            let count = acks.len();
-            let ops = acks.into_iter().map(|id| WriteOp::Delete { id }).collect();
+        // Outcomes the store refused earlier: one last try, so a restart
+        // does not send delivered items again.
+        let ops = std::mem::take(&mut *self.shared.unapplied_writes());
+        if !ops.is_empty() {
+            let count = ops.len();
             let queue = self.queue.clone();
             if let Err(e) = blocking(move || queue.apply_batch(ops)).await {
-                tracing::warn!(error = %e, count, "could not record acknowledgements at stop; those items are sent again after a restart");
+                tracing::warn!(error = %e, count, "could not record outcomes at stop; those items are delivered again after a restart");
             }
         }
         if let Some((stop, thread)) = system {

@@ -6,6 +6,7 @@
 //! | store     | `Apply`            | per-op results, after one durable commit |
 //! | store     | `Claim`            | the items now leased to the caller       |
 //! | store     | `NextDue`          | when something next becomes actionable   |
+//! | store     | `ProbeWritable`    | whether a durable write goes through now |
 //! | store     | `Maintain`         | cleanup + limits + lease recovery report |
 //! | pusher    | `Push`             | the transport's outcome and latency      |
 //! | checker   | `CheckFingerprints`| existing / missing, or why it failed     |
@@ -42,6 +43,12 @@ pub struct Claim {
 #[derive(Debug, Message)]
 #[rtype(result = "QueueResult<Option<DateTime<Utc>>>")]
 pub struct NextDue;
+
+/// Prove that the store takes a durable write now (see
+/// [`crate::store::RetryQueue::probe_writable`]).
+#[derive(Debug, Message)]
+#[rtype(result = "QueueResult<bool>")]
+pub struct ProbeWritable;
 
 /// One maintenance pass: expire by TTL, enforce limits, recover leases.
 #[derive(Debug, Message)]

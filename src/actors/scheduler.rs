@@ -37,13 +37,14 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use retryq_plugin::{CheckError, CheckResult, FingerprintChecker, PushOutcome, Pusher};
 use tokio::sync::broadcast;
 
 use super::checker::{check_guarded, CheckerActor};
 use super::messages::{
-    Apply, CheckFingerprints, Claim, DeliverClaimed, NextDue, Pause, Push, PushReport, Resume,
-    Shutdown, Wake,
+    Apply, CheckFingerprints, Claim, DeliverClaimed, NextDue, Pause, ProbeWritable, Push,
+    PushReport, Resume, Shutdown, Wake,
 };
 use super::pusher::{push_guarded, PusherActor};
 use super::store::{StoreActor, StoreHandle};
@@ -155,10 +156,12 @@ pub struct Shared {
     /// Items handed straight from an enqueue to delivery (stored claimed)
     /// and not yet settled; at most [`Shared::handoff_limit`].
     pub handed_off: std::sync::atomic::AtomicUsize,
-    /// IDs the upstream acknowledged whose delete the store refused (a
-    /// full disk): written before anything else is claimed, so a delivered
-    /// item is not sent again once the store accepts writes.
-    pub unapplied_acks: Mutex<Vec<String>>,
+    /// Outcomes the store refused to record (a full disk): acknowledgements,
+    /// reschedules, dead letters and releases of items this worker still
+    /// holds under lease. Written before anything else is claimed, so a
+    /// delivered item is not sent again and a rescheduled one is not left
+    /// leased once the store accepts writes.
+    pub unapplied_writes: Mutex<Vec<WriteOp>>,
     /// Signalled whenever the in-flight set becomes empty (`stop` waits
     /// for it).
     pub in_flight_settled: tokio::sync::Notify,
@@ -282,9 +285,9 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The acknowledgements waiting for the store (see [`Shared::unapplied_acks`]).
-    pub fn unapplied_acks(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
-        self.unapplied_acks
+    /// The outcomes waiting for the store (see [`Shared::unapplied_writes`]).
+    pub fn unapplied_writes(&self) -> std::sync::MutexGuard<'_, Vec<WriteOp>> {
+        self.unapplied_writes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
@@ -447,6 +450,18 @@ impl Io {
         }
     }
 
+    /// Whether the store takes a durable write now (see
+    /// [`RetryQueue::probe_writable`]).
+    async fn probe_writable(&self) -> QueueResult<bool> {
+        match self {
+            Io::Actors { store, .. } => store.send(ProbeWritable).await.map_err(mailbox_closed)?,
+            Io::Direct { queue, .. } => {
+                let q = queue.clone();
+                blocking(move || q.probe_writable()).await
+            }
+        }
+    }
+
     /// Applies state changes (one group commit through the actor).
     pub async fn apply(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
         match self {
@@ -568,28 +583,25 @@ pub fn decide(
     }
 }
 
-/// Writes the acknowledgements the store refused earlier. Fails, keeping
-/// them, while the store still refuses writes.
-async fn record_unapplied_acks(shared: &Shared, io: &Io) -> QueueResult<()> {
-    let acks = std::mem::take(&mut *shared.unapplied_acks());
-    if acks.is_empty() {
+/// Writes the outcomes the store refused earlier, in their order. Fails,
+/// keeping them, while the store still refuses writes.
+async fn record_unapplied_writes(shared: &Shared, io: &Io) -> QueueResult<()> {
+    let ops = std::mem::take(&mut *shared.unapplied_writes());
+    if ops.is_empty() {
         return Ok(());
     }
-    let ops = acks
-        .iter()
-        .map(|id| WriteOp::Delete { id: id.clone() })
-        .collect();
-    match io.apply(ops).await {
+    let count = ops.len();
+    match io.apply(ops.clone()).await {
         // Per-item refusals (an item already gone) need nothing more.
         Ok(_) => {
-            tracing::info!(
-                count = acks.len(),
-                "recorded deliveries the store had refused"
-            );
+            tracing::info!(count, "recorded outcomes the store had refused");
+            shared.observe_store(&Ok(()));
             Ok(())
         }
         Err(e) => {
-            shared.unapplied_acks().extend(acks);
+            let mut waiting = shared.unapplied_writes();
+            let newer = std::mem::replace(&mut *waiting, ops);
+            waiting.extend(newer);
             Err(e)
         }
     }
@@ -597,7 +609,7 @@ async fn record_unapplied_acks(shared: &Shared, io: &Io) -> QueueResult<()> {
 
 /// Runs one delivery cycle and returns what happened to each claimed item.
 pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>> {
-    record_unapplied_acks(shared, io).await?;
+    record_unapplied_writes(shared, io).await?;
     let now = shared.clock.now();
     let (limit, probing) = match gate(shared, now) {
         Gate::Closed => return Ok(Vec::new()),
@@ -826,50 +838,53 @@ async fn deliver(
         }
     }
 
-    let reports =
-        futures_util::future::join_all(to_push.into_iter().map(|item| io.push(item))).await;
+    // At most `concurrency` pushes at once, each outcome counted as it
+    // arrives: once the circuit opens (or a 401 pauses delivery), the items
+    // of this batch not pushed yet are released instead, so an outage
+    // costs the upstream about `threshold` pushes, not a whole batch.
+    let mut latencies: Vec<Option<Duration>> = vec![None; results.len()];
+    let pushed: Vec<Pushed> = futures_util::stream::iter(to_push)
+        .map(|item| push_unless_gated(shared, io, item, probing))
+        .buffered(shared.config.concurrency.max(1))
+        .collect()
+        .await;
     let now = shared.clock.now();
-    let mut latencies = Vec::with_capacity(reports.len());
-    for report in &reports {
-        let (op, result) = decide(&shared.config, &report.item, &report.outcome, now);
-        match &report.outcome {
-            PushOutcome::Delivered | PushOutcome::Permanent { .. } => record_success(shared),
-            PushOutcome::Retryable { message, .. } => {
-                tracing::warn!(item_id = %report.item.id, attempts = result.attempts, error = %message, "delivery failed");
-                record_failure(shared, probing, None);
+    for pushed in pushed {
+        match pushed {
+            Pushed::Held(item) => {
+                ops.push(WriteOp::Release {
+                    id: item.id.clone(),
+                });
+                results.push(RetryResult {
+                    item_id: item.id,
+                    kind: EventKind::Released,
+                    attempts: item.attempts,
+                    error: Some("delivery gated (circuit open or paused) before its push".into()),
+                    next_retry: None,
+                });
+                latencies.push(None);
             }
-            PushOutcome::Unauthorized { message } => {
-                tracing::error!(item_id = %report.item.id, error = %message, "upstream refused our credentials; pausing delivery");
-                record_failure(shared, probing, Some(message));
+            Pushed::Done(report) => {
+                let (op, result) = decide(&shared.config, &report.item, &report.outcome, now);
+                latencies.push(Some(report.latency));
+                ops.push(op);
+                results.push(result);
             }
         }
-        if let PushOutcome::Permanent { message } = &report.outcome {
-            tracing::warn!(item_id = %report.item.id, reason = %message, "upstream refused the item for good; dead-lettered");
-        }
-        latencies.push(report.latency);
-        ops.push(op);
-        results.push(result);
     }
 
-    let acks: Vec<String> = ops
-        .iter()
-        .filter_map(|op| match op {
-            WriteOp::Delete { id } => Some(id.clone()),
-            _ => None,
-        })
-        .collect();
+    let kept = ops.clone();
     let applied = match io.apply(ops).await {
         Ok(applied) => applied,
         Err(e) => {
-            if e.is_storage() && !acks.is_empty() {
-                tracing::warn!(error = %e, count = acks.len(), "the store refused to record deliveries; they are recorded once it accepts writes");
-                shared.unapplied_acks().extend(acks);
+            if e.is_storage() && !kept.is_empty() {
+                tracing::warn!(error = %e, count = kept.len(), "the store refused to record outcomes; they are recorded once it accepts writes");
+                shared.unapplied_writes().extend(kept);
             }
             return Err(e);
         }
     };
-    let mut latency_iter = std::iter::repeat_n(None, results.len() - latencies.len())
-        .chain(latencies.into_iter().map(Some));
+    let mut latency_iter = latencies.into_iter();
     {
         let mut state = shared.state();
         let stats = &mut state.stats;
@@ -909,6 +924,38 @@ async fn deliver(
         });
     }
     Ok(results)
+}
+
+/// One item of a batch: pushed, or held back because delivery was gated
+/// by the time its turn came.
+enum Pushed {
+    Held(QueueItem),
+    Done(PushReport),
+}
+
+/// Pushes `item` unless delivery is gated now (a probe is pushed by
+/// design), and counts the outcome against the circuit at once.
+async fn push_unless_gated(shared: &Shared, io: &Io, item: QueueItem, probing: bool) -> Pushed {
+    if !probing && !matches!(gate(shared, shared.clock.now()), Gate::Open) {
+        return Pushed::Held(item);
+    }
+    let report = io.push(item).await;
+    match &report.outcome {
+        PushOutcome::Delivered => record_success(shared),
+        PushOutcome::Permanent { message } => {
+            tracing::warn!(item_id = %report.item.id, reason = %message, "upstream refused the item for good; dead-lettered");
+            record_success(shared);
+        }
+        PushOutcome::Retryable { message, .. } => {
+            tracing::warn!(item_id = %report.item.id, attempts = report.item.attempts.saturating_add(1), error = %message, "delivery failed");
+            record_failure(shared, probing, None);
+        }
+        PushOutcome::Unauthorized { message } => {
+            tracing::error!(item_id = %report.item.id, error = %message, "upstream refused our credentials; pausing delivery");
+            record_failure(shared, probing, Some(message));
+        }
+    }
+    Pushed::Done(report)
 }
 
 fn record_success(shared: &Shared) {
@@ -959,6 +1006,23 @@ fn record_failure(shared: &Shared, probing: bool, unauthorized: Option<&str>) {
             );
         }
         Some(CircuitTransition::Closed) | None => {}
+    }
+}
+
+/// Tells the store's health what a cycle proved: a failure of the medium,
+/// or a write that went through (it claimed and recorded something). A
+/// cycle with nothing to do proves nothing: while the store is failing,
+/// it asks the store for a probe write instead, so delivery and `readyz`
+/// notice by themselves when space returns.
+async fn observe_cycle(shared: &Shared, io: &Io, results: &QueueResult<Vec<RetryResult>>) {
+    match results {
+        Err(_) => shared.observe_store(results),
+        Ok(done) if !done.is_empty() => shared.observe_store(results),
+        Ok(_) if shared.state().store_health.is_failing() => match io.probe_writable().await {
+            Ok(false) => {}
+            probed => shared.observe_store(&probed),
+        },
+        Ok(_) => {}
     }
 }
 
@@ -1108,23 +1172,21 @@ impl SchedulerActor {
                 // goes by the pause, the cool-down or the poll, not by the
                 // next due item, so asking the store would be wasted work
                 // on its thread (after every enqueue, while paused).
-                return (Ok(Vec::new()), None, false);
+                return (Ok(Vec::new()), None);
             }
             let results = run_cycle(&shared, &io).await;
+            observe_cycle(&shared, &io, &results).await;
             let next_due = match &*io {
                 Io::Actors { store, .. } => store.send(NextDue).await.ok().and_then(|r| r.ok()),
                 Io::Direct { queue, .. } => queue.next_due().ok(),
             }
             .flatten();
-            (results, next_due, true)
+            (results, next_due)
         };
         ctx.spawn(
             fut.into_actor(self)
-                .map(move |(results, next_due, asked_store), act, ctx| {
+                .map(move |(results, next_due), act, ctx| {
                     act.cycles_running -= 1;
-                    if asked_store {
-                        act.shared.observe_store(&results);
-                    }
                     let full = match &results {
                         Ok(r) => r.len() >= batch,
                         // Store failures are logged by `observe_store`, at

@@ -476,6 +476,16 @@ pub trait RetryQueue: Send + Sync {
         Ok((self.apply_batch(ops)?, None))
     }
 
+    /// Proves that the store takes a durable write now, without changing
+    /// anything a reader sees. The worker calls it while the store has been
+    /// refusing writes (a full disk) and it has nothing else to write, so
+    /// that it notices by itself when space returns. `Ok(false)`: this
+    /// backend cannot tell (the default); the worker then waits for a real
+    /// write to succeed.
+    fn probe_writable(&self) -> QueueResult<bool> {
+        Ok(false)
+    }
+
     /// Closes the store; idempotent. Afterwards every call fails with
     /// `QueueClosed`.
     fn close(&self) -> QueueResult<()>;
@@ -583,6 +593,9 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
         ops: Vec<WriteOp>,
     ) -> QueueResult<(Vec<QueueResult<WriteOutcome>>, Option<PendingSync>)> {
         (**self).apply_batch_deferred(ops)
+    }
+    fn probe_writable(&self) -> QueueResult<bool> {
+        (**self).probe_writable()
     }
     fn close(&self) -> QueueResult<()> {
         (**self).close()

@@ -1700,6 +1700,16 @@ impl RetryQueue for SqliteRetryQueue {
         })
     }
 
+    fn probe_writable(&self) -> QueueResult<bool> {
+        // Rewrites the totals row with its own values: a real page write
+        // and a synced commit, which a full disk refuses.
+        self.write("probe_writable", |tx| {
+            tx.execute("UPDATE totals SET items = items WHERE id = 0", [])
+                .map_err(sql_err("probe_writable"))
+        })?;
+        Ok(true)
+    }
+
     fn release_leases_except(&self, owner: &str) -> QueueResult<usize> {
         // One statement in one durable transaction: a new daemon releases
         // every lease of its predecessors at once, however many there are.
