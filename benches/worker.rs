@@ -383,6 +383,7 @@ fn open_files(dir: &Path, grouped: bool) -> (Arc<dyn RetryQueue>, Arc<CountingFs
 /// producers, delivery items/s and fsyncs per item).
 fn files_run(rt: &Runtime, root: &Path, grouped: bool) -> (f64, f64, f64, f64) {
     let name = if grouped { "grouped" } else { "one-by-one" };
+    std::fs::create_dir_all(root).expect("bench dir");
     let (queue, fs) = open_files(&root.join(format!("files-enqueue-{name}")), grouped);
     let worker = rt.block_on(paused_worker(queue));
     let total = PRODUCERS * FILES_PER_PRODUCER;
@@ -411,23 +412,61 @@ fn files_run(rt: &Runtime, root: &Path, grouped: bool) -> (f64, f64, f64, f64) {
     (enqueue, enqueue_syncs, delivery, delivery_syncs)
 }
 
+/// Rounds of the files-backend comparison: the disk is shared, so each
+/// round runs both variants back to back and the summary gives medians.
+const FILES_ROUNDS: usize = 3;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// The files backend with and without group commit, in this run.
 fn files_summary(rt: &Runtime, root: &Path) {
-    let (old_enq, old_enq_syncs, old_del, old_del_syncs) = files_run(rt, root, false);
-    let (new_enq, new_enq_syncs, new_del, new_del_syncs) = files_run(rt, root, true);
+    let mut old = Vec::new();
+    let mut new = Vec::new();
+    for round in 0..FILES_ROUNDS {
+        old.push(files_run(rt, &root.join(format!("round-{round}")), false));
+        new.push(files_run(rt, &root.join(format!("round-{round}")), true));
+    }
+    let pick = |runs: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64| {
+        median(runs.iter().map(f).collect())
+    };
+    let ratio = |f: fn(&(f64, f64, f64, f64)) -> f64| {
+        median(old.iter().zip(&new).map(|(o, n)| f(n) / f(o)).collect())
+    };
     println!();
-    println!("=== retryq worker summary, files backend (measured in this run with Instant) ===");
+    println!(
+        "=== retryq worker summary, files backend (medians of {FILES_ROUNDS} rounds, \
+         measured in this run with Instant) ==="
+    );
     println!(
         "enqueue, {PRODUCERS} concurrent producers ({} items, one per call):",
         PRODUCERS * FILES_PER_PRODUCER
     );
-    println!("  one commit per op:     {old_enq:>8.0} items/s, {old_enq_syncs:.2} fsyncs per item");
-    println!("  group commit:          {new_enq:>8.0} items/s, {new_enq_syncs:.2} fsyncs per item");
-    println!("  ratio: {:.1}x", new_enq / old_enq);
+    for (label, runs) in [("one commit per op:", &old), ("group commit:     ", &new)] {
+        println!(
+            "  {label} {:>8.0} items/s, {:.2} fsyncs per item",
+            pick(runs, |r| r.0),
+            pick(runs, |r| r.1)
+        );
+    }
+    println!(
+        "  ratio (median of the rounds' ratios): {:.1}x",
+        ratio(|r| r.0)
+    );
     println!("end-to-end delivery, accept-all transport ({FILES_DELIVERY_ITEMS} items):");
-    println!("  one commit per op:     {old_del:>8.0} items/s, {old_del_syncs:.2} fsyncs per item");
-    println!("  group commit:          {new_del:>8.0} items/s, {new_del_syncs:.2} fsyncs per item");
-    println!("  ratio: {:.1}x", new_del / old_del);
+    for (label, runs) in [("one commit per op:", &old), ("group commit:     ", &new)] {
+        println!(
+            "  {label} {:>8.0} items/s, {:.2} fsyncs per item",
+            pick(runs, |r| r.2),
+            pick(runs, |r| r.3)
+        );
+    }
+    println!(
+        "  ratio (median of the rounds' ratios): {:.1}x",
+        ratio(|r| r.2)
+    );
 }
 
 fn main() {
