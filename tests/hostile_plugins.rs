@@ -554,3 +554,44 @@ fn plugins_check_reports_the_kits_own_findings_from_the_child() {
         "{stdout}"
     );
 }
+
+#[test]
+fn in_process_the_survivable_cases_are_contained_too() {
+    use retryq::config::PluginSettings;
+    let spec = |settings: serde_json::Value| PluginSettings {
+        path: Some(hostile_lib()),
+        settings: settings.as_object().cloned().unwrap_or_default(),
+        ..PluginSettings::default()
+    };
+    let pusher = retryq::plugin::load_pusher(&spec(serde_json::json!({})), &[]).unwrap();
+    let meta = ItemMeta {
+        id: "in-process".into(),
+        ..ItemMeta::default()
+    };
+    let push = |payload: &str, timeout: Duration| {
+        pusher.push(
+            &meta,
+            payload.as_bytes(),
+            &CallContext::with_timeout(timeout),
+        )
+    };
+    let message = |o: PushOutcome| match o {
+        PushOutcome::Retryable { message, .. } => message,
+        other => panic!("{other:?}"),
+    };
+    let long = Duration::from_secs(5);
+    assert!(message(push(r#"{"w":"status"}"#, long)).contains("unknown status 77"));
+    assert!(message(push(r#"{"w":"utf8"}"#, long)).contains("bad \u{fffd}\u{fffd} bytes"));
+    assert_eq!(message(push(r#"{"w":"nullbuf"}"#, long)), "");
+    // (A hang in process is abandoned at its deadline, its thread leaked:
+    // tests/plugin_loader.rs covers it; a spin here would burn a core until
+    // this binary exits.)
+    assert_eq!(push("{}", long), PushOutcome::Delivered);
+    match retryq::plugin::load_pusher(&spec(serde_json::json!({"refuse": true})), &[]) {
+        Err(PluginError::BadSettings { message, .. }) => {
+            assert_eq!(message, "hostile: refusing create")
+        }
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("create must be refused"),
+    }
+}
