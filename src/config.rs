@@ -206,6 +206,13 @@ pub struct WorkerSettings {
     /// How often the janitor expires items and releases expired leases.
     #[serde(with = "humantime_serde")]
     pub janitor_interval: Duration,
+    /// How often the scheduler looks for items other processes wrote.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// While the upstream refuses our credentials (401/403): how often one
+    /// item is tried to see whether they work again.
+    #[serde(with = "humantime_serde")]
+    pub unauthorized_probe_interval: Duration,
 }
 
 impl Default for WorkerSettings {
@@ -220,6 +227,8 @@ impl Default for WorkerSettings {
             push_timeout: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(3600),
             janitor_interval: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(500),
+            unauthorized_probe_interval: Duration::from_secs(60),
         }
     }
 }
@@ -233,6 +242,10 @@ pub struct CircuitSettings {
     /// How long delivery stops before one probe item is tried.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
+    /// Each failed probe doubles the cool-down, up to this (at least
+    /// `cooldown`).
+    #[serde(with = "humantime_serde")]
+    pub max_cooldown: Duration,
 }
 
 impl Default for CircuitSettings {
@@ -240,6 +253,7 @@ impl Default for CircuitSettings {
         CircuitSettings {
             threshold: 5,
             cooldown: Duration::from_secs(60),
+            max_cooldown: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -508,6 +522,8 @@ pub const SCHEMA: &[KeySpec] = &[
     key("worker.push_timeout", DURATION),
     key("worker.max_retry_after", DURATION),
     key("worker.janitor_interval", DURATION),
+    key("worker.poll_interval", DURATION),
+    key("worker.unauthorized_probe_interval", DURATION),
     key(
         "backoff.strategy",
         KeyKind::Enum(&["exponential", "linear", "constant"]),
@@ -528,17 +544,24 @@ pub const SCHEMA: &[KeySpec] = &[
     ),
     key("circuit.threshold", COUNT),
     key("circuit.cooldown", DURATION),
+    key("circuit.max_cooldown", DURATION),
     opt("pusher.name", KeyKind::String),
     opt("pusher.path", KeyKind::Path),
     opt("pusher.sha256", KeyKind::Sha256),
     key("pusher.settings", KeyKind::FreeTable),
-    key("pusher.isolation", KeyKind::Enum(&["in_process", "process"])),
+    key(
+        "pusher.isolation",
+        KeyKind::Enum(&["in_process", "process"]),
+    ),
     opt("pusher.memory_limit", BYTES),
     opt("checker.name", KeyKind::String),
     opt("checker.path", KeyKind::Path),
     opt("checker.sha256", KeyKind::Sha256),
     key("checker.settings", KeyKind::FreeTable),
-    key("checker.isolation", KeyKind::Enum(&["in_process", "process"])),
+    key(
+        "checker.isolation",
+        KeyKind::Enum(&["in_process", "process"]),
+    ),
     opt("checker.memory_limit", BYTES),
     key("plugins.search_path", KeyKind::PathList),
     key("admin.listen", KeyKind::SocketAddr),
@@ -835,10 +858,13 @@ impl Settings {
             push_timeout: self.worker.push_timeout,
             max_retry_after: self.worker.max_retry_after,
             janitor_interval: self.worker.janitor_interval,
+            poll_interval: self.worker.poll_interval,
+            unauthorized_probe_interval: self.worker.unauthorized_probe_interval,
             circuit: crate::worker::CircuitConfig {
                 threshold: self.circuit.threshold,
                 cooldown: self.circuit.cooldown,
-                max_cooldown: defaults.circuit.max_cooldown.max(self.circuit.cooldown),
+                // A cool-down longer than the cap is kept as it is.
+                max_cooldown: self.circuit.max_cooldown.max(self.circuit.cooldown),
             },
             ..defaults
         }
@@ -1385,6 +1411,30 @@ mod tests {
                 spec.key
             );
         }
+    }
+
+    /// Knobs the worker has and the config could not set before.
+    #[test]
+    fn probe_poll_and_cooldown_cap_reach_the_worker() {
+        let s = load_str(
+            "[worker]\npoll_interval = \"250ms\"\nunauthorized_probe_interval = \"2s\"\n\
+             [circuit]\ncooldown = \"1s\"\nmax_cooldown = \"20s\"\n",
+            &[],
+        )
+        .unwrap();
+        let w = s.worker_config();
+        assert_eq!(w.poll_interval, Duration::from_millis(250));
+        assert_eq!(w.unauthorized_probe_interval, Duration::from_secs(2));
+        assert_eq!(w.circuit.cooldown, Duration::from_secs(1));
+        assert_eq!(w.circuit.max_cooldown, Duration::from_secs(20));
+        w.validate().unwrap();
+        // A cool-down above the cap keeps the cool-down as its own cap.
+        let s = load_str("[circuit]\ncooldown = \"10m\"\n", &[]).unwrap();
+        assert_eq!(
+            s.worker_config().circuit.max_cooldown,
+            Duration::from_secs(600)
+        );
+        s.worker_config().validate().unwrap();
     }
 
     #[test]

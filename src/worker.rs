@@ -60,7 +60,8 @@ impl Default for CircuitConfig {
     fn default() -> Self {
         CircuitConfig {
             threshold: 5,
-            cooldown: Duration::from_secs(30),
+            // The same as `config/default.toml`'s.
+            cooldown: Duration::from_secs(60),
             max_cooldown: Duration::from_secs(5 * 60),
         }
     }
