@@ -503,6 +503,16 @@ impl Supervisor {
             Ok(c) => c,
             Err(message) => return Reply::Down(message),
         };
+        // Out of time before it was even sent (it waited for a replay after
+        // a crash): no answer could come in time, and a healthy child must
+        // not be killed as hung for it.
+        if ctx.is_expired() {
+            return Reply::Down(format!(
+                "plugin {}: no time left to send the {call} (deadline {:?}) while calls were replayed after a crash",
+                self.name(),
+                ctx.timeout()
+            ));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         {
