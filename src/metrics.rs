@@ -118,6 +118,8 @@ pub struct Metrics {
     last_quarantine_size: Mutex<Option<u64>>,
     circuit: Gauge,
     plugin_errors: Family<PluginLabel, Counter>,
+    plugin_host_deaths: Family<PluginLabel, Gauge>,
+    plugin_host_crash_loop: Family<PluginLabel, Gauge>,
     push_latency: Histogram,
 }
 
@@ -149,6 +151,8 @@ impl Metrics {
             last_quarantine_size: Mutex::new(None),
             circuit: Gauge::default(),
             plugin_errors: Family::default(),
+            plugin_host_deaths: Family::default(),
+            plugin_host_crash_loop: Family::default(),
             push_latency: Histogram::new(PUSH_LATENCY_BUCKETS),
         };
         metrics.register();
@@ -205,6 +209,16 @@ impl Metrics {
             "retryq_plugin_errors",
             "Errors reported by or about a plugin, by plugin",
             self.plugin_errors.clone(),
+        );
+        r.register(
+            "retryq_plugin_host_deaths",
+            "Plugin host children (isolation = \"process\") that crashed, exited or were killed for hanging, by plugin",
+            self.plugin_host_deaths.clone(),
+        );
+        r.register(
+            "retryq_plugin_host_crash_loop",
+            "1 while a plugin host is in a crash loop (restarts held back), by plugin",
+            self.plugin_host_crash_loop.clone(),
         );
         r.register(
             "retryq_circuit_state",
@@ -377,6 +391,15 @@ impl Metrics {
     /// `now` is used for the age of the oldest item.
     pub fn render(&self, stats: Option<&QueueStats>, now: DateTime<Utc>) -> String {
         self.store_up.set(i64::from(stats.is_some()));
+        for h in crate::plugin_process::health_snapshot() {
+            let label = PluginLabel { plugin: h.plugin };
+            self.plugin_host_deaths
+                .get_or_create(&label)
+                .set(to_i64(h.deaths));
+            self.plugin_host_crash_loop
+                .get_or_create(&label)
+                .set(i64::from(h.crash_loop));
+        }
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = encode_registry(&mut out, &self.registry);

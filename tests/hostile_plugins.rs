@@ -231,6 +231,16 @@ fn a_crash_loop_holds_restarts_back_and_does_not_spin() {
         messages[3..].iter().all(|m| m.contains("crash loop")),
         "{messages:#?}"
     );
+    // And /metrics says so.
+    let text = retryq::metrics::Metrics::new().render(None, chrono::Utc::now());
+    assert!(
+        text.contains("retryq_plugin_host_crash_loop{plugin=\"hostile\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("retryq_plugin_host_deaths{plugin=\"hostile\"}"),
+        "{text}"
+    );
 }
 
 /// Captures what the global subscriber formats.

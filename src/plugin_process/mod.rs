@@ -265,7 +265,7 @@ fn deadline_unix_ms(ctx: &CallContext) -> u64 {
 
 impl Supervisor {
     fn new(target: PluginTarget, options: ProcessOptions, kind: u32) -> Arc<Self> {
-        Arc::new_cyclic(|weak| Supervisor {
+        let sup = Arc::new_cyclic(|weak| Supervisor {
             name: Mutex::new(target.label.clone()),
             target,
             options,
@@ -283,7 +283,11 @@ impl Supervisor {
             solo: RwLock::new(()),
             next_id: AtomicU64::new(1),
             weak: weak.clone(),
-        })
+        });
+        let mut all = lock(live());
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&sup));
+        sup
     }
 
     fn name(&self) -> String {
@@ -740,6 +744,36 @@ fn read_answers(
             alone,
         });
     }
+}
+
+/// Every supervisor alive in this process, for [`health_snapshot`].
+fn live() -> &'static Mutex<Vec<Weak<Supervisor>>> {
+    static LIVE: std::sync::OnceLock<Mutex<Vec<Weak<Supervisor>>>> = std::sync::OnceLock::new();
+    LIVE.get_or_init(Default::default)
+}
+
+/// The health of every plugin host this process supervises, summed by
+/// plugin name (deaths and starts added, in a crash loop if any is): what
+/// `/metrics` shows as `retryq_plugin_host_*`.
+pub fn health_snapshot() -> Vec<PluginHealth> {
+    let sups: Vec<Arc<Supervisor>> = lock(live()).iter().filter_map(Weak::upgrade).collect();
+    let mut by_name: std::collections::BTreeMap<String, PluginHealth> = Default::default();
+    for h in sups.iter().map(|s| s.health()) {
+        let e = by_name
+            .entry(h.plugin.clone())
+            .or_insert_with(|| PluginHealth {
+                plugin: h.plugin.clone(),
+                ..PluginHealth::default()
+            });
+        e.starts += h.starts;
+        e.deaths += h.deaths;
+        e.crash_loop |= h.crash_loop;
+        e.running |= h.running;
+        if h.last_death.is_some() {
+            e.last_death = h.last_death;
+        }
+    }
+    by_name.into_values().collect()
 }
 
 /// A pusher whose plugin runs in a child process.
