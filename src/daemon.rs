@@ -182,11 +182,12 @@ async fn serve(
 ) -> Result<(), DaemonError> {
     let search_path = &settings.plugins.search_path;
     // In the daemon or in a plugin-host child, as [pusher] isolation says.
-    let pusher = pusher_for(&settings.pusher, search_path, settings.worker.concurrency)
-        .map_err(|source| DaemonError::Plugin {
+    let pusher = pusher_for(&settings.pusher, search_path, settings.worker.concurrency).map_err(
+        |source| DaemonError::Plugin {
             section: "pusher",
             source,
-        })?;
+        },
+    )?;
     // Before the worker claims anything: what died in flight is judged
     // one item at a time, so a poison item cannot kill us at every start.
     crate::poison::recover(
