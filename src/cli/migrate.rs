@@ -44,9 +44,11 @@ use super::commands::Ctx;
 use super::output::{print_json, println_out};
 use super::UsageError;
 
-/// Items per commit: large enough that the commit's fixed cost (an fsync)
-/// is shared by many items, small enough that a batch is a few MiB.
-const BATCH: usize = 256;
+/// Items per commit: large enough that the commit's fixed cost (an fsync,
+/// a checkpoint now and then) is shared by many items (1,024 imported
+/// 20,000 Go items in 1.3-1.4 s where 256 took 1.5-1.7 s on the shared
+/// development machine), small enough that a batch is a few MiB in memory.
+const BATCH: usize = 1024;
 /// Batches read ahead of the one committing.
 const READ_AHEAD: usize = 2;
 /// How often the plain progress line is printed when stderr is not a
