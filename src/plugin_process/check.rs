@@ -75,6 +75,12 @@ pub fn check_in_child(
             "RETRYQ__WORKER__PUSH_TIMEOUT",
             format!("{}ms", call_deadline.as_millis().max(1)),
         )
+        // The child's configuration must accept that deadline: the lease has
+        // to be longer than a push may take.
+        .env(
+            "RETRYQ__WORKER__LEASE",
+            format!("{}ms", call_deadline.as_millis().max(1) * 2 + 1000),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
