@@ -6,6 +6,8 @@
 //! is lost, no innocent item is charged an attempt, and the item's
 //! `last_error` (and the log) names the cause.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -604,4 +606,34 @@ fn in_process_the_survivable_cases_are_contained_too() {
         Err(other) => panic!("{other:?}"),
         Ok(_) => panic!("create must be refused"),
     }
+}
+
+#[test]
+fn a_fingerprint_checker_answers_from_its_child() {
+    use retryq::plugin_process::ProcessChecker;
+    use retryq::plugin_sdk::FingerprintChecker;
+    let checker = ProcessChecker::start(
+        PluginTarget {
+            label: "chaos".into(),
+            path: support::plugin_lib("retryq_chaos"),
+            sha256: None,
+            settings: serde_json::json!({"existing": ["fp-a"]}),
+        },
+        options(),
+    )
+    .unwrap();
+    let answer = checker
+        .check(
+            &["fp-a".into(), "fp-b".into()],
+            &CallContext::with_timeout(Duration::from_secs(5)),
+        )
+        .unwrap();
+    assert_eq!(answer.existing, ["fp-a"]);
+    assert_eq!(answer.missing, ["fp-b"]);
+    assert_eq!(checker.health().plugin, "chaos");
+    // A plugin without a checker is refused at start, as in process.
+    let err = ProcessChecker::start(target(serde_json::json!({})), options())
+        .err()
+        .expect("hostile has no checker");
+    assert!(matches!(err, PluginError::MissingKind { .. }), "{err:?}");
 }
