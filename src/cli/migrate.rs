@@ -119,7 +119,7 @@ impl Progress {
         }
         let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
         let style = ProgressStyle::with_template(
-            "migrating [{bar:30}] {pos}/{len} items, {per_sec}, eta {eta}",
+            "migrating [{bar:30}] {human_pos}/{human_len} items, eta {eta}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("#>.");
@@ -151,8 +151,9 @@ impl Progress {
     }
 
     fn finish(&self) {
+        // The summary line that follows says where it ended.
         if let Progress::Bar(bar) = self {
-            bar.finish();
+            bar.finish_and_clear();
         }
     }
 }
