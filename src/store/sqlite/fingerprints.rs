@@ -252,6 +252,11 @@ impl FingerprintIndex {
             live += 1;
         }
         entries.insert_all(&mut chunk);
+        // Sized for dead letters too: give that room back when they were
+        // most of the store.
+        if entries.single.capacity() > 2 * live.max(INSERT_CHUNK) {
+            entries.single.shrink_to(live);
+        }
         tracing::debug!(live_items = live, "built the dedupe index");
         self.entries = Some(entries);
         self.live = live;
@@ -400,6 +405,23 @@ mod tests {
         let capacity = index.entries.as_ref().unwrap().single.capacity();
         assert!(capacity >= 5000, "sized for the store, got {capacity}");
         assert_eq!(item_count(&table()), 0, "no totals row: no hint");
+    }
+
+    #[test]
+    fn room_taken_for_dead_letters_is_given_back() {
+        let conn = table();
+        conn.execute_batch(
+            "CREATE TABLE totals (id INTEGER PRIMARY KEY, items INTEGER, bytes INTEGER);
+             INSERT INTO totals VALUES (0, 100000, 0);",
+        )
+        .unwrap();
+        let mut index = FingerprintIndex::default();
+        index.candidates(&conn, "aa").unwrap();
+        let capacity = index.entries.as_ref().unwrap().single.capacity();
+        assert!(
+            (3..100_000).contains(&capacity),
+            "3 live items of a store counted at 100,000: got {capacity}"
+        );
     }
 
     #[test]
