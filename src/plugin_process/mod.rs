@@ -164,12 +164,21 @@ struct Conn {
     closed: AtomicBool,
     /// Why we killed it, when we did.
     kill_reason: Mutex<Option<String>>,
+    /// Set the moment we decide to kill it: no new call goes to it, and the
+    /// calls still in it are not to blame (the culprit was already charged).
+    killed: AtomicBool,
 }
 
 impl Conn {
     fn kill(&self, reason: String) {
+        self.killed.store(true, Ordering::SeqCst);
         *self.kill_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
         let _ = self.child.lock().unwrap_or_else(|p| p.into_inner()).kill();
+    }
+
+    /// Whether calls may still be sent to it.
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::SeqCst) && !self.killed.load(Ordering::SeqCst)
     }
 }
 
@@ -340,6 +349,7 @@ impl Supervisor {
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             kill_reason: Mutex::new(None),
+            killed: AtomicBool::new(false),
         });
         let (start_tx, start_rx) = mpsc::channel();
         let reader_conn = conn.clone();
@@ -450,7 +460,7 @@ impl Supervisor {
         loop {
             let mut st = lock(&self.state);
             if let Some(conn) = &st.conn {
-                if !conn.closed.load(Ordering::SeqCst) {
+                if conn.usable() {
                     return Ok(conn.clone());
                 }
             }
@@ -521,7 +531,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::sync_channel(1);
         {
             let mut pending = lock(&conn.pending);
-            if conn.closed.load(Ordering::SeqCst) {
+            if !conn.usable() {
                 return Reply::Died {
                     what: format!("ended before {call} was sent"),
                     alone: false,
@@ -725,7 +735,9 @@ fn read_answers(
         }
         return;
     }
-    let alone = in_flight.len() == 1;
+    // Killed by us (a hang): the hung call was charged already; whatever
+    // else was inside is innocent and is replayed, never blamed.
+    let alone = in_flight.len() == 1 && !conn.killed.load(Ordering::SeqCst);
     // Gone when the supervisor itself was dropped: a stop, not a death.
     if let (Some(sup), Some(st)) = (&sup, st.as_mut()) {
         if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
