@@ -241,9 +241,6 @@ const CLOCK_TICKS_PER_SEC: u64 = 100;
 // The raw client.
 
 fn run_raw(sink: &Sink, body: &str, concurrency: usize, items: usize) -> Measured {
-    // reqwest is built without a crypto provider here, as in the daemon's
-    // CLI client; plain HTTP needs none, but building a client does.
-    let _already = rustls::crypto::ring::default_provider().install_default();
     // retryq's reqwest has rustls without a provider of its own (the admin
     // TLS listener and the CLI use ring): install it, or building panics.
     let _ = rustls::crypto::ring::default_provider().install_default();
