@@ -179,7 +179,8 @@ async fn bad_answers_are_contained_in_the_child_without_a_death() {
     assert!(error.contains("unknown status 77"), "{error}");
     let (error, _) = one_poison("utf8", &["a", "b"]).await;
     assert!(error.contains("bad \u{fffd}\u{fffd} bytes"), "{error}");
-    let (_error, _) = one_poison("nullbuf", &["a", "b"]).await;
+    let (error, _) = one_poison("nullbuf", &["a", "b"]).await;
+    assert!(error.contains("NULL message buffer of length 5"), "{error}");
     assert_eq!(pusher.health().deaths, 0);
 }
 
@@ -392,6 +393,26 @@ level = "info"
         error.contains("plugin hostile: plugin host crashed with SIGSEGV in push"),
         "{error}"
     );
+    // The operator sees the death in `stats` too, through the daemon.
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli(dir.path(), &config, &["--json", "stats"], "")).unwrap();
+    let hosts = stats["worker"]["plugin_hosts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        hosts.iter().any(|h| h["plugin"] == "hostile"
+            && h["deaths"].as_u64() >= Some(1)
+            && h["last_death"]
+                .as_str()
+                .is_some_and(|d| d.contains("SIGSEGV"))),
+        "{stats:#}"
+    );
+    let human = cli(dir.path(), &config, &["stats"], "");
+    assert!(
+        human.contains("plugin_host:") && human.contains("SIGSEGV"),
+        "{human}"
+    );
     let ok = Command::new("kill")
         .args(["-TERM", &daemon.id().to_string()])
         .status()
@@ -594,7 +615,7 @@ fn in_process_the_survivable_cases_are_contained_too() {
     let long = Duration::from_secs(5);
     assert!(message(push(r#"{"w":"status"}"#, long)).contains("unknown status 77"));
     assert!(message(push(r#"{"w":"utf8"}"#, long)).contains("bad \u{fffd}\u{fffd} bytes"));
-    assert_eq!(message(push(r#"{"w":"nullbuf"}"#, long)), "");
+    assert!(message(push(r#"{"w":"nullbuf"}"#, long)).contains("NULL message buffer of length 5"));
     // (A hang in process is abandoned at its deadline, its thread leaked:
     // tests/plugin_loader.rs covers it; a spin here would burn a core until
     // this binary exits.)

@@ -72,8 +72,17 @@ impl WorkerControl for RetryWorkerControl {
 
     fn stats(&self) -> ControlFuture<'_, serde_json::Value> {
         Box::pin(async move {
-            serde_json::to_value(self.worker.stats())
-                .map_err(|e| ControlError::Other(format!("cannot serialize worker stats: {e}")))
+            let serialize_error = |e: serde_json::Error| {
+                ControlError::Other(format!("cannot serialize worker stats: {e}"))
+            };
+            let mut stats = serde_json::to_value(self.worker.stats()).map_err(serialize_error)?;
+            // Plugins run with `isolation = "process"`: deaths, the last
+            // cause and a crash loop, which an operator must see here.
+            let hosts = crate::plugin_process::health_snapshot();
+            if !hosts.is_empty() {
+                stats["plugin_hosts"] = serde_json::to_value(hosts).map_err(serialize_error)?;
+            }
+            Ok(stats)
         })
     }
 

@@ -443,6 +443,22 @@ fn stats(ctx: &Ctx) -> anyhow::Result<()> {
         "delivery:         {}",
         delivery_state(via_daemon, worker.as_ref())
     ));
+    for host in body["worker"]["plugin_hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let name = host["plugin"].as_str().unwrap_or("?");
+        let deaths = host["deaths"].as_u64().unwrap_or(0);
+        let mut line = format!("plugin_host:      {name}: {deaths} deaths");
+        if let Some(last) = host["last_death"].as_str() {
+            line.push_str(&format!(", last {last}"));
+        }
+        if host["crash_loop"].as_bool() == Some(true) {
+            line.push_str("; CRASH LOOP, restarts held back");
+        }
+        lines.push(line);
+    }
     if let Some(w) = &worker {
         if let Some(error) = &w.store_error {
             lines.push(format!(

@@ -426,6 +426,19 @@ fn take_buf(lib: &Library, buf: RqBuf) -> Vec<u8> {
     bytes
 }
 
+/// Takes a plugin's message buffer as text. A NULL pointer with a
+/// non-zero length breaks the ABI; it is named rather than read, so the
+/// operator sees why the message is missing.
+fn take_message(lib: &Library, buf: RqBuf) -> String {
+    if buf.ptr.is_null() && buf.len > 0 {
+        return format!(
+            "plugin {} returned a NULL message buffer of length {}",
+            lib.name, buf.len
+        );
+    }
+    String::from_utf8_lossy(&take_buf(lib, buf)).into_owned()
+}
+
 struct RawInstance(*mut c_void);
 // SAFETY: instances are created for use from any host thread: the ABI
 // requires plugin instances to be thread-safe (the Rust SDK's traits are
@@ -477,7 +490,7 @@ impl Instance {
                 &mut err,
             )
         });
-        let message = String::from_utf8_lossy(&take_buf(lib, err)).into_owned();
+        let message = take_message(lib, err);
         match (status, out.is_null()) {
             (RQ_OK, false) => Ok(out),
             (RQ_BAD_CONFIG, _) => Err(PluginError::BadSettings {
@@ -580,7 +593,7 @@ impl Pusher for DynPusher {
                 )
             })
         };
-        let message = String::from_utf8_lossy(&take_buf(lib, out.message)).into_owned();
+        let message = take_message(lib, out.message);
         match status {
             RQ_OK => PushOutcome::Delivered,
             RQ_RETRYABLE => PushOutcome::Retryable {
