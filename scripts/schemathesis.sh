@@ -23,6 +23,8 @@ fi
 ST="$(python3 -c 'import os, sys; print(os.path.join(os.path.dirname(sys.executable), "st"))')"
 
 cargo build -q --bin retryq -p retryq -p retryq-chaos
+# Where that build went (CI and developers may set CARGO_TARGET_DIR).
+TARGET="$(realpath "${CARGO_TARGET_DIR:-target}")/debug"
 WORK="$(mktemp -d)"
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 cat >"$WORK/retryq.toml" <<TOML
@@ -34,6 +36,8 @@ max_attempts = 1000000
 [backoff]
 base = "1h"
 max = "1h"
+[plugins]
+search_path = ["$TARGET"]
 [pusher]
 name = "chaos"
 [pusher.settings]
@@ -44,7 +48,7 @@ listen = "127.0.0.1:$PORT"
 level = "warn"
 TOML
 
-RETRYQ_ADMIN_TOKEN="$TOKEN" ./target/debug/retryq --config "$WORK/retryq.toml" run >"$WORK/retryq.log" 2>&1 &
+RETRYQ_ADMIN_TOKEN="$TOKEN" "$TARGET/retryq" --config "$WORK/retryq.toml" run >"$WORK/retryq.log" 2>&1 &
 DAEMON=$!
 cleanup() {
   kill -TERM "$DAEMON" 2>/dev/null || true
