@@ -52,11 +52,11 @@ use crate::backoff::add_saturating;
 use crate::clock::SharedClock;
 use crate::delivery::circuit::CircuitPolicy;
 use crate::delivery::store_health::StoreHealthLog;
+use crate::delivery::types::{EventKind, RetryResult, RetryWorkerConfig, WorkerEvent, WorkerStats};
 use crate::delivery::{CircuitBreaker, CircuitState, CircuitTransition, StoreHealth};
 use crate::error::{QueueError, QueueResult};
 use crate::item::{NewItem, QueueItem};
 use crate::store::{RetryQueue, WriteOp, WriteOutcome};
-use crate::worker::{EventKind, RetryResult, RetryWorkerConfig, WorkerEvent, WorkerStats};
 
 /// Callbacks registered by the host.
 pub type Callback = Box<dyn Fn(&WorkerEvent) + Send + Sync>;

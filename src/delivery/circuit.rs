@@ -54,7 +54,7 @@ pub enum CircuitTransition {
     Closed,
 }
 
-/// The breaker's settings (see [`crate::worker::CircuitConfig`]).
+/// The breaker's settings (see [`crate::delivery::types::CircuitConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CircuitPolicy {
     /// Consecutive failures that open the circuit; 0 disables it.

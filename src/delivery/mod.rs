@@ -4,9 +4,12 @@
 //! - [`circuit`]: the circuit breaker, as a type with its own tests.
 //! - [`store_health`]: backing off while the store refuses writes, and
 //!   logging that at a bounded rate.
+//! - [`types`]: the worker's configuration, counters, events and errors,
+//!   shared by the actors and the `RetryWorker` handle.
 
 pub mod circuit;
 pub mod store_health;
+pub mod types;
 
 pub use circuit::{CircuitBreaker, CircuitState, CircuitTransition};
 pub use store_health::StoreHealth;

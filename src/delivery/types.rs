@@ -1,0 +1,294 @@
+//! The delivery core's shared types: the worker's configuration (with
+//! its one `validate`), its counters, the events it emits and its errors.
+//! The actors and the `RetryWorker` handle both use them; neither owns
+//! them, so neither imports the other. `crate::worker` re-exports them
+//! under their seed names.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::backoff::BackoffConfig;
+use crate::clock::{system_clock, SharedClock};
+use crate::delivery::CircuitState;
+use crate::error::QueueError;
+
+/// Circuit-breaker settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Consecutive retryable failures (across items) that open the circuit;
+    /// 0 disables the breaker.
+    pub threshold: u32,
+    /// How long the circuit stays open before one probe is let through.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// Each failed probe doubles the cool-down, up to this.
+    #[serde(with = "humantime_serde")]
+    pub max_cooldown: Duration,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        CircuitConfig {
+            threshold: 5,
+            // The same as `config/default.toml`'s.
+            cooldown: Duration::from_secs(60),
+            max_cooldown: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// How the worker delivers (the seed's fields plus what the actors need).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryWorkerConfig {
+    /// Safety poll: the longest the scheduler sleeps even when nothing is due.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Items claimed per cycle.
+    pub batch_size: usize,
+    /// Attempts for items enqueued through the worker without their own.
+    pub max_attempts: u32,
+    /// Items older than this are expired by the janitor.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Retry timing.
+    pub backoff: BackoffConfig,
+    /// Transport threads.
+    pub concurrency: usize,
+    /// How long a claimed item stays leased before it returns to pending.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Deadline of one transport call.
+    #[serde(with = "humantime_serde")]
+    pub push_timeout: Duration,
+    /// How often the scheduler looks for items written by other processes.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Circuit breaker.
+    pub circuit: CircuitConfig,
+    /// Cap on an upstream's Retry-After.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// While paused by an unauthorized answer, how often one probe is tried.
+    #[serde(with = "humantime_serde")]
+    pub unauthorized_probe_interval: Duration,
+    /// How often the janitor runs.
+    #[serde(with = "humantime_serde")]
+    pub janitor_interval: Duration,
+    /// Where "now" comes from (tests inject a manual clock).
+    #[serde(skip, default = "system_clock")]
+    pub clock: SharedClock,
+}
+
+impl Default for RetryWorkerConfig {
+    fn default() -> Self {
+        RetryWorkerConfig {
+            interval: Duration::from_secs(5 * 60),
+            batch_size: 10,
+            max_attempts: crate::item::DEFAULT_MAX_ATTEMPTS,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            backoff: BackoffConfig::default(),
+            concurrency: 4,
+            lease: Duration::from_secs(5 * 60),
+            push_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+            circuit: CircuitConfig::default(),
+            max_retry_after: Duration::from_secs(3600),
+            unauthorized_probe_interval: Duration::from_secs(60),
+            janitor_interval: Duration::from_secs(60),
+            clock: system_clock(),
+        }
+    }
+}
+
+impl RetryWorkerConfig {
+    /// Checks the configuration, naming the first bad field.
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        let bad = |field: &'static str, reason: String| Err(WorkerError::Config { field, reason });
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1".into());
+        }
+        if self.concurrency == 0 {
+            return bad("concurrency", "must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts", "must be at least 1".into());
+        }
+        for (field, d) in [
+            ("interval", self.interval),
+            ("poll_interval", self.poll_interval),
+            ("janitor_interval", self.janitor_interval),
+            ("push_timeout", self.push_timeout),
+            ("ttl", self.ttl),
+            (
+                "unauthorized_probe_interval",
+                self.unauthorized_probe_interval,
+            ),
+        ] {
+            if d.is_zero() {
+                return bad(field, "must be greater than zero".into());
+            }
+        }
+        if self.lease <= self.push_timeout {
+            return bad(
+                "lease",
+                format!(
+                    "{} must be longer than push_timeout {} (or items are claimed twice)",
+                    humantime::format_duration(self.lease),
+                    humantime::format_duration(self.push_timeout)
+                ),
+            );
+        }
+        if self.circuit.max_cooldown < self.circuit.cooldown {
+            return bad(
+                "circuit.max_cooldown",
+                "must not be below circuit.cooldown".into(),
+            );
+        }
+        self.backoff.validate().map_err(|e| WorkerError::Config {
+            field: "backoff",
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Counters (the seed's `WorkerStats`, plus state).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    /// Items whose attempt finished, any outcome.
+    pub total_processed: u64,
+    /// Delivered or skipped.
+    pub total_succeeded: u64,
+    /// Failed attempts (retried, dead-lettered, exhausted).
+    pub total_failed: u64,
+    /// Failed attempts rescheduled.
+    pub total_retried: u64,
+    /// Items that ran out of attempts.
+    pub total_exhausted: u64,
+    /// Items the upstream already had (fingerprint check).
+    pub total_skipped: u64,
+    /// Items released without an attempt (unauthorized, checker failure).
+    pub total_released: u64,
+    /// Items expired by the janitor.
+    pub total_expired: u64,
+    /// Items evicted by the janitor to fit the limits.
+    pub total_evicted: u64,
+    /// Times the circuit opened.
+    pub circuit_opened: u64,
+    /// Actor restarts by supervisors.
+    pub actor_restarts: u64,
+    /// End of the last cycle that processed something.
+    pub last_run: Option<DateTime<Utc>>,
+    /// Whether the worker runs.
+    pub is_running: bool,
+    /// Paused by the host or by an unauthorized answer.
+    pub paused: bool,
+    /// Why delivery is paused, e.g. "paused by the operator" or "upstream
+    /// answered 401: ..."; `None` while not paused.
+    #[serde(default)]
+    pub pause_reason: Option<String>,
+    /// Since when delivery is paused.
+    #[serde(default)]
+    pub paused_since: Option<DateTime<Utc>>,
+    /// The circuit breaker.
+    pub circuit_state: CircuitState,
+    /// While the store refuses writes (a full disk, an I/O error): the
+    /// last error, and delivery backs off until a write succeeds again.
+    #[serde(default)]
+    pub store_error: Option<String>,
+    /// Since when the store refuses writes.
+    #[serde(default)]
+    pub store_failing_since: Option<DateTime<Utc>>,
+}
+
+/// What happened to an item in a cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Acknowledged by the upstream and deleted.
+    Delivered,
+    /// The upstream already had its fingerprint; deleted without upload.
+    Skipped,
+    /// Failed, rescheduled.
+    Retried,
+    /// Refused for good; a dead letter.
+    DeadLettered,
+    /// Out of attempts; a dead letter.
+    Exhausted,
+    /// Credentials refused: released, delivery paused.
+    Paused,
+    /// Released without an attempt (the fingerprint check failed).
+    Released,
+}
+
+impl EventKind {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Delivered => "delivered",
+            EventKind::Skipped => "skipped",
+            EventKind::Retried => "retried",
+            EventKind::DeadLettered => "dead_lettered",
+            EventKind::Exhausted => "exhausted",
+            EventKind::Paused => "paused",
+            EventKind::Released => "released",
+        }
+    }
+}
+
+/// The result of processing one item (the seed's `RetryResult`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryResult {
+    /// The item.
+    pub item_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// Attempts after this one.
+    pub attempts: u32,
+    /// The failure, if any.
+    pub error: Option<String>,
+    /// When it is tried next, if rescheduled.
+    pub next_retry: Option<DateTime<Utc>>,
+}
+
+/// One outcome, as seen by callbacks and subscribers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkerEvent {
+    /// The item.
+    pub item_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// Attempts after this one.
+    pub attempts: u32,
+    /// The failure, if any.
+    pub error: Option<String>,
+    /// Transport latency, when a push was made.
+    pub latency: Option<Duration>,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+/// Why a worker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// `start` on a running worker.
+    #[error("the worker is already running")]
+    AlreadyRunning,
+    /// A configuration field is invalid.
+    #[error("invalid worker {field}: {reason}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The actor system could not be started.
+    #[error("could not start the worker: {0}")]
+    Start(String),
+    /// The queue refused.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
