@@ -9,7 +9,6 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use retryq::admin::bulk;
@@ -19,44 +18,12 @@ use retryq::worker::WorkerStats;
 use retryq::{ItemStatus, NewItem, Payload, QueueItem};
 use serde_json::{json, Value};
 
+use super::context::Ctx;
 use super::daemon_client::{DaemonClient, NoDaemon};
 use super::output::{item_json, json_time, print_json, println_out, short, table, time};
 use super::{
     Cli, Command, ConfigCommand, EnqueueArgs, ListArgs, PluginsCommand, RetryArgs, UsageError,
 };
-
-/// What every command shares: output mode and how to load the configuration.
-pub(crate) struct Ctx {
-    pub(crate) json: bool,
-    pub(crate) load: LoadOptions,
-}
-
-impl Ctx {
-    pub(crate) fn settings(&self) -> anyhow::Result<Settings> {
-        Ok(Settings::load(&self.load)?)
-    }
-
-    /// Opens the store for a CLI command: a SQLite database as an admin
-    /// client (no write at open, so the command never races a daemon that
-    /// is starting); the files backend as usual.
-    pub(crate) fn open_store(&self, settings: &Settings) -> anyhow::Result<Arc<dyn RetryQueue>> {
-        let opened: Result<Arc<dyn RetryQueue>, retryq::QueueError> = match settings.store.backend {
-            StoreBackend::Sqlite => SqliteRetryQueue::open_as_client(
-                settings.store.effective_path(),
-                settings.store_options(),
-            )
-            .map(|q| Arc::new(q) as Arc<dyn RetryQueue>),
-            StoreBackend::Files => settings.open_store(),
-        };
-        opened.with_context(|| {
-            format!(
-                "cannot open the {} store at {}",
-                settings.store.backend.as_str(),
-                settings.store.effective_path().display()
-            )
-        })
-    }
-}
 
 /// Runs the parsed command line.
 pub fn run_command(cli: Cli) -> anyhow::Result<()> {

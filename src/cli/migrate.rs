@@ -40,7 +40,7 @@ use retryq::store::owner::{owner_lock_path, OwnerLock};
 use retryq::{ItemStatus, QueueError, QueueItem, RetryQueue};
 use serde::Serialize;
 
-use super::commands::Ctx;
+use super::context::Ctx;
 use super::output::{print_json, println_out};
 use super::UsageError;
 

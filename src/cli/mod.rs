@@ -22,6 +22,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod commands;
+mod context;
 mod daemon_client;
 pub mod logging;
 mod migrate;
