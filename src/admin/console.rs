@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::auth::Authorized;
 use super::events::{self, LiveFeed};
-use super::{history, openapi, ui, AdminState, ApiError};
+use super::{history, ui, AdminState, ApiError};
 use crate::clock::SharedClock;
 use crate::plugin::PluginInfo;
 
@@ -63,8 +63,7 @@ impl ConsoleState {
 pub(super) fn register(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/events").route(web::get().to(events::get_events)))
         .service(web::resource("/v1/stats/history").route(web::get().to(history::get_history)))
-        .service(web::resource("/v1/info").route(web::get().to(get_info)))
-        .service(web::resource("/v1/openapi.json").route(web::get().to(openapi::get_openapi)));
+        .service(web::resource("/v1/info").route(web::get().to(get_info)));
     ui::register(cfg);
 }
 
@@ -72,7 +71,7 @@ pub(super) fn register(cfg: &mut web::ServiceConfig) {
 #[utoipa::path(get, path = "/v1/info", tag = "live",
     responses(
         (status = 200, description = "Version, limits and loaded plugins", body = DaemonInfo),
-        (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+        (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody)))]
 pub(super) async fn get_info(
     _auth: Authorized,
     state: web::Data<AdminState>,

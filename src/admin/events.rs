@@ -347,7 +347,7 @@ impl Stream {
 #[utoipa::path(get, path = "/v1/events", tag = "live",
     responses(
         (status = 200, description = "Server-sent events until the daemon stops (format in the admin module doc and README)", content_type = "text/event-stream", body = String),
-        (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+        (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody)))]
 pub(super) async fn get_events(
     _auth: Authorized,
     state: web::Data<AdminState>,

@@ -61,16 +61,25 @@ async fn no_route(req: HttpRequest) -> HttpResponse {
     actix_web::ResponseError::error_response(&ApiError::no_route(req.path()))
 }
 
+/// The methods a path has, for a 405's `Allow` header: given by the
+/// OpenAPI document, which `super::routes` hands in as app data (the
+/// document lists these handlers, so they cannot import it back).
+#[derive(Clone, Copy)]
+pub(super) struct AllowedMethods(pub(super) fn(&str) -> Option<String>);
+
 async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     let mut response = HttpResponse::MethodNotAllowed();
     // RFC 9110: a 405 lists the methods the resource has (from the OpenAPI
     // document, so the two cannot disagree).
     // The literal path first: `/v1/items/retry-failed` is its own resource
     // for POST but matches `/v1/items/{id}` for other methods.
-    if let Some(allow) = super::openapi::allowed_methods(req.path()).or_else(|| {
-        req.match_pattern()
-            .and_then(|p| super::openapi::allowed_methods(&p))
-    }) {
+    let allowed = req
+        .app_data::<web::Data<AllowedMethods>>()
+        .map(|a| a.0)
+        .unwrap_or(|_| None);
+    if let Some(allow) =
+        allowed(req.path()).or_else(|| req.match_pattern().and_then(|p| allowed(&p)))
+    {
         response.insert_header((header::ALLOW, allow));
     }
     response.json(json!({
@@ -151,15 +160,15 @@ fn item_json(item: &QueueItem, with_payload: bool) -> Result<Value, ApiError> {
 // ---- health -------------------------------------------------------------
 
 #[utoipa::path(get, path = "/healthz", tag = "health", security(()),
-    responses((status = 200, description = "Serving", body = super::openapi::Health)))]
+    responses((status = 200, description = "Serving", body = super::schema::Health)))]
 pub(super) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "health", security(()),
     responses(
-        (status = 200, description = "Store open and writable, worker running", body = super::openapi::Readiness),
-        (status = 503, description = "Not ready", body = super::openapi::Readiness)))]
+        (status = 200, description = "Store open and writable, worker running", body = super::schema::Readiness),
+        (status = 503, description = "Not ready", body = super::schema::Readiness)))]
 pub(super) async fn readyz(state: State) -> HttpResponse {
     let store_open = store_call(&state, |q| q.size()).await.is_ok();
     let worker_running = state.worker.is_running();
@@ -182,7 +191,7 @@ pub(super) async fn readyz(state: State) -> HttpResponse {
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses(
         (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
-        (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+        (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody)))]
 pub(super) async fn metrics(
     req: HttpRequest,
     state: State,
@@ -369,12 +378,12 @@ fn header_params(headers: &HeaderMap) -> Result<BTreeMap<String, String>, ApiErr
     ),
     request_body(content = serde_json::Value, content_type = "application/json", description = "The payload: one JSON document"),
     responses(
-        (status = 201, description = "Stored durably", body = super::openapi::Created),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody),
-        (status = 409, description = "Duplicate ID or fingerprint (existing_id names the item)", body = super::openapi::ErrorBody),
-        (status = 413, description = "Body over admin.max_body, or item over the store's limit", body = super::openapi::ErrorBody),
-        (status = 503, description = "The store is closed or in use", body = super::openapi::ErrorBody),
-        (status = 507, description = "The queue or the disk is full", body = super::openapi::ErrorBody)))]
+        (status = 201, description = "Stored durably", body = super::schema::Created),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody),
+        (status = 409, description = "Duplicate ID or fingerprint (existing_id names the item)", body = super::schema::ErrorBody),
+        (status = 413, description = "Body over admin.max_body, or item over the store's limit", body = super::schema::ErrorBody),
+        (status = 503, description = "The store is closed or in use", body = super::schema::ErrorBody),
+        (status = 507, description = "The queue or the disk is full", body = super::schema::ErrorBody)))]
 pub(super) async fn ingest(
     _auth: Authorized,
     req: HttpRequest,
@@ -447,12 +456,12 @@ pub(super) async fn ingest(
         ("ready" = Option<String>, Query, pattern = "^(|[Tt][Rr][Uu][Ee]|1|[Yy][Ee][Ss]|[Ff][Aa][Ll][Ss][Ee]|0|[Nn][Oo])$", description = "Only pending items due now (true, 1, yes or empty; false, 0 or no)"),
         ("limit" = Option<usize>, Query, minimum = 1, maximum = 18446744073709551615_u64, description = "Page size (default 100, capped)"),
         ("offset" = Option<usize>, Query, maximum = 18446744073709551615_u64),
-        ("order_by" = Option<super::openapi::OrderByParam>, Query),
+        ("order_by" = Option<super::schema::OrderByParam>, Query),
         ("desc" = Option<String>, Query, pattern = "^(|[Tt][Rr][Uu][Ee]|1|[Yy][Ee][Ss]|[Ff][Aa][Ll][Ss][Ee]|0|[Nn][Oo])$", description = "Descending (true, 1, yes or empty; false, 0 or no)"),
     ),
     responses(
-        (status = 200, description = "A page of items, without payloads", body = super::openapi::ItemPage),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "A page of items, without payloads", body = super::schema::ItemPage),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody)))]
 pub(super) async fn list_items(
     _auth: Authorized,
     req: HttpRequest,
@@ -532,8 +541,8 @@ fn reason(err: &QueueError) -> String {
 #[utoipa::path(get, path = "/v1/items/{id}", tag = "items",
     params(("id" = String, Path, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "The item ID"), ("payload" = Option<String>, Query, pattern = "^(|[Tt][Rr][Uu][Ee]|1|[Yy][Ee][Ss]|[Ff][Aa][Ll][Ss][Ee]|0|[Nn][Oo])$", description = "Include the report (true, 1, yes or empty; false, 0 or no)")),
     responses(
-        (status = 200, description = "The item", body = super::openapi::ItemView),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 404, description = "No such item", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "The item", body = super::schema::ItemView),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody), (status = 404, description = "No such item", body = super::schema::ErrorBody)))]
 pub(super) async fn get_item(
     _auth: Authorized,
     req: HttpRequest,
@@ -552,8 +561,8 @@ pub(super) async fn get_item(
 
 #[utoipa::path(get, path = "/v1/stats", tag = "items",
     responses(
-        (status = 200, description = "Queue and worker statistics", body = super::openapi::StatsView),
-        (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "Queue and worker statistics", body = super::schema::StatsView),
+        (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody)))]
 pub(super) async fn stats(_auth: Authorized, state: State) -> Result<HttpResponse, ApiError> {
     let queue_stats = store_call(&state, |q| q.stats()).await?;
     let worker = match state.worker.stats().await {
@@ -575,7 +584,7 @@ pub(super) async fn stats(_auth: Authorized, state: State) -> Result<HttpRespons
     params(("id" = String, Path, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "The item ID")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 404, description = "No such item", body = super::openapi::ErrorBody)))]
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody), (status = 404, description = "No such item", body = super::schema::ErrorBody)))]
 pub(super) async fn delete_item(
     _auth: Authorized,
     id: web::Path<String>,
@@ -591,9 +600,9 @@ pub(super) async fn delete_item(
 #[utoipa::path(post, path = "/v1/items/{id}/retry", tag = "items",
     params(("id" = String, Path, min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "The item ID")),
     responses(
-        (status = 200, description = "The dead letter is pending again, due now", body = super::openapi::ItemView),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 404, description = "No such item", body = super::openapi::ErrorBody),
-        (status = 409, description = "The item is not a dead letter", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "The dead letter is pending again, due now", body = super::schema::ItemView),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody), (status = 404, description = "No such item", body = super::schema::ErrorBody),
+        (status = 409, description = "The item is not a dead letter", body = super::schema::ErrorBody)))]
 pub(super) async fn retry_item(
     _auth: Authorized,
     id: web::Path<String>,
@@ -621,8 +630,8 @@ pub(super) async fn retry_item(
 
 #[utoipa::path(post, path = "/v1/process-now", tag = "delivery",
     responses(
-        (status = 200, description = "The round's results", body = super::openapi::ProcessNowResult),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 503, description = "The worker is not running", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "The round's results", body = super::schema::ProcessNowResult),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody), (status = 503, description = "The worker is not running", body = super::schema::ErrorBody)))]
 pub(super) async fn process_now(_auth: Authorized, state: State) -> Result<HttpResponse, ApiError> {
     tracing::info!("delivery round requested through the API");
     let summary = state.worker.process_now().await?;
@@ -632,8 +641,8 @@ pub(super) async fn process_now(_auth: Authorized, state: State) -> Result<HttpR
 #[utoipa::path(post, path = "/v1/cleanup", tag = "delivery",
     params(("ttl" = Option<String>, Query, pattern = "^[1-9][0-9]{0,4}(s|m|h|d)$", description = "A duration such as 7d (default: the configured TTL)")),
     responses(
-        (status = 200, description = "What was removed", body = super::openapi::CleanupResult),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 503, description = "The worker is not running", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "What was removed", body = super::schema::CleanupResult),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody), (status = 503, description = "The worker is not running", body = super::schema::ErrorBody)))]
 pub(super) async fn cleanup(
     _auth: Authorized,
     req: HttpRequest,
@@ -673,8 +682,8 @@ pub(super) async fn cleanup(
 
 #[utoipa::path(post, path = "/v1/items/retry-failed", tag = "items",
     responses(
-        (status = 200, description = "Every dead letter is pending again, due now", body = super::openapi::Revived),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "Every dead letter is pending again, due now", body = super::schema::Revived),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody)))]
 pub(super) async fn retry_failed(
     _auth: Authorized,
     req: HttpRequest,
@@ -695,8 +704,8 @@ pub(super) async fn retry_failed(
 #[utoipa::path(delete, path = "/v1/items", tag = "items",
     params(("status" = crate::item::ItemStatus, Query, description = "The status to purge (required)")),
     responses(
-        (status = 200, description = "Purged", body = super::openapi::Purged),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "Purged", body = super::schema::Purged),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody)))]
 pub(super) async fn purge_items(
     _auth: Authorized,
     req: HttpRequest,
@@ -737,10 +746,10 @@ struct PauseRequest {
 }
 
 #[utoipa::path(post, path = "/v1/pause", tag = "delivery",
-    request_body(content = super::openapi::PauseRequest, content_type = "application/json", description = "Optional: a reason (the body may be empty)"),
+    request_body(content = super::schema::PauseRequest, content_type = "application/json", description = "Optional: a reason (the body may be empty)"),
     responses(
-        (status = 200, description = "Paused", body = super::openapi::PauseState),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 503, description = "The worker is not running", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "Paused", body = super::schema::PauseState),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody), (status = 503, description = "The worker is not running", body = super::schema::ErrorBody)))]
 pub(super) async fn pause(
     _auth: Authorized,
     req: HttpRequest,
@@ -786,8 +795,8 @@ pub(super) async fn pause(
 
 #[utoipa::path(post, path = "/v1/resume", tag = "delivery",
     responses(
-        (status = 200, description = "Resumed (also ends a 401 pause and an open circuit)", body = super::openapi::PauseState),
-        (status = 400, description = "A bad parameter or body", body = super::openapi::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody), (status = 503, description = "The worker is not running", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "Resumed (also ends a 401 pause and an open circuit)", body = super::schema::PauseState),
+        (status = 400, description = "A bad parameter or body", body = super::schema::ErrorBody), (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody), (status = 503, description = "The worker is not running", body = super::schema::ErrorBody)))]
 pub(super) async fn resume(
     _auth: Authorized,
     req: HttpRequest,

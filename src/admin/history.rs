@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::auth::Authorized;
 use super::{AdminState, ApiError};
@@ -153,15 +154,15 @@ impl History {
 /// `GET /v1/stats/history`.
 #[utoipa::path(get, path = "/v1/stats/history", tag = "live",
     responses(
-        (status = 200, description = "The last hour in one-minute buckets", body = super::openapi::HistoryView),
-        (status = 401, description = "Missing or wrong bearer token", body = super::openapi::ErrorBody)))]
+        (status = 200, description = "The last hour in one-minute buckets", body = HistoryView),
+        (status = 401, description = "Missing or wrong bearer token", body = super::schema::ErrorBody)))]
 pub(super) async fn get_history(
     _auth: Authorized,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, ApiError> {
     let buckets = state.console.feed.history.snapshot();
     let total = |f: fn(&Bucket) -> u64| buckets.iter().map(f).sum::<u64>();
-    Ok(HttpResponse::Ok().json(super::openapi::HistoryView {
+    Ok(HttpResponse::Ok().json(HistoryView {
         bucket_seconds: BUCKET_SECONDS,
         delivered: total(|b| b.delivered),
         failed: total(|b| b.failed),
@@ -169,6 +170,23 @@ pub(super) async fn get_history(
         enqueued: total(|b| b.enqueued),
         buckets,
     }))
+}
+
+/// `GET /v1/stats/history`: totals over the hour and the 60 minutes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryView {
+    /// Width of a bucket (60).
+    pub bucket_seconds: i64,
+    /// Delivered in the last hour.
+    pub delivered: u64,
+    /// Failed attempts in the last hour.
+    pub failed: u64,
+    /// Dead letters made in the last hour.
+    pub dead_lettered: u64,
+    /// Enqueued through the API in the last hour.
+    pub enqueued: u64,
+    /// Oldest first, ending with the current minute.
+    pub buckets: Vec<Bucket>,
 }
 
 #[cfg(test)]

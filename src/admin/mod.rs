@@ -81,6 +81,7 @@ pub mod events;
 mod handlers;
 pub mod history;
 pub mod openapi;
+pub mod schema;
 mod tls;
 mod ui;
 mod worker_control;
@@ -450,7 +451,11 @@ pub fn routes(
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(settings.clone())
             .app_data(state.clone())
+            .app_data(web::Data::new(handlers::AllowedMethods(
+                openapi::allowed_methods,
+            )))
             .configure(console::register)
+            .service(web::resource("/v1/openapi.json").route(web::get().to(openapi::get_openapi)))
             .configure(handlers::register);
     }
 }
