@@ -171,13 +171,31 @@ async fn displayed(page: &Client, css: &str) -> bool {
     }
 }
 
+/// Finds and clicks `css`. The page re-renders its tables from live events
+/// and a periodic refresh, so an element found a moment ago may be gone
+/// when clicked: a stale element is looked up again (a bounded number of
+/// times), as a person would click the row they see now.
 async fn click(page: &Client, css: &str) {
-    page.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    let mut last = String::new();
+    for _ in 0..20 {
+        let element = match page.find(Locator::Css(css)).await {
+            Ok(element) => element,
+            Err(e) => {
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match element.click().await {
+            Ok(()) => return,
+            Err(e) if e.to_string().contains("stale element") => {
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("click {css}: {e}"),
+        }
+    }
+    panic!("click {css}: {last}");
 }
 
 async fn shot(page: &Client, name: &str) -> PathBuf {
