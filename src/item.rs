@@ -526,6 +526,20 @@ impl QueueItem {
         Ok(())
     }
 
+    /// The item as the API and the CLI show it: its JSON fields plus
+    /// `size_bytes`, without the report unless `with_payload`. One
+    /// definition, so `retryq show` and `GET /v1/items/{id}` agree.
+    pub fn view_json(&self, with_payload: bool) -> serde_json::Result<serde_json::Value> {
+        let mut value = serde_json::to_value(self)?;
+        if let serde_json::Value::Object(map) = &mut value {
+            if !with_payload {
+                map.remove("report");
+            }
+            map.insert("size_bytes".to_owned(), self.size_bytes().into());
+        }
+        Ok(value)
+    }
+
     /// Bytes the item accounts for against the byte limit: payload plus metadata.
     pub fn size_bytes(&self) -> u64 {
         let meta = self.id.len()
@@ -681,6 +695,21 @@ impl NewItem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_always_has_its_size_and_the_report_only_when_asked() {
+        let item = NewItem::from_json(br#"{"finding":"x"}"#)
+            .unwrap()
+            .into_item(Utc::now(), 5)
+            .unwrap();
+        let bare = item.view_json(false).unwrap();
+        assert!(bare.get("report").is_none(), "{bare}");
+        assert_eq!(bare["size_bytes"], item.size_bytes());
+        assert_eq!(bare["id"], item.id.as_str());
+        let full = item.view_json(true).unwrap();
+        assert_eq!(full["report"]["finding"], "x", "{full}");
+        assert_eq!(full["size_bytes"], item.size_bytes());
+    }
 
     fn fresh_ids() -> IdState {
         IdState {

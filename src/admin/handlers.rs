@@ -146,15 +146,8 @@ fn path_id(id: &str) -> Result<String, ApiError> {
 
 /// An item as JSON (the seed's field names), without its report unless asked.
 fn item_json(item: &QueueItem, with_payload: bool) -> Result<Value, ApiError> {
-    let mut value = serde_json::to_value(item)
-        .map_err(|e| ApiError::internal(format!("cannot serialize item {}: {e}", item.id)))?;
-    if let Value::Object(map) = &mut value {
-        if !with_payload {
-            map.remove("report");
-        }
-        map.insert("size_bytes".to_owned(), json!(item.size_bytes()));
-    }
-    Ok(value)
+    item.view_json(with_payload)
+        .map_err(|e| ApiError::internal(format!("cannot serialize item {}: {e}", item.id)))
 }
 
 // ---- health -------------------------------------------------------------

@@ -25,14 +25,8 @@ pub fn println_out(text: &str) -> anyhow::Result<()> {
 
 /// An item as JSON, with or without its payload (`report`).
 pub fn item_json(item: &QueueItem, with_payload: bool) -> anyhow::Result<serde_json::Value> {
-    let mut v = serde_json::to_value(item).context("cannot serialize the item")?;
-    if !with_payload {
-        if let Some(obj) = v.as_object_mut() {
-            obj.remove("report");
-            obj.insert("size_bytes".to_owned(), item.size_bytes().into());
-        }
-    }
-    Ok(v)
+    item.view_json(with_payload)
+        .context("cannot serialize the item")
 }
 
 /// A time from the API's JSON (RFC 3339), if it is one.
