@@ -11,12 +11,19 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::backoff::add_saturating;
+use crate::backoff::{add_saturating, BackoffConfig, BackoffStrategy};
 
-/// The first delay after a store failure; it doubles per failure in a row.
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// The longest delay between two tries while the store keeps failing.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The delay after `failures` store failures in a row: 100 ms, doubling
+/// per failure, up to 5 s (the items' own backoff, with these bounds).
+fn store_backoff(failures: u64) -> Duration {
+    let schedule = BackoffConfig {
+        strategy: BackoffStrategy::Exponential,
+        base: Duration::from_millis(100),
+        max_interval: Duration::from_secs(5),
+        ..BackoffConfig::default()
+    };
+    schedule.delay(u32::try_from(failures).unwrap_or(u32::MAX))
+}
 
 /// A run of store failures.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,13 +134,7 @@ impl StoreHealth {
     /// How long to wait before the next try: nothing while healthy, then
     /// 100 ms doubling per failure in a row, up to 5 s.
     pub fn backoff(&self) -> Option<Duration> {
-        let run = self.failure.as_ref()?;
-        let doublings = u32::try_from(run.count.saturating_sub(1).min(16)).unwrap_or(16);
-        Some(
-            FIRST_BACKOFF
-                .saturating_mul(1u32 << doublings)
-                .min(MAX_BACKOFF),
-        )
+        self.failure.as_ref().map(|run| store_backoff(run.count))
     }
 }
 
