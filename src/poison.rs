@@ -32,7 +32,7 @@ use retryq_plugin::Pusher;
 use serde::{Deserialize, Serialize};
 
 use crate::actors::pusher::push_guarded;
-use crate::actors::scheduler::decide;
+use crate::delivery::decide;
 use crate::error::QueueResult;
 use crate::item::ItemStatus;
 use crate::store::{ListFilter, RetryQueue, WriteOp};

@@ -27,12 +27,11 @@ use tokio::sync::broadcast;
 
 use crate::actors::checker::CheckerActor;
 use crate::actors::janitor::JanitorActor;
-use crate::actors::messages::{MaintenanceReport, Pause, Resume, Shutdown};
+use crate::actors::messages::{MaintenanceReport, Pause, Resume, Shutdown, Wake};
 use crate::actors::pusher::PusherActor;
-use crate::actors::scheduler::{
-    blocking, run_cycle, store_and_hand_off, Callbacks, DeliveryState, Io, SchedulerActor, Shared,
-};
+use crate::actors::scheduler::{blocking, run_cycle, store_and_hand_off, Io, SchedulerActor};
 use crate::actors::store::{StoreActor, StoreHandle};
+use crate::delivery::{Callbacks, DeliveryState, Shared};
 use crate::error::{QueueError, QueueResult};
 use crate::item::NewItem;
 use crate::store::{QueueStats, RetryQueue, WriteOp};
@@ -393,7 +392,7 @@ impl RetryWorker {
     /// Wakes the scheduler (something may be due).
     pub fn wake(&self) {
         if let Some(r) = self.running().as_ref() {
-            self.shared.wake(&r.scheduler);
+            self.shared.wake_with(|| r.scheduler.do_send(Wake));
         }
     }
 

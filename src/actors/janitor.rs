@@ -7,8 +7,8 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::messages::{Maintain, Tick};
-use super::scheduler::Shared;
 use super::store::StoreActor;
+use crate::delivery::Shared;
 
 /// The janitor actor.
 pub struct JanitorActor {
