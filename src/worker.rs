@@ -34,6 +34,7 @@ use crate::actors::store::{StoreActor, StoreHandle};
 use crate::delivery::{Callbacks, DeliveryState, Shared};
 use crate::error::{QueueError, QueueResult};
 use crate::item::NewItem;
+use crate::store::maintenance::run_maintenance;
 use crate::store::{QueueStats, RetryQueue, WriteOp};
 
 pub use crate::delivery::types::{
@@ -452,17 +453,8 @@ impl RetryWorker {
     pub async fn trigger_cleanup(&self) -> QueueResult<MaintenanceReport> {
         let queue = self.queue.clone();
         let ttl = self.shared.config.ttl;
-        let report = blocking(move || {
-            Ok(MaintenanceReport {
-                cleanup: queue.cleanup(ttl)?,
-                evicted: queue.enforce_limits()?,
-                leases_released: queue.release_expired_leases()?,
-            })
-        })
-        .await?;
-        let mut state = self.shared.state();
-        state.stats.total_expired += report.cleanup.removed() as u64;
-        state.stats.total_evicted += report.evicted as u64;
+        let report = blocking(move || run_maintenance(queue.as_ref(), ttl)).await?;
+        self.shared.record_maintenance(&report);
         Ok(report)
     }
 

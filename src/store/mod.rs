@@ -43,6 +43,7 @@ pub use crate::error::{QueueError, QueueResult};
 use crate::item::{ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS};
 
 pub mod file;
+pub mod maintenance;
 pub mod memory;
 pub mod owner;
 pub mod sqlite;
