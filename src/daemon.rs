@@ -298,8 +298,8 @@ fn console_state(settings: &Settings) -> admin::console::ConsoleState {
     }
     admin::console::ConsoleState::new(crate::clock::system_clock()).with_info(
         admin::console::DaemonInfo {
-            max_bytes: settings.store.max_bytes,
-            max_items: settings.store.max_items,
+            max_bytes: settings.store.options.max_bytes,
+            max_items: settings.store.options.max_items,
             plugins,
             ..Default::default()
         },

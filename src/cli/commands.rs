@@ -613,7 +613,7 @@ fn schedule(ctx: &Ctx, max_attempts: Option<u32>) -> anyhow::Result<()> {
     if max_attempts == 0 {
         bail!(UsageError("--max-attempts must be at least 1".to_owned()));
     }
-    let backoff = &settings.backoff;
+    let backoff = &settings.worker.backoff;
     let delays = backoff.retry_schedule(max_attempts);
     let total = backoff.total_backoff_time(max_attempts);
     let fmt = |d: std::time::Duration| humantime::format_duration(d).to_string();

@@ -72,8 +72,12 @@ pub enum OverflowPolicy {
     DropOldest,
 }
 
-/// How a store is opened.
-#[derive(Debug, Clone)]
+/// How a store is opened. Its serde form is the limits and policy of the
+/// `[store]` config section; `default_max_attempts` and `default_lease`
+/// come from `[worker]` (`max_attempts`, `lease`), and the clock and the
+/// instance ID are not settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StoreOptions {
     /// Most items held (all statuses).
     pub max_items: usize,
@@ -84,19 +88,59 @@ pub struct StoreOptions {
     /// Refuse duplicate fingerprints among pending and processing items.
     pub dedupe: bool,
     /// `max_attempts` for items that do not set their own.
+    #[serde(skip)]
     pub default_max_attempts: u32,
     /// How long dead letters are kept by `cleanup`; `None` uses the TTL
     /// given to `cleanup`.
+    #[serde(with = "humantime_serde")]
     pub dead_letter_ttl: Option<Duration>,
     /// Lease used by `dequeue`.
+    #[serde(skip)]
     pub default_lease: Duration,
     /// Quarantined records kept; `cleanup` removes the oldest beyond this.
     pub max_quarantined: usize,
     /// Where "now" comes from.
+    #[serde(skip)]
     pub clock: SharedClock,
     /// The instance recorded as the owner of every claim this store makes
     /// ([`QueueItem::lease_owner`]); see [`owner`]. A fresh ID by default.
+    #[serde(skip)]
     pub instance_id: String,
+}
+
+/// A [`StoreOptions`] field no store can work with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid store option {field}: {reason}")]
+pub struct InvalidStoreOption {
+    /// The field at fault.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl StoreOptions {
+    /// Checks the options, naming the first bad field. Opening a store and
+    /// `retryq config check` both call this.
+    pub fn validate(&self) -> Result<(), InvalidStoreOption> {
+        let bad = |field, reason| Err(InvalidStoreOption { field, reason });
+        if self.max_items == 0 {
+            return bad("max_items", "must be at least 1");
+        }
+        // SQLite keeps byte counts as i64.
+        if self.max_bytes == 0 || i64::try_from(self.max_bytes).is_err() {
+            return bad("max_bytes", "must be from 1 to 9223372036854775807");
+        }
+        if self.default_max_attempts == 0 {
+            return bad("default_max_attempts", "must be at least 1");
+        }
+        if self.default_lease.is_zero() {
+            return bad("default_lease", "must be greater than zero");
+        }
+        if self.dead_letter_ttl.is_some_and(|d| d.is_zero()) {
+            return bad("dead_letter_ttl", "must be greater than zero");
+        }
+        Ok(())
+    }
 }
 
 impl Default for StoreOptions {
