@@ -379,7 +379,7 @@ impl RetryWorker {
                     // gives up waiting cannot strand items stored claimed.
                     tokio::spawn(stored)
                         .await
-                        .map_err(|e| QueueError::storage("enqueue", e.to_string()))??
+                        .map_err(|e| QueueError::internal("outbox enqueue task", e))??
                 }
             }
             None => {

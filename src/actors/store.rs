@@ -167,6 +167,10 @@ impl Group {
                             what: what.clone(),
                             detail: detail.clone(),
                         },
+                        QueueError::Internal { what, detail } => QueueError::Internal {
+                            what: *what,
+                            detail: detail.clone(),
+                        },
                         _ => QueueError::storage("group commit", message.clone()),
                     };
                     let _ = reply.send(Err(err));
