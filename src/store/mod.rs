@@ -42,6 +42,7 @@ use crate::clock::{system_clock, SharedClock};
 pub use crate::error::{QueueError, QueueResult};
 use crate::item::{ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS};
 
+pub mod admission;
 pub mod file;
 pub mod maintenance;
 pub mod memory;
