@@ -506,7 +506,7 @@ impl Planner {
                 self.removed.bytes += victim.size_bytes;
             }
         }
-        let class = VictimClass::of(item.status);
+        let class = VictimClass::of(item.status());
         self.held_order
             .insert((class, item.created_at, item.id.clone()));
         self.held.insert(
@@ -547,7 +547,7 @@ mod tests {
 
     fn dead(id: &str, at: i64) -> QueueItem {
         let mut item = item(id, at);
-        item.record_dead_letter("gone", t(at));
+        item.dead_letter("gone", t(at));
         item
     }
 
@@ -593,7 +593,7 @@ mod tests {
             Ok(self
                 .items
                 .iter()
-                .filter(|i| i.fingerprint == fingerprint && i.status != ItemStatus::Failed)
+                .filter(|i| i.fingerprint == fingerprint && i.status() != ItemStatus::Failed)
                 .map(|i| i.id.clone())
                 .collect())
         }
@@ -615,7 +615,7 @@ mod tests {
             let mut found: Vec<Victim> = self
                 .items
                 .iter()
-                .filter(|i| VictimClass::of(i.status) == class)
+                .filter(|i| VictimClass::of(i.status()) == class)
                 .map(Victim::of)
                 .filter(|v| after.is_none_or(|(t, id)| (v.created_at, v.id.as_str()) > (t, id)))
                 .collect();

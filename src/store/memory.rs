@@ -102,7 +102,8 @@ impl AdmissionView for View<'_> {
             .0
             .values()
             .filter(|item| {
-                item.fingerprint == fingerprint && VictimClass::of(item.status) == VictimClass::Live
+                item.fingerprint == fingerprint
+                    && VictimClass::of(item.status()) == VictimClass::Live
             })
             .map(|item| item.id.clone())
             .collect())
@@ -124,7 +125,7 @@ impl AdmissionView for View<'_> {
         let mut found: Vec<Victim> = self
             .0
             .values()
-            .filter(|item| VictimClass::of(item.status) == class)
+            .filter(|item| VictimClass::of(item.status()) == class)
             .filter(|item| after.is_none_or(|key| (item.created_at, item.id.as_str()) > key))
             .map(Victim::of)
             .collect();
@@ -172,12 +173,8 @@ impl MemoryRetryQueue {
         state.evicted = 0;
         let mut released = 0;
         for item in state.items.values_mut() {
-            let live = keep_live_leases && item.lease_until.is_some_and(|until| until > now);
-            if item.status == ItemStatus::Processing && !live {
-                item.status = ItemStatus::Pending;
-                item.lease_until = None;
-                item.lease_owner = None;
-                item.updated_at = now;
+            let live = keep_live_leases && !item.lease_expired(now);
+            if item.status() == ItemStatus::Processing && !live && item.release(now).is_ok() {
                 released += 1;
             }
         }
@@ -219,7 +216,7 @@ impl MemoryRetryQueue {
         let fresh_id = new.id.is_none();
         let mut item = new.into_item(now, self.options.default_max_attempts)?;
         if let Some(lease) = lease {
-            item.record_claim(add_saturating(now, lease), &self.options.instance_id, now);
+            item.claim(add_saturating(now, lease), &self.options.instance_id, now)?;
         }
         let limits = Limits::of(&self.options);
         let admitted = admission::admit(&limits, &mut View(&state.items), item, fresh_id)??;
@@ -242,8 +239,7 @@ impl MemoryRetryQueue {
     ) -> QueueResult<QueueItem> {
         let now = self.now();
         let item = state.item_mut(id)?;
-        item.record_dead_letter(reason, now);
-        item.updated_at = now;
+        item.dead_letter(reason, now);
         Ok(item.clone())
     }
 
@@ -256,19 +252,16 @@ impl MemoryRetryQueue {
     ) -> QueueResult<QueueItem> {
         let now = self.now();
         let item = state.item_mut(id)?;
-        item.record_retry(error, next_retry, now);
-        item.updated_at = now;
+        item.requeue(error, next_retry, now);
         Ok(item.clone())
     }
 
     fn release_locked(&self, state: &mut State, id: &str) -> QueueResult<()> {
         let now = self.now();
         let item = state.item_mut(id)?;
-        if item.status == ItemStatus::Processing {
-            item.status = ItemStatus::Pending;
-            item.lease_until = None;
-            item.lease_owner = None;
-            item.updated_at = now;
+        // Releasing an item nobody holds is a no-op (the contract's).
+        if item.status() == ItemStatus::Processing {
+            item.release(now)?;
         }
         Ok(())
     }
@@ -371,7 +364,7 @@ impl RetryQueue for MemoryRetryQueue {
         let mut claimed = Vec::new();
         for ready in state.ready(now).into_iter().take(limit) {
             let item = state.item_mut(&ready.id)?;
-            item.record_claim(lease_until, &self.options.instance_id, now);
+            item.claim(lease_until, &self.options.instance_id, now)?;
             claimed.push(item.clone());
         }
         Ok(claimed)
@@ -382,12 +375,8 @@ impl RetryQueue for MemoryRetryQueue {
         let mut state = self.lock_open()?;
         let mut released = 0;
         for item in state.items.values_mut() {
-            let expired = item.lease_until.is_none_or(|until| until <= now);
-            if item.status == ItemStatus::Processing && expired {
-                item.status = ItemStatus::Pending;
-                item.lease_until = None;
-                item.lease_owner = None;
-                item.updated_at = now;
+            if item.lease_expired(now) {
+                item.release(now)?;
                 released += 1;
             }
         }
@@ -399,12 +388,9 @@ impl RetryQueue for MemoryRetryQueue {
         Ok(state
             .items
             .values()
-            .filter_map(|item| match item.status {
+            .filter_map(|item| match item.status() {
                 ItemStatus::Pending => Some(item.next_retry),
-                // A processing item without a lease is actionable at once.
-                ItemStatus::Processing => {
-                    Some(item.lease_until.unwrap_or(DateTime::<Utc>::MIN_UTC))
-                }
+                ItemStatus::Processing => item.lease_until(),
                 ItemStatus::Failed => None,
             })
             .min())
@@ -422,7 +408,7 @@ impl RetryQueue for MemoryRetryQueue {
             ..QueueStats::default()
         };
         for item in state.items.values() {
-            match item.status {
+            match item.status() {
                 ItemStatus::Pending => stats.pending_items += 1,
                 ItemStatus::Processing => stats.processing_items += 1,
                 ItemStatus::Failed => stats.failed_items += 1,
@@ -450,7 +436,7 @@ impl RetryQueue for MemoryRetryQueue {
         let mut state = self.lock_open()?;
         let mut report = CleanupReport::default();
         state.items.retain(|_, item| {
-            let (item_ttl, counter) = if item.status == ItemStatus::Failed {
+            let (item_ttl, counter) = if item.status() == ItemStatus::Failed {
                 (dead_ttl, &mut report.dead_letters_expired)
             } else {
                 (ttl, &mut report.expired)

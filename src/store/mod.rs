@@ -421,7 +421,7 @@ pub trait RetryQueue: Send + Sync {
         })?;
         let mut released = 0;
         for item in processing {
-            if item.lease_owner.as_deref() != Some(owner) {
+            if item.lease_owner() != Some(owner) {
                 self.release(&item.id)?;
                 released += 1;
             }
@@ -694,7 +694,7 @@ pub fn sort_and_page(items: &mut Vec<QueueItem>, filter: &ListFilter) {
 
 /// True when `item` passes the filter's predicates at `now`.
 pub fn filter_matches(item: &QueueItem, filter: &ListFilter, now: DateTime<Utc>) -> bool {
-    filter.status.is_none_or(|s| item.status == s)
+    filter.status.is_none_or(|s| item.status() == s)
         && filter
             .item_type
             .as_ref()
