@@ -107,6 +107,15 @@ impl From<ItemId> for String {
     }
 }
 
+// Read-only access to the text (`len`, slicing, `&str` arguments): an
+// `ItemId` can only be made through the check, never changed after.
+impl std::ops::Deref for ItemId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl AsRef<str> for ItemId {
     fn as_ref(&self) -> &str {
         &self.0
