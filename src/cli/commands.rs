@@ -151,7 +151,7 @@ fn enqueue(ctx: &Ctx, args: EnqueueArgs) -> anyhow::Result<()> {
     let (settings, route) = route(ctx)?;
     // The API's limit, so a report is accepted or refused alike whichever
     // way it comes in; checked before anything is stored or sent.
-    let limit = settings.admin.max_body;
+    let limit = settings.admin.body_limit as u64;
     if bytes.len() as u64 > limit {
         bail!(UsageError(format!(
             "{}: the report is {} bytes, larger than the limit of {limit} bytes \

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use config::{Value, ValueKind};
 
 use super::Settings;
+use crate::admin::AdminError;
 use crate::delivery::types::WorkerError;
 
 /// Where a configuration value came from.
@@ -203,10 +204,21 @@ pub(super) fn check(
     if let Err(e) = settings.store_options().validate() {
         return Err(refused(store_key(e.field), e.reason.to_owned()));
     }
+    match settings.admin.validate() {
+        Err(AdminError::InvalidSetting { key, reason, .. }) => {
+            return Err(refused(admin_key(key), reason.to_owned()))
+        }
+        Err(other) => {
+            return Err(ConfigError::Parse {
+                layer: Layer::Defaults,
+                message: other.to_string(),
+            })
+        }
+        Ok(()) => {}
+    }
     for (section, result) in [
         ("pusher", settings.pusher.validate()),
         ("checker", settings.checker.validate()),
-        ("admin", settings.admin.validate()),
         ("log", settings.log.validate()),
     ] {
         if let Err(e) = result {
@@ -233,6 +245,14 @@ fn store_key(field: &str) -> String {
         "default_max_attempts" => "worker.max_attempts".to_owned(),
         "default_lease" => "worker.lease".to_owned(),
         other => format!("store.{other}"),
+    }
+}
+
+/// The key of an [`crate::admin::AdminConfig`] field.
+fn admin_key(field: &str) -> String {
+    match field {
+        "body_limit" => "admin.max_body".to_owned(),
+        other => format!("admin.{other}"),
     }
 }
 

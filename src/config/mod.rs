@@ -4,7 +4,7 @@
 //! The sections are the types the library uses, with serde on them:
 //! `[worker]` is [`RetryWorkerConfig`], `[backoff]` is [`BackoffConfig`],
 //! `[circuit]` is [`CircuitConfig`], the limits in `[store]` are
-//! [`StoreOptions`]. Each has one `validate()` naming the field at fault;
+//! [`StoreOptions`], `[admin]` is [`crate::admin::AdminConfig`]. Each has one `validate()` naming the field at fault;
 //! this module adds no rule of its own to them. It only:
 //!
 //! - layers the sources ([`layers`]): built-in defaults, then
@@ -17,7 +17,6 @@
 //! The `settings` tables of `[pusher]` and `[checker]` belong to the plugin
 //! and are handed to it as they are.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -48,12 +47,6 @@ pub const DEFAULT_CONFIG_FILE: &str = "default.toml";
 pub const DEFAULT_SQLITE_PATH: &str = "retryq-data/queue.db";
 /// Directory used by the files backend when `store.path` is not set.
 pub const DEFAULT_FILES_PATH: &str = "retryq-data/queue";
-/// Default admin API listen address (loopback only).
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7878";
-/// Default environment variable holding the admin API token.
-pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "RETRYQ_ADMIN_TOKEN";
-/// Default request body limit of the admin API: 10 MiB.
-pub const DEFAULT_ADMIN_MAX_BODY: u64 = 10 * 1024 * 1024;
 
 /// The effective configuration of a retryq deployment. Its serde form is
 /// the layout of a config file (see [`Sections`]).
@@ -314,49 +307,8 @@ impl Default for PluginsSettings {
     }
 }
 
-/// `[admin]`: the admin and ingest HTTP API.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminSettings {
-    /// Listen address; loopback by default. A non-loopback address needs a token.
-    pub listen: SocketAddr,
-    /// File holding the bearer token (read at startup).
-    pub token_file: Option<PathBuf>,
-    /// Environment variable holding the bearer token (when no token file).
-    pub token_env: String,
-    /// Largest request body accepted, in bytes.
-    pub max_body: u64,
-    /// PEM certificate chain: with `tls_key`, the listener serves HTTPS.
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of `tls_cert`.
-    pub tls_key: Option<PathBuf>,
-}
-
-impl Default for AdminSettings {
-    fn default() -> Self {
-        AdminSettings {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
-            token_file: None,
-            token_env: DEFAULT_ADMIN_TOKEN_ENV.to_owned(),
-            max_body: DEFAULT_ADMIN_MAX_BODY,
-            tls_cert: None,
-            tls_key: None,
-        }
-    }
-}
-
-impl AdminSettings {
-    /// Checks the settings, naming the first bad field.
-    pub fn validate(&self) -> Result<(), InvalidSetting> {
-        if self.token_env.trim().is_empty() {
-            return invalid("token_env", "must not be empty");
-        }
-        if self.max_body == 0 || usize::try_from(self.max_body).is_err() {
-            return invalid("max_body", "must be from 1 to the platform's largest size");
-        }
-        Ok(())
-    }
-}
+/// `[admin]`: the admin API's own [`crate::admin::AdminConfig`].
+pub type AdminSettings = crate::admin::AdminConfig;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

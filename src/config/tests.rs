@@ -226,3 +226,26 @@ fn shown_settings_load_back() {
     );
     assert_eq!(load_str(&text, &[]).unwrap(), s);
 }
+
+/// `[admin]` is the admin API's `AdminConfig`: its knobs load, and its
+/// `validate()` names the file's key.
+#[test]
+fn admin_section_is_the_apis_config() {
+    let s = load_str(
+        "[admin]\nmax_body = 2048\nworkers = 3\nshutdown_timeout = \"4s\"\nmetrics_require_token = false\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.admin.body_limit, 2048);
+    assert_eq!(s.admin.workers, 3);
+    assert_eq!(s.admin.shutdown_timeout, Duration::from_secs(4));
+    assert!(!s.admin.metrics_require_token);
+    let e = load_str("[admin]\nmax_body = 0\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("`admin.max_body`"), "{e}");
+    let e = load_str("[admin]\ntls_key = \"/k.pem\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("`admin.tls_key`"), "{e}");
+    assert!(e.to_string().contains("tls_cert is not set"), "{e}");
+    // The token is read at start, never from a config file.
+    let e = load_str("[admin]\ntoken = \"x\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("unknown key `admin.token`"), "{e}");
+}
