@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 
+use super::record::file_name;
 use super::*;
 use crate::clock::{Clock, ManualClock};
-use crate::item::Payload;
+use crate::error::QueueError;
+use crate::item::{ItemStatus, NewItem, Payload};
+use crate::store::{ListFilter, OverflowPolicy, RetryQueue};
 
 fn clock() -> ManualClock {
     ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 20, 10, 0, 0).unwrap())
