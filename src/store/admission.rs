@@ -268,6 +268,26 @@ pub fn trim(limits: &Limits, view: &mut impl AdmissionView) -> QueueResult<Vec<V
     Ok(victims)
 }
 
+/// [`AdmissionView::oldest`] for a store that holds its items in memory
+/// and scans them (a reference model, a test double), not for one with an
+/// ordered index.
+pub fn oldest_by_scan<'a>(
+    items: impl IntoIterator<Item = &'a QueueItem>,
+    class: VictimClass,
+    after: Option<(DateTime<Utc>, &str)>,
+    limit: usize,
+) -> Vec<Victim> {
+    let mut found: Vec<Victim> = items
+        .into_iter()
+        .filter(|item| VictimClass::of(item.status()) == class)
+        .filter(|item| after.is_none_or(|key| (item.created_at, item.id.as_str()) > key))
+        .map(Victim::of)
+        .collect();
+    found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    found.truncate(limit);
+    found
+}
+
 thread_local! {
     static PLANNED: Cell<u64> = const { Cell::new(0) };
 }
@@ -612,16 +632,7 @@ mod tests {
             limit: usize,
         ) -> QueueResult<Vec<Victim>> {
             self.pages += 1;
-            let mut found: Vec<Victim> = self
-                .items
-                .iter()
-                .filter(|i| VictimClass::of(i.status()) == class)
-                .map(Victim::of)
-                .filter(|v| after.is_none_or(|(t, id)| (v.created_at, v.id.as_str()) > (t, id)))
-                .collect();
-            found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-            found.truncate(limit);
-            Ok(found)
+            Ok(oldest_by_scan(&self.items, class, after, limit))
         }
     }
 

@@ -122,16 +122,12 @@ impl AdmissionView for View<'_> {
         after: Option<(DateTime<Utc>, &str)>,
         limit: usize,
     ) -> QueueResult<Vec<Victim>> {
-        let mut found: Vec<Victim> = self
-            .0
-            .values()
-            .filter(|item| VictimClass::of(item.status()) == class)
-            .filter(|item| after.is_none_or(|key| (item.created_at, item.id.as_str()) > key))
-            .map(Victim::of)
-            .collect();
-        found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        found.truncate(limit);
-        Ok(found)
+        Ok(admission::oldest_by_scan(
+            self.0.values(),
+            class,
+            after,
+            limit,
+        ))
     }
 }
 
