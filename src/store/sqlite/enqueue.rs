@@ -28,11 +28,11 @@ impl SqliteRetryQueue {
         let now = self.now();
         let mut item = new.into_item(now, self.options.default_max_attempts)?;
         if let Some(lease) = lease {
-            item.record_claim(
+            item.claim(
                 crate::backoff::add_saturating(now, lease),
                 &self.options.instance_id,
                 now,
-            );
+            )?;
         }
         self.insert_new_in(conn, item, caller_id, known)
     }

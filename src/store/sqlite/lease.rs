@@ -50,7 +50,7 @@ impl SqliteRetryQueue {
                     })
                     .map_err(sql_err("claim"))?;
                     for (_, mut item) in items {
-                        item.record_claim(lease_until, &self.options.instance_id, now);
+                        item.claim(lease_until, &self.options.instance_id, now)?;
                         claimed.push(item);
                     }
                     if seen < want {
@@ -62,7 +62,9 @@ impl SqliteRetryQueue {
         })
     }
 
-    pub(super) fn release_in(conn: &Connection, id: &str, now: i64) -> QueueResult<()> {
+    /// Releases one claim through the item's own state change; an item
+    /// nobody holds is left as it is (the contract's no-op).
+    pub(super) fn release_in(&self, conn: &Connection, id: &str) -> QueueResult<()> {
         let status: Option<i64> = query_optional(
             conn,
             "release",
@@ -71,22 +73,15 @@ impl SqliteRetryQueue {
         )?;
         match status {
             None => Err(QueueError::not_found(id)),
-            Some(STATUS_PROCESSING) => {
-                conn.prepare_cached(
-                    "UPDATE items SET status = 0, lease_until = NULL, lease_owner = NULL, updated_at = ?2 \
-                     WHERE id = ?1",
-                )
-                .and_then(|mut stmt| stmt.execute(params![id, now]))
-                .map_err(sql_err("release"))?;
-                Ok(())
-            }
+            Some(STATUS_PROCESSING) => self
+                .change_in(conn, id, |item, now| item.release(now))
+                .map(|_| ()),
             Some(_) => Ok(()),
         }
     }
 
     pub(super) fn release_one(&self, id: &str) -> QueueResult<()> {
-        let now = to_nanos(self.now());
-        self.salvaging(|| self.write("release", |tx| Self::release_in(tx, id, now)))
+        self.salvaging(|| self.write("release", |tx| self.release_in(tx, id)))
     }
 
     pub(super) fn release_expired(&self) -> QueueResult<usize> {

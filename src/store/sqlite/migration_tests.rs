@@ -132,8 +132,8 @@ fn a_schema_1_database_is_migrated_whole() {
     assert_eq!(pending.last_error, "boom");
     assert_eq!(pending.attributes.get("k").map(String::as_str), Some("v"));
     // The expired lease was released at open, as for any database.
-    assert_eq!(q.get("b-processing").unwrap().status, ItemStatus::Pending);
-    assert_eq!(q.get("c-dead").unwrap().status, ItemStatus::Failed);
+    assert_eq!(q.get("b-processing").unwrap().status(), ItemStatus::Pending);
+    assert_eq!(q.get("c-dead").unwrap().status(), ItemStatus::Failed);
     let stats = q.stats().unwrap();
     assert_eq!((stats.total_items, stats.failed_items), (3, 1));
     assert_eq!(q.size().unwrap(), 3, "totals survive the migration");

@@ -182,6 +182,7 @@ pub(super) struct ItemRow<'a> {
     pub(super) created_at: i64,
     pub(super) updated_at: i64,
     pub(super) lease_until: Option<i64>,
+    pub(super) lease_owner: Option<&'a str>,
     pub(super) attributes: String,
     pub(super) size_bytes: i64,
 }
@@ -192,14 +193,15 @@ impl<'a> ItemRow<'a> {
         Ok(ItemRow {
             item,
             item_type: item.item_type.as_str(),
-            status: status_code(item.status),
+            status: status_code(item.status()),
             attempts: i64::from(item.attempts),
             max_attempts: i64::from(item.max_attempts),
             last_attempt: item.last_attempt.map(to_nanos),
             next_retry: to_nanos(item.next_retry),
             created_at: to_nanos(item.created_at),
             updated_at: to_nanos(item.updated_at),
-            lease_until: item.lease_until.map(to_nanos),
+            lease_until: item.lease_until().map(to_nanos),
+            lease_owner: item.lease_owner(),
             attributes: attributes_json(item)?,
             size_bytes: item.size_bytes() as i64,
         })
@@ -224,7 +226,7 @@ impl<'a> ItemRow<'a> {
             &self.lease_until,
             &self.attributes,
             &self.size_bytes,
-            &self.item.lease_owner,
+            &self.lease_owner,
         ]
     }
 }

@@ -12,17 +12,17 @@ use crate::item::{payload_checksum, QueueItem};
 use crate::store::WriteOutcome;
 
 impl SqliteRetryQueue {
-    /// Changes the state of one item; `change` edits the loaded item.
+    /// Changes the state of one item: `change` applies one of the item's
+    /// own state changes (which stamps `updated_at`) at now.
     pub(super) fn change_in(
         &self,
         conn: &Connection,
         id: &str,
-        change: impl FnOnce(&mut QueueItem) -> QueueResult<()>,
+        change: impl FnOnce(&mut QueueItem, DateTime<Utc>) -> QueueResult<()>,
     ) -> QueueResult<QueueItem> {
         let mut item = self.get_in(conn, id)?;
-        let before = (item.fingerprint.clone(), status_code(item.status));
-        change(&mut item)?;
-        item.updated_at = self.now();
+        let before = (item.fingerprint.clone(), status_code(item.status()));
+        change(&mut item, self.now())?;
         self.write_meta(conn, &item, before)?;
         Ok(item)
     }
@@ -34,9 +34,8 @@ impl SqliteRetryQueue {
         error: &str,
         next_retry: DateTime<Utc>,
     ) -> QueueResult<QueueItem> {
-        let now = self.now();
-        self.change_in(conn, id, |item| {
-            item.record_retry(error, next_retry, now);
+        self.change_in(conn, id, |item, now| {
+            item.requeue(error, next_retry, now);
             Ok(())
         })
     }
@@ -47,9 +46,8 @@ impl SqliteRetryQueue {
         id: &str,
         reason: &str,
     ) -> QueueResult<QueueItem> {
-        let now = self.now();
-        self.change_in(conn, id, |item| {
-            item.record_dead_letter(reason, now);
+        self.change_in(conn, id, |item, now| {
+            item.dead_letter(reason, now);
             Ok(())
         })
     }
@@ -77,7 +75,7 @@ impl SqliteRetryQueue {
             self.fingerprints().record(
                 seq,
                 Some((&before.0, before.1)),
-                Some((&item.fingerprint, status_code(item.status))),
+                Some((&item.fingerprint, status_code(item.status()))),
             );
         }
         Ok(seq)
@@ -188,7 +186,7 @@ impl SqliteRetryQueue {
             let seq = self.write_meta(
                 tx,
                 &next,
-                (stored.fingerprint.clone(), status_code(stored.status)),
+                (stored.fingerprint.clone(), status_code(stored.status())),
             )?;
             if next.report != stored.report {
                 tx.execute(
@@ -223,9 +221,13 @@ impl SqliteRetryQueue {
     }
 
     pub(super) fn revive_one(&self, id: &str) -> QueueResult<QueueItem> {
-        let now = self.now();
         self.write("revive", |tx| {
-            self.change_in(tx, id, |item| item.revive(now))
+            self.change_in(tx, id, |item, now| {
+                item.revive(now)?;
+                // Until revive stamps the change itself.
+                item.updated_at = now;
+                Ok(())
+            })
         })
     }
 }

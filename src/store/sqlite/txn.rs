@@ -8,7 +8,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use super::admission::KnownTotals;
 use super::fingerprints::FingerprintIndex;
-use super::row::{sql_err, to_nanos};
+use super::row::sql_err;
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
 use crate::store::{PendingSync, WriteOp, WriteOutcome};
@@ -314,9 +314,7 @@ impl SqliteRetryQueue {
             WriteOp::MarkFailed { id, reason } => self
                 .mark_failed_in(conn, &id, &reason)
                 .map(|_| WriteOutcome::Applied),
-            WriteOp::Release { id } => {
-                Self::release_in(conn, &id, to_nanos(self.now())).map(|_| WriteOutcome::Applied)
-            }
+            WriteOp::Release { id } => self.release_in(conn, &id).map(|_| WriteOutcome::Applied),
         }
     }
 }
