@@ -86,6 +86,7 @@
 //! `id_exists` is not asked for an ID the store generated itself
 //! (`fresh_id`): a new UUIDv7 cannot collide, and a round trip is saved.
 
+use std::borrow::Borrow;
 use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -203,17 +204,19 @@ pub trait AdmissionView {
 
 /// An item the planner admitted, and what must be evicted to make room
 /// for it. Only this module makes one: storing a new item starts from it.
+/// `T` is how the caller handed the item in (owned, or borrowed by a
+/// backend that encodes it before asking).
 #[derive(Debug)]
 #[must_use = "an admitted item is stored, and its victims evicted, by the backend"]
-pub struct Admitted {
-    item: QueueItem,
+pub struct Admitted<T = QueueItem> {
+    item: T,
     evict: Vec<Victim>,
 }
 
-impl Admitted {
+impl<T: Borrow<QueueItem>> Admitted<T> {
     /// The item to store.
     pub fn item(&self) -> &QueueItem {
-        &self.item
+        self.item.borrow()
     }
 
     /// What to evict, in eviction order.
@@ -222,14 +225,14 @@ impl Admitted {
     }
 
     /// The item to store and the victims to evict.
-    pub fn into_parts(self) -> (QueueItem, Vec<Victim>) {
+    pub fn into_parts(self) -> (T, Vec<Victim>) {
         (self.item, self.evict)
     }
 }
 
 /// The planner's answer for one item: admitted, or refused with the error
 /// the caller gets. (A failure to read the view is the outer error.)
-pub type Decision = Result<Admitted, QueueError>;
+pub type Decision<T = QueueItem> = Result<Admitted<T>, QueueError>;
 
 /// The one `QueueFull` error, for every backend.
 pub fn queue_full(limits: &Limits, totals: Totals, size: u64) -> QueueError {
@@ -244,12 +247,12 @@ pub fn queue_full(limits: &Limits, totals: Totals, size: u64) -> QueueError {
 /// Admits one item against a view that shows every earlier decision
 /// already persisted (see "Batches" in the module doc). `fresh_id`: the
 /// store generated the ID itself, so it needs no look-up.
-pub fn admit(
+pub fn admit<T: Borrow<QueueItem>>(
     limits: &Limits,
     view: &mut impl AdmissionView,
-    item: QueueItem,
+    item: T,
     fresh_id: bool,
-) -> QueueResult<Decision> {
+) -> QueueResult<Decision<T>> {
     Planner::new(*limits).decide(view, item, fresh_id)
 }
 
@@ -310,6 +313,8 @@ pub fn planned_on_this_thread() -> u64 {
 struct Held {
     fingerprint: String,
     size_bytes: u64,
+    class: VictimClass,
+    created_at: DateTime<Utc>,
 }
 
 /// Admits the items of one batch in turn, remembering what it admitted and
@@ -322,6 +327,8 @@ pub struct Planner {
     held: HashMap<String, Held>,
     /// The same, in eviction order.
     held_order: BTreeSet<(VictimClass, DateTime<Utc>, String)>,
+    /// The live ones' IDs by fingerprint.
+    held_live: HashMap<String, BTreeSet<String>>,
     /// Stored items (shown by the view) evicted since.
     evicted: HashSet<String>,
     /// What the view misses: held items added, evicted stored ones taken.
@@ -336,6 +343,7 @@ impl Planner {
             limits,
             held: HashMap::new(),
             held_order: BTreeSet::new(),
+            held_live: HashMap::new(),
             evicted: HashSet::new(),
             added: Totals::default(),
             removed: Totals::default(),
@@ -360,45 +368,40 @@ impl Planner {
 
     /// Admits or refuses `item`, as if every item this planner admitted
     /// were stored and every victim it chose were gone.
-    pub fn decide(
+    pub fn decide<T: Borrow<QueueItem>>(
         &mut self,
         view: &mut impl AdmissionView,
-        item: QueueItem,
+        item: T,
         fresh_id: bool,
-    ) -> QueueResult<Decision> {
+    ) -> QueueResult<Decision<T>> {
         count_decision();
         let limits = self.limits;
+        let new: &QueueItem = item.borrow();
         // 1. The same ID, in any status.
-        let taken = self.held.contains_key(&item.id)
-            || (!fresh_id && !self.evicted.contains(&item.id) && view.id_exists(&item.id)?);
+        let taken = self.held.contains_key(&new.id)
+            || (!fresh_id && !self.evicted.contains(&new.id) && view.id_exists(&new.id)?);
         if taken {
             return Ok(Err(QueueError::DuplicateItem {
-                existing_id: item.id,
+                existing_id: new.id.clone(),
             }));
         }
         // 2. The same fingerprint among live items: the smallest ID.
         if limits.dedupe {
             let stored = view
-                .live_ids_with_fingerprint(&item.fingerprint)?
+                .live_ids_with_fingerprint(&new.fingerprint)?
                 .into_iter()
                 .filter(|id| !self.evicted.contains(id));
             let held = self
-                .held_order
-                .iter()
-                .filter(|(class, _, _)| *class == VictimClass::Live)
-                .map(|(_, _, id)| id)
-                .filter(|id| {
-                    self.held
-                        .get(*id)
-                        .is_some_and(|h| h.fingerprint == item.fingerprint)
-                })
+                .held_live
+                .get(&new.fingerprint)
+                .and_then(|ids| ids.first())
                 .cloned();
             if let Some(existing_id) = stored.chain(held).min() {
                 return Ok(Err(QueueError::DuplicateItem { existing_id }));
             }
         }
         // 3. Too large for any room eviction could make.
-        let size = item.size_bytes();
+        let size = new.size_bytes();
         if size > limits.max_bytes {
             return Ok(Err(QueueError::TooLarge {
                 size,
@@ -423,7 +426,7 @@ impl Planner {
             }
             evict = victims;
         }
-        self.record(&item, size, &evict);
+        self.record(new, size, &evict);
         Ok(Ok(Admitted { item, evict }))
     }
 
@@ -516,7 +519,14 @@ impl Planner {
         for victim in evict {
             if victim.held {
                 if let Some(h) = self.held.remove(&victim.id) {
-                    self.held_order.retain(|(_, _, id)| *id != victim.id);
+                    self.held_order
+                        .remove(&(h.class, h.created_at, victim.id.clone()));
+                    if let Some(ids) = self.held_live.get_mut(&h.fingerprint) {
+                        ids.remove(&victim.id);
+                        if ids.is_empty() {
+                            self.held_live.remove(&h.fingerprint);
+                        }
+                    }
                     self.added.items -= 1;
                     self.added.bytes -= h.size_bytes;
                 }
@@ -529,11 +539,19 @@ impl Planner {
         let class = VictimClass::of(item.status());
         self.held_order
             .insert((class, item.created_at, item.id.clone()));
+        if class == VictimClass::Live {
+            self.held_live
+                .entry(item.fingerprint.clone())
+                .or_default()
+                .insert(item.id.clone());
+        }
         self.held.insert(
             item.id.clone(),
             Held {
                 fingerprint: item.fingerprint.clone(),
                 size_bytes: size,
+                class,
+                created_at: item.created_at,
             },
         );
         self.added.items += 1;
