@@ -330,7 +330,7 @@ fn show(ctx: &Ctx, id: &str, payload: bool) -> anyhow::Result<()> {
     let mut lines = vec![
         format!("id:           {}", item.id),
         format!("type:         {}", item.item_type),
-        format!("status:       {}", item.status),
+        format!("status:       {}", item.status()),
         format!("fingerprint:  {}", item.fingerprint),
         format!("attempts:     {}/{}", item.attempts, item.max_attempts),
         format!("next_retry:   {}", time(Some(item.next_retry))),
@@ -343,7 +343,7 @@ fn show(ctx: &Ctx, id: &str, payload: bool) -> anyhow::Result<()> {
         format!("target_path:  {}", item.target_path),
         format!("size_bytes:   {}", item.size_bytes()),
     ];
-    if let Some(lease) = item.lease_until {
+    if let Some(lease) = item.lease_until() {
         lines.push(format!("lease_until:  {}", time(Some(lease))));
     }
     for (k, v) in &item.attributes {
