@@ -356,3 +356,73 @@ impl WorkerError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(config: &RetryWorkerConfig) -> String {
+        match config.validate() {
+            Err(WorkerError::Config { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    /// The serde form is the `[worker]` section: the worker's own knobs,
+    /// nothing of the sections beside it, no clock.
+    #[test]
+    fn serde_form_is_the_worker_section() {
+        let v = serde_json::to_value(RetryWorkerConfig::default()).unwrap();
+        for absent in ["backoff", "circuit", "clock"] {
+            assert!(v.get(absent).is_none(), "{absent} in {v}");
+        }
+        assert_eq!(v["lease"], "5m");
+        let back: RetryWorkerConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back, RetryWorkerConfig::default());
+        let nested = serde_json::json!({ "backoff": { "base": "1s" } });
+        assert!(serde_json::from_value::<RetryWorkerConfig>(nested).is_err());
+    }
+
+    #[test]
+    fn validate_names_the_field_at_fault() {
+        let ok = RetryWorkerConfig::default();
+        ok.validate().unwrap();
+        let lease_equal = RetryWorkerConfig {
+            lease: Duration::from_secs(30),
+            push_timeout: Duration::from_secs(30),
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&lease_equal), "lease");
+        let backoff = RetryWorkerConfig {
+            backoff: BackoffConfig {
+                base: Duration::from_secs(10),
+                max_interval: Duration::from_secs(1),
+                ..BackoffConfig::default()
+            },
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&backoff), "backoff.max");
+        let cooldown = RetryWorkerConfig {
+            circuit: CircuitConfig {
+                cooldown: Duration::ZERO,
+                ..CircuitConfig::default()
+            },
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&cooldown), "circuit.cooldown");
+        let no_batch = RetryWorkerConfig {
+            batch_size: 0,
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&no_batch), "batch_size");
+        // A cool-down above its cap is the breaker's to clamp, not an error.
+        let long_cooldown = RetryWorkerConfig {
+            circuit: CircuitConfig {
+                cooldown: Duration::from_secs(600),
+                ..CircuitConfig::default()
+            },
+            ..ok
+        };
+        long_cooldown.validate().unwrap();
+    }
+}
