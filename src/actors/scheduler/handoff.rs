@@ -143,7 +143,7 @@ async fn release_handed_off(shared: &Shared, io: &Io, items: Vec<QueueItem>) {
 /// recovery could hand the item to a claim and have it pushed twice at
 /// once.
 fn lease_left_for_push(shared: &Shared, item: &QueueItem) -> bool {
-    let Some(until) = item.lease_until else {
+    let Some(until) = item.lease_until() else {
         return false;
     };
     let half = shared.config.lease / 2;

@@ -197,7 +197,7 @@ impl FileRetryQueue {
         }
         for id in ids {
             if let Some(entry) = inner.index.entries.get(id) {
-                tracing::warn!(id = %id, status = %entry.item.status, "evicting an item to stay within the queue limits (drop_oldest)");
+                tracing::warn!(id = %id, status = %entry.item.status(), "evicting an item to stay within the queue limits (drop_oldest)");
             }
         }
         self.remove_many(inner, op, ids)?;

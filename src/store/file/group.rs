@@ -82,13 +82,13 @@ impl FileRetryQueue {
                 next_retry,
             } => self
                 .change_one_in(inner, "requeue", &id, |item, now| {
-                    item.record_retry(&error, next_retry, now);
+                    item.requeue(&error, next_retry, now);
                     Ok(())
                 })
                 .map(|_| WriteOutcome::Applied),
             WriteOp::MarkFailed { id, reason } => self
                 .change_one_in(inner, "mark_failed", &id, |item, now| {
-                    item.record_dead_letter(&reason, now);
+                    item.dead_letter(&reason, now);
                     Ok(())
                 })
                 .map(|_| WriteOutcome::Applied),

@@ -43,7 +43,7 @@ pub(super) fn ready_key(item: &QueueItem) -> ReadyKey {
 
 pub(super) fn lease_key(item: &QueueItem) -> (DateTime<Utc>, String) {
     (
-        item.lease_until.unwrap_or(DateTime::<Utc>::MIN_UTC),
+        item.lease_until().unwrap_or(DateTime::<Utc>::MIN_UTC),
         item.id.clone(),
     )
 }
@@ -53,7 +53,7 @@ impl Index {
         self.remove(&item.id);
         let id = item.id.clone();
         self.by_age.insert((item.created_at, id.clone()));
-        match item.status {
+        match item.status() {
             ItemStatus::Pending => {
                 self.ready.insert(ready_key(&item));
             }
@@ -64,7 +64,7 @@ impl Index {
                 self.dead_by_age.insert((item.created_at, id.clone()));
             }
         }
-        if item.status != ItemStatus::Failed {
+        if item.status() != ItemStatus::Failed {
             self.by_fingerprint
                 .entry(item.fingerprint.clone())
                 .or_default()
@@ -86,7 +86,7 @@ impl Index {
         let entry = self.entries.remove(id)?;
         let item = &entry.item;
         self.by_age.remove(&(item.created_at, item.id.clone()));
-        match item.status {
+        match item.status() {
             ItemStatus::Pending => {
                 self.ready.remove(&ready_key(item));
             }

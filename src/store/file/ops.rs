@@ -23,15 +23,13 @@ impl FileRetryQueue {
     }
 
     pub(super) fn release_in(&self, inner: &mut Inner, id: &str) -> QueueResult<()> {
-        if inner.index.get(id)?.item.status != ItemStatus::Processing {
+        // Releasing an item nobody holds is a no-op (the contract's).
+        if inner.index.get(id)?.item.status() != ItemStatus::Processing {
             return Ok(());
         }
         let now = self.now();
-        self.change_many(inner, "release", &[id.to_owned()], now, |item, _| {
-            item.status = ItemStatus::Pending;
-            item.lease_until = None;
-            item.lease_owner = None;
-            Ok(())
+        self.change_many(inner, "release", &[id.to_owned()], now, |item, now| {
+            item.release(now)
         })
         .map(|_| ())
     }
@@ -62,7 +60,7 @@ impl FileRetryQueue {
             .map(|new| {
                 let mut item = new.into_item(now, self.options.default_max_attempts)?;
                 if let Some(lease) = lease {
-                    item.record_claim(saturating_add(now, lease), &self.options.instance_id, now);
+                    item.claim(saturating_add(now, lease), &self.options.instance_id, now)?;
                 }
                 Ok(item)
             })
@@ -143,14 +141,14 @@ impl RetryQueue for FileRetryQueue {
 
     fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
         self.change_one("mark_failed", id, |item, now| {
-            item.record_dead_letter(reason, now);
+            item.dead_letter(reason, now);
             Ok(())
         })
     }
 
     fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
         self.change_one("requeue", id, |item, now| {
-            item.record_retry(error, next_retry, now);
+            item.requeue(error, next_retry, now);
             Ok(())
         })
     }
@@ -173,8 +171,7 @@ impl RetryQueue for FileRetryQueue {
         }
         let lease_until = saturating_add(now, lease);
         self.change_many(&mut inner, "claim", &ids, now, |item, now| {
-            item.record_claim(lease_until, &self.options.instance_id, now);
-            Ok(())
+            item.claim(lease_until, &self.options.instance_id, now)
         })
     }
 
@@ -196,12 +193,7 @@ impl RetryQueue for FileRetryQueue {
             "release_expired_leases",
             &ids,
             now,
-            |item, _| {
-                item.status = ItemStatus::Pending;
-                item.lease_until = None;
-                item.lease_owner = None;
-                Ok(())
-            },
+            |item, now| item.release(now),
         )?;
         Ok(released.len())
     }
@@ -262,7 +254,7 @@ impl RetryQueue for FileRetryQueue {
             if !item.is_expired(horizon, now) {
                 break;
             }
-            if item.status == ItemStatus::Failed {
+            if item.status() == ItemStatus::Failed {
                 if item.is_expired(dead_ttl, now) {
                     report.dead_letters_expired += 1;
                     expired.push(id.clone());

@@ -12,7 +12,6 @@ use super::index::Index;
 use super::record::{decode, parse_file_name, TMP_SUFFIX};
 use super::{FileRetryQueue, OWN_ENTRIES};
 use crate::error::{QueueError, QueueResult};
-use crate::item::ItemStatus;
 
 /// Skipped entries named one by one in the log at open; the rest are
 /// counted in one line (a directory of thousands of foreign files must not
@@ -169,12 +168,8 @@ impl FileRetryQueue {
             .map(|(_, id)| id.clone())
             .collect();
         if !stuck.is_empty() {
-            let returned = self.change_many(&mut inner, "open", &stuck, now, |item, _| {
-                item.status = ItemStatus::Pending;
-                item.lease_until = None;
-                item.lease_owner = None;
-                Ok(())
-            })?;
+            let returned =
+                self.change_many(&mut inner, "open", &stuck, now, |item, now| item.release(now))?;
             tracing::info!(
                 count = returned.len(),
                 "returned items left processing to pending"
