@@ -10,6 +10,16 @@ use std::fmt;
 /// A boxed error source kept inside [`QueueError::Storage`].
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
+/// A `StoreOptions` field no store can work with, named.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid store option {field}: {reason}")]
+pub struct InvalidStoreOption {
+    /// The field at fault.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
 /// What went wrong in a queue operation.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -111,6 +121,11 @@ pub enum QueueError {
         detail: String,
     },
 
+    /// A store was opened with options no store can work with (see
+    /// `StoreOptions::validate`, which `retryq config check` runs too).
+    #[error(transparent)]
+    InvalidOptions(#[from] InvalidStoreOption),
+
     /// The storage medium failed (I/O error, database error...). Never
     /// used for failures inside this process: those are `Internal`.
     #[error("storage error during {op}: {source}")]
@@ -178,6 +193,7 @@ impl QueueError {
             QueueError::Corrupt { .. } => "corrupt",
             QueueError::DiskFull { .. } => "disk_full",
             QueueError::StoreInUse { .. } => "store_in_use",
+            QueueError::InvalidOptions(_) => "invalid_options",
             QueueError::Storage { .. } => "storage",
             QueueError::Internal { .. } => "internal",
         }

@@ -102,7 +102,10 @@ impl From<QueueError> for ApiError {
             }
             QueueError::InvalidItem { .. } => StatusCode::BAD_REQUEST,
             QueueError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // The daemon's store was opened before the API started, so
+            // its options are never at fault in a request.
             QueueError::Corrupt { .. }
+            | QueueError::InvalidOptions(_)
             | QueueError::Storage { .. }
             | QueueError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };

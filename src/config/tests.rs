@@ -249,3 +249,26 @@ fn admin_section_is_the_apis_config() {
     let e = load_str("[admin]\ntoken = \"x\"\n", &[]).unwrap_err();
     assert!(e.to_string().contains("unknown key `admin.token`"), "{e}");
 }
+
+/// The stores check their options with the same `validate()` that
+/// `config check` runs: what one refuses, the other refuses by name.
+#[test]
+fn stores_refuse_what_config_check_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        max_items: 0,
+        ..StoreOptions::default()
+    };
+    for backend in [StoreBackend::Sqlite, StoreBackend::Files] {
+        let store = StoreSettings {
+            backend,
+            path: Some(dir.path().join(backend.as_str())),
+            ..StoreSettings::default()
+        };
+        match open_store(&store, options.clone()) {
+            Err(QueueError::InvalidOptions(e)) => assert_eq!(e.field, "max_items"),
+            Err(other) => panic!("{backend:?}: {other}"),
+            Ok(_) => panic!("{backend:?} opened with max_items = 0"),
+        }
+    }
+}

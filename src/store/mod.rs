@@ -39,7 +39,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{system_clock, SharedClock};
-pub use crate::error::{QueueError, QueueResult};
+pub use crate::error::{InvalidStoreOption, QueueError, QueueResult};
 use crate::item::{ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS};
 
 pub mod admission;
@@ -107,16 +107,6 @@ pub struct StoreOptions {
     /// ([`QueueItem::lease_owner`]); see [`owner`]. A fresh ID by default.
     #[serde(skip)]
     pub instance_id: String,
-}
-
-/// A [`StoreOptions`] field no store can work with.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid store option {field}: {reason}")]
-pub struct InvalidStoreOption {
-    /// The field at fault.
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub reason: &'static str,
 }
 
 impl StoreOptions {

@@ -281,6 +281,7 @@ impl FileRetryQueue {
         options: StoreOptions,
         fs: Arc<dyn StoreFs>,
     ) -> QueueResult<Self> {
+        options.validate()?;
         let dir = dir.as_ref().to_path_buf();
         let quarantine_dir = dir.join(QUARANTINE_DIR);
         let open_err = |path: &Path, e: io::Error| QueueError::storage("open", io_ctx(path, e));

@@ -208,6 +208,7 @@ impl SqliteRetryQueue {
     /// Opens (creating if needed) the queue database at `path`, returning
     /// expired leases to pending ([`OpenMode::Recover`]).
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> QueueResult<Self> {
+        options.validate()?;
         salvage::open_or_salvage(path.as_ref(), options, OpenMode::Recover)
     }
 
@@ -215,6 +216,7 @@ impl SqliteRetryQueue {
     /// daemon ([`OpenMode::Client`]): no write at open beyond a schema it
     /// could not read otherwise.
     pub fn open_as_client(path: impl AsRef<Path>, options: StoreOptions) -> QueueResult<Self> {
+        options.validate()?;
         salvage::open_or_salvage(path.as_ref(), options, OpenMode::Client)
     }
 
