@@ -49,7 +49,7 @@ pub const DEFAULT_SQLITE_PATH: &str = "retryq-data/queue.db";
 pub const DEFAULT_FILES_PATH: &str = "retryq-data/queue";
 
 /// The effective configuration of a retryq deployment. Its serde form is
-/// the layout of a config file (see [`Sections`]).
+/// the layout of a config file, section by section.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(from = "Sections", into = "Sections")]
 pub struct Settings {
