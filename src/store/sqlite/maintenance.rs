@@ -73,6 +73,9 @@ impl SqliteRetryQueue {
     }
 
     pub(super) fn close_conn(&self) -> QueueResult<()> {
+        // Readers go before the writer, so the writer's close is the last
+        // and may fold the WAL away.
+        self.readers.close();
         // Stop the checkpointer first: the final checkpoint below must not
         // find it holding the checkpoint lock.
         drop(

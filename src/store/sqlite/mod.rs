@@ -132,11 +132,13 @@
 //! - `txn.rs`: the writer connection, transactions and group commit.
 //! - `admission.rs`: what decides whether a new item is stored (dedupe,
 //!   limits, overflow eviction); nothing else decides it.
+//! - `readers.rs`: the read connections, apart from the writer's.
 //! - `enqueue.rs`, `lease.rs` (claims and leases), `state.rs` (state
 //!   changes and deletes), `maintenance.rs`, `reads.rs`: the operations.
 //! - `fingerprints.rs` (the dedupe set), `checkpointer.rs`, `wal_sync.rs`
 //!   (deferred syncs), `salvage/` (damage): the parts named above.
-//! - `tests.rs`, `migration_tests.rs`, `lease_tests.rs`: the unit tests.
+//! - `tests.rs`, `migration_tests.rs`, `lease_tests.rs`, `reader_tests.rs`:
+//!   the unit tests.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -164,6 +166,9 @@ mod maintenance;
 #[cfg(test)]
 mod migration_tests;
 mod open;
+#[cfg(test)]
+mod reader_tests;
+mod readers;
 mod reads;
 mod row;
 mod salvage;
@@ -199,6 +204,9 @@ pub struct SqliteRetryQueue {
     path: PathBuf,
     options: StoreOptions,
     evicted: AtomicU64,
+    /// The read connections, and the corrupt records their reads found
+    /// for the next write to quarantine (`sqlite/readers.rs`).
+    readers: readers::Readers,
     /// Skipped records and salvages of a corrupt file (`sqlite/salvage/`).
     salvage: salvage::SalvageState,
     mode: OpenMode,

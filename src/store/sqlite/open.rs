@@ -160,6 +160,7 @@ impl SqliteRetryQueue {
             path,
             options,
             evicted: AtomicU64::new(0),
+            readers: Default::default(),
             salvage: salvage::SalvageState::default(),
             mode,
         };

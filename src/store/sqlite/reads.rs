@@ -1,5 +1,7 @@
-//! Reads: loading items (checking each row, quarantining those that fail),
-//! `get`, `peek`, `list`, `next_due`, `size` and `stats`.
+//! Reads: loading items in a write transaction (checking each row,
+//! quarantining those that fail), and `get`, `peek`, `list`, `next_due`,
+//! `size` and `stats`, which run on the read connections (`readers.rs`),
+//! never under the writer's lock.
 
 use std::sync::atomic::Ordering;
 
@@ -59,6 +61,8 @@ impl SqliteRetryQueue {
         Ok((items, seen))
     }
 
+    /// The item `id`, read in the write transaction `conn` (a corrupt
+    /// record is quarantined at once).
     pub(super) fn get_in(&self, conn: &Connection, id: &str) -> QueueResult<QueueItem> {
         let exists: Option<i64> =
             query_optional(conn, "get", "SELECT 1 FROM items WHERE id = ?1", [id])?;
@@ -76,14 +80,14 @@ impl SqliteRetryQueue {
     pub(super) fn peek_due(&self) -> QueueResult<Option<QueueItem>> {
         let now = to_nanos(self.now());
         self.salvaging(|| {
-            self.write("peek", |tx| {
-                // Loop: a corrupt head is quarantined (or skipped, and then
-                // left out of the query) and the next one tried.
+            self.read("peek", |conn| {
+                // Loop: a corrupt head is remembered (or was skipped), then
+                // left out of the query, and the next one tried.
                 loop {
                     let head: Option<i64> = query_optional(
-                        tx,
+                        conn,
                         "peek",
-                        &self.salvage.exclude_skipped(
+                        &self.exclude_unreadable(
                             "SELECT seq FROM items WHERE status = 0 AND next_retry <= ?1 \
                              ORDER BY next_retry, created_at, id LIMIT 1",
                             "seq",
@@ -91,7 +95,9 @@ impl SqliteRetryQueue {
                         [now],
                     )?;
                     let Some(seq) = head else { return Ok(None) };
-                    if let Some(item) = self.load(tx, "WHERE i.seq = ?1", &[&seq])?.pop() {
+                    if let Some((_, item)) =
+                        self.load_for_read(conn, "WHERE i.seq = ?1", &[&seq])?.pop()
+                    {
                         return Ok(Some(item));
                     }
                 }
@@ -100,12 +106,36 @@ impl SqliteRetryQueue {
     }
 
     pub(super) fn get_item(&self, id: &str) -> QueueResult<QueueItem> {
-        self.salvaging(|| self.write("get", |tx| self.get_in(tx, id)))
+        self.salvaging(|| {
+            self.read("get", |conn| {
+                let seq: Option<i64> =
+                    query_optional(conn, "get", "SELECT seq FROM items WHERE id = ?1", [id])?;
+                let Some(seq) = seq else {
+                    salvage::confirm_missing(conn, [id])?;
+                    return Err(QueueError::not_found(id));
+                };
+                match self.load_for_read(conn, "WHERE i.seq = ?1", &[&seq])?.pop() {
+                    Some((_, item)) => Ok(item),
+                    None => Err(QueueError::Corrupt {
+                        what: id.to_owned(),
+                        detail: match self.suspect_reason(seq) {
+                            Some(reason) => format!(
+                                "record failed its integrity check ({reason}); \
+                                 the next write moves it to quarantine"
+                            ),
+                            None => "record failed its integrity check and cannot be \
+                                     quarantined; it is skipped"
+                                .into(),
+                        },
+                    }),
+                }
+            })
+        })
     }
 
     pub(super) fn next_due_at(&self) -> QueueResult<Option<DateTime<Utc>>> {
         self.salvaging(|| {
-            self.with_conn(|conn| {
+            self.read("next_due", |conn| {
                 let pending: Option<i64> = conn
                     .query_row(
                         "SELECT next_retry FROM items WHERE status = 0 ORDER BY next_retry LIMIT 1",
@@ -133,12 +163,21 @@ impl SqliteRetryQueue {
     }
 
     pub(super) fn item_count(&self) -> QueueResult<usize> {
-        self.salvaging(|| self.with_conn(|conn| Ok(self.totals(conn)?.0 as usize)))
+        // The stored row: a write transaction's own changes to it are not
+        // committed, so not counted yet.
+        self.salvaging(|| {
+            self.read("size", |conn| {
+                let items: i64 =
+                    query_optional(conn, "size", "SELECT items FROM totals WHERE id = 0", [])?
+                        .unwrap_or(0);
+                Ok(items.max(0) as usize)
+            })
+        })
     }
 
     pub(super) fn read_stats(&self) -> QueueResult<QueueStats> {
         let evicted = self.evicted.load(Ordering::Relaxed);
-        let mut stats = self.with_conn(|conn| {
+        let mut stats = self.read("stats", |conn| {
             let mut stats = QueueStats {
                 evicted,
                 ..QueueStats::default()
@@ -228,8 +267,9 @@ impl SqliteRetryQueue {
             filter.offset.min(i64::MAX as usize)
         );
         self.salvaging(|| {
-            self.write("list", |tx| {
-                self.load(tx, &sql, &[&status, &item_type, &now])
+            self.read("list", |conn| {
+                let items = self.load_for_read(conn, &sql, &[&status, &item_type, &now])?;
+                Ok(items.into_iter().map(|(_, item)| item).collect())
             })
         })
     }

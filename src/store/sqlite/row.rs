@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row};
 
 use crate::error::{QueueError, QueueResult};
-use crate::item::{payload_checksum, ItemStatus, ItemType, Payload, QueueItem};
+use crate::item::{payload_checksum, ItemRecord, ItemStatus, ItemType, Payload, QueueItem};
 
 pub(super) const STATUS_PENDING: i64 = 0;
 
@@ -126,7 +126,7 @@ pub(super) fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
     let item_type: String = row.get(1)?;
     Ok(Loaded::Ok {
         seq,
-        item: Box::new(QueueItem {
+        item: Box::new(QueueItem::from(ItemRecord {
             id,
             item_type: ItemType::from(item_type),
             fingerprint: row.get(2)?,
@@ -145,7 +145,7 @@ pub(super) fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
             lease_until: row.get::<_, Option<i64>>(14)?.map(from_nanos),
             lease_owner: row.get(19)?,
             attributes,
-        }),
+        })),
     })
 }
 

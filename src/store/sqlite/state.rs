@@ -222,12 +222,7 @@ impl SqliteRetryQueue {
 
     pub(super) fn revive_one(&self, id: &str) -> QueueResult<QueueItem> {
         self.write("revive", |tx| {
-            self.change_in(tx, id, |item, now| {
-                item.revive(now)?;
-                // Until revive stamps the change itself.
-                item.updated_at = now;
-                Ok(())
-            })
+            self.change_in(tx, id, |item, now| item.revive(now))
         })
     }
 }

@@ -145,11 +145,13 @@ impl SqliteRetryQueue {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_err(op))?;
-            let changes_before = tx.total_changes();
+            let changes_at_start = tx.total_changes();
             let mut wrote = false;
             let outcome = self.finish(op, tx, |tx| {
+                self.quarantine_remembered(tx)?;
+                let changes_before = tx.total_changes();
                 let result = f(tx);
-                wrote = tx.total_changes() != changes_before;
+                wrote = tx.total_changes() != changes_at_start;
                 match result {
                     // Returning it rolls the transaction back.
                     Err(e) if e.is_storage() => Err(e),
@@ -221,6 +223,7 @@ impl SqliteRetryQueue {
                 .map_err(sql_err(op_name));
             let outcome = tx.and_then(|tx| {
                 self.finish(op_name, tx, |tx| {
+                    self.quarantine_remembered(tx)?;
                     let mut results = Vec::with_capacity(results_expected);
                     let mut known = KnownTotals::default();
                     for unit in units {

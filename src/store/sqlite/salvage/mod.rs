@@ -157,6 +157,11 @@ impl SalvageState {
         self.skipped.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Completed salvages since open.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     pub(super) fn is_skipped(&self, seq: i64) -> bool {
         self.skipped().contains(&seq)
     }
@@ -436,6 +441,7 @@ impl SqliteRetryQueue {
         if let Some(old) = conn.take() {
             let _ = old.close();
         }
+        self.readers.reset();
         SALVAGING.with(|flag| flag.set(true));
         let swapped = salvage_file(&self.path, &cause.to_string()).and_then(|_| {
             SqliteRetryQueue::open_with_mode(&self.path, self.options.clone(), self.mode)
