@@ -730,7 +730,7 @@ fn state_changes_record_attempts(b: &'static Backend) {
     assert_eq!(f.q.get("b").unwrap(), m);
 
     // revive: only dead letters.
-    assert_eq!(kind(f.q.revive("a")), "invalid_item");
+    assert_eq!(kind(f.q.revive("a")), "wrong_state");
     f.advance(10);
     let v = f.q.revive("b").unwrap();
     assert_eq!(v.status(), ItemStatus::Pending);

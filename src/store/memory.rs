@@ -344,7 +344,6 @@ impl RetryQueue for MemoryRetryQueue {
         let mut state = self.lock_open()?;
         let item = state.item_mut(id)?;
         item.revive(now)?;
-        item.updated_at = now;
         Ok(item.clone())
     }
 
