@@ -9,15 +9,15 @@
 
 use std::ops::Bound;
 
-use chrono::{DateTime, Utc};
-
 use super::commit::Change;
 use super::index::Index;
 use super::record::file_name;
 use super::{FileRetryQueue, Inner};
 use crate::error::{QueueError, QueueResult};
 use crate::item::QueueItem;
-use crate::store::admission::{self, AdmissionView, Limits, Planner, Totals, Victim, VictimClass};
+use crate::store::admission::{
+    self, AdmissionView, Limits, Planner, Totals, Victim, VictimClass, VictimPage,
+};
 
 /// The planner's view of the index (which only ever shows committed
 /// files).
@@ -44,18 +44,13 @@ impl AdmissionView for View<'_> {
         })
     }
 
-    fn oldest(
-        &mut self,
-        class: VictimClass,
-        after: Option<(DateTime<Utc>, &str)>,
-        limit: usize,
-    ) -> QueueResult<Vec<Victim>> {
+    fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
         let index = self.0;
-        let (set, dead) = match class {
+        let (set, dead) = match page.class {
             VictimClass::DeadLetters => (&index.dead_by_age, true),
             VictimClass::Live => (&index.by_age, false),
         };
-        let start = match after {
+        let start = match page.after {
             Some((t, id)) => Bound::Excluded((t, id.to_owned())),
             None => Bound::Unbounded,
         };
@@ -63,7 +58,7 @@ impl AdmissionView for View<'_> {
             .range((start, Bound::Unbounded))
             .filter_map(|(_, id)| index.entries.get(id))
             .filter(|entry| dead || VictimClass::of(entry.item.status()) == VictimClass::Live)
-            .take(limit)
+            .take(page.limit)
             .map(|entry| Victim::of(&entry.item))
             .collect())
     }
