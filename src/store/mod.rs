@@ -22,6 +22,10 @@
 //!   [`OverflowPolicy`] decides: `Reject` fails with `QueueFull`;
 //!   `DropOldest` evicts the oldest items, dead letters first, counting each.
 //!   An item larger than `max_bytes` on its own is `TooLarge`.
+//! - **One admission policy.** Deduplication and limits are decided by
+//!   [`admission`] for every backend, with the same errors and texts; a
+//!   backend only answers the planner's read view and persists what it
+//!   decided (the conformance suite checks that each one asks).
 //! - **Leases.** `claim` marks ready items `processing` until a lease
 //!   expires; an expired lease returns the item to `pending`
 //!   (`release_expired_leases`, and always when the store is opened).
