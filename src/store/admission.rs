@@ -29,11 +29,12 @@
 //! The planner is pure: it reads the store only through
 //! [`AdmissionView`], does no I/O of its own and reads no clock. It answers
 //! with an [`Admitted`] (the item, and the [`Victim`]s to evict) or a
-//! refusal. [`Admitted`] can only be made here, and a backend gets the
-//! item it stores back out of it ([`Admitted::into_parts`]): a backend's
-//! insert takes an `Admitted`, so nothing is stored that was not admitted.
-//! [`planned_on_this_thread`] counts the decisions, so the conformance
-//! suite also checks at run time that every backend asks.
+//! refusal. [`Admitted`] can only be made here. The memory and files
+//! backends store the item they take back out of it
+//! ([`Admitted::into_parts`]), so they cannot store one that was not
+//! admitted; SQLite writes the row it encoded before asking. For every
+//! backend, [`planned_on_this_thread`] counts the decisions, and the
+//! conformance suite fails any backend that stores without asking.
 //!
 //! The backend then persists exactly that: removes each victim (counting
 //! it in [`super::QueueStats::evicted`]) and stores the item, in the same
