@@ -332,6 +332,37 @@ fn a_delete_that_hits_corruption_ends_with_the_item_gone_and_the_store_salvaged(
 }
 
 #[test]
+fn a_read_that_meets_a_corrupt_file_salvages_it_and_answers_from_the_fresh_one() {
+    // Reads run on connections apart from the writer's: the corruption
+    // they meet must still be salvaged, not reported on every call.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let q = SqliteRetryQueue::open(&path, options()).unwrap();
+    for n in 0..ITEMS {
+        q.enqueue(NewItem::from_json(payload(n).as_bytes()).unwrap())
+            .unwrap();
+    }
+    let claimed = q.claim(ITEMS, LEASE).unwrap();
+    assert_eq!(claimed.len(), ITEMS);
+    break_leased_index(&path);
+    // The earliest lease is looked up in the broken index.
+    let due = q
+        .next_due()
+        .expect("the read is answered from the salvaged store");
+    assert!(due.is_some());
+    assert_eq!(moved_aside(&path).len(), 1);
+    let stats = q.stats().unwrap();
+    assert_eq!((stats.salvaged, stats.salvage_lost), (ITEMS as u64, 0));
+    assert_eq!(stats.processing_items, ITEMS, "{stats:?}");
+    // Writes land on the fresh file too, and no second salvage runs.
+    for item in &claimed {
+        q.delete(&item.id).unwrap();
+    }
+    assert_eq!(q.size().unwrap(), 0);
+    assert_eq!(moved_aside(&path).len(), 1);
+}
+
+#[test]
 fn repair_leaves_a_healthy_database_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.db");
