@@ -966,6 +966,38 @@ mod tests {
     }
 
     #[test]
+    fn a_view_that_fails_fails_the_decision_and_a_refusal_holds_nothing() {
+        /// Fails on `totals`, after the duplicate checks passed.
+        struct Broken(ListView);
+        impl AdmissionView for Broken {
+            fn id_exists(&mut self, id: &str) -> QueueResult<bool> {
+                self.0.id_exists(id)
+            }
+            fn live_ids_with_fingerprint(&mut self, fp: &str) -> QueueResult<Vec<String>> {
+                self.0.live_ids_with_fingerprint(fp)
+            }
+            fn totals(&mut self) -> QueueResult<Totals> {
+                Err(QueueError::storage("totals", "disk on fire"))
+            }
+            fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
+                self.0.oldest(page)
+            }
+        }
+        let l = limits(10, OverflowPolicy::Reject);
+        let mut planner = Planner::new(l);
+        let mut broken = Broken(ListView::of(vec![item("a", 0)]));
+        let failed = planner.decide(&mut broken, item("b", 1), false);
+        assert!(matches!(failed, Err(ref e) if e.is_storage()), "{failed:?}");
+        // A refusal (here the duplicate, found before `totals`) holds
+        // nothing back either.
+        assert_eq!(
+            duplicate_of(planner.decide(&mut broken, item("a", 1), false)),
+            "a"
+        );
+        assert!(planner.is_caught_up());
+    }
+
+    #[test]
     fn every_decision_is_counted() {
         let before = planned_on_this_thread();
         let l = limits(1, OverflowPolicy::Reject);
