@@ -47,7 +47,7 @@ use retryq_plugin::host::PluginError;
 use retryq_plugin::{FingerprintChecker, Pusher};
 use serde::Serialize;
 
-use crate::config::{Isolation, PluginSettings};
+use crate::plugin::{Isolation, PluginSettings};
 
 pub use clients::{ProcessChecker, ProcessPusher};
 pub use conn::signal_name;
