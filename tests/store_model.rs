@@ -16,6 +16,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 use retryq::clock::ManualClock;
 use retryq::item::{NewItem, Payload, QueueItem};
+use retryq::store::admission::planned_on_this_thread;
 use retryq::store::{
     CleanupReport, FileRetryQueue, ListFilter, MemoryRetryQueue, OverflowPolicy, QueueStats,
     RetryQueue, SqliteRetryQueue, StoreOptions, WriteOp, WriteOutcome,
@@ -159,12 +160,17 @@ enum Out {
     Stats(QueueStats),
 }
 
+/// An error by kind; an admission refusal (one planner for every
+/// backend) also by its whole text, which names the duplicate's ID or the
+/// numbers of a full queue.
 fn err(e: QueueError) -> Out {
-    let dup = match &e {
-        QueueError::DuplicateItem { existing_id } => Some(existing_id.clone()),
+    let text = match &e {
+        QueueError::DuplicateItem { .. }
+        | QueueError::QueueFull { .. }
+        | QueueError::TooLarge { .. } => Some(e.to_string()),
         _ => None,
     };
-    Out::Err(e.kind(), dup)
+    Out::Err(e.kind(), text)
 }
 
 fn out<T>(r: QueueResult<T>, f: impl FnOnce(T) -> Out) -> Out {
@@ -316,6 +322,15 @@ fn open_file(dir: &Path, options: StoreOptions) -> QueueResult<Box<dyn RetryQueu
 /// `keeps_live_leases`: the backend returns only expired leases to pending
 /// when it is reopened (SQLite, whose file other processes may share);
 /// otherwise every processing item (the file backend, which is locked).
+/// How many new items `op` offers a store.
+fn offered(op: &Op) -> u64 {
+    match op {
+        Op::Enqueue(_) => 1,
+        Op::EnqueueBatch(items) | Op::EnqueueClaimed { items, .. } => items.len() as u64,
+        _ => 0,
+    }
+}
+
 fn run(
     open: Opener,
     keeps_live_leases: bool,
@@ -362,10 +377,20 @@ fn run(
             Op::Advance(_) => None,
             other => Some(other),
         };
+        let asked_before = planned_on_this_thread();
         let got = match op_for_real {
             Some(op) => apply(&mut real, op, &clock, &mut reopen_real),
             None => Out::Unit,
         };
+        // Every item offered went to the admission planner.
+        let asked = planned_on_this_thread() - asked_before;
+        prop_assert!(
+            asked >= offered(op),
+            "step {} {:?} asked the planner {} times",
+            step,
+            op,
+            asked
+        );
         prop_assert_eq!(&got, &expected, "step {} {:?}", step, op);
         let want_all = model_q.list(&all).unwrap();
         let got_all = real.list(&all).unwrap();
