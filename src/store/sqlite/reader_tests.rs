@@ -174,6 +174,24 @@ fn a_remembered_record_repaired_before_the_next_write_is_not_quarantined() {
 }
 
 #[test]
+fn deleting_a_record_a_read_found_corrupt_deletes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
+    let id = q.enqueue(item(1)).unwrap();
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE payloads SET checksum = checksum + 1", [])
+        .unwrap();
+    assert!(matches!(q.get(&id), Err(QueueError::Corrupt { .. })));
+    // What an operator does next: the delete is answered as one, not as
+    // "not found" because the write moved the record away first.
+    q.delete(&id).unwrap();
+    let stats = q.stats().unwrap();
+    assert_eq!((stats.quarantined, stats.total_items), (0, 0));
+}
+
+#[test]
 fn reads_after_close_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let q = SqliteRetryQueue::open(dir.path().join("q.db"), StoreOptions::default()).unwrap();

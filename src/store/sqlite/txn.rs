@@ -145,14 +145,11 @@ impl SqliteRetryQueue {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_err(op))?;
-            let changes_at_start = tx.total_changes();
+            let changes_before = tx.total_changes();
             let mut wrote = false;
             let outcome = self.finish(op, tx, |tx| {
-                self.quarantine_remembered(tx)?;
-                let changes_before = tx.total_changes();
                 let result = f(tx);
-                wrote = tx.total_changes() != changes_at_start;
-                match result {
+                let result = match result {
                     // Returning it rolls the transaction back.
                     Err(e) if e.is_storage() => Err(e),
                     // A refusal wrote nothing, or moved a corrupt record to
@@ -162,7 +159,12 @@ impl SqliteRetryQueue {
                         Ok(Err(e))
                     }
                     Ok(out) => Ok(Ok(out)),
+                };
+                if result.is_ok() {
+                    self.quarantine_remembered(tx)?;
                 }
+                wrote = tx.total_changes() != changes_before;
+                result
             });
             if outcome.is_ok() && wrote {
                 self.nudge_checkpointer();
@@ -223,12 +225,12 @@ impl SqliteRetryQueue {
                 .map_err(sql_err(op_name));
             let outcome = tx.and_then(|tx| {
                 self.finish(op_name, tx, |tx| {
-                    self.quarantine_remembered(tx)?;
                     let mut results = Vec::with_capacity(results_expected);
                     let mut known = KnownTotals::default();
                     for unit in units {
                         apply(tx, unit, &mut known, &mut results)?;
                     }
+                    self.quarantine_remembered(tx)?;
                     Ok(results)
                 })
             });
