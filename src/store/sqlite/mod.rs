@@ -171,6 +171,7 @@ mod maintenance;
 #[cfg(test)]
 mod migration_tests;
 mod open;
+mod private_files;
 #[cfg(test)]
 mod reader_tests;
 mod readers;
