@@ -176,8 +176,8 @@ impl QueueError {
     }
 
     /// Shorthand for [`QueueError::ItemNotFound`].
-    pub fn not_found(id: impl Into<String>) -> Self {
-        QueueError::ItemNotFound { id: id.into() }
+    pub fn not_found(id: &str) -> Self {
+        QueueError::ItemNotFound { id: id.to_owned() }
     }
 
     /// A short stable name for the error kind, for logs, metrics and JSON.

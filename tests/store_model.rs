@@ -8,6 +8,8 @@
 //! prefix look-alikes happen), payloads from a pool of sizes (so the byte
 //! limit bites), time from a shared `ManualClock` moved in whole seconds.
 
+use retryq::item::ItemId;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,7 +137,7 @@ fn t0() -> DateTime<Utc> {
 fn new_item(e: &Enq, now: DateTime<Utc>) -> NewItem {
     let report =
         Payload::from_json_str(&format!("{{\"p\":\"{}\"}}", "x".repeat(SIZES[e.size]))).unwrap();
-    let mut item = NewItem::new(report).with_id(IDS[e.id]);
+    let mut item = NewItem::new(report).with_id(ItemId::parse(IDS[e.id]).unwrap());
     if let Some(fp) = e.fingerprint {
         item = item.with_fingerprint(format!("fp{fp}"));
     }
@@ -150,7 +152,7 @@ fn new_item(e: &Enq, now: DateTime<Utc>) -> NewItem {
 enum Out {
     Err(&'static str, Option<String>),
     Unit,
-    Id(String),
+    Id(ItemId),
     Ids(Vec<Out>),
     Item(Option<QueueItem>),
     Items(Vec<QueueItem>),
@@ -195,7 +197,7 @@ fn outcomes(results: Vec<QueueResult<WriteOutcome>>) -> Out {
     )
 }
 
-fn normalize_ids(results: Vec<QueueResult<String>>) -> Out {
+fn normalize_ids(results: Vec<QueueResult<ItemId>>) -> Out {
     Out::Ids(results.into_iter().map(|r| out(r, Out::Id)).collect())
 }
 
@@ -251,22 +253,27 @@ fn apply(
         Op::Claim { limit, lease } => out(q.claim(*limit, secs(*lease)), Out::Items),
         Op::Dequeue => out(q.dequeue(), Out::Item),
         Op::Peek => out(q.peek(), Out::Item),
-        Op::Get(id) => out(q.get(IDS[*id]), |i| Out::Item(Some(i))),
+        Op::Get(id) => out(q.get(&ItemId::parse(IDS[*id]).unwrap()), |i| {
+            Out::Item(Some(i))
+        }),
         Op::Requeue { id, delay } => out(
             q.requeue(
-                IDS[*id],
+                &ItemId::parse(IDS[*id]).unwrap(),
                 "retry later",
                 now + chrono::Duration::seconds(i64::from(*delay)),
             ),
             |i| Out::Item(Some(i)),
         ),
-        Op::MarkFailed(id) => out(q.mark_failed(IDS[*id], "dead"), |i| Out::Item(Some(i))),
-        Op::Delete(id) => out(q.delete(IDS[*id]), |()| Out::Unit),
+        Op::MarkFailed(id) => out(
+            q.mark_failed(&ItemId::parse(IDS[*id]).unwrap(), "dead"),
+            |i| Out::Item(Some(i)),
+        ),
+        Op::Delete(id) => out(q.delete(&ItemId::parse(IDS[*id]).unwrap()), |()| Out::Unit),
         Op::AckBatch { ids, deferred } => {
             let ops = ids
                 .iter()
                 .map(|id| WriteOp::Delete {
-                    id: IDS[*id].into(),
+                    id: ItemId::parse(IDS[*id]).unwrap(),
                 })
                 .collect();
             let applied = if *deferred {
@@ -279,8 +286,10 @@ fn apply(
             };
             out(applied, outcomes)
         }
-        Op::Revive(id) => out(q.revive(IDS[*id]), |i| Out::Item(Some(i))),
-        Op::Release(id) => out(q.release(IDS[*id]), |()| Out::Unit),
+        Op::Revive(id) => out(q.revive(&ItemId::parse(IDS[*id]).unwrap()), |i| {
+            Out::Item(Some(i))
+        }),
+        Op::Release(id) => out(q.release(&ItemId::parse(IDS[*id]).unwrap()), |()| Out::Unit),
         Op::ReleaseExpired => out(q.release_expired_leases(), Out::Count),
         Op::NextDue => out(q.next_due(), Out::Time),
         Op::Advance(s) => {

@@ -11,6 +11,7 @@ use super::fingerprints::FingerprintIndex;
 use super::row::sql_err;
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
+use crate::item::ItemId;
 use crate::store::{PendingSync, WriteOp, WriteOutcome};
 
 /// Changes to the item count and byte total not yet written to `totals`.
@@ -263,7 +264,7 @@ impl SqliteRetryQueue {
         // everything else one op at a time, in order.
         enum Unit {
             One(WriteOp),
-            Deletes(Vec<String>),
+            Deletes(Vec<ItemId>),
         }
         let count = ops.len();
         let mut units: Vec<Unit> = Vec::new();
