@@ -102,7 +102,7 @@ pub struct QueueItem {
     /// Identity of the content for deduplication (SHA-256 of the payload by default).
     pub fingerprint: String,
     state: ItemState,
-    /// The report itself.
+    /// The JSON document the producer handed in, sent upstream as is.
     pub report: Payload,
     /// Delivery attempts made so far (every failed push counts one).
     pub attempts: u32,
@@ -187,7 +187,7 @@ impl QueueItem {
 /// wants to choose; the store fills in the rest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewItem {
-    /// The report.
+    /// The JSON document to deliver.
     pub report: Payload,
     /// Report type (default `findings`).
     pub item_type: ItemType,
@@ -197,9 +197,9 @@ pub struct NewItem {
     pub fingerprint: Option<String>,
     /// Attempts allowed; the store's default when `None`.
     pub max_attempts: Option<u32>,
-    /// Producing agent.
+    /// Free text naming the agent that produced the report.
     pub agent_id: String,
-    /// Producing scanner.
+    /// Free text naming the scanner that produced the report.
     pub scanner_name: String,
     /// What was scanned.
     pub target_path: String,

@@ -276,12 +276,12 @@ pub enum WriteOp {
     },
     /// [`RetryQueue::delete`] (an acknowledgement).
     Delete {
-        /// Item ID.
+        /// The item acknowledged.
         id: ItemId,
     },
     /// [`RetryQueue::requeue`].
     Requeue {
-        /// Item ID.
+        /// The item whose attempt failed.
         id: ItemId,
         /// Why the attempt failed.
         error: String,
@@ -290,14 +290,14 @@ pub enum WriteOp {
     },
     /// [`RetryQueue::mark_failed`].
     MarkFailed {
-        /// Item ID.
+        /// The item to make a dead letter.
         id: ItemId,
         /// Why it is a dead letter.
         reason: String,
     },
     /// [`RetryQueue::release`].
     Release {
-        /// Item ID.
+        /// The claimed item to give back.
         id: ItemId,
     },
 }
@@ -333,7 +333,7 @@ impl WriteOutcome {
 pub trait RetryQueue: Send + Sync {
     /// Stores a new item, durably, and returns its ID.
     ///
-    /// Errors: `InvalidItem` (bad ID, fingerprint or max_attempts),
+    /// Errors: `InvalidItem` (bad fingerprint, type or max_attempts),
     /// `DuplicateItem`, `QueueFull`, `TooLarge`, `Storage`, `QueueClosed`.
     fn enqueue(&self, item: NewItem) -> QueueResult<ItemId>;
 
@@ -390,7 +390,7 @@ pub trait RetryQueue: Send + Sync {
     ) -> QueueResult<QueueItem>;
 
     /// Brings a dead letter back: status `pending`, `attempts = 0`, due now,
-    /// `last_error` kept. `InvalidItem` if the item is not `failed`.
+    /// `last_error` kept. `WrongState` (naming its status) if the item is not `failed`.
     fn revive(&self, id: &ItemId) -> QueueResult<QueueItem>;
 
     /// Returns a `processing` item to `pending` without counting an attempt
