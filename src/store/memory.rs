@@ -539,7 +539,7 @@ mod tests {
         q.mark_failed(&ItemId::parse("a").unwrap(), "gone").unwrap();
         assert_eq!(q.enqueue(item("b", "1")).unwrap(), "b");
         assert_eq!(kind(q.enqueue(item("a", "3"))), "duplicate_item");
-        assert_eq!(kind(q.enqueue(item("../x", "4"))), "invalid_item");
+        assert_eq!(kind(ItemId::parse("../x")), "invalid_item");
         assert_eq!(
             kind(q.enqueue(item("c", "5").with_fingerprint(" "))),
             "invalid_item"

@@ -137,7 +137,7 @@ fn batch_reports_per_item_and_dedupes_within() {
         .enqueue_batch(vec![
             new_item(1),
             new_item(1),
-            new_item(2).with_id(ItemId::parse("bad/id").unwrap()),
+            new_item(2).with_max_attempts(0),
             new_item(3),
         ])
         .unwrap();
