@@ -87,7 +87,7 @@ fn expand_use_tree(tree: &str) -> Vec<String> {
     parts
         .into_iter()
         .filter(|p| !p.is_empty())
-        .flat_map(|p| expand_use_tree(p))
+        .flat_map(expand_use_tree)
         .map(|p| format!("{prefix}{p}"))
         .collect()
 }

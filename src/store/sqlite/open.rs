@@ -26,11 +26,11 @@ use rusqlite::Connection;
 
 use super::checkpointer::Checkpointer;
 use super::fingerprints::FingerprintIndex;
+use super::private_files::{create_private_dir, set_private_file};
 use super::row::sql_err;
 use super::schema::{migrate, SCHEMA_VERSION};
 use super::txn::TotalsDelta;
 use super::wal_sync::WalSync;
-use super::private_files::{create_private_dir, set_private_file};
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
 use crate::store::{RetryQueue, StoreOptions};
