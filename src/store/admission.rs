@@ -29,12 +29,12 @@
 //! The planner is pure: it reads the store only through
 //! [`AdmissionView`], does no I/O of its own and reads no clock. It answers
 //! with an [`Admitted`] (the item, and the [`Victim`]s to evict) or a
-//! refusal. [`Admitted`] can only be made here. The memory and files
-//! backends store the item they take back out of it
-//! ([`Admitted::into_parts`]), so they cannot store one that was not
-//! admitted; SQLite writes the row it encoded before asking. For every
-//! backend, [`planned_on_this_thread`] counts the decisions, and the
-//! conformance suite fails any backend that stores without asking.
+//! refusal. [`Admitted`] can only be made here, and each backend's
+//! insert takes one (memory and files the item they take back out of it,
+//! SQLite the row it encoded before asking, as a [`Candidate`]), so no
+//! backend can store an item that was not admitted. At run time,
+//! [`planned_on_this_thread`] counts the decisions, and the conformance
+//! suite fails any backend that stores without asking.
 //!
 //! The backend then persists exactly that: removes each victim (counting
 //! it in [`super::QueueStats::evicted`]) and stores the item, in the same
@@ -87,7 +87,6 @@
 //! `id_exists` is not asked for an ID the store generated itself
 //! (`fresh_id`): a new UUIDv7 cannot collide, and a round trip is saved.
 
-use std::borrow::Borrow;
 use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -169,7 +168,7 @@ impl Victim {
     /// The victim an item would be.
     pub fn of(item: &QueueItem) -> Self {
         Victim {
-            id: item.id.to_string(),
+            id: item.id.clone(),
             created_at: item.created_at,
             size_bytes: item.size_bytes(),
             held: false,
@@ -220,10 +219,28 @@ impl VictimPage<'_> {
     }
 }
 
+/// What the planner admits: the new item, as a backend holds it on its
+/// way to storage (owned, borrowed, or already encoded with it).
+pub trait Candidate {
+    /// The new item.
+    fn item(&self) -> &QueueItem;
+}
+
+impl Candidate for QueueItem {
+    fn item(&self) -> &QueueItem {
+        self
+    }
+}
+
+impl Candidate for &QueueItem {
+    fn item(&self) -> &QueueItem {
+        self
+    }
+}
+
 /// An item the planner admitted, and what must be evicted to make room
 /// for it. Only this module makes one: storing a new item starts from it.
-/// `T` is how the caller handed the item in (owned, or borrowed by a
-/// backend that encodes it before asking).
+/// `T` is how the caller handed the item in ([`Candidate`]).
 #[derive(Debug)]
 #[must_use = "an admitted item is stored, and its victims evicted, by the backend"]
 pub struct Admitted<T = QueueItem> {
@@ -231,15 +248,20 @@ pub struct Admitted<T = QueueItem> {
     evict: Vec<Victim>,
 }
 
-impl<T: Borrow<QueueItem>> Admitted<T> {
+impl<T: Candidate> Admitted<T> {
     /// The item to store.
     pub fn item(&self) -> &QueueItem {
-        self.item.borrow()
+        self.item.item()
     }
 
     /// What to evict, in eviction order.
     pub fn evictions(&self) -> &[Victim] {
         &self.evict
+    }
+
+    /// The admitted item as the caller handed it in.
+    pub fn candidate(&self) -> &T {
+        &self.item
     }
 
     /// The item to store and the victims to evict.
@@ -265,7 +287,7 @@ pub fn queue_full(limits: &Limits, totals: Totals, size: u64) -> QueueError {
 /// Admits one item against a view that shows every earlier decision
 /// already persisted (see "Batches" in the module doc). `fresh_id`: the
 /// store generated the ID itself, so it needs no look-up.
-pub fn admit<T: Borrow<QueueItem>>(
+pub fn admit<T: Candidate>(
     limits: &Limits,
     view: &mut impl AdmissionView,
     item: T,
@@ -383,7 +405,7 @@ impl Planner {
 
     /// Admits or refuses `item`, as if every item this planner admitted
     /// were stored and every victim it chose were gone.
-    pub fn decide<T: Borrow<QueueItem>>(
+    pub fn decide<T: Candidate>(
         &mut self,
         view: &mut impl AdmissionView,
         item: T,
@@ -391,13 +413,13 @@ impl Planner {
     ) -> QueueResult<Decision<T>> {
         count_decision();
         let limits = self.limits;
-        let new: &QueueItem = item.borrow();
+        let new: &QueueItem = item.item();
         // 1. The same ID, in any status.
         let taken = self.held.contains_key(new.id.as_str())
             || (!fresh_id && !self.evicted.contains(new.id.as_str()) && view.id_exists(&new.id)?);
         if taken {
             return Ok(Err(QueueError::DuplicateItem {
-                existing_id: new.id.to_string(),
+                existing_id: new.id.clone(),
             }));
         }
         // 2. The same fingerprint among live items: the smallest ID.
@@ -553,15 +575,15 @@ impl Planner {
         }
         let class = VictimClass::of(item.status());
         self.held_order
-            .insert((class, item.created_at, item.id.to_string()));
+            .insert((class, item.created_at, item.id.clone()));
         if class == VictimClass::Live {
             self.held_live
                 .entry(item.fingerprint.clone())
                 .or_default()
-                .insert(item.id.to_string());
+                .insert(item.id.clone());
         }
         self.held.insert(
-            item.id.to_string(),
+            item.id.clone(),
             Held {
                 fingerprint: item.fingerprint.clone(),
                 size_bytes: size,
@@ -577,7 +599,6 @@ impl Planner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::item::ItemId;
     use crate::item::{NewItem, Payload};
     use chrono::TimeZone;
 
@@ -589,7 +610,7 @@ mod tests {
     /// `fp` is given.
     fn item_fp(id: &str, at: i64, fp: &str) -> QueueItem {
         NewItem::new(Payload::from_json_str("1").unwrap())
-            .with_id(ItemId::parse(id).unwrap())
+            .with_id(id)
             .with_fingerprint(fp)
             .into_item(t(at), 3)
             .unwrap()
@@ -648,7 +669,7 @@ mod tests {
                 .items
                 .iter()
                 .filter(|i| i.fingerprint == fingerprint && i.status() != ItemStatus::Failed)
-                .map(|i| i.id.to_string())
+                .map(|i| i.id.clone())
                 .collect())
         }
 
@@ -749,13 +770,13 @@ mod tests {
         let mut view = ListView::of(vec![item("a", 0)]);
         let big =
             NewItem::new(Payload::from_json_str(&format!("\"{}\"", "x".repeat(200))).unwrap())
-                .with_id(ItemId::parse("a").unwrap())
+                .with_id("a")
                 .into_item(t(1), 3)
                 .unwrap();
         // A big duplicate is a duplicate.
         assert_eq!(duplicate_of(admit(&l, &mut view, big.clone(), false)), "a");
         let mut big = big;
-        big.id = ItemId::parse("big").unwrap();
+        big.id = "big".into();
         match refused(admit(&l, &mut view, big, false)) {
             QueueError::TooLarge { size, limit } => {
                 assert!(size > 100);
@@ -836,7 +857,7 @@ mod tests {
         let big = NewItem::new(
             Payload::from_json_str(&format!("\"{}\"", "b".repeat(size as usize * 9))).unwrap(),
         )
-        .with_id(ItemId::parse("big").unwrap())
+        .with_id("big")
         .into_item(t(30), 3)
         .unwrap();
         let need = big.size_bytes().div_ceil(size);

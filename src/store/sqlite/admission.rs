@@ -12,12 +12,12 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::fingerprints::{self, FingerprintIndex};
-use super::row::{from_nanos, query_optional, sql_err, to_nanos, STATUS_FAILED};
+use super::row::{from_nanos, query_optional, sql_err, to_nanos, ItemRow, STATUS_FAILED};
 use super::SqliteRetryQueue;
 use crate::error::QueueResult;
 use crate::item::QueueItem;
 use crate::store::admission::{
-    self, AdmissionView, Limits, Totals, Victim, VictimClass, VictimPage,
+    self, AdmissionView, Admitted, Candidate, Limits, Totals, Victim, VictimClass, VictimPage,
 };
 use crate::store::OverflowPolicy;
 
@@ -134,24 +134,29 @@ impl AdmissionView for View<'_> {
     }
 }
 
+impl Candidate for ItemRow<'_> {
+    fn item(&self) -> &QueueItem {
+        self.item
+    }
+}
+
 impl SqliteRetryQueue {
-    /// Asks the planner whether `item` (of `size` accounted bytes) may be
-    /// stored as a new row, and evicts what it chose to make room.
-    /// Refuses, having written nothing, as the planner says. `caller_id`:
-    /// the caller chose the ID (a fresh UUIDv7 cannot collide).
-    pub(super) fn admit(
+    /// Asks the planner whether the item of `row` may be stored as a new
+    /// row, and evicts what it chose to make room. Refuses, having written
+    /// nothing, as the planner says; the row is inserted from the returned
+    /// token. `caller_id`: the caller chose the ID (a fresh UUIDv7 cannot
+    /// collide).
+    pub(super) fn admit<'a>(
         &self,
         conn: &Connection,
-        item: &QueueItem,
+        row: ItemRow<'a>,
         caller_id: bool,
-        size: u64,
         known: &mut KnownTotals,
-    ) -> QueueResult<()> {
-        debug_assert_eq!(size, item.size_bytes());
+    ) -> QueueResult<Admitted<ItemRow<'a>>> {
         let mut view = View::new(self, conn, known);
-        let admitted = admission::admit(&Limits::of(&self.options), &mut view, item, !caller_id)??;
-        let (_, victims) = admitted.into_parts();
-        self.evict(&mut view, &victims)
+        let admitted = admission::admit(&Limits::of(&self.options), &mut view, row, !caller_id)??;
+        self.evict(&mut view, admitted.evictions())?;
+        Ok(admitted)
     }
 
     /// Deletes the planner's victims, counting each.

@@ -9,7 +9,7 @@ use super::admission::KnownTotals;
 use super::row::{insert_item, sql_err, ItemRow};
 use super::SqliteRetryQueue;
 use crate::error::{QueueError, QueueResult};
-use crate::item::{payload_checksum, ItemId, NewItem, QueueItem};
+use crate::item::{payload_checksum, NewItem, QueueItem};
 use crate::store::WriteOutcome;
 
 impl SqliteRetryQueue {
@@ -48,8 +48,8 @@ impl SqliteRetryQueue {
     ) -> QueueResult<QueueItem> {
         let row = ItemRow::new(&item)?;
         let size = row.size_bytes as u64; // computed once, by ItemRow::new
-        self.admit(conn, &item, caller_id, size, known)?;
-        let seq = insert_item(conn, &row)?;
+        let admitted = self.admit(conn, row, caller_id, known)?;
+        let seq = insert_item(conn, &admitted)?;
         self.count_change(1, size as i64);
         known.admitted(size);
         conn.prepare_cached(
@@ -64,13 +64,16 @@ impl SqliteRetryQueue {
         })
         .map_err(sql_err("enqueue"))?;
         if self.options.dedupe {
-            self.fingerprints()
-                .record(seq, None, Some((&item.fingerprint, row.status)));
+            self.fingerprints().record(
+                seq,
+                None,
+                Some((&item.fingerprint, admitted.candidate().status)),
+            );
         }
         Ok(item)
     }
 
-    pub(super) fn enqueue_one(&self, item: NewItem) -> QueueResult<ItemId> {
+    pub(super) fn enqueue_one(&self, item: NewItem) -> QueueResult<String> {
         self.salvaging(|| {
             self.write("enqueue", |tx| {
                 self.enqueue_in(tx, item.clone(), None, &mut KnownTotals::default())
@@ -82,7 +85,7 @@ impl SqliteRetryQueue {
     pub(super) fn enqueue_many(
         &self,
         items: Vec<NewItem>,
-    ) -> QueueResult<Vec<QueueResult<ItemId>>> {
+    ) -> QueueResult<Vec<QueueResult<String>>> {
         let results = self.salvaging(|| {
             self.batch("enqueue_batch", items.clone(), |conn, item, known| {
                 self.enqueue_in(conn, item, None, known)
@@ -91,13 +94,7 @@ impl SqliteRetryQueue {
         })?;
         Ok(results
             .into_iter()
-            .map(|r| {
-                r.and_then(|o| {
-                    o.into_enqueued_id().ok_or_else(|| {
-                        QueueError::internal("enqueue_batch", "an enqueue reported no ID")
-                    })
-                })
-            })
+            .map(|r| r.map(|o| o.into_enqueued_id().unwrap_or_default()))
             .collect())
     }
 

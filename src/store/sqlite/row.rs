@@ -6,9 +6,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row};
 
 use crate::error::{QueueError, QueueResult};
-use crate::item::{
-    payload_checksum, ItemId, ItemRecord, ItemStatus, ItemType, Payload, QueueItem,
-};
+use crate::item::{payload_checksum, ItemRecord, ItemStatus, ItemType, Payload, QueueItem};
+use crate::store::admission::Admitted;
 
 pub(super) const STATUS_PENDING: i64 = 0;
 
@@ -125,18 +124,6 @@ pub(super) fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
             })
         }
     };
-    // The ID is checked where it comes back in: a row naming a bad one is
-    // refused like any other failed check.
-    let id = match ItemId::try_from(id.clone()) {
-        Ok(checked) => checked,
-        Err(e) => {
-            return Ok(Loaded::Bad {
-                seq,
-                id,
-                reason: e.to_string(),
-            })
-        }
-    };
     let item_type: String = row.get(1)?;
     Ok(Loaded::Ok {
         seq,
@@ -245,8 +232,10 @@ impl<'a> ItemRow<'a> {
     }
 }
 
-/// Inserts an item's metadata row; returns its `seq`.
-pub(super) fn insert_item(conn: &Connection, row: &ItemRow<'_>) -> QueueResult<i64> {
+/// Inserts an admitted item's metadata row; returns its `seq`. Only the
+/// admission planner's token ([`Admitted`]) carries a new row here.
+pub(super) fn insert_item(conn: &Connection, admitted: &Admitted<ItemRow<'_>>) -> QueueResult<i64> {
+    let row = admitted.candidate();
     conn.prepare_cached(
         "INSERT OR FAIL INTO items (id, item_type, fingerprint, status, attempts, max_attempts, \
          last_error, last_attempt, next_retry, created_at, updated_at, agent_id, scanner_name, \
