@@ -168,7 +168,7 @@ impl Victim {
     /// The victim an item would be.
     pub fn of(item: &QueueItem) -> Self {
         Victim {
-            id: item.id.clone(),
+            id: item.id.to_string(),
             created_at: item.created_at,
             size_bytes: item.size_bytes(),
             held: false,
@@ -419,7 +419,7 @@ impl Planner {
             || (!fresh_id && !self.evicted.contains(new.id.as_str()) && view.id_exists(&new.id)?);
         if taken {
             return Ok(Err(QueueError::DuplicateItem {
-                existing_id: new.id.clone(),
+                existing_id: new.id.to_string(),
             }));
         }
         // 2. The same fingerprint among live items: the smallest ID.
@@ -575,15 +575,15 @@ impl Planner {
         }
         let class = VictimClass::of(item.status());
         self.held_order
-            .insert((class, item.created_at, item.id.clone()));
+            .insert((class, item.created_at, item.id.to_string()));
         if class == VictimClass::Live {
             self.held_live
                 .entry(item.fingerprint.clone())
                 .or_default()
-                .insert(item.id.clone());
+                .insert(item.id.to_string());
         }
         self.held.insert(
-            item.id.clone(),
+            item.id.to_string(),
             Held {
                 fingerprint: item.fingerprint.clone(),
                 size_bytes: size,
@@ -599,6 +599,7 @@ impl Planner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::item::ItemId;
     use crate::item::{NewItem, Payload};
     use chrono::TimeZone;
 
@@ -610,7 +611,7 @@ mod tests {
     /// `fp` is given.
     fn item_fp(id: &str, at: i64, fp: &str) -> QueueItem {
         NewItem::new(Payload::from_json_str("1").unwrap())
-            .with_id(id)
+            .with_id(ItemId::parse(id).unwrap())
             .with_fingerprint(fp)
             .into_item(t(at), 3)
             .unwrap()
@@ -669,7 +670,7 @@ mod tests {
                 .items
                 .iter()
                 .filter(|i| i.fingerprint == fingerprint && i.status() != ItemStatus::Failed)
-                .map(|i| i.id.clone())
+                .map(|i| i.id.to_string())
                 .collect())
         }
 
@@ -770,13 +771,13 @@ mod tests {
         let mut view = ListView::of(vec![item("a", 0)]);
         let big =
             NewItem::new(Payload::from_json_str(&format!("\"{}\"", "x".repeat(200))).unwrap())
-                .with_id("a")
+                .with_id(ItemId::parse("a").unwrap())
                 .into_item(t(1), 3)
                 .unwrap();
         // A big duplicate is a duplicate.
         assert_eq!(duplicate_of(admit(&l, &mut view, big.clone(), false)), "a");
         let mut big = big;
-        big.id = "big".into();
+        big.id = ItemId::parse("big").unwrap();
         match refused(admit(&l, &mut view, big, false)) {
             QueueError::TooLarge { size, limit } => {
                 assert!(size > 100);
@@ -857,7 +858,7 @@ mod tests {
         let big = NewItem::new(
             Payload::from_json_str(&format!("\"{}\"", "b".repeat(size as usize * 9))).unwrap(),
         )
-        .with_id("big")
+        .with_id(ItemId::parse("big").unwrap())
         .into_item(t(30), 3)
         .unwrap();
         let need = big.size_bytes().div_ceil(size);
