@@ -122,12 +122,12 @@ impl RetryWorker {
         self
     }
 
-    /// The configuration.
+    /// The configuration as validated by [`RetryWorker::new`].
     pub fn config(&self) -> &RetryWorkerConfig {
         &self.shared.config
     }
 
-    /// The queue.
+    /// The store this worker delivers from; the API reads it directly.
     pub fn queue(&self) -> &Arc<dyn RetryQueue> {
         &self.queue
     }
@@ -425,7 +425,7 @@ impl RetryWorker {
         }
     }
 
-    /// Counters and state.
+    /// Counters, gates and the store's health, read at once.
     pub fn stats(&self) -> WorkerStats {
         let circuit_state = self.shared.circuit_state();
         let is_running = self.is_running();

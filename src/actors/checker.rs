@@ -29,7 +29,7 @@ pub fn check_guarded(
     )
 }
 
-/// The checker actor.
+/// Asks the optional fingerprint checker about one claimed batch at a time.
 pub struct CheckerActor {
     checker: Arc<dyn FingerprintChecker>,
     timeout: Duration,

@@ -10,7 +10,7 @@ use super::messages::{Maintain, Tick};
 use super::store::StoreActor;
 use crate::delivery::Shared;
 
-/// The janitor actor.
+/// Sends the store actor one `Maintain` per tick of its timer.
 pub struct JanitorActor {
     shared: Arc<Shared>,
     store: Addr<StoreActor>,

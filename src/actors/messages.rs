@@ -33,9 +33,9 @@ pub struct Apply(pub Vec<WriteOp>);
 #[derive(Debug, Message)]
 #[rtype(result = "QueueResult<Vec<QueueItem>>")]
 pub struct Claim {
-    /// Most items.
+    /// Most items to claim; the scheduler asks for one while probing.
     pub limit: usize,
-    /// Lease length.
+    /// How long the claimed items stay leased before anyone may release them.
     pub lease: Duration,
 }
 
@@ -66,7 +66,7 @@ pub struct Push(pub QueueItem);
 /// The transport's answer for one item.
 #[derive(Debug, Clone)]
 pub struct PushReport {
-    /// The item pushed.
+    /// The item as it was claimed, so the outcome is decided against its attempts.
     pub item: QueueItem,
     /// What the upstream said (a contained panic is `Retryable`).
     pub outcome: PushOutcome,

@@ -47,7 +47,7 @@ pub enum CircuitTransition {
     },
     /// A probe failed: open again for a longer cool-down.
     Reopened {
-        /// The new cool-down.
+        /// The doubled cool-down, capped by `max_cooldown`.
         cooldown: Duration,
     },
     /// A success closed an open or half-open circuit.
@@ -59,7 +59,7 @@ pub enum CircuitTransition {
 pub struct CircuitPolicy {
     /// Consecutive failures that open the circuit; 0 disables it.
     pub threshold: u32,
-    /// The first cool-down.
+    /// The cool-down after the circuit first opens; each failed probe doubles it.
     pub cooldown: Duration,
     /// The longest cool-down a run of failed probes reaches.
     pub max_cooldown: Duration,

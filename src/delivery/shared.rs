@@ -66,11 +66,11 @@ pub struct DeliveryState {
     pub unauthorized_since: Option<DateTime<Utc>>,
     /// What the upstream said when it refused our credentials.
     pub unauthorized_reason: Option<String>,
-    /// The circuit breaker.
+    /// Opens after consecutive retryable failures; see [`CircuitBreaker`].
     pub circuit: CircuitBreaker,
     /// Whether the store refuses writes, and the backoff that follows.
     pub store_health: StoreHealth,
-    /// Counters.
+    /// What `stats` reports; updated under the same lock as the gates.
     pub stats: WorkerStats,
 }
 
@@ -116,17 +116,17 @@ impl DeliveryState {
 /// State shared by the worker handle and its actors; it outlives actor
 /// restarts, which is what keeps a restarted actor's state intact.
 pub struct Shared {
-    /// Configuration.
+    /// Validated once by `RetryWorker::new`; never changes while running.
     pub config: RetryWorkerConfig,
     /// Where "now" comes from.
     pub clock: SharedClock,
-    /// Gates and counters.
+    /// Gates and counters, under one lock so a `stats` call sees them agree.
     pub state: Mutex<DeliveryState>,
     /// IDs claimed by this worker and not yet settled.
     pub in_flight: Mutex<HashSet<ItemId>>,
-    /// Event stream.
+    /// Every outcome, for subscribers; a slow subscriber loses the oldest.
     pub events: broadcast::Sender<WorkerEvent>,
-    /// Host callbacks.
+    /// The host's `on_success` / `on_fail` / `on_exhaust` callbacks, run by `Shared::emit`.
     pub callbacks: std::sync::RwLock<Callbacks>,
     /// Set by `stop`: a supervisor restart must not resume delivery.
     pub shutdown: std::sync::atomic::AtomicBool,

@@ -45,7 +45,7 @@ pub struct StoreFailure {
 pub enum StoreHealthLog {
     /// The first failure of a run.
     Failing {
-        /// The error.
+        /// The store's message, logged once at the start of the run.
         error: String,
     },
     /// The run goes on: `count` failures so far, `unlogged` of them since

@@ -77,7 +77,7 @@ pub struct RetryWorkerConfig {
     /// Retry timing (the `[backoff]` section).
     #[serde(skip)]
     pub backoff: BackoffConfig,
-    /// Transport threads.
+    /// Pushes in flight at once, each on its own call thread.
     pub concurrency: usize,
     /// How long a claimed item stays leased before it returns to pending.
     #[serde(with = "humantime_serde")]
@@ -247,7 +247,7 @@ pub struct WorkerStats {
     /// Since when delivery is paused.
     #[serde(default)]
     pub paused_since: Option<DateTime<Utc>>,
-    /// The circuit breaker.
+    /// The breaker's state when `stats` was taken.
     pub circuit_state: CircuitState,
     /// While the store refuses writes (a full disk, an I/O error): the
     /// last error, and delivery backs off until a write succeeds again.
@@ -343,7 +343,7 @@ pub enum WorkerError {
     /// The actor system could not be started.
     #[error("could not start the worker: {0}")]
     Start(String),
-    /// The queue refused.
+    /// The store's own error, kept whole.
     #[error(transparent)]
     Queue(#[from] QueueError),
 }

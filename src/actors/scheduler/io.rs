@@ -20,22 +20,22 @@ use crate::store::{RetryQueue, WriteOp, WriteOutcome};
 pub enum Io {
     /// Through the running actors.
     Actors {
-        /// Store actor.
+        /// Claims and writes go through its group commit.
         store: Addr<StoreActor>,
-        /// Pusher pool.
+        /// Bounds the pushes to `concurrency` and enforces their deadline.
         pusher: Addr<PusherActor>,
         /// Checker, if configured.
         checker: Option<Addr<CheckerActor>>,
     },
     /// Direct calls, for `process_now` before start or after stop.
     Direct {
-        /// The queue.
+        /// Called on tokio's blocking pool, one call per claim or write.
         queue: Arc<dyn RetryQueue>,
-        /// The transport.
+        /// Called with no actor around it, under `timeout`.
         pusher: Arc<dyn Pusher>,
         /// The checker, if configured.
         checker: Option<Arc<dyn FingerprintChecker>>,
-        /// Per-call deadline.
+        /// Deadline of each push and check (the worker's push timeout).
         timeout: Duration,
     },
 }
