@@ -19,10 +19,10 @@ use crate::error::QueueError;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("{error}: {message}")]
 pub struct ApiError {
-    /// HTTP status.
+    /// The response's status code; not in the body, which the client already has it for.
     #[serde(skip)]
     pub status: u16,
-    /// Stable error kind.
+    /// A snake_case kind clients may match on (`not_found`, `queue_full`, ...); it never changes for a case.
     pub error: &'static str,
     /// What went wrong, for a person.
     pub message: String,

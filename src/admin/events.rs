@@ -76,7 +76,7 @@ pub struct LiveEvent {
     pub seq: Option<u64>,
     /// What happened (`delivered`, `enqueued`, `circuit_opened`, ...).
     pub kind: &'static str,
-    /// When.
+    /// When it happened, by the daemon's clock (the console orders by it).
     pub at: DateTime<Utc>,
     /// The item, for item events.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,9 +103,9 @@ pub struct LiveEvent {
 pub struct Gates {
     /// Delivery is paused (by an operator or by a 401).
     pub paused: bool,
-    /// Why.
+    /// The operator's reason or the upstream's refusal; `None` while not paused.
     pub pause_reason: Option<String>,
-    /// Since when.
+    /// When the pause began, as RFC 3339 text; `null` while not paused.
     pub paused_since: Option<Value>,
     /// `closed`, `open` or `half_open`; `unknown` without a running worker.
     pub circuit_state: String,

@@ -223,7 +223,7 @@ impl WorkerControl for NoWorker {
 pub struct AdminState {
     /// The store the API reads and changes (internally synchronized).
     pub queue: Arc<dyn RetryQueue>,
-    /// The running worker.
+    /// Delivery control; [`NoWorker`] when the API is served without a worker.
     pub worker: Arc<dyn WorkerControl>,
     /// The metrics registry rendered by `/metrics`.
     pub metrics: Arc<Metrics>,
@@ -337,9 +337,9 @@ pub enum AdminError {
     /// The token file could not be read.
     #[error("cannot read the admin token file {}: {source}", path.display())]
     TokenFile {
-        /// The file.
+        /// The path given in `admin.token_file`.
         path: PathBuf,
-        /// Why.
+        /// The read error, e.g. not found or permission denied.
         #[source]
         source: io::Error,
     },
@@ -364,9 +364,9 @@ pub enum AdminError {
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
-        /// The address.
+        /// The `admin.listen` address, as resolved.
         addr: SocketAddr,
-        /// Why.
+        /// The bind error, e.g. address in use.
         #[source]
         source: io::Error,
     },

@@ -66,7 +66,7 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The document.
+/// The OpenAPI document of the HTTP API, built from the handlers' annotations.
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -103,7 +103,7 @@ impl Modify for BearerAuth {
 )]
 pub struct ApiDoc;
 
-/// The document as JSON.
+/// The OpenAPI document as JSON, served at `/v1/openapi.json`.
 pub fn document() -> String {
     ApiDoc::openapi()
         .to_pretty_json()

@@ -57,7 +57,7 @@ pub struct Created {
 /// asked for, and its size.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ItemView {
-    /// The item.
+    /// The stored item's fields, flattened into the view.
     #[serde(flatten)]
     pub item: QueueItem,
     /// Bytes it accounts for against `max_bytes`.
@@ -80,7 +80,7 @@ pub struct ItemPage {
 /// `GET /v1/stats`: the queue's statistics and the worker's.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StatsView {
-    /// The queue.
+    /// The store's counts and sizes, flattened into the view.
     #[serde(flatten)]
     pub queue: QueueStats,
     /// The worker's statistics (`paused`, `pause_reason`, `paused_since`,
@@ -104,9 +104,9 @@ pub struct ProcessNowResult {
 pub struct PauseState {
     /// Delivery is paused.
     pub paused: bool,
-    /// Why.
+    /// The operator's reason or the upstream's refusal; `null` while not paused.
     pub pause_reason: Option<String>,
-    /// Since when.
+    /// When the pause began; `null` while not paused.
     pub paused_since: Option<DateTime<Utc>>,
     /// `closed`, `open` or `half_open`.
     pub circuit_state: String,
@@ -139,7 +139,7 @@ pub struct CleanupResult {
 pub struct Revived {
     /// How many dead letters are pending again.
     pub revived: usize,
-    /// Their IDs.
+    /// The IDs of the revived items, in the order revived.
     pub ids: Vec<String>,
 }
 
