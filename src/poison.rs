@@ -50,9 +50,9 @@ pub enum PoisonError {
     /// The marker file could not be written.
     #[error("poison-item guard: marker {path}: {source}")]
     Marker {
-        /// The marker file.
+        /// `<owner lock>.poison.json`, next to the store's owner lock.
         path: PathBuf,
-        /// The error.
+        /// The write or sync that failed.
         source: std::io::Error,
     },
 }

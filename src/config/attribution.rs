@@ -47,7 +47,7 @@ pub enum ConfigError {
     /// A file could not be read or parsed as TOML.
     #[error("{layer}: {message}")]
     Parse {
-        /// The file.
+        /// The layer that failed to read or parse.
         layer: Layer,
         /// The parser's message.
         message: String,

@@ -36,7 +36,7 @@ type Table = Map<String, Value>;
 /// Where the environment layer comes from.
 #[derive(Debug, Clone, Default)]
 pub enum EnvSource {
-    /// The process environment.
+    /// `RETRYQ__*` variables of this process (the daemon and CLI).
     #[default]
     Process,
     /// These variables only (tests, embedding hosts).
@@ -54,7 +54,7 @@ pub struct LoadOptions {
     pub config_dir: Option<PathBuf>,
     /// `--config FILE` layers, in order; each must exist.
     pub files: Vec<PathBuf>,
-    /// The environment layer.
+    /// Where the `RETRYQ__*` layer, applied last, comes from.
     pub env: EnvSource,
 }
 

@@ -23,7 +23,7 @@ use super::protocol::{read_frame, Answer, CheckTag, CreateStatus, OutcomeTag, Re
 /// What `retryq plugin-host` is told on its command line.
 #[derive(Debug, Clone)]
 pub struct ChildArgs {
-    /// The library file.
+    /// The shared library to load, checked against `sha256` first when pinned.
     pub path: PathBuf,
     /// The plugin as configured (for messages).
     pub label: String,

@@ -67,12 +67,12 @@ pub struct ProcessOptions {
     pub start_timeout: Duration,
     /// First restart delay after a death; doubles per death in a row.
     pub restart_backoff: Duration,
-    /// Longest restart delay.
+    /// Cap of the doubling restart delay.
     pub max_restart_backoff: Duration,
     /// Deaths within [`crash_loop_window`](Self::crash_loop_window) that
     /// make a crash loop.
     pub crash_loop_deaths: usize,
-    /// The crash-loop window.
+    /// How far back deaths count towards `crash_loop_deaths`.
     pub crash_loop_window: Duration,
     /// No restart for this long once in a crash loop.
     pub crash_loop_hold: Duration,
@@ -115,7 +115,7 @@ impl ProcessOptions {
 pub struct PluginTarget {
     /// The plugin as configured (a name or a path), for messages.
     pub label: String,
-    /// The library file.
+    /// The shared library the child loads, resolved from the label.
     pub path: PathBuf,
     /// Pinned SHA-256, checked by the child before loading.
     pub sha256: Option<String>,

@@ -27,14 +27,14 @@ const FATAL: u8 = 15;
 pub enum Request {
     /// Create the instance (`kind` is `RQ_KIND_PUSHER` or `RQ_KIND_CHECKER`).
     Create {
-        /// Instance kind.
+        /// `RQ_KIND_PUSHER` or `RQ_KIND_CHECKER`, as the C ABI numbers them.
         kind: u32,
         /// The settings, as JSON.
         settings: Vec<u8>,
     },
     /// Push one item.
     Push {
-        /// Request ID.
+        /// Chosen by the daemon, echoed in the answer, so answers may come out of order.
         id: u64,
         /// Wall-clock deadline, Unix milliseconds.
         deadline_unix_ms: u64,
@@ -45,7 +45,7 @@ pub enum Request {
     },
     /// Check fingerprints.
     Check {
-        /// Request ID.
+        /// Chosen by the daemon, echoed in the answer.
         id: u64,
         /// Wall-clock deadline, Unix milliseconds.
         deadline_unix_ms: u64,
@@ -70,13 +70,13 @@ pub enum CreateStatus {
 /// A push outcome's tag on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeTag {
-    /// Delivered.
+    /// `PushOutcome::Delivered`.
     Delivered = 0,
-    /// Retryable.
+    /// `PushOutcome::Retryable`; `retry_after_ms` may carry a Retry-After.
     Retryable = 1,
-    /// Permanent.
+    /// `PushOutcome::Permanent`: a dead letter at once.
     Permanent = 2,
-    /// Unauthorized.
+    /// `PushOutcome::Unauthorized`: released, delivery paused.
     Unauthorized = 3,
 }
 
@@ -112,18 +112,18 @@ pub enum Answer {
     },
     /// The answer to a push.
     Pushed {
-        /// Request ID.
+        /// The `id` of the `Push` this answers.
         id: u64,
-        /// Outcome.
+        /// Which `PushOutcome` it was.
         tag: OutcomeTag,
         /// Retry-After in ms, or -1.
         retry_after_ms: i64,
-        /// Message.
+        /// The transport's error text; empty when delivered.
         message: String,
     },
     /// The answer to a check.
     Checked {
-        /// Request ID.
+        /// The `id` of the `Check` this answers.
         id: u64,
         /// How it ended.
         tag: CheckTag,
@@ -134,12 +134,12 @@ pub enum Answer {
     Log {
         /// 1 error, 2 warn, 3 info, 4 debug (the ABI's levels).
         level: u8,
-        /// The line.
+        /// The text, logged by the daemon under the plugin's name.
         message: String,
     },
     /// The child cannot serve (the library failed to load); it exits next.
     Fatal {
-        /// Why.
+        /// The loader's error, logged by the daemon before it restarts the child.
         message: String,
     },
 }

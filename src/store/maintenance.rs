@@ -15,7 +15,7 @@ use super::{CleanupReport, QueueResult, RetryQueue};
 /// What a maintenance pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct MaintenanceReport {
-    /// TTL cleanup.
+    /// What expired by age (items, dead letters) and the quarantine records trimmed.
     pub cleanup: CleanupReport,
     /// Items evicted to fit the limits.
     pub evicted: usize,

@@ -159,12 +159,12 @@ impl Default for StoreOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderBy {
-    /// Creation time.
+    /// `created_at`, which the files backend also encodes in the file name.
     #[default]
     CreatedAt,
-    /// Next due time.
+    /// `next_retry`: claim order, so the list shows what goes next.
     NextRetry,
-    /// Attempts made.
+    /// `attempts`, to find the items failing most.
     Attempts,
 }
 
@@ -269,14 +269,14 @@ pub enum WriteOp {
     Enqueue(NewItem),
     /// [`RetryQueue::enqueue_claimed`] of one item.
     EnqueueClaimed {
-        /// The item to store.
+        /// Stored as `Processing`, owned by this instance, as the planner admits it.
         item: NewItem,
         /// How long the claim holds.
         lease: Duration,
     },
     /// [`RetryQueue::delete`] (an acknowledgement).
     Delete {
-        /// The item acknowledged.
+        /// The item the upstream acknowledged; deleting one already gone is no error.
         id: ItemId,
     },
     /// [`RetryQueue::requeue`].

@@ -32,7 +32,7 @@ use crate::error::{QueueError, QueueResult};
 /// What the owner writes into its lock file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnerInfo {
-    /// The owning process.
+    /// PID of the owning process, for messages: the lock, not the PID, proves it alive.
     pub pid: u32,
     /// The owner's instance ID, recorded on each of its claims.
     pub instance_id: String,
