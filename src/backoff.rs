@@ -63,7 +63,7 @@ pub struct BackoffError {
 pub struct BackoffConfig {
     /// How the delay grows.
     pub strategy: BackoffStrategy,
-    /// The first delay.
+    /// The delay after the first failure; the strategy grows it from here.
     #[serde(with = "humantime_serde")]
     pub base: Duration,
     /// The cap on any one delay.

@@ -31,7 +31,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct DaemonApiError {
     /// The daemon's pid.
     pub pid: u32,
-    /// HTTP status.
+    /// The status code the API answered with.
     pub status: u16,
     /// The API's error kind (`disk_full`, `item_not_found`, ...).
     pub kind: String,

@@ -88,9 +88,9 @@ pub struct MigrateReport {
 /// An item the store refused.
 #[derive(Debug, Serialize)]
 pub struct RefusedItem {
-    /// Its ID.
+    /// The item's ID as the Go SDK recorded it.
     pub id: String,
-    /// Why.
+    /// The store's refusal (invalid item, too large), as shown to the operator.
     pub reason: String,
 }
 

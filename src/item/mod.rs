@@ -201,11 +201,11 @@ pub struct NewItem {
     pub agent_id: String,
     /// Free text naming the scanner that produced the report.
     pub scanner_name: String,
-    /// What was scanned.
+    /// What the scanner looked at (a path or a host), as free text for the upstream.
     pub target_path: String,
     /// First due time; now when `None`.
     pub next_retry: Option<DateTime<Utc>>,
-    /// Attributes for transports.
+    /// Free-form attributes for transports (headers, routing...), stored as given.
     pub attributes: BTreeMap<String, String>,
 }
 
