@@ -140,6 +140,9 @@ pub struct StoreSettings {
     pub dead_letter_ttl: Option<Duration>,
     /// Quarantined (corrupt) records kept for inspection.
     pub max_quarantined: usize,
+    /// `[store.encryption]`: payloads sealed at rest ([`crate::seal`]).
+    #[serde(skip_serializing_if = "crate::seal::EncryptionSettings::is_disabled")]
+    pub encryption: crate::seal::EncryptionSettings,
 }
 
 impl Default for StoreSettings {
@@ -153,6 +156,7 @@ impl Default for StoreSettings {
             dedupe: true,
             dead_letter_ttl: None,
             max_quarantined: DEFAULT_MAX_QUARANTINED,
+            encryption: crate::seal::EncryptionSettings::default(),
         }
     }
 }
@@ -513,6 +517,8 @@ pub const SCHEMA: &[KeySpec] = &[
             max: u32::MAX as u64,
         },
     ),
+    opt("store.encryption.key_file", KeyKind::Path),
+    opt("store.encryption.key_env", KeyKind::String),
     key("worker.interval", DURATION),
     key("worker.batch_size", COUNT),
     key("worker.max_attempts", COUNT),
@@ -930,16 +936,18 @@ fn redact_value(v: &mut serde_json::Value) {
 }
 
 /// Opens the store `store` describes with `options`: the SQLite database
-/// file or the files-backend directory, creating parent directories.
+/// file or the files-backend directory, creating parent directories;
+/// sealed as `[store.encryption]` says ([`crate::seal::wrap_store`]).
 pub fn open_store(
     store: &StoreSettings,
     options: StoreOptions,
 ) -> Result<Arc<dyn RetryQueue>, QueueError> {
     let path = store.effective_path();
-    match store.backend {
+    let inner = match store.backend {
         StoreBackend::Sqlite => open_sqlite(&path, options),
         StoreBackend::Files => open_files(&path, options),
-    }
+    }?;
+    crate::seal::wrap_store(inner, &store.encryption)
 }
 
 fn open_sqlite(path: &Path, options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {
