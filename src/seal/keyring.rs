@@ -104,9 +104,13 @@ impl Key {
     }
 }
 
+/// True for a well-formed key ID: [`KEY_ID_LEN`] lowercase hex characters.
+pub fn is_key_id(id: &str) -> bool {
+    id.len() == KEY_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn check_key_id(id: &str, source: &str) -> Result<(), SealError> {
-    let ok = id.len() == KEY_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if ok {
+    if is_key_id(id) {
         Ok(())
     } else {
         Err(SealError::BadKeyring {

@@ -533,6 +533,29 @@ pub trait RetryQueue: Send + Sync {
         Ok(done)
     }
 
+    /// Counts the items whose payload text starts with `prefix`, grouped
+    /// by the `width` bytes that follow it (fewer when the payload ends
+    /// sooner). The sealing layer's census at open ([`crate::seal`]): which
+    /// key IDs the stored envelopes need, without reading every item into
+    /// memory where a backend can ask its storage (SQLite). The default
+    /// reads every item.
+    fn count_payload_prefix(
+        &self,
+        prefix: &str,
+        width: usize,
+    ) -> QueueResult<std::collections::BTreeMap<String, usize>> {
+        let mut counts = std::collections::BTreeMap::new();
+        for item in self.list(&ListFilter::default())? {
+            if let Some(rest) = item.report.as_bytes().strip_prefix(prefix.as_bytes()) {
+                let tail = &rest[..width.min(rest.len())];
+                *counts
+                    .entry(String::from_utf8_lossy(tail).into_owned())
+                    .or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     /// Closes the store; idempotent. Afterwards every call fails with
     /// `QueueClosed`.
     fn close(&self) -> QueueResult<()>;
@@ -660,6 +683,13 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     }
     fn replace_payloads(&self, swaps: Vec<PayloadSwap>) -> QueueResult<Vec<bool>> {
         (**self).replace_payloads(swaps)
+    }
+    fn count_payload_prefix(
+        &self,
+        prefix: &str,
+        width: usize,
+    ) -> QueueResult<std::collections::BTreeMap<String, usize>> {
+        (**self).count_payload_prefix(prefix, width)
     }
     fn close(&self) -> QueueResult<()> {
         (**self).close()
