@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admin::{self, record_worker_metrics, AdminConfig, AdminState, RetryWorkerControl};
+use crate::admin::{self, record_worker_metrics, AdminState, RetryWorkerControl};
 use crate::config::{Settings, StoreBackend};
 use crate::metrics::Metrics;
 use crate::plugin::{describe_plugin, PluginError};
@@ -209,8 +209,8 @@ async fn serve(
     let worker = Arc::new(worker);
     let metrics = Arc::new(Metrics::new());
     record_worker_metrics(&worker, metrics.clone());
-    let admin_config = AdminConfig::from_settings(&settings.admin)?;
-    let admin_tls = admin_config.tls.is_some();
+    let admin_config = settings.admin.clone().with_token()?;
+    let admin_tls = admin_config.tls_cert.is_some();
     worker.start().await?;
     let console = Arc::new(console_state(settings));
     console.feed.attach(&worker);
@@ -298,8 +298,8 @@ fn console_state(settings: &Settings) -> admin::console::ConsoleState {
     }
     admin::console::ConsoleState::new(crate::clock::system_clock()).with_info(
         admin::console::DaemonInfo {
-            max_bytes: settings.store.max_bytes,
-            max_items: settings.store.max_items,
+            max_bytes: settings.store.options.max_bytes,
+            max_items: settings.store.options.max_items,
             plugins,
             ..Default::default()
         },

@@ -417,11 +417,8 @@ fn reconcile_reopen(store: &FileRetryQueue, model: &mut Model) {
 /// What opening does to an acknowledged item.
 fn after_open(expected: &QueueItem, actual: &QueueItem) -> QueueItem {
     let mut e = expected.clone();
-    if e.status == ItemStatus::Processing {
-        e.status = ItemStatus::Pending;
-        e.lease_until = None;
-        e.lease_owner = None;
-        e.updated_at = actual.updated_at;
+    if e.status() == ItemStatus::Processing {
+        e.release(actual.updated_at).unwrap();
     }
     e
 }

@@ -212,7 +212,7 @@ fn enqueue_fills_in_and_get_returns_it(b: &'static Backend) {
     assert_eq!(got.id, id);
     assert_eq!(got.item_type, ItemType::Assets);
     assert_eq!(got.fingerprint, sha256_hex(report.as_bytes()));
-    assert_eq!(got.status, ItemStatus::Pending);
+    assert_eq!(got.status(), ItemStatus::Pending);
     assert_eq!(got.report, report);
     assert_eq!(got.attempts, 0);
     assert_eq!(got.max_attempts, f.options.default_max_attempts);
@@ -221,7 +221,7 @@ fn enqueue_fills_in_and_get_returns_it(b: &'static Backend) {
     assert_eq!(got.next_retry, t0());
     assert_eq!(got.created_at, t0());
     assert_eq!(got.updated_at, t0());
-    assert_eq!(got.lease_until, None);
+    assert_eq!(got.lease_until(), None);
     assert_eq!(got.attributes.get("tenant").map(String::as_str), Some("t1"));
 
     let custom = NewItem::new(payload("{}"))
@@ -648,15 +648,15 @@ fn claim_order_lease_peek_and_next_due(b: &'static Backend) {
     assert_eq!(f.q.next_due().unwrap(), Some(at(-10)));
     let peeked = f.q.peek().unwrap().unwrap();
     assert_eq!(peeked.id, "early");
-    assert_eq!(peeked.status, ItemStatus::Pending);
-    assert_eq!(f.q.get("early").unwrap().status, ItemStatus::Pending);
+    assert_eq!(peeked.status(), ItemStatus::Pending);
+    assert_eq!(f.q.get("early").unwrap().status(), ItemStatus::Pending);
 
     let claimed = f.q.claim(2, secs(30)).unwrap();
     let ids: Vec<_> = claimed.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, ["early", "a"]);
     for it in &claimed {
-        assert_eq!(it.status, ItemStatus::Processing);
-        assert_eq!(it.lease_until, Some(at(31)));
+        assert_eq!(it.status(), ItemStatus::Processing);
+        assert_eq!(it.lease_until(), Some(at(31)));
         assert_eq!(it.attempts, 0, "claiming is not an attempt");
         assert_eq!(f.q.get(&it.id).unwrap(), *it);
     }
@@ -677,8 +677,8 @@ fn claim_order_lease_peek_and_next_due(b: &'static Backend) {
     f.clock.set(at(31));
     assert_eq!(f.q.release_expired_leases().unwrap(), 4);
     let back = f.q.get("a").unwrap();
-    assert_eq!(back.status, ItemStatus::Pending);
-    assert_eq!(back.lease_until, None);
+    assert_eq!(back.status(), ItemStatus::Pending);
+    assert_eq!(back.lease_until(), None);
     assert_eq!(back.attempts, 0);
     assert_eq!(f.q.next_due().unwrap(), Some(at(-10)));
 
@@ -686,7 +686,7 @@ fn claim_order_lease_peek_and_next_due(b: &'static Backend) {
     let d = f.q.dequeue().unwrap().unwrap();
     assert_eq!(d.id, "early");
     let lease = chrono::Duration::from_std(f.options.default_lease).unwrap();
-    assert_eq!(d.lease_until, Some(at(31) + lease));
+    assert_eq!(d.lease_until(), Some(at(31) + lease));
     // Dead letters are never claimed nor due.
     f.q.mark_failed("a", "dead").unwrap();
     let ids: Vec<_> =
@@ -707,12 +707,12 @@ fn state_changes_record_attempts(b: &'static Backend) {
     f.q.claim(2, secs(60)).unwrap();
     f.advance(5);
     let r = f.q.requeue("a", "503 from upstream", at(65)).unwrap();
-    assert_eq!(r.status, ItemStatus::Pending);
+    assert_eq!(r.status(), ItemStatus::Pending);
     assert_eq!(r.attempts, 1);
     assert_eq!(r.last_error, "503 from upstream");
     assert_eq!(r.last_attempt, Some(at(5)));
     assert_eq!(r.next_retry, at(65));
-    assert_eq!(r.lease_until, None);
+    assert_eq!(r.lease_until(), None);
     assert_eq!(r.updated_at, at(5));
     assert_eq!(r.created_at, t0());
     assert_eq!(f.q.get("a").unwrap(), r);
@@ -722,18 +722,18 @@ fn state_changes_record_attempts(b: &'static Backend) {
     assert_eq!(r.last_attempt, Some(at(10)));
 
     let m = f.q.mark_failed("b", "400 bad request").unwrap();
-    assert_eq!(m.status, ItemStatus::Failed);
+    assert_eq!(m.status(), ItemStatus::Failed);
     assert_eq!(m.attempts, 1);
     assert_eq!(m.last_error, "400 bad request");
     assert_eq!(m.last_attempt, Some(at(10)));
-    assert_eq!(m.lease_until, None);
+    assert_eq!(m.lease_until(), None);
     assert_eq!(f.q.get("b").unwrap(), m);
 
     // revive: only dead letters.
     assert_eq!(kind(f.q.revive("a")), "invalid_item");
     f.advance(10);
     let v = f.q.revive("b").unwrap();
-    assert_eq!(v.status, ItemStatus::Pending);
+    assert_eq!(v.status(), ItemStatus::Pending);
     assert_eq!(v.attempts, 0);
     assert_eq!(v.next_retry, at(20));
     assert_eq!(v.last_error, "400 bad request");
@@ -746,8 +746,8 @@ fn state_changes_record_attempts(b: &'static Backend) {
     f.q.release("b").unwrap();
     let rel = f.q.get("b").unwrap();
     assert_eq!(rel.updated_at, at(21), "release is a state change");
-    assert_eq!(rel.status, ItemStatus::Pending);
-    assert_eq!(rel.lease_until, None);
+    assert_eq!(rel.status(), ItemStatus::Pending);
+    assert_eq!(rel.lease_until(), None);
     assert_eq!(rel.attempts, 0);
     assert_eq!(rel.next_retry, at(20));
     // A no-op on a pending item.
@@ -1095,8 +1095,8 @@ fn apply_batch_deferred_applies_each_op(b: &'static Backend) {
     if b.durable {
         f.reopen();
         assert_eq!(kind(f.q.get("a")), "item_not_found");
-        assert_eq!(f.q.get("c").unwrap().status, ItemStatus::Failed);
-        assert_eq!(f.q.get("e").unwrap().status, ItemStatus::Pending);
+        assert_eq!(f.q.get("c").unwrap().status(), ItemStatus::Failed);
+        assert_eq!(f.q.get("e").unwrap().status(), ItemStatus::Pending);
     }
 }
 
@@ -1155,13 +1155,13 @@ fn check_batch_applies_each_op(
     assert_eq!(kind(f.q.get("a")), "item_not_found");
     let b_item = f.q.get("b").unwrap();
     assert_eq!(
-        (b_item.status, b_item.attempts, b_item.next_retry),
+        (b_item.status(), b_item.attempts, b_item.next_retry),
         (ItemStatus::Pending, 1, at(40))
     );
     assert_eq!(b_item.last_attempt, Some(at(3)));
     let c_item = f.q.get("c").unwrap();
-    assert_eq!((c_item.status, c_item.attempts), (ItemStatus::Failed, 1));
-    assert_eq!(f.q.get("e").unwrap().status, ItemStatus::Pending);
+    assert_eq!((c_item.status(), c_item.attempts), (ItemStatus::Failed, 1));
+    assert_eq!(f.q.get("e").unwrap().status(), ItemStatus::Pending);
     f
 }
 
@@ -1208,11 +1208,11 @@ fn state_survives_reopen(b: &'static Backend) {
     assert_eq!(kind(f.q.get("gone")), "item_not_found");
     let c = f.q.get("c").unwrap();
     assert_eq!(
-        c.status,
+        c.status(),
         ItemStatus::Pending,
         "processing with an expired lease returns to pending at reopen"
     );
-    assert_eq!(c.lease_until, None);
+    assert_eq!(c.lease_until(), None);
     assert_eq!(c.attempts, 0);
     assert_eq!(f.q.size().unwrap(), 3);
     // Dedupe still works against what was loaded.
@@ -1243,14 +1243,14 @@ fn expired_lease_returns_to_pending(b: &'static Backend) {
     f.advance(5); // a's lease (10) is over, b's (15) is not
     assert_eq!(f.q.release_expired_leases().unwrap(), 1);
     let a = f.q.get("a").unwrap();
-    assert_eq!(a.status, ItemStatus::Pending);
-    assert_eq!(a.lease_until, None);
+    assert_eq!(a.status(), ItemStatus::Pending);
+    assert_eq!(a.lease_until(), None);
     assert_eq!(
         a.updated_at,
         at(10),
         "returning to pending is a state change"
     );
-    assert_eq!(f.q.get("b").unwrap().status, ItemStatus::Processing);
+    assert_eq!(f.q.get("b").unwrap().status(), ItemStatus::Processing);
     assert_eq!(f.q.claim(5, secs(10)).unwrap()[0].id, "a");
     f.advance(100);
     assert_eq!(f.q.release_expired_leases().unwrap(), 2);
@@ -1267,8 +1267,8 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
     for (result, id) in results.iter().take(2).zip(["a", "b"]) {
         let stored = result.as_ref().unwrap();
         assert_eq!(stored.id, id);
-        assert_eq!(stored.status, ItemStatus::Processing);
-        assert_eq!(stored.lease_until, Some(at(30)));
+        assert_eq!(stored.status(), ItemStatus::Processing);
+        assert_eq!(stored.lease_until(), Some(at(30)));
         assert_eq!(stored.attempts, 0);
         assert_eq!(stored.created_at, t0());
         assert_eq!(stored.updated_at, t0());
@@ -1296,8 +1296,8 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
     f.advance(31);
     assert_eq!(f.q.release_expired_leases().unwrap(), 1);
     let b_item = f.q.get("b").unwrap();
-    assert_eq!(b_item.status, ItemStatus::Pending);
-    assert_eq!(b_item.lease_until, None);
+    assert_eq!(b_item.status(), ItemStatus::Pending);
+    assert_eq!(b_item.lease_until(), None);
     assert_eq!(b_item.attempts, 0);
     assert_eq!(f.q.claim(10, secs(60)).unwrap()[0].id, "b");
     // The same through apply_batch (the worker's group commit).
@@ -1315,8 +1315,8 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
         .unwrap();
     match &outcomes[0] {
         Ok(WriteOutcome::Claimed(c)) => {
-            assert_eq!(c.status, ItemStatus::Processing);
-            assert_eq!(c.lease_until, Some(at(61)));
+            assert_eq!(c.status(), ItemStatus::Processing);
+            assert_eq!(c.lease_until(), Some(at(61)));
             assert_eq!(**c, f.q.get("c").unwrap());
         }
         other => panic!("expected a claimed item, got {other:?}"),
@@ -1330,7 +1330,7 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
     let c = f.q.get("c").unwrap();
     assert_eq!(c.attempts, 0);
     assert!(matches!(
-        c.status,
+        c.status(),
         ItemStatus::Processing | ItemStatus::Pending
     ));
     assert_eq!(f.q.size().unwrap(), 3);
