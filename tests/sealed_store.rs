@@ -469,3 +469,32 @@ fn a_running_queue_reads_a_rotated_key_file_and_seals_with_the_new_key() {
         [&rotated.sealing().id]
     );
 }
+
+#[test]
+fn items_prepared_on_the_callers_thread_are_stored_sealed_once_and_handed_back_clear() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = open_inner(backend, dir.path());
+        let q = sealed(&inner, &ring());
+        let prepared = q.prepare_new(vec![report(1), report(2)]).unwrap();
+        assert!(prepared.iter().all(|i| !i.report.as_str().contains(MARKER)));
+        let claimed = q.enqueue_claimed(prepared, LEASE).unwrap();
+        let clear = claimed[0].as_ref().unwrap();
+        assert!(clear.report.as_str().contains(MARKER), "{backend:?}");
+        assert_eq!(clear.attributes.len(), 1, "the marker is not stored: {:?}", clear.attributes);
+        let raw = inner.get("item-1").unwrap();
+        assert!(raw.attributes.is_empty(), "{backend:?}: {:?}", raw.attributes);
+        assert_eq!(q.get("item-1").unwrap().report, clear.report, "sealed once");
+        // A producer cannot pass its own envelope off as prepared.
+        let forged = NewItem::new(
+            Payload::from_json_str(&format!(r#"{{"finding":"{MARKER}","n":3}}"#)).unwrap(),
+        )
+        .with_id("item-3")
+        .with_attribute("retryq-prepared-seal", "guess");
+        q.enqueue(forged).unwrap();
+        let got = q.get("item-3").unwrap();
+        assert_eq!(got.attributes["retryq-prepared-seal"], "guess");
+        assert!(got.report.as_str().contains(MARKER));
+        q.close().unwrap();
+    }
+}

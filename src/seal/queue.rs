@@ -3,7 +3,7 @@
 //! file changes), and the census that refuses to open a store whose sealed
 //! items cannot be read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,6 +24,8 @@ use crate::store::{
 
 /// How often, at most, a key file is looked at for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
+/// Items from which opening a batch is worth a second thread.
+const PARALLEL_OPEN: usize = 64;
 /// Bad heads `peek` and `dequeue` quarantine before they give up for this call.
 const MAX_SKIPS: usize = 64;
 
@@ -207,7 +209,21 @@ pub fn wrap_store(
 pub struct SealedQueue {
     inner: Arc<dyn RetryQueue>,
     keys: KeySource,
+    /// Marks an item this queue sealed in [`RetryQueue::prepare_new`]: a
+    /// random value in the attribute [`PREPARED_ATTR`] (removed before it
+    /// is stored), which no producer can guess, so nobody else's envelope
+    /// passes unsealed.
+    token: String,
+    /// The clear fields of prepared items, by ID, to hand back the items
+    /// `enqueue_claimed` stores without opening what was just sealed.
+    prepared: Mutex<HashMap<String, Kept>>,
 }
+
+/// The attribute that marks a prepared item (see [`SealedQueue`]).
+const PREPARED_ATTR: &str = "retryq-prepared-seal";
+/// Prepared items remembered at most; beyond, all are forgotten
+/// (those are opened instead when they come back claimed).
+const MAX_PREPARED: usize = 1 << 16;
 
 impl std::fmt::Debug for SealedQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,7 +240,15 @@ type Kept = ClearFields;
 impl SealedQueue {
     /// Seals into `inner` with the keys from `keys`.
     pub fn new(inner: Arc<dyn RetryQueue>, keys: KeySource) -> SealedQueue {
-        SealedQueue { inner, keys }
+        let mut token = [0u8; 16];
+        // Without randomness no item is marked prepared that could match.
+        let _ = getrandom::getrandom(&mut token);
+        SealedQueue {
+            inner,
+            keys,
+            token: token.iter().map(|b| format!("{b:02x}")).collect(),
+            prepared: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The store underneath, which sees only envelopes.
@@ -258,7 +282,27 @@ impl SealedQueue {
         Ok(census)
     }
 
-    fn seal_new(&self, sealer: &Sealer, mut item: NewItem) -> QueueResult<(NewItem, Kept)> {
+    /// Seals a new item for the store; an item this queue prepared passes
+    /// as it is, with its clear fields when still remembered.
+    fn seal_new(&self, sealer: &Sealer, mut item: NewItem) -> QueueResult<(NewItem, Option<Kept>)> {
+        let prepared = item.attributes.len() == 1
+            && item.attributes.get(PREPARED_ATTR) == Some(&self.token)
+            && !self.token.is_empty();
+        if prepared {
+            item.attributes.clear();
+            let kept = item.id.as_ref().and_then(|id| {
+                self.prepared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id)
+            });
+            return Ok((item, kept));
+        }
+        let (item, kept) = self.seal_fresh(sealer, item)?;
+        Ok((item, Some(kept)))
+    }
+
+    fn seal_fresh(&self, sealer: &Sealer, mut item: NewItem) -> QueueResult<(NewItem, Kept)> {
         // The ID is bound into the seal, so it is chosen here rather than
         // by the store; the fingerprint is taken from the clear payload.
         let id = item.id.get_or_insert_with(new_id).clone();
@@ -274,6 +318,15 @@ impl SealedQueue {
         };
         item.report = sealer.seal(&id, &kept)?;
         Ok((item, kept))
+    }
+
+    /// A stored item handed back to the caller that gave it: restored from
+    /// what it was, or opened when that is no longer known.
+    fn hand_back(&self, item: QueueItem, kept: Option<Kept>) -> QueueResult<QueueItem> {
+        match kept {
+            Some(fields) => Ok(restore(item, fields)),
+            None => self.open_one(item),
+        }
     }
 
     fn seal_item(&self, sealer: &Sealer, item: &QueueItem) -> QueueResult<QueueItem> {
@@ -327,8 +380,8 @@ impl SealedQueue {
     /// are tried again, maybe with the key by then), untouched.
     fn open_claimed(&self, items: Vec<QueueItem>) -> Vec<QueueItem> {
         let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            match self.open(item) {
+        for opened in self.open_all(items) {
+            match opened {
                 Ok(item) => out.push(item),
                 Err((item, OpenError::Corrupt(reason))) => self.quarantine(&item.id, &reason),
                 Err((item, e @ OpenError::UnknownKey { .. })) => {
@@ -337,6 +390,28 @@ impl SealedQueue {
             }
         }
         out
+    }
+
+    /// Opens many items, in order. A large batch (a claim for a whole
+    /// delivery round, on the store's one committer thread) is split with
+    /// one more thread, so the decryption of half of it runs beside.
+    fn open_all(
+        &self,
+        mut items: Vec<QueueItem>,
+    ) -> Vec<Result<QueueItem, (QueueItem, OpenError)>> {
+        if items.len() < PARALLEL_OPEN || !std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+            return items.into_iter().map(|item| self.open(item)).collect();
+        }
+        let back = items.split_off(items.len() / 2);
+        std::thread::scope(|scope| {
+            let helper = scope.spawn(|| back.into_iter().map(|item| self.open(item)).collect::<Vec<_>>());
+            let mut out: Vec<_> = items.into_iter().map(|item| self.open(item)).collect();
+            match helper.join() {
+                Ok(rest) => out.extend(rest),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+            out
+        })
     }
 
     /// Opens one item for a caller that asked for exactly it.
@@ -361,6 +436,23 @@ impl SealedQueue {
         }
     }
 
+    fn restore_outcomes(
+        &self,
+        results: Vec<QueueResult<WriteOutcome>>,
+        kept: Vec<Option<Kept>>,
+    ) -> Vec<QueueResult<WriteOutcome>> {
+        results
+            .into_iter()
+            .zip(kept)
+            .map(|(result, kept)| match result {
+                Ok(WriteOutcome::Claimed(item)) => self
+                    .hand_back(*item, kept)
+                    .map(|item| WriteOutcome::Claimed(Box::new(item))),
+                result => result,
+            })
+            .collect()
+    }
+
     fn seal_ops(&self, ops: Vec<WriteOp>) -> QueueResult<(Vec<WriteOp>, Vec<Option<Kept>>)> {
         let sealer = self.keys.current();
         let mut kept = Vec::with_capacity(ops.len());
@@ -369,12 +461,12 @@ impl SealedQueue {
             match op {
                 WriteOp::Enqueue(item) => {
                     let (item, k) = self.seal_new(&sealer, item)?;
-                    kept.push(Some(k));
+                    kept.push(k);
                     sealed.push(WriteOp::Enqueue(item));
                 }
                 WriteOp::EnqueueClaimed { item, lease } => {
                     let (item, k) = self.seal_new(&sealer, item)?;
-                    kept.push(Some(k));
+                    kept.push(k);
                     sealed.push(WriteOp::EnqueueClaimed { item, lease });
                 }
                 other => {
@@ -396,22 +488,6 @@ fn restore(mut item: QueueItem, fields: ClearFields) -> QueueItem {
     item.scanner_name = fields.scanner_name;
     item.target_path = fields.target_path;
     item
-}
-
-fn restore_outcomes(
-    results: Vec<QueueResult<WriteOutcome>>,
-    kept: Vec<Option<Kept>>,
-) -> Vec<QueueResult<WriteOutcome>> {
-    results
-        .into_iter()
-        .zip(kept)
-        .map(|(result, kept)| match (result, kept) {
-            (Ok(WriteOutcome::Claimed(item)), Some(fields)) => {
-                Ok(WriteOutcome::Claimed(Box::new(restore(*item, fields))))
-            }
-            (result, _) => result,
-        })
-        .collect()
 }
 
 impl RetryQueue for SealedQueue {
@@ -445,7 +521,7 @@ impl RetryQueue for SealedQueue {
         Ok(results
             .into_iter()
             .zip(kept)
-            .map(|(r, fields)| r.map(|item| restore(item, fields)))
+            .map(|(r, fields)| r.and_then(|item| self.hand_back(item, fields)))
             .collect())
     }
 
@@ -539,8 +615,8 @@ impl RetryQueue for SealedQueue {
     fn list(&self, filter: &ListFilter) -> QueueResult<Vec<QueueItem>> {
         let items = self.inner.list(filter)?;
         let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            match self.open(item) {
+        for opened in self.open_all(items) {
+            match opened {
                 Ok(item) => out.push(item),
                 Err((item, OpenError::Corrupt(reason))) => self.quarantine(&item.id, &reason),
                 // Listed as stored (its envelope as the report): the item
@@ -553,7 +629,7 @@ impl RetryQueue for SealedQueue {
 
     fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
         let (ops, kept) = self.seal_ops(ops)?;
-        Ok(restore_outcomes(self.inner.apply_batch(ops)?, kept))
+        Ok(self.restore_outcomes(self.inner.apply_batch(ops)?, kept))
     }
 
     fn import_batch(&self, items: Vec<QueueItem>) -> QueueResult<Vec<QueueResult<()>>> {
@@ -577,7 +653,7 @@ impl RetryQueue for SealedQueue {
     ) -> QueueResult<(Vec<QueueResult<WriteOutcome>>, Option<PendingSync>)> {
         let (ops, kept) = self.seal_ops(ops)?;
         let (results, sync) = self.inner.apply_batch_deferred(ops)?;
-        Ok((restore_outcomes(results, kept), sync))
+        Ok((self.restore_outcomes(results, kept), sync))
     }
 
     fn probe_writable(&self) -> QueueResult<bool> {
@@ -586,6 +662,29 @@ impl RetryQueue for SealedQueue {
 
     fn quarantine(&self, id: &str, reason: &str) -> QueueResult<()> {
         self.inner.quarantine(id, reason)
+    }
+
+    fn prepare_new(&self, items: Vec<NewItem>) -> QueueResult<Vec<NewItem>> {
+        let sealer = self.keys.current();
+        let mut out = Vec::with_capacity(items.len());
+        let mut kept_all = Vec::with_capacity(items.len());
+        for item in items {
+            let (mut item, kept) = self.seal_fresh(&sealer, item)?;
+            if let Some(id) = &item.id {
+                kept_all.push((id.clone(), kept));
+            }
+            item.attributes
+                .insert(PREPARED_ATTR.to_owned(), self.token.clone());
+            out.push(item);
+        }
+        let mut prepared = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+        if prepared.len() + kept_all.len() > MAX_PREPARED {
+            // Items prepared but never stored (their enqueue failed on the
+            // way) would pile up; those still to come are opened instead.
+            prepared.clear();
+        }
+        prepared.extend(kept_all);
+        Ok(out)
     }
 
     fn replace_payloads(&self, swaps: Vec<PayloadSwap>) -> QueueResult<Vec<bool>> {

@@ -569,6 +569,16 @@ pub trait RetryQueue: Send + Sync {
         Ok(done)
     }
 
+    /// Does, on the caller's thread, the per-item work a layer above the
+    /// backend would otherwise do on the store's one committer thread,
+    /// before `items` are handed to `enqueue`, `enqueue_batch`,
+    /// `enqueue_claimed` or `apply_batch` of this same store (the worker
+    /// hashes fingerprints there for the same reason). The sealing layer
+    /// seals them here ([`crate::seal`]). Default: unchanged.
+    fn prepare_new(&self, items: Vec<NewItem>) -> QueueResult<Vec<NewItem>> {
+        Ok(items)
+    }
+
     /// Counts the items whose payload text starts with `prefix`, grouped
     /// by the `width` bytes that follow it (fewer when the payload ends
     /// sooner). The sealing layer's census at open ([`crate::seal`]): which
@@ -726,6 +736,9 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
         width: usize,
     ) -> QueueResult<std::collections::BTreeMap<String, usize>> {
         (**self).count_payload_prefix(prefix, width)
+    }
+    fn prepare_new(&self, items: Vec<NewItem>) -> QueueResult<Vec<NewItem>> {
+        (**self).prepare_new(items)
     }
     fn close(&self) -> QueueResult<()> {
         (**self).close()
