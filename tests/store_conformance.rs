@@ -730,7 +730,7 @@ fn state_changes_record_attempts(b: &'static Backend) {
     assert_eq!(f.q.get("b").unwrap(), m);
 
     // revive: only dead letters.
-    assert_eq!(kind(f.q.revive("a")), "invalid_item");
+    assert_eq!(kind(f.q.revive("a")), "wrong_state");
     f.advance(10);
     let v = f.q.revive("b").unwrap();
     assert_eq!(v.status(), ItemStatus::Pending);
@@ -1378,6 +1378,133 @@ fn corrupt_record_is_quarantined(b: &'static Backend) {
     assert_eq!(f.q.size().unwrap(), 3);
 }
 
+// -------------------------------------------------------------- admission
+
+/// What one scripted run of refusals answered, as text: the kind and the
+/// whole message of each error (`ok ID` for an admission).
+fn admission_answers(b: &'static Backend) -> Vec<String> {
+    let mut answers = Vec::new();
+    let mut note = |result: QueueResult<String>| {
+        answers.push(match result {
+            Ok(id) => format!("ok {id}"),
+            Err(e) => format!("{}: {e}", e.kind()),
+        })
+    };
+    let size = item("a").into_item(t0(), 10).unwrap().size_bytes();
+    let f = Fixture::with(
+        b,
+        StoreOptions {
+            max_items: 3,
+            max_bytes: size * 3 + size / 2,
+            ..StoreOptions::default()
+        },
+    );
+    note(f.q.enqueue(item("a").with_fingerprint("fp-a")));
+    note(f.q.enqueue(item("b")));
+    note(f.q.enqueue(item("a")));
+    note(f.q.enqueue(item("c").with_fingerprint("fp-a")));
+    let big = NewItem::new(payload(&format!("\"{}\"", "x".repeat(size as usize * 4))));
+    note(f.q.enqueue(big.with_id("big")));
+    // Full by bytes (two items held), then by items.
+    let fat = NewItem::new(payload(&format!("\"{}\"", "y".repeat(size as usize * 2))));
+    note(f.q.enqueue(fat.with_id("fat")));
+    note(f.q.enqueue(item("c")));
+    note(f.q.enqueue(item("d")));
+    // A dead letter keeps its ID and frees its fingerprint.
+    f.q.mark_failed("a", "dead").unwrap();
+    note(f.q.enqueue(item("a")));
+    note(f.q.enqueue(item("e").with_fingerprint("fp-a")));
+    // A batch against its own items, with room for one.
+    f.q.delete("b").unwrap();
+    let batch =
+        f.q.enqueue_batch(vec![item("x"), item("x"), item("y")])
+            .unwrap();
+    batch.into_iter().for_each(&mut note);
+    answers
+}
+
+/// Every backend refuses the same items with the same error and the same
+/// text as the reference model.
+fn admission_answers_read_the_same_on_every_backend(b: &'static Backend) {
+    let answers = admission_answers(b);
+    assert_eq!(answers, admission_answers(&MEMORY));
+    // The reference model's own texts, pinned where a change must show.
+    let size_of = |new: NewItem| new.into_item(t0(), 10).unwrap().size_bytes();
+    let size = size_of(item("d"));
+    let held =
+        size_of(item("a").with_fingerprint("fp-a")) + size_of(item("b")) + size_of(item("c"));
+    assert_eq!(
+        answers[7],
+        format!(
+            "queue_full: queue is full: 3 of 3 items and {held} of {} bytes used; \
+             the new item needs {size} bytes",
+            size_of(item("a")) * 3 + size_of(item("a")) / 2
+        ),
+        "{answers:#?}"
+    );
+    assert_eq!(
+        answers[2],
+        "duplicate_item: duplicate item: already queued as a"
+    );
+    assert_eq!(answers.len(), 13, "{answers:#?}");
+}
+
+/// Every way into a store asks the admission planner (a backend that
+/// decided by itself would leave the planner's count unchanged).
+fn every_admission_asks_the_planner(b: &'static Backend) {
+    use retryq::store::admission::planned_on_this_thread as planned;
+    let f = Fixture::with(
+        b,
+        StoreOptions {
+            max_items: 3,
+            overflow: OverflowPolicy::DropOldest,
+            ..StoreOptions::default()
+        },
+    );
+    let asked = |what: &str, before: u64, at_least: u64| {
+        let n = planned() - before;
+        assert!(n >= at_least, "{what} asked the planner {n} times");
+    };
+    let before = planned();
+    f.q.enqueue(item("a")).unwrap();
+    asked("enqueue", before, 1);
+    let before = planned();
+    let _ = f.q.enqueue(item("a"));
+    asked("a refused enqueue", before, 1);
+    let before = planned();
+    f.q.enqueue_batch(vec![item("b"), item("b"), item("c")])
+        .unwrap();
+    asked("enqueue_batch", before, 3);
+    let before = planned();
+    f.q.enqueue_claimed(vec![item("d")], secs(60)).unwrap();
+    asked("enqueue_claimed", before, 1);
+    let before = planned();
+    f.q.apply_batch(vec![WriteOp::Enqueue(item("e"))]).unwrap();
+    asked("apply_batch", before, 1);
+    let before = planned();
+    let (_, sync) =
+        f.q.apply_batch_deferred(vec![WriteOp::EnqueueClaimed {
+            item: item("f"),
+            lease: secs(60),
+        }])
+        .unwrap();
+    if let Some(sync) = sync {
+        sync.wait().unwrap();
+    }
+    asked("apply_batch_deferred", before, 1);
+    let before = planned();
+    f.q.enforce_limits().unwrap();
+    asked("enforce_limits", before, 1);
+    let before = planned();
+    let exported = f.q.get("f").unwrap();
+    let mut imported = exported.clone();
+    imported.id = "g".into();
+    imported.fingerprint = "fp-g".into();
+    if f.q.import_batch(vec![imported]).is_ok() {
+        asked("import_batch", before, 1);
+    }
+}
+
 macro_rules! conformance_suite {
     ($name:ident, $backend:expr) => {
         mod $name {
@@ -1411,6 +1538,8 @@ macro_rules! conformance_suite {
                 expired_lease_returns_to_pending,
                 enqueue_claimed_stores_items_as_a_claim_would,
                 corrupt_record_is_quarantined,
+                admission_answers_read_the_same_on_every_backend,
+                every_admission_asks_the_planner,
             );
         }
     };

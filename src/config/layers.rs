@@ -176,38 +176,50 @@ fn load_env(merged: &mut Merged, vars: &[(String, String)]) -> Result<(), Config
     apply_layer(merged, tree, &name_of)
 }
 
-/// An environment string typed as far as its text says, so that the
-/// store's limits (read through a flattened table, which does not convert
-/// strings) take numbers and booleans. A text field given a number still
-/// gets it as text.
+/// An environment variable's text as the key's type reads it: as text
+/// when the key takes it (most do, converting as needed), else as the
+/// first of a boolean, an integer or a number that the key accepts. The
+/// store's limits need this: they are read through a flattened table,
+/// which takes no text for a number.
 fn env_value(key: &str, text: &str) -> Value {
-    let kind = if ENV_LIST_KEYS.contains(&key) {
-        ValueKind::Array(
-            text.split(',')
-                .map(|p| Value::new(None, ValueKind::String(p.trim().to_owned())))
-                .collect(),
-        )
-    } else if FREE_TABLES
+    if ENV_LIST_KEYS.contains(&key) {
+        let items = text
+            .split(',')
+            .map(|p| Value::new(None, ValueKind::String(p.trim().to_owned())))
+            .collect();
+        return Value::new(None, ValueKind::Array(items));
+    }
+    let as_text = Value::new(None, ValueKind::String(text.to_owned()));
+    if FREE_TABLES
         .iter()
         .any(|t| key.starts_with(t) && key[t.len()..].starts_with('.'))
     {
-        ValueKind::String(text.to_owned())
-    } else {
-        let t = text.trim();
-        let digits = t.replace('_', "");
-        if t.eq_ignore_ascii_case("true") || t.eq_ignore_ascii_case("false") {
-            ValueKind::Boolean(t.eq_ignore_ascii_case("true"))
-        } else if let Ok(u) = digits.parse::<u64>() {
-            ValueKind::U64(u)
-        } else if let Ok(i) = digits.parse::<i64>() {
-            ValueKind::I64(i)
-        } else if let Some(f) = t.contains('.').then(|| t.parse::<f64>().ok()).flatten() {
-            ValueKind::Float(f)
-        } else {
-            ValueKind::String(text.to_owned())
-        }
+        return as_text;
+    }
+    let t = text.trim();
+    let digits = t.replace('_', "");
+    let boolean = match t.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Some(true),
+        "false" | "no" | "off" | "0" => Some(false),
+        _ => None,
     };
-    Value::new(None, kind)
+    let readings = [
+        Some(ValueKind::String(text.to_owned())),
+        boolean.map(ValueKind::Boolean),
+        digits.parse().ok().map(ValueKind::U64),
+        digits.parse().ok().map(ValueKind::I64),
+        t.parse().ok().map(ValueKind::Float),
+    ];
+    readings
+        .into_iter()
+        .flatten()
+        .map(|kind| Value::new(None, kind))
+        .find(|value| {
+            let mut alone = Table::new();
+            insert(&mut alone, key, value.clone());
+            deserialize(alone).is_ok()
+        })
+        .unwrap_or(as_text)
 }
 
 /// Checks each key of one layer on its own, then merges the layer.

@@ -120,7 +120,8 @@ fn env_wins_and_is_typed() {
         "[worker]\nmax_attempts = 4\ninterval = \"1m\"\n",
         &[
             ("RETRYQ__WORKER__MAX_ATTEMPTS", "3"),
-            ("RETRYQ__STORE__DEDUPE", "false"),
+            ("RETRYQ__STORE__DEDUPE", "no"),
+            ("RETRYQ__LOG__LEVEL", "off"),
             ("RETRYQ__STORE__MAX_ITEMS", "12"),
             ("RETRYQ__BACKOFF__JITTER", "0.5"),
             ("RETRYQ__ADMIN__TOKEN_ENV", "123"),
@@ -133,6 +134,8 @@ fn env_wins_and_is_typed() {
     assert_eq!(s.worker.max_attempts, 3);
     assert_eq!(s.worker.interval, Duration::from_secs(60));
     assert!(!s.store.options.dedupe);
+    // A word that reads as a boolean stays text where the key takes text.
+    assert_eq!(s.log.level, "off");
     assert_eq!(s.store.options.max_items, 12);
     assert_eq!(s.worker.backoff.jitter, 0.5);
     assert_eq!(s.admin.token_env, "123");

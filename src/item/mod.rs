@@ -2,7 +2,7 @@
 //! delivery state.
 //!
 //! Field names follow the Go SDK's `QueueItem` so JSON written by either side
-//! reads on the other. The payload (the seed's `report`) lives in
+//! reads on the other ([`wire`]). The payload (the seed's `report`) lives in
 //! [`payload`], the ID rule and generator in [`id`], the state and every
 //! change of it in [`state`].
 
@@ -17,10 +17,17 @@ use crate::error::{QueueError, QueueResult};
 pub mod id;
 pub mod payload;
 pub mod state;
+pub mod wire;
 
 pub use id::{ItemId, MAX_ID_LEN};
 pub use payload::{compact_json, payload_checksum, sha256_hex, Payload};
 pub use state::{ItemState, ItemStatus};
+pub use wire::ItemRecord;
+
+/// Checks a caller-chosen item ID (see [`ItemId::parse`]).
+pub fn validate_id(id: &str) -> QueueResult<()> {
+    ItemId::parse(id).map(|_| ())
+}
 
 /// Default number of delivery attempts before an item becomes a dead letter.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
@@ -87,43 +94,28 @@ impl<'de> Deserialize<'de> for ItemType {
     }
 }
 
-/// Checks a caller-chosen item ID (see [`ItemId::parse`]).
-pub fn validate_id(id: &str) -> QueueResult<()> {
-    ItemId::parse(id).map(|_| ())
-}
-
-/// A new ID (see [`ItemId::generate`]).
-pub fn new_id() -> String {
-    ItemId::generate().into()
-}
-
 /// One report waiting for delivery, with its delivery state.
 ///
-/// Serialized with the Go SDK's field names (`type`, `report`, ...).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+/// JSON shows it in the flat form of the Go SDK ([`ItemRecord`]); its
+/// state changes only through the methods in [`state`].
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueueItem {
-    /// Unique ID: a UUIDv7 unless the caller chose one (see [`validate_id`]).
+    /// A UUIDv7 unless the caller chose one.
     pub id: String,
-    /// Report type.
-    #[serde(rename = "type")]
-    #[schema(value_type = String)]
+    /// What kind of report it is.
     pub item_type: ItemType,
     /// Identity of the content for deduplication (SHA-256 of the payload by default).
     pub fingerprint: String,
-    /// Delivery state.
-    pub status: ItemStatus,
-    /// The report itself (the API shows it only when asked: `?payload=true`).
-    #[schema(value_type = serde_json::Value, required = false)]
+    state: ItemState,
+    /// The report itself.
     pub report: Payload,
     /// Delivery attempts made so far (every failed push counts one).
     pub attempts: u32,
     /// Attempts allowed before the item becomes a dead letter.
     pub max_attempts: u32,
     /// The reason of the last failure, empty if none.
-    #[serde(default)]
     pub last_error: String,
-    /// When the last attempt was made; `None` before the first.
-    #[serde(default)]
+    /// `None` before the first attempt.
     pub last_attempt: Option<DateTime<Utc>>,
     /// When the item is next due.
     pub next_retry: DateTime<Utc>,
@@ -132,30 +124,19 @@ pub struct QueueItem {
     /// When its state last changed.
     pub updated_at: DateTime<Utc>,
     /// The producing agent, free text.
-    #[serde(default)]
     pub agent_id: String,
     /// The producing scanner, free text.
-    #[serde(default)]
     pub scanner_name: String,
     /// What was scanned, free text.
-    #[serde(default)]
     pub target_path: String,
-    /// While `processing`: the time the claim expires and the item returns to pending.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease_until: Option<DateTime<Utc>>,
-    /// While `processing`: the instance that claimed it (see
-    /// [`crate::store::owner`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease_owner: Option<String>,
     /// Free-form attributes for transports (headers, routing...).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
 }
 
 impl QueueItem {
     /// True when the item is pending and due at `now`.
     pub fn is_ready_for_retry(&self, now: DateTime<Utc>) -> bool {
-        self.status == ItemStatus::Pending && self.next_retry <= now
+        self.state == ItemState::Pending && self.next_retry <= now
     }
 
     /// True when no attempt is left.
@@ -173,71 +154,6 @@ impl QueueItem {
             // A TTL too large to represent never expires anything.
             Err(_) => false,
         }
-    }
-
-    /// The state, rebuilt from the flat fields.
-    pub fn state(&self) -> ItemState {
-        ItemState::from_stored(
-            self.status,
-            self.lease_until,
-            self.lease_owner.clone(),
-            self.updated_at,
-        )
-    }
-
-    fn set_state(&mut self, state: ItemState) {
-        self.status = state.status();
-        self.lease_until = state.lease_until();
-        self.lease_owner = state.lease_owner().map(str::to_owned);
-    }
-
-    /// Claims the item for instance `owner` until `lease_until` (the state
-    /// change of `RetryQueue::claim`, shared by every backend).
-    pub fn record_claim(&mut self, lease_until: DateTime<Utc>, owner: &str, now: DateTime<Utc>) {
-        self.status = ItemStatus::Processing;
-        self.lease_until = Some(lease_until);
-        self.lease_owner = Some(owner.to_owned());
-        self.updated_at = now;
-    }
-
-    /// Records a failed attempt and schedules the next one (the state change
-    /// of `RetryQueue::requeue`, shared by every backend).
-    pub fn record_retry(&mut self, error: &str, next_retry: DateTime<Utc>, now: DateTime<Utc>) {
-        self.attempts = self.attempts.saturating_add(1);
-        self.last_error = error.to_owned();
-        self.last_attempt = Some(now);
-        self.next_retry = next_retry;
-        self.status = ItemStatus::Pending;
-        self.lease_until = None;
-        self.lease_owner = None;
-    }
-
-    /// Records a final failed attempt and makes the item a dead letter (the
-    /// state change of `RetryQueue::mark_failed`).
-    pub fn record_dead_letter(&mut self, reason: &str, now: DateTime<Utc>) {
-        self.attempts = self.attempts.saturating_add(1);
-        self.last_error = reason.to_owned();
-        self.last_attempt = Some(now);
-        self.status = ItemStatus::Failed;
-        self.lease_until = None;
-        self.lease_owner = None;
-    }
-
-    /// Brings a dead letter back, due at `now` with its attempts reset (the
-    /// state change of `RetryQueue::revive`); refuses any other status.
-    pub fn revive(&mut self, now: DateTime<Utc>) -> QueueResult<()> {
-        if self.status != ItemStatus::Failed {
-            return Err(QueueError::invalid(format!(
-                "item {} is {}, only a failed item (a dead letter) can be revived",
-                self.id, self.status
-            )));
-        }
-        self.status = ItemStatus::Pending;
-        self.attempts = 0;
-        self.next_retry = now;
-        self.lease_until = None;
-        self.lease_owner = None;
-        Ok(())
     }
 
     /// The item as the API and the CLI show it: its JSON fields plus
@@ -357,11 +273,8 @@ impl NewItem {
         default_max_attempts: u32,
     ) -> QueueResult<QueueItem> {
         let id = match self.id {
-            Some(id) => {
-                validate_id(&id)?;
-                id
-            }
-            None => new_id(),
+            Some(id) => ItemId::try_from(id)?.into(),
+            None => ItemId::generate().into(),
         };
         let fingerprint = match self.fingerprint {
             Some(fp) if fp.trim().is_empty() => {
@@ -387,7 +300,7 @@ impl NewItem {
             id,
             item_type: self.item_type,
             fingerprint,
-            status: ItemStatus::Pending,
+            state: ItemState::Pending,
             report: self.report,
             attempts: 0,
             max_attempts,
@@ -399,8 +312,6 @@ impl NewItem {
             agent_id: self.agent_id,
             scanner_name: self.scanner_name,
             target_path: self.target_path,
-            lease_until: None,
-            lease_owner: None,
             attributes: self.attributes,
         })
     }

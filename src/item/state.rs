@@ -143,17 +143,22 @@ impl ItemState {
 impl QueueItem {
     /// The state's tag.
     pub fn status(&self) -> ItemStatus {
-        self.status
+        self.state.status()
+    }
+
+    /// Where the item is in its life.
+    pub fn state(&self) -> &ItemState {
+        &self.state
     }
 
     /// The end of the claim, while processing.
     pub fn lease_until(&self) -> Option<DateTime<Utc>> {
-        self.lease_until
+        self.state.lease_until()
     }
 
     /// The instance holding the claim, while processing and if recorded.
     pub fn lease_owner(&self) -> Option<&str> {
-        self.lease_owner.as_deref()
+        self.state.lease_owner()
     }
 
     /// True when the item is processing and its lease has ended at `now`.
@@ -177,13 +182,13 @@ impl QueueItem {
         owner: &str,
         now: DateTime<Utc>,
     ) -> QueueResult<()> {
-        if self.status() != ItemStatus::Pending {
+        if self.state != ItemState::Pending {
             return Err(self.wrong_state("only a pending item can be claimed"));
         }
-        self.set_state(ItemState::Processing {
+        self.state = ItemState::Processing {
             lease_until,
             owner: Some(owner.to_owned()),
-        });
+        };
         self.updated_at = now;
         Ok(())
     }
@@ -195,7 +200,7 @@ impl QueueItem {
         if self.status() != ItemStatus::Processing {
             return Err(self.wrong_state("only a processing item can be released"));
         }
-        self.set_state(ItemState::Pending);
+        self.state = ItemState::Pending;
         self.updated_at = now;
         Ok(())
     }
@@ -207,7 +212,7 @@ impl QueueItem {
     pub fn requeue(&mut self, error: &str, next_retry: DateTime<Utc>, now: DateTime<Utc>) {
         self.record_attempt(error, now);
         self.next_retry = next_retry;
-        self.set_state(ItemState::Pending);
+        self.state = ItemState::Pending;
     }
 
     /// Records a final failed attempt and makes the item a dead letter
@@ -215,7 +220,7 @@ impl QueueItem {
     /// poison check and an operator condemn pending items too.
     pub fn dead_letter(&mut self, reason: &str, now: DateTime<Utc>) {
         self.record_attempt(reason, now);
-        self.set_state(ItemState::Failed);
+        self.state = ItemState::Failed;
     }
 
     fn record_attempt(&mut self, error: &str, now: DateTime<Utc>) {
@@ -223,6 +228,27 @@ impl QueueItem {
         self.last_error = error.to_owned();
         self.last_attempt = Some(now);
         self.updated_at = now;
+    }
+
+    /// Brings a dead letter back, due at `now` with its attempts reset and
+    /// its last error kept (`RetryQueue::revive`).
+    pub fn revive(&mut self, now: DateTime<Utc>) -> QueueResult<()> {
+        if self.state != ItemState::Failed {
+            return Err(self.wrong_state("only a failed item (a dead letter) can be revived"));
+        }
+        self.state = ItemState::Pending;
+        self.attempts = 0;
+        self.next_retry = now;
+        self.updated_at = now;
+        Ok(())
+    }
+
+    /// Forgets a claim without it counting as a change: an item imported
+    /// from another store keeps its times, but nobody holds its claim here.
+    pub(crate) fn drop_claim(&mut self) {
+        if self.status() == ItemStatus::Processing {
+            self.state = ItemState::Pending;
+        }
     }
 }
 
@@ -258,7 +284,7 @@ mod tests {
         item.claim(t(60), "me", t(1)).unwrap();
         assert_eq!(
             item.state(),
-            ItemState::Processing {
+            &ItemState::Processing {
                 lease_until: t(60),
                 owner: Some("me".into())
             }
@@ -271,7 +297,7 @@ mod tests {
         assert!(!item.lease_expired(t(59)));
         assert!(item.lease_expired(t(60)));
         item.release(t(2)).unwrap();
-        assert_eq!(item.state(), ItemState::Pending);
+        assert_eq!(item.state(), &ItemState::Pending);
         assert_eq!(
             (item.attempts, item.next_retry, item.updated_at),
             (0, t(0), t(2))
@@ -285,6 +311,10 @@ mod tests {
         let err = item.release(t(1)).unwrap_err();
         assert_eq!(err.kind(), "wrong_state");
         assert!(err.to_string().contains("it-1 is pending"), "{err}");
+        assert_eq!(
+            wrong_state(item.revive(t(1)).unwrap_err()),
+            ("it-1".into(), "pending")
+        );
         item.claim(t(60), "me", t(1)).unwrap();
         let err = item.claim(t(90), "other", t(2)).unwrap_err();
         assert_eq!(wrong_state(err), ("it-1".into(), "processing"));
@@ -307,7 +337,7 @@ mod tests {
         let mut item = pending();
         item.claim(t(60), "me", t(1)).unwrap();
         item.requeue("503", t(100), t(5));
-        assert_eq!(item.state(), ItemState::Pending);
+        assert_eq!(item.state(), &ItemState::Pending);
         assert_eq!((item.attempts, item.last_error.as_str()), (1, "503"));
         assert_eq!(
             (item.last_attempt, item.next_retry, item.updated_at),
@@ -315,11 +345,24 @@ mod tests {
         );
         item.claim(t(160), "me", t(101)).unwrap();
         item.dead_letter("422", t(102));
-        assert_eq!(item.state(), ItemState::Failed);
+        assert_eq!(item.state(), &ItemState::Failed);
         assert_eq!((item.attempts, item.updated_at), (2, t(102)));
         item.attempts = u32::MAX;
         item.requeue("again", t(200), t(103));
         assert_eq!(item.attempts, u32::MAX, "attempts saturate");
+    }
+
+    #[test]
+    fn revive_resets_attempts_keeps_the_error_and_is_due_at_once() {
+        let mut item = pending();
+        item.dead_letter("410 gone", t(5));
+        item.revive(t(9)).unwrap();
+        assert_eq!(item.state(), &ItemState::Pending);
+        assert_eq!(
+            (item.attempts, item.next_retry, item.updated_at),
+            (0, t(9), t(9))
+        );
+        assert_eq!(item.last_error, "410 gone");
     }
 
     #[test]

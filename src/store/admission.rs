@@ -76,8 +76,8 @@
 //! | [`AdmissionView::id_exists`] | `SELECT 1 FROM items WHERE id = $1` |
 //! | [`AdmissionView::live_ids_with_fingerprint`] | `SELECT id FROM items WHERE fingerprint = $1 AND status IN (0, 1)` |
 //! | [`AdmissionView::totals`] | `SELECT items, bytes FROM totals` (or `count(*)`, `sum(size_bytes)`) |
-//! | [`AdmissionView::oldest`] `(DeadLetters, after, n)` | `SELECT id, created_at, size_bytes FROM items WHERE status = 2 AND (created_at, id) > ($1, $2) ORDER BY created_at, id LIMIT $3` |
-//! | [`AdmissionView::oldest`] `(Live, after, n)` | the same with `status IN (0, 1)` |
+//! | [`AdmissionView::oldest`], [`VictimClass::DeadLetters`] | `SELECT id, created_at, size_bytes FROM items WHERE status = 2 AND (created_at, id) > ($1, $2) ORDER BY created_at, id LIMIT $3` |
+//! | [`AdmissionView::oldest`], [`VictimClass::Live`] | the same with `status IN (0, 1)` |
 //!
 //! (`after` is `None` for the first page: drop the row comparison.) Then
 //! `DELETE` each victim, `INSERT` the item, and let the transaction's
@@ -191,15 +191,32 @@ pub trait AdmissionView {
     /// Items and bytes held now.
     fn totals(&mut self) -> QueueResult<Totals>;
 
-    /// Up to `limit` items of `class` in eviction order (`created_at`, then
-    /// ID, ascending), starting strictly after `after` (`created_at`, ID)
-    /// when given. Fewer than `limit` means there are no more.
-    fn oldest(
-        &mut self,
-        class: VictimClass,
-        after: Option<(DateTime<Utc>, &str)>,
-        limit: usize,
-    ) -> QueueResult<Vec<Victim>>;
+    /// One page of eviction candidates: see [`VictimPage`].
+    fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>>;
+}
+
+/// What [`AdmissionView::oldest`] returns: up to `limit` items of `class`
+/// in eviction order (`created_at`, then ID, ascending), starting strictly
+/// after `after` (`created_at`, ID) when given. Fewer than `limit` means
+/// there are no more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VictimPage<'a> {
+    /// Dead letters, or the others.
+    pub class: VictimClass,
+    /// The last item of the previous page; `None` for the first page.
+    pub after: Option<(DateTime<Utc>, &'a str)>,
+    /// Most items returned.
+    pub limit: usize,
+}
+
+impl VictimPage<'_> {
+    /// True when `item` belongs on this page or a later one.
+    pub fn admits(&self, item: &QueueItem) -> bool {
+        VictimClass::of(item.status()) == self.class
+            && self
+                .after
+                .is_none_or(|key| (item.created_at, item.id.as_str()) > key)
+    }
 }
 
 /// An item the planner admitted, and what must be evicted to make room
@@ -276,18 +293,15 @@ pub fn trim(limits: &Limits, view: &mut impl AdmissionView) -> QueueResult<Vec<V
 /// ordered index.
 pub fn oldest_by_scan<'a>(
     items: impl IntoIterator<Item = &'a QueueItem>,
-    class: VictimClass,
-    after: Option<(DateTime<Utc>, &str)>,
-    limit: usize,
+    page: &VictimPage<'_>,
 ) -> Vec<Victim> {
     let mut found: Vec<Victim> = items
         .into_iter()
-        .filter(|item| VictimClass::of(item.status()) == class)
-        .filter(|item| after.is_none_or(|key| (item.created_at, item.id.as_str()) > key))
+        .filter(|item| page.admits(item))
         .map(Victim::of)
         .collect();
     found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-    found.truncate(limit);
+    found.truncate(page.limit);
     found
 }
 
@@ -476,11 +490,11 @@ impl Planner {
                     if last_page {
                         break;
                     }
-                    let fetched = view.oldest(
+                    let fetched = view.oldest(&VictimPage {
                         class,
-                        after.as_ref().map(|(t, id)| (*t, id.as_str())),
-                        page_size,
-                    )?;
+                        after: after.as_ref().map(|(t, id)| (*t, id.as_str())),
+                        limit: page_size,
+                    })?;
                     last_page = fetched.len() < page_size;
                     page_size = (page_size * 2).min(MAX_PAGE);
                     page = fetched.into_iter();
@@ -643,14 +657,9 @@ mod tests {
             })
         }
 
-        fn oldest(
-            &mut self,
-            class: VictimClass,
-            after: Option<(DateTime<Utc>, &str)>,
-            limit: usize,
-        ) -> QueueResult<Vec<Victim>> {
+        fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
             self.pages += 1;
-            Ok(oldest_by_scan(&self.items, class, after, limit))
+            Ok(oldest_by_scan(&self.items, page))
         }
     }
 

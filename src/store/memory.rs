@@ -34,7 +34,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::admission::{self, AdmissionView, Admitted, Limits, Totals, Victim, VictimClass};
+use super::admission::{
+    self, AdmissionView, Admitted, Limits, Totals, Victim, VictimClass, VictimPage,
+};
 use super::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, QueueStats, RetryQueue, StoreOptions,
     WriteOp, WriteOutcome,
@@ -119,18 +121,8 @@ impl AdmissionView for View<'_> {
         })
     }
 
-    fn oldest(
-        &mut self,
-        class: VictimClass,
-        after: Option<(DateTime<Utc>, &str)>,
-        limit: usize,
-    ) -> QueueResult<Vec<Victim>> {
-        Ok(admission::oldest_by_scan(
-            self.0.values(),
-            class,
-            after,
-            limit,
-        ))
+    fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
+        Ok(admission::oldest_by_scan(self.0.values(), page))
     }
 }
 
@@ -347,7 +339,6 @@ impl RetryQueue for MemoryRetryQueue {
         let mut state = self.lock_open()?;
         let item = state.item_mut(id)?;
         item.revive(now)?;
-        item.updated_at = now;
         Ok(item.clone())
     }
 

@@ -758,11 +758,7 @@ pub(crate) fn importable(mut item: QueueItem) -> QueueResult<QueueItem> {
     if item.item_type.as_str().is_empty() {
         return Err(QueueError::invalid("type is empty"));
     }
-    if item.status == ItemStatus::Processing {
-        item.status = ItemStatus::Pending;
-    }
-    item.lease_until = None;
-    item.lease_owner = None;
+    item.drop_claim();
     Ok(item)
 }
 

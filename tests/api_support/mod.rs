@@ -175,11 +175,7 @@ impl RetryQueue for TestQueue {
     }
 
     fn revive(&self, id: &str) -> QResult<QueueItem> {
-        self.modify(id, |i, now| {
-            i.revive(now)?;
-            i.updated_at = now;
-            Ok(())
-        })
+        self.modify(id, |i, now| i.revive(now))
     }
 
     fn release(&self, id: &str) -> QResult<()> {

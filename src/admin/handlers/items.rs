@@ -214,22 +214,17 @@ pub(in crate::admin) async fn retry_item(
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&id)?;
     let revive_id = id.clone();
-    // `revive` refuses an item that is not failed with InvalidItem; look the
-    // item up on the same blocking call to name its status in a 409.
-    let outcome = store_call(&state, move |q| match q.revive(&revive_id) {
-        Ok(item) => Ok(Ok(item)),
-        Err(QueueError::InvalidItem { .. }) => q.get(&revive_id).map(|item| Err(item.status)),
-        Err(err) => Err(err),
-    })
-    .await?;
-    match outcome {
-        Ok(item) => {
-            state.worker.notify_enqueued();
-            tracing::info!(id = %id, "dead letter revived through the API");
-            Ok(HttpResponse::Ok().json(item_json(&item, false)?))
+    // One call: the refusal itself names the status the item was in.
+    let item = store_call(&state, move |q| match q.revive(&revive_id) {
+        Err(QueueError::WrongState { id, status, .. }) => {
+            Ok(Err(ApiError::not_failed(&id, status)))
         }
-        Err(status) => Err(ApiError::not_failed(&id, status.as_str())),
-    }
+        other => other.map(Ok),
+    })
+    .await??;
+    state.worker.notify_enqueued();
+    tracing::info!(id = %id, "dead letter revived through the API");
+    Ok(HttpResponse::Ok().json(item_json(&item, false)?))
 }
 
 #[utoipa::path(post, path = "/v1/items/retry-failed", tag = "items",

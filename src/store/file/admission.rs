@@ -1,186 +1,108 @@
-//! Admission: whether a new item may join the queue and what must go to
-//! make room. Dedupe by ID and by fingerprint, the item and byte caps, the
-//! overflow policy's evictions (dead letters oldest first, then any item
-//! oldest first), and a batch admitting its own items as if they had come
-//! one at a time; plus the evictions of `enforce_limits`. Everything that
-//! decides admission is here; storing what it decided goes through
-//! `commit.rs`.
+//! Admission for the file backend: the planner's read view
+//! ([`AdmissionView`]) over the in-memory index, and the persisting of
+//! what the planner ([`crate::store::admission`]) decided. Nothing here
+//! decides. A batch is held back and written as one commit: one
+//! [`Planner`] admits its items as if the earlier ones were stored; a
+//! victim among them is simply not written (and counted evicted). The new
+//! items are committed first and the victims evicted after, in a second
+//! commit, so a failed eviction never loses a new item.
 
-use std::collections::{HashMap, HashSet};
-
-use chrono::{DateTime, Utc};
+use std::ops::Bound;
 
 use super::commit::Change;
 use super::index::Index;
 use super::record::file_name;
 use super::{FileRetryQueue, Inner};
 use crate::error::{QueueError, QueueResult};
-use crate::item::{ItemStatus, QueueItem};
-use crate::store::OverflowPolicy;
+use crate::item::QueueItem;
+use crate::store::admission::{
+    self, AdmissionView, Limits, Planner, Totals, Victim, VictimClass, VictimPage,
+};
 
-/// Items already accepted earlier in the same `enqueue_batch` (or none).
-#[derive(Debug, Default)]
-pub(super) struct Admission {
-    ids: HashSet<String>,
-    fingerprints: HashMap<String, String>,
-    count: usize,
-    bytes: u64,
-    evict: Vec<String>,
-    evict_set: HashSet<String>,
-    evict_bytes: u64,
-    /// The first, in eviction order, of the items admitted so far.
-    oldest_member: Option<(DateTime<Utc>, String)>,
+/// The planner's view of the index (which only ever shows committed
+/// files).
+struct View<'a>(&'a Index);
+
+impl AdmissionView for View<'_> {
+    fn id_exists(&mut self, id: &str) -> QueueResult<bool> {
+        Ok(self.0.entries.contains_key(id))
+    }
+
+    fn live_ids_with_fingerprint(&mut self, fingerprint: &str) -> QueueResult<Vec<String>> {
+        Ok(self
+            .0
+            .by_fingerprint
+            .get(fingerprint)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn totals(&mut self) -> QueueResult<Totals> {
+        Ok(Totals {
+            items: self.0.entries.len() as u64,
+            bytes: self.0.total_bytes,
+        })
+    }
+
+    fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
+        let index = self.0;
+        let (set, dead) = match page.class {
+            VictimClass::DeadLetters => (&index.dead_by_age, true),
+            VictimClass::Live => (&index.by_age, false),
+        };
+        let start = match page.after {
+            Some((t, id)) => Bound::Excluded((t, id.to_owned())),
+            None => Bound::Unbounded,
+        };
+        Ok(set
+            .range((start, Bound::Unbounded))
+            .filter_map(|(_, id)| index.entries.get(id))
+            .filter(|entry| dead || VictimClass::of(entry.item.status()) == VictimClass::Live)
+            .take(page.limit)
+            .map(|entry| Victim::of(&entry.item))
+            .collect())
+    }
 }
 
-/// What [`FileRetryQueue::admit`] decided for an item it did not refuse.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum Admitted {
-    /// It joins the batch.
-    In,
-    /// One at a time, the items before it would have changed what it is
-    /// admitted against (it comes back under an ID they evict, or one of
-    /// them would be evicted before the next victim): store those first,
-    /// then admit it again.
-    AfterEarlierItems,
-}
-
-/// New items admitted for one commit of `store_new`.
+/// New items admitted for one commit of `store_items_in`, in order.
 #[derive(Default)]
 pub(super) struct NewItems {
-    admission: Admission,
     accepted: Vec<QueueItem>,
     changes: Vec<Change>,
     /// Where each accepted item's result is in the call's results.
     slots: Vec<usize>,
+    /// Stored items to evict once the new ones are committed.
+    evict: Vec<String>,
+    /// Results of items admitted, then evicted by a later item of the same
+    /// part before they were written: they count as evicted once the part
+    /// is committed.
+    dropped: Vec<usize>,
+}
+
+impl NewItems {
+    /// Books the planner's victims: stored ones to evict after the
+    /// commit, the part's own ones taken out of it.
+    fn take_victims(&mut self, victims: Vec<Victim>) {
+        for victim in victims {
+            if !victim.held {
+                self.evict.push(victim.id);
+                continue;
+            }
+            if let Some(at) = self.accepted.iter().position(|i| i.id == victim.id) {
+                self.accepted.remove(at);
+                self.changes.remove(at);
+                self.dropped.push(self.slots.remove(at));
+            }
+        }
+    }
 }
 
 impl FileRetryQueue {
-    /// Decides whether `item` may join the queue (given items admitted
-    /// earlier in the same batch) and plans the evictions it needs.
-    fn admit(
-        &self,
-        index: &Index,
-        item: &QueueItem,
-        batch: &mut Admission,
-    ) -> QueueResult<Admitted> {
-        if batch.evict_set.contains(&item.id) {
-            return Ok(Admitted::AfterEarlierItems);
-        }
-        if index.entries.contains_key(&item.id) || batch.ids.contains(&item.id) {
-            return Err(QueueError::DuplicateItem {
-                existing_id: item.id.clone(),
-            });
-        }
-        if self.options.dedupe {
-            let existing = index
-                .by_fingerprint
-                .get(&item.fingerprint)
-                .and_then(|ids| ids.iter().find(|id| !batch.evict_set.contains(*id)))
-                .or_else(|| batch.fingerprints.get(&item.fingerprint));
-            if let Some(existing) = existing {
-                return Err(QueueError::DuplicateItem {
-                    existing_id: existing.clone(),
-                });
-            }
-        }
-        let size = item.size_bytes();
-        let max_bytes = self.options.max_bytes;
-        let max_items = self.options.max_items;
-        if size > max_bytes {
-            return Err(QueueError::TooLarge {
-                size,
-                limit: max_bytes,
-            });
-        }
-        // Items and bytes in use once `evicted` items of `evicted_bytes`
-        // are gone (batch members count as stored).
-        let used_items = |evicted: usize| index.entries.len() + batch.count - evicted;
-        let used_bytes = |evicted_bytes: u64| index.total_bytes + batch.bytes - evicted_bytes;
-        let fits = |evicted: usize, evicted_bytes: u64| {
-            used_items(evicted) < max_items && used_bytes(evicted_bytes) + size <= max_bytes
-        };
-        let mut evicted = batch.evict.len();
-        let mut evicted_bytes = batch.evict_bytes;
-        if !fits(evicted, evicted_bytes) {
-            let full = QueueError::QueueFull {
-                reason: format!(
-                    "{} of {max_items} items and {} of {max_bytes} bytes used; the new item needs {size} bytes",
-                    used_items(evicted),
-                    used_bytes(evicted_bytes)
-                ),
-            };
-            if self.options.overflow == OverflowPolicy::Reject {
-                return Err(full);
-            }
-            let mut plan = Vec::new();
-            for id in index.eviction_order() {
-                if fits(evicted, evicted_bytes) {
-                    break;
-                }
-                if batch.evict_set.contains(id) {
-                    continue;
-                }
-                let victim = index.entries.get(id).map(|e| &e.item);
-                let member_first = match (&batch.oldest_member, victim) {
-                    (Some((created, member)), Some(v)) if v.status != ItemStatus::Failed => {
-                        (created, member) < (&v.created_at, id)
-                    }
-                    _ => false,
-                };
-                if member_first {
-                    return Ok(Admitted::AfterEarlierItems);
-                }
-                evicted += 1;
-                evicted_bytes += index.entries.get(id).map_or(0, |e| e.item.size_bytes());
-                plan.push(id.clone());
-            }
-            if !fits(evicted, evicted_bytes) {
-                if batch.oldest_member.is_some() {
-                    // Stored, the batch's earlier items can make room.
-                    return Ok(Admitted::AfterEarlierItems);
-                }
-                return Err(full);
-            }
-            batch.evict_bytes = evicted_bytes;
-            batch.evict_set.extend(plan.iter().cloned());
-            batch.evict.extend(plan);
-        }
-        batch.ids.insert(item.id.clone());
-        batch
-            .fingerprints
-            .insert(item.fingerprint.clone(), item.id.clone());
-        batch.count += 1;
-        batch.bytes += size;
-        let key = (item.created_at, item.id.clone());
-        if batch
-            .oldest_member
-            .as_ref()
-            .is_none_or(|oldest| key < *oldest)
-        {
-            batch.oldest_member = Some(key);
-        }
-        Ok(Admitted::In)
-    }
-
-    /// What `enforce_limits` evicts after the limits were lowered: with
-    /// `DropOldest`, items in eviction order until the queue is within
-    /// them; with `Reject`, nothing.
-    pub(super) fn over_limits(&self, index: &Index) -> Vec<String> {
-        if self.options.overflow == OverflowPolicy::Reject {
-            return Vec::new();
-        }
-        let mut count = index.entries.len();
-        let mut bytes = index.total_bytes;
-        let mut plan = Vec::new();
-        for id in index.eviction_order() {
-            if count <= self.options.max_items && bytes <= self.options.max_bytes {
-                break;
-            }
-            count -= 1;
-            bytes = bytes.saturating_sub(index.entries.get(id).map_or(0, |e| e.item.size_bytes()));
-            plan.push(id.clone());
-        }
-        plan
+    /// What `enforce_limits` evicts after the limits were lowered: the
+    /// planner's victims.
+    pub(super) fn over_limits(&self, index: &Index) -> QueueResult<Vec<String>> {
+        let victims = admission::trim(&Limits::of(&self.options), &mut View(index))?;
+        Ok(victims.into_iter().map(|v| v.id).collect())
     }
 
     /// Evicts `ids` (dead letters first was decided by the caller) in one
@@ -208,14 +130,12 @@ impl FileRetryQueue {
     /// [`Self::store_new_in`] for items already built (or refused).
     ///
     /// Each item is admitted as if the items before it had been enqueued
-    /// one at a time. Where batching would change that (an item comes back
-    /// under an ID the batch evicts, or an earlier item of the batch, not
-    /// an older stored one, is next in eviction order), the batch splits:
-    /// the items before it are committed and their evictions done, then it
-    /// is admitted against the queue as they left it (and one file per ID
-    /// is on disk at any time). If a later part fails, the parts before it
-    /// stay stored: their items answer `Ok`, the failed part's and the
-    /// rest answer the error.
+    /// one at a time. An item that comes back under the ID of a stored item
+    /// the batch evicts splits the batch (one file per ID is on disk at any
+    /// time): the items before it are committed and their evictions done,
+    /// then it is admitted against the queue as they left it. If a later
+    /// part fails, the parts before it stay stored: their items answer
+    /// `Ok`, the failed part's and the rest answer the error.
     pub(super) fn store_items_in(
         &self,
         inner: &mut Inner,
@@ -223,6 +143,7 @@ impl FileRetryQueue {
         items: Vec<QueueResult<QueueItem>>,
     ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
         let mut results: Vec<QueueResult<QueueItem>> = Vec::with_capacity(items.len());
+        let mut planner = Planner::new(Limits::of(&self.options));
         let mut part = NewItems::default();
         let mut stored_some = false;
         let mut items = items.into_iter();
@@ -241,8 +162,7 @@ impl FileRetryQueue {
                     continue;
                 }
             };
-            let mut admitted = self.admit(&inner.index, &item, &mut part.admission);
-            if matches!(admitted, Ok(Admitted::AfterEarlierItems)) {
+            if planner.evicts(&item.id) {
                 let done = std::mem::take(&mut part);
                 match self.store_part(inner, op, done, &mut results) {
                     Ok(()) => stored_some = true,
@@ -256,11 +176,12 @@ impl FileRetryQueue {
                         return Ok(results);
                     }
                 }
-                // Against a fresh batch it is never deferred again.
-                admitted = self.admit(&inner.index, &item, &mut part.admission);
+                planner.caught_up();
             }
-            match admitted {
-                Ok(_) => {
+            match planner.decide(&mut View(&inner.index), item, false)? {
+                Ok(admitted) => {
+                    let (item, victims) = admitted.into_parts();
+                    part.take_victims(victims);
                     part.changes.push(Change {
                         file: file_name(&item),
                         new: Some(encoded),
@@ -293,16 +214,18 @@ impl FileRetryQueue {
         }
         if let Err(e) = self.commit(inner, op, &part.changes) {
             let message = e.to_string();
-            for slot in &part.slots {
+            // An item a later one evicted was only ever stored if they were.
+            for slot in part.slots.iter().chain(&part.dropped) {
                 results[*slot] = Err(QueueError::storage(op, message.clone()));
             }
             return Err(e);
         }
+        inner.evicted += part.dropped.len() as u64;
         for (item, change) in part.accepted.into_iter().zip(part.changes) {
             let len = change.new.as_ref().map_or(0, |d| d.len() as u64);
             inner.index.insert(item, change.file, len);
         }
-        if let Err(e) = self.evict(inner, op, &part.admission.evict) {
+        if let Err(e) = self.evict(inner, op, &part.evict) {
             tracing::warn!(error = %e, "eviction after enqueue failed; the queue is over its limit until the next eviction");
         }
         Ok(())

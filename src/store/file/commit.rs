@@ -139,7 +139,6 @@ impl FileRetryQueue {
             let entry = inner.index.get(id)?;
             let mut item = entry.item.clone();
             f(&mut item, now)?;
-            item.updated_at = now;
             changes.push(Change {
                 file: entry.file.clone(),
                 new: Some(Self::encode(op, &item)?),

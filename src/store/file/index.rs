@@ -121,15 +121,4 @@ impl Index {
             .take_while(move |(next, _, _)| *next <= now)
             .map(|(_, _, id)| id)
     }
-
-    /// Eviction order: dead letters oldest first, then everything else
-    /// oldest first.
-    pub(super) fn eviction_order(&self) -> impl Iterator<Item = &String> {
-        self.dead_by_age.iter().map(|(_, id)| id).chain(
-            self.by_age
-                .iter()
-                .filter(|(created, id)| !self.dead_by_age.contains(&(*created, id.clone())))
-                .map(|(_, id)| id),
-        )
-    }
 }

@@ -300,7 +300,7 @@ impl RetryQueue for FileRetryQueue {
     fn enforce_limits(&self) -> QueueResult<usize> {
         let op = "enforce_limits";
         let mut inner = self.state(op)?;
-        let plan = self.over_limits(&inner.index);
+        let plan = self.over_limits(&inner.index)?;
         self.evict(&mut inner, op, &plan)
     }
 

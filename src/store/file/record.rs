@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::item::{payload_checksum, validate_id, ItemStatus, ItemType, Payload, QueueItem};
+use crate::item::{
+    payload_checksum, validate_id, ItemRecord, ItemStatus, ItemType, Payload, QueueItem,
+};
 
 /// Go's zero `time.Time`, which the Go SDK writes for "never".
 pub(crate) const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
@@ -109,7 +111,7 @@ impl From<&QueueItem> for FileRecord {
 
 impl From<FileRecord> for QueueItem {
     fn from(r: FileRecord) -> Self {
-        QueueItem {
+        QueueItem::from(ItemRecord {
             id: r.id,
             item_type: r.item_type,
             fingerprint: r.fingerprint,
@@ -128,7 +130,7 @@ impl From<FileRecord> for QueueItem {
             lease_until: r.lease_until,
             lease_owner: r.lease_owner,
             attributes: r.attributes,
-        }
+        })
     }
 }
 

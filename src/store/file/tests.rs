@@ -222,10 +222,13 @@ fn revive_update_cleanup_and_list() {
     opts.dead_letter_ttl = Some(Duration::from_secs(3600));
     let q = FileRetryQueue::open(dir.path(), opts).unwrap();
     let a = q.enqueue(new_item(1)).unwrap();
-    assert!(matches!(q.revive(&a), Err(QueueError::InvalidItem { .. })));
+    assert!(matches!(q.revive(&a), Err(QueueError::WrongState { .. })));
     q.mark_failed(&a, "no").unwrap();
     let revived = q.revive(&a).unwrap();
-    assert_eq!((revived.status(), revived.attempts), (ItemStatus::Pending, 0));
+    assert_eq!(
+        (revived.status(), revived.attempts),
+        (ItemStatus::Pending, 0)
+    );
     assert_eq!(revived.last_error, "no");
     let mut changed = revived.clone();
     changed.agent_id = "agent-9".into();

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension};
 
 use super::fingerprints::{self, FingerprintIndex};
@@ -17,7 +16,9 @@ use super::row::{from_nanos, query_optional, sql_err, to_nanos, STATUS_FAILED};
 use super::SqliteRetryQueue;
 use crate::error::QueueResult;
 use crate::item::QueueItem;
-use crate::store::admission::{self, AdmissionView, Limits, Totals, Victim, VictimClass};
+use crate::store::admission::{
+    self, AdmissionView, Limits, Totals, Victim, VictimClass, VictimPage,
+};
 use crate::store::OverflowPolicy;
 
 /// The item count and byte total as last read inside the current
@@ -89,18 +90,13 @@ impl AdmissionView for View<'_> {
         Ok(Totals { items, bytes })
     }
 
-    fn oldest(
-        &mut self,
-        class: VictimClass,
-        after: Option<(DateTime<Utc>, &str)>,
-        limit: usize,
-    ) -> QueueResult<Vec<Victim>> {
+    fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
         // Dead letters walk `items_dead`, the rest `items_created`.
-        let status = match class {
+        let status = match page.class {
             VictimClass::DeadLetters => format!("status = {STATUS_FAILED}"),
             VictimClass::Live => format!("status != {STATUS_FAILED}"),
         };
-        let from = if after.is_some() {
+        let from = if page.after.is_some() {
             "AND (created_at, id) > (?2, ?3)"
         } else {
             "AND ?2 IS NULL AND ?3 IS NULL"
@@ -109,9 +105,10 @@ impl AdmissionView for View<'_> {
             "SELECT seq, id, created_at, size_bytes FROM items WHERE {status} {from} \
              ORDER BY created_at, id LIMIT ?1"
         );
-        let (after_at, after_id) =
-            after.map_or((None, None), |(t, id)| (Some(to_nanos(t)), Some(id)));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (after_at, after_id) = page
+            .after
+            .map_or((None, None), |(t, id)| (Some(to_nanos(t)), Some(id)));
+        let limit = i64::try_from(page.limit).unwrap_or(i64::MAX);
         let rows: Vec<(i64, String, i64, i64)> = self
             .conn
             .prepare_cached(&sql)

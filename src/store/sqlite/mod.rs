@@ -108,7 +108,10 @@
 //!
 //! Several processes may open the same file (the daemon and the admin CLI):
 //! WAL lets readers run beside the writer and `busy_timeout` makes writers
-//! wait their turn instead of failing; at open, the steps SQLite refuses as
+//! wait their turn instead of failing. Reads (`get`, `peek`, `list`,
+//! `stats`, `next_due`, `size`) run on read connections of their own, so
+//! they wait neither for this process's writer lock nor for SQLite's
+//! (`sqlite/readers.rs`); at open, the steps SQLite refuses as
 //! busy without waiting are retried (`sqlite/open.rs`), and an admin client
 //! can open without writing at all ([`OpenMode::Client`]). The dedupe set
 //! notices another connection's commits (`PRAGMA data_version`) and is
@@ -117,7 +120,9 @@
 //! # Damage
 //!
 //! A record that fails its check is quarantined; one that cannot even be
-//! quarantined is skipped for the process, never retried in a loop. When
+//! quarantined is skipped for the process, never retried in a loop. A read
+//! may not write: it reports or skips the record and remembers it, and the
+//! next write transaction quarantines it. When
 //! SQLite reports the file itself corrupt, at open or in any operation,
 //! the queue salvages it: it copies what is readable into a fresh file,
 //! moves the damaged one aside, and retries the operation once. `repair`
@@ -190,6 +195,11 @@ use wal_sync::WalSync;
 /// The embedded SQLite queue. See the module documentation.
 #[derive(Debug)]
 pub struct SqliteRetryQueue {
+    /// The read connections, and the corrupt records their reads found
+    /// for the next write to quarantine (`sqlite/readers.rs`). First, so
+    /// a queue dropped without `close` closes them before the writer,
+    /// whose close (the last) then folds the WAL away.
+    readers: readers::Readers,
     conn: Mutex<Option<Connection>>,
     /// Runs WAL checkpoints off the commit path; taken (stopped) at close.
     checkpointer: Mutex<Option<Checkpointer>>,
@@ -205,9 +215,6 @@ pub struct SqliteRetryQueue {
     path: PathBuf,
     options: StoreOptions,
     evicted: AtomicU64,
-    /// The read connections, and the corrupt records their reads found
-    /// for the next write to quarantine (`sqlite/readers.rs`).
-    readers: readers::Readers,
     /// Skipped records and salvages of a corrupt file (`sqlite/salvage/`).
     salvage: salvage::SalvageState,
     mode: OpenMode,

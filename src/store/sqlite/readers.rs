@@ -149,7 +149,17 @@ impl SqliteRetryQueue {
         let generation = self.salvage.generation();
         let mut conn = match self.readers.take(generation) {
             Some(conn) => conn,
-            None => open_reader(&self.path).map_err(sql_err(op))?,
+            None => match open_reader(&self.path) {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let e = sql_err(op)(e);
+                    return Err(if salvage::is_corruption(&e) {
+                        self.salvage_after_read(generation, e)
+                    } else {
+                        e
+                    });
+                }
+            },
         };
         // Dropping the transaction ends it (a rollback: it wrote nothing).
         let outcome = conn

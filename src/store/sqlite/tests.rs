@@ -83,7 +83,8 @@ fn full_disk_is_a_clean_storage_error() {
     let path = dir.path().join("q.db");
     let clock = ManualClock::new(Utc::now());
     let options = StoreOptions {
-        max_bytes: u64::MAX,
+        // The largest cap SQLite can hold (validate refuses more).
+        max_bytes: i64::MAX as u64,
         max_items: usize::MAX,
         ..opts(&clock)
     };
@@ -134,7 +135,8 @@ fn a_batch_that_fills_the_disk_midway_leaves_nothing_of_itself() {
     let path = dir.path().join("q.db");
     let clock = ManualClock::new(Utc::now());
     let options = StoreOptions {
-        max_bytes: u64::MAX,
+        // The largest cap SQLite can hold (validate refuses more).
+        max_bytes: i64::MAX as u64,
         max_items: usize::MAX,
         ..opts(&clock)
     };

@@ -5,12 +5,14 @@
 //! # One bad record
 //!
 //! A record that fails its integrity check is moved to the `quarantine`
-//! table ([`SqliteRetryQueue::quarantine_record`]). Its damaged columns are
-//! read as whatever type they hold, so a flipped type byte cannot make the
-//! move itself fail. When the move still fails (SQLite refuses the write),
-//! the record is skipped for the life of this process: remembered by rowid,
-//! logged once, counted in `QueueStats::skipped_entries`, and left out of
-//! `claim` and `peek`. It is never claimed, failed and retried in a loop.
+//! table ([`SqliteRetryQueue::quarantine_record`]), by the write that met
+//! it or, when a read met it, by the next write (`sqlite/readers.rs`). Its
+//! damaged columns are read as whatever type they hold, so a flipped type
+//! byte cannot make the move itself fail. When the move still fails
+//! (SQLite refuses the write), the record is skipped for the life of this
+//! process: remembered by rowid, logged once, counted in
+//! `QueueStats::skipped_entries`, and left out of `claim` and `peek`. It
+//! is never claimed, failed and retried in a loop.
 //!
 //! A damaged index can also lose an entry without SQLite noticing. An item
 //! missing from the index of IDs could never be acknowledged, and would be
@@ -441,6 +443,8 @@ impl SqliteRetryQueue {
         if let Some(old) = conn.take() {
             let _ = old.close();
         }
+        // Idle readers close now; one still reading closes when its read
+        // ends, without a checkpoint that could touch the swapped files.
         self.readers.reset();
         SALVAGING.with(|flag| flag.set(true));
         let swapped = salvage_file(&self.path, &cause.to_string()).and_then(|_| {
