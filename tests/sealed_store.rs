@@ -317,7 +317,7 @@ fn old_key_items_deliver_after_a_rotation_and_a_reseal_leaves_none_under_it() {
         assert_eq!(census.by_key.len(), 1, "{backend:?}: {census:?}");
         assert_eq!(census.by_key[&rotated.sealing().id], 11);
         assert_eq!(
-            inner.get(&first[0].id).unwrap().status,
+            inner.get(&first[0].id).unwrap().status(),
             retryq::ItemStatus::Processing
         );
         q.delete(&first[0].id).unwrap();
@@ -481,9 +481,18 @@ fn items_prepared_on_the_callers_thread_are_stored_sealed_once_and_handed_back_c
         let claimed = q.enqueue_claimed(prepared, LEASE).unwrap();
         let clear = claimed[0].as_ref().unwrap();
         assert!(clear.report.as_str().contains(MARKER), "{backend:?}");
-        assert_eq!(clear.attributes.len(), 1, "the marker is not stored: {:?}", clear.attributes);
+        assert_eq!(
+            clear.attributes.len(),
+            1,
+            "the marker is not stored: {:?}",
+            clear.attributes
+        );
         let raw = inner.get("item-1").unwrap();
-        assert!(raw.attributes.is_empty(), "{backend:?}: {:?}", raw.attributes);
+        assert!(
+            raw.attributes.is_empty(),
+            "{backend:?}: {:?}",
+            raw.attributes
+        );
         assert_eq!(q.get("item-1").unwrap().report, clear.report, "sealed once");
         // A producer cannot pass its own envelope off as prepared.
         let forged = NewItem::new(

@@ -16,7 +16,7 @@ use super::keyring;
 use super::keyring::Keyring;
 use super::{EncryptionSettings, SealError};
 use crate::error::{QueueError, QueueResult};
-use crate::item::{new_id, NewItem, QueueItem};
+use crate::item::{ItemId, NewItem, QueueItem};
 use crate::store::{
     CleanupReport, ListFilter, PayloadSwap, PendingSync, QueueStats, RetryQueue, WriteOp,
     WriteOutcome,
@@ -305,7 +305,10 @@ impl SealedQueue {
     fn seal_fresh(&self, sealer: &Sealer, mut item: NewItem) -> QueueResult<(NewItem, Kept)> {
         // The ID is bound into the seal, so it is chosen here rather than
         // by the store; the fingerprint is taken from the clear payload.
-        let id = item.id.get_or_insert_with(new_id).clone();
+        let id = item
+            .id
+            .get_or_insert_with(|| ItemId::generate().as_str().to_owned())
+            .clone();
         if item.fingerprint.is_none() {
             item.fingerprint = Some(item.report.fingerprint());
         }
@@ -399,12 +402,18 @@ impl SealedQueue {
         &self,
         mut items: Vec<QueueItem>,
     ) -> Vec<Result<QueueItem, (QueueItem, OpenError)>> {
-        if items.len() < PARALLEL_OPEN || !std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+        if items.len() < PARALLEL_OPEN
+            || !std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+        {
             return items.into_iter().map(|item| self.open(item)).collect();
         }
         let back = items.split_off(items.len() / 2);
         std::thread::scope(|scope| {
-            let helper = scope.spawn(|| back.into_iter().map(|item| self.open(item)).collect::<Vec<_>>());
+            let helper = scope.spawn(|| {
+                back.into_iter()
+                    .map(|item| self.open(item))
+                    .collect::<Vec<_>>()
+            });
             let mut out: Vec<_> = items.into_iter().map(|item| self.open(item)).collect();
             match helper.join() {
                 Ok(rest) => out.extend(rest),

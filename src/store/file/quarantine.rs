@@ -7,7 +7,12 @@ use super::{FileRetryQueue, Inner};
 use crate::error::{QueueError, QueueResult};
 
 impl FileRetryQueue {
-    pub(super) fn quarantine_in(&self, inner: &mut Inner, id: &str, reason: &str) -> QueueResult<()> {
+    pub(super) fn quarantine_in(
+        &self,
+        inner: &mut Inner,
+        id: &str,
+        reason: &str,
+    ) -> QueueResult<()> {
         let op = "quarantine";
         let file = inner.index.get(id)?.file.clone();
         let stamp = self.now().timestamp_nanos_opt().unwrap_or(0);
