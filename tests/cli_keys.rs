@@ -244,3 +244,37 @@ fn encryption_on_over_clear_items_works_and_off_over_sealed_is_refused() {
     assert!(err.contains("encryption is off"), "{err}");
     assert!(err.contains("1 item(s)"), "{err}");
 }
+
+#[test]
+fn migrate_imports_a_go_directory_into_a_sealed_store() {
+    for backend in ["sqlite", "files"] {
+        let env = Env::new(backend, true);
+        env.ok(&["keys", "generate"]);
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/go-retry-queue");
+        let go = env.path().join("go-queue");
+        std::fs::create_dir(&go).unwrap();
+        for entry in std::fs::read_dir(&fixture).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), go.join(entry.file_name())).unwrap();
+        }
+        let out = env.ok(&["--json", "migrate", "--from", "go-queue"]);
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["imported"], 4, "{backend}: {report}");
+        assert!(
+            !has(&env.store_bytes(), "semgrep"),
+            "{backend}: plaintext on disk"
+        );
+        let check = env.ok(&["keys", "check"]);
+        assert!(
+            check.contains("4 item(s): 0 clear, 4 sealed"),
+            "{backend}: {check}"
+        );
+        let shown = env.ok(&[
+            "show",
+            "3f1c2b9e-6a4d-4c1e-9b7a-0d2e5f8a1c01",
+            "--payload",
+            "--json",
+        ]);
+        assert!(shown.contains("semgrep"), "{shown}");
+    }
+}

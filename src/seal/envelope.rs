@@ -502,7 +502,11 @@ mod tests {
                     continue;
                 }
                 match s.open("item-7", &payload) {
-                    Ok(opened) => prop_assert!(false, "byte {at} changed yet opened: {opened:?}"),
+                    Ok(opened) => {
+                        return Err(proptest::test_runner::TestCaseError::fail(format!(
+                            "byte {at} changed yet opened: {opened:?}"
+                        )))
+                    }
                     Err(OpenError::UnknownKey { kid }) => {
                         // Only an edit of the key ID itself names another key.
                         prop_assert_ne!(kid, s.sealing_kid().to_owned());

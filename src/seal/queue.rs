@@ -24,8 +24,6 @@ use crate::store::{
 
 /// How often, at most, a key file is looked at for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
-/// Items from which opening a batch is worth a second thread.
-const PARALLEL_OPEN: usize = 64;
 /// Bad heads `peek` and `dequeue` quarantine before they give up for this call.
 const MAX_SKIPS: usize = 64;
 
@@ -348,7 +346,7 @@ impl SealedQueue {
     /// Opens one stored item; an item in the clear passes as it is. An
     /// unknown key ID makes the keys be re-read once (a rotation by the
     /// CLI) before it is reported.
-    fn open(&self, item: QueueItem) -> Result<QueueItem, (QueueItem, OpenError)> {
+    fn open(&self, item: QueueItem) -> Result<QueueItem, (Box<QueueItem>, OpenError)> {
         if !envelope::is_envelope(&item.report) {
             return Ok(item);
         }
@@ -358,10 +356,10 @@ impl SealedQueue {
             Err(OpenError::UnknownKey { .. }) if self.keys.reload(true) => {
                 match self.keys.current().open(&item.id, &item.report) {
                     Ok(fields) => Ok(restore(item, fields)),
-                    Err(e) => Err((item, e)),
+                    Err(e) => Err((Box::new(item), e)),
                 }
             }
-            Err(e) => Err((item, e)),
+            Err(e) => Err((Box::new(item), e)),
         }
     }
 
@@ -395,32 +393,12 @@ impl SealedQueue {
         out
     }
 
-    /// Opens many items, in order. A large batch (a claim for a whole
-    /// delivery round, on the store's one committer thread) is split with
-    /// one more thread, so the decryption of half of it runs beside.
+    /// Opens many items, in order.
     fn open_all(
         &self,
-        mut items: Vec<QueueItem>,
-    ) -> Vec<Result<QueueItem, (QueueItem, OpenError)>> {
-        if items.len() < PARALLEL_OPEN
-            || !std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
-        {
-            return items.into_iter().map(|item| self.open(item)).collect();
-        }
-        let back = items.split_off(items.len() / 2);
-        std::thread::scope(|scope| {
-            let helper = scope.spawn(|| {
-                back.into_iter()
-                    .map(|item| self.open(item))
-                    .collect::<Vec<_>>()
-            });
-            let mut out: Vec<_> = items.into_iter().map(|item| self.open(item)).collect();
-            match helper.join() {
-                Ok(rest) => out.extend(rest),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-            out
-        })
+        items: Vec<QueueItem>,
+    ) -> Vec<Result<QueueItem, (Box<QueueItem>, OpenError)>> {
+        items.into_iter().map(|item| self.open(item)).collect()
     }
 
     /// Opens one item for a caller that asked for exactly it.
@@ -630,7 +608,7 @@ impl RetryQueue for SealedQueue {
                 Err((item, OpenError::Corrupt(reason))) => self.quarantine(&item.id, &reason),
                 // Listed as stored (its envelope as the report): the item
                 // is there, only its contents cannot be read.
-                Err((item, OpenError::UnknownKey { .. })) => out.push(item),
+                Err((item, OpenError::UnknownKey { .. })) => out.push(*item),
             }
         }
         Ok(out)
