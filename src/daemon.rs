@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::admin::{self, record_worker_metrics, AdminState, RetryWorkerControl};
 use crate::config::{Settings, StoreBackend};
+use crate::item::ItemId;
 use crate::metrics::Metrics;
 use crate::plugin::{describe_plugin, PluginError};
 use crate::plugin_process::{checker_for, pusher_for};
@@ -124,7 +125,7 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
 fn open_as_owner(
     settings: &Settings,
     owner: &OwnerInfo,
-) -> Result<(Arc<dyn RetryQueue>, Vec<String>), DaemonError> {
+) -> Result<(Arc<dyn RetryQueue>, Vec<ItemId>), DaemonError> {
     let options = StoreOptions {
         instance_id: owner.instance_id.clone(),
         ..settings.store_options()
@@ -178,7 +179,7 @@ async fn serve(
     settings: &Settings,
     queue: Arc<dyn RetryQueue>,
     owner: &mut OwnerLock,
-    stale: Vec<String>,
+    stale: Vec<ItemId>,
 ) -> Result<(), DaemonError> {
     let search_path = &settings.plugins.search_path;
     // In the daemon or in a plugin-host child, as [pusher] isolation says.

@@ -7,9 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use retryq::item::ItemId;
 use retryq::seal::{self, EncryptionSettings, Key, KeySource, Keyring, SealedQueue};
 use retryq::store::{MemoryRetryQueue, StoreOptions};
 use retryq::{FileRetryQueue, NewItem, Payload, QueueError, RetryQueue, SqliteRetryQueue};
+
+fn id(text: &str) -> ItemId {
+    ItemId::parse(text).unwrap()
+}
 
 const MARKER: &str = "MARKER-7f3c-secret-finding";
 const LEASE: Duration = Duration::from_secs(60);
@@ -42,7 +47,7 @@ fn sealed(inner: &Arc<dyn RetryQueue>, ring: &Keyring) -> SealedQueue {
 
 fn report(n: usize) -> NewItem {
     NewItem::new(Payload::from_json_str(&format!(r#"{{"finding":"{MARKER}","n":{n}}}"#)).unwrap())
-        .with_id(format!("item-{n}"))
+        .with_id(id(&format!("item-{n}")))
         .with_attribute("x-secret-header", format!("{MARKER}-attr"))
 }
 
@@ -138,7 +143,9 @@ fn sealed_items_round_trip_with_their_attributes_on_every_backend() {
         assert_eq!(got.agent_id, "agent-1");
         assert_eq!(got.target_path, "/srv/secret");
         // Dedupe still sees the clear payload's fingerprint.
-        let dup = q.enqueue(report(1).with_id("other")).unwrap_err();
+        let dup = q
+            .enqueue(report(1).with_id(ItemId::parse("other").unwrap()))
+            .unwrap_err();
         assert!(
             matches!(dup, QueueError::DuplicateItem { .. }),
             "{backend:?}: {dup}"
@@ -154,8 +161,8 @@ fn sealed_items_round_trip_with_their_attributes_on_every_backend() {
 
 /// Changes the stored envelope of `id` through the inner store (checksums
 /// and all stay valid: only the seal can tell).
-fn tamper(inner: &Arc<dyn RetryQueue>, id: &str, f: impl FnOnce(&str) -> String) {
-    let mut raw = inner.get(id).unwrap();
+fn tamper(inner: &Arc<dyn RetryQueue>, item: &str, f: impl FnOnce(&str) -> String) {
+    let mut raw = inner.get(&id(item)).unwrap();
     raw.report = Payload::from_json_str(&f(raw.report.as_str())).unwrap();
     inner.update(&raw).unwrap();
 }
@@ -187,8 +194,8 @@ fn tampering_ends_in_quarantine_with_the_reason_and_the_rest_deliver() {
         // A flipped ciphertext byte.
         tamper(&inner, "item-0", flip_ct_byte);
         // Ciphertexts swapped between two items.
-        let a = inner.get("item-1").unwrap().report;
-        let b = inner.get("item-2").unwrap().report;
+        let a = inner.get(&id("item-1")).unwrap().report;
+        let b = inner.get(&id("item-2")).unwrap().report;
         tamper(&inner, "item-1", |_| b.as_str().to_owned());
         tamper(&inner, "item-2", |_| a.as_str().to_owned());
         // A truncated record (what is left is still JSON, so only the
@@ -198,12 +205,12 @@ fn tampering_ends_in_quarantine_with_the_reason_and_the_rest_deliver() {
             serde_json::json!({"retryq_sealed": 1, "kid": v["kid"], "id": v["id"]}).to_string()
         });
 
-        let err = q.get("item-0").unwrap_err();
+        let err = q.get(&id("item-0")).unwrap_err();
         assert!(
             matches!(&err, QueueError::Corrupt { detail, .. } if detail.contains("failed authentication")),
             "{backend:?}: {err}"
         );
-        let err = q.get("item-1").unwrap_err();
+        let err = q.get(&id("item-1")).unwrap_err();
         assert!(
             err.to_string().contains("sealed for item item-2"),
             "{backend:?}: {err}"
@@ -277,7 +284,7 @@ fn a_truncated_sqlite_record_is_quarantined_by_its_integrity_check() {
         .claim(10, LEASE)
         .unwrap()
         .into_iter()
-        .map(|i| i.id)
+        .map(|i| i.id.to_string())
         .collect();
     assert_eq!(ids, ["item-0", "item-2"]);
     assert_eq!(q.stats().unwrap().quarantined, 1);
@@ -340,14 +347,18 @@ fn a_reseal_leaves_alone_an_item_whose_payload_changed_since_it_was_read() {
     // Meanwhile somebody else re-sealed it (or updated it).
     let rotated = old.with_key(Key::generate().unwrap()).unwrap();
     let q = sealed(&inner, &rotated);
-    let mut item = q.get("item-1").unwrap();
+    let mut item = q.get(&id("item-1")).unwrap();
     item.max_attempts = 7;
     q.update(&item).unwrap();
-    let now_stored = inner.get("item-1").unwrap();
+    let now_stored = inner.get(&id("item-1")).unwrap();
     let report = seal::reseal_batch(inner.as_ref(), &q.sealer(), &stale).unwrap();
     assert_eq!(report.resealed, 0);
     assert_eq!(report.changed, 1);
-    assert_eq!(inner.get("item-1").unwrap(), now_stored, "left as it was");
+    assert_eq!(
+        inner.get(&id("item-1")).unwrap(),
+        now_stored,
+        "left as it was"
+    );
 }
 
 #[test]
@@ -460,7 +471,12 @@ fn a_running_queue_reads_a_rotated_key_file_and_seals_with_the_new_key() {
         1
     );
     // The running queue meets the new key ID and re-reads the file.
-    assert!(q.get("item-1").unwrap().report.as_str().contains(MARKER));
+    assert!(q
+        .get(&id("item-1"))
+        .unwrap()
+        .report
+        .as_str()
+        .contains(MARKER));
     std::thread::sleep(Duration::from_millis(1100));
     q.enqueue(report(2)).unwrap();
     let census = seal::census(inner.as_ref()).unwrap();
@@ -487,21 +503,25 @@ fn items_prepared_on_the_callers_thread_are_stored_sealed_once_and_handed_back_c
             "the marker is not stored: {:?}",
             clear.attributes
         );
-        let raw = inner.get("item-1").unwrap();
+        let raw = inner.get(&id("item-1")).unwrap();
         assert!(
             raw.attributes.is_empty(),
             "{backend:?}: {:?}",
             raw.attributes
         );
-        assert_eq!(q.get("item-1").unwrap().report, clear.report, "sealed once");
+        assert_eq!(
+            q.get(&id("item-1")).unwrap().report,
+            clear.report,
+            "sealed once"
+        );
         // A producer cannot pass its own envelope off as prepared.
         let forged = NewItem::new(
             Payload::from_json_str(&format!(r#"{{"finding":"{MARKER}","n":3}}"#)).unwrap(),
         )
-        .with_id("item-3")
+        .with_id(id("item-3"))
         .with_attribute("retryq-prepared-seal", "guess");
         q.enqueue(forged).unwrap();
-        let got = q.get("item-3").unwrap();
+        let got = q.get(&id("item-3")).unwrap();
         assert_eq!(got.attributes["retryq-prepared-seal"], "guess");
         assert!(got.report.as_str().contains(MARKER));
         q.close().unwrap();

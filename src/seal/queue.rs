@@ -214,7 +214,7 @@ pub struct SealedQueue {
     token: String,
     /// The clear fields of prepared items, by ID, to hand back the items
     /// `enqueue_claimed` stores without opening what was just sealed.
-    prepared: Mutex<HashMap<String, Kept>>,
+    prepared: Mutex<HashMap<ItemId, Kept>>,
 }
 
 /// The attribute that marks a prepared item (see [`SealedQueue`]).
@@ -303,10 +303,7 @@ impl SealedQueue {
     fn seal_fresh(&self, sealer: &Sealer, mut item: NewItem) -> QueueResult<(NewItem, Kept)> {
         // The ID is bound into the seal, so it is chosen here rather than
         // by the store; the fingerprint is taken from the clear payload.
-        let id = item
-            .id
-            .get_or_insert_with(|| ItemId::generate().as_str().to_owned())
-            .clone();
+        let id = item.id.get_or_insert_with(ItemId::generate).clone();
         if item.fingerprint.is_none() {
             item.fingerprint = Some(item.report.fingerprint());
         }
@@ -365,14 +362,14 @@ impl SealedQueue {
 
     /// Moves a damaged item to the quarantine. A backend that cannot leaves
     /// it where it is (logged): it is skipped, never delivered.
-    fn quarantine(&self, id: &str, reason: &str) {
+    fn quarantine(&self, id: &ItemId, reason: &str) {
         tracing::warn!(
-            item_id = id,
+            item_id = id.as_str(),
             reason,
             "quarantining a sealed item that does not open"
         );
         if let Err(e) = self.inner.quarantine(id, reason) {
-            tracing::error!(item_id = id, reason, error = %e, "cannot quarantine a sealed item that does not open; it is skipped");
+            tracing::error!(item_id = id.as_str(), reason, error = %e, "cannot quarantine a sealed item that does not open; it is skipped");
         }
     }
 
@@ -408,7 +405,7 @@ impl SealedQueue {
             Err((item, OpenError::Corrupt(reason))) => {
                 self.quarantine(&item.id, &reason);
                 Err(QueueError::Corrupt {
-                    what: item.id,
+                    what: item.id.to_string(),
                     detail: format!("{reason}; the item was quarantined"),
                 })
             }
@@ -478,12 +475,12 @@ fn restore(mut item: QueueItem, fields: ClearFields) -> QueueItem {
 }
 
 impl RetryQueue for SealedQueue {
-    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+    fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
         let (item, _) = self.seal_new(&self.keys.current(), item)?;
         self.inner.enqueue(item)
     }
 
-    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>> {
         let sealer = self.keys.current();
         let sealed = items
             .into_iter()
@@ -538,7 +535,7 @@ impl RetryQueue for SealedQueue {
         Ok(None)
     }
 
-    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+    fn get(&self, id: &ItemId) -> QueueResult<QueueItem> {
         self.open_one(self.inner.get(id)?)
     }
 
@@ -547,23 +544,28 @@ impl RetryQueue for SealedQueue {
         self.inner.update(&sealed)
     }
 
-    fn delete(&self, id: &str) -> QueueResult<()> {
+    fn delete(&self, id: &ItemId) -> QueueResult<()> {
         self.inner.delete(id)
     }
 
-    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
         self.open_one(self.inner.mark_failed(id, reason)?)
     }
 
-    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+    fn requeue(
+        &self,
+        id: &ItemId,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem> {
         self.open_one(self.inner.requeue(id, error, next_retry)?)
     }
 
-    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
         self.open_one(self.inner.revive(id)?)
     }
 
-    fn release(&self, id: &str) -> QueueResult<()> {
+    fn release(&self, id: &ItemId) -> QueueResult<()> {
         self.inner.release(id)
     }
 
@@ -647,7 +649,7 @@ impl RetryQueue for SealedQueue {
         self.inner.probe_writable()
     }
 
-    fn quarantine(&self, id: &str, reason: &str) -> QueueResult<()> {
+    fn quarantine(&self, id: &ItemId, reason: &str) -> QueueResult<()> {
         self.inner.quarantine(id, reason)
     }
 
