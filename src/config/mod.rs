@@ -163,7 +163,6 @@ pub struct StoreSettings {
     #[serde(flatten)]
     pub options: StoreOptions,
     /// `[store.encryption]`: payloads sealed at rest ([`crate::seal`]).
-    #[serde(skip_serializing_if = "crate::seal::EncryptionSettings::is_disabled")]
     pub encryption: crate::seal::EncryptionSettings,
 }
 

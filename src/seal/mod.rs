@@ -53,10 +53,8 @@ use crate::error::QueueError;
 pub struct EncryptionSettings {
     /// A key file (see [`keyring`] for its format); mode 0600, owned by the
     /// user running retryq.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
     /// An environment variable holding `ID:SECRET[,ID:SECRET...]`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_env: Option<String>,
 }
 
@@ -66,7 +64,7 @@ impl EncryptionSettings {
         self.key_file.is_some() || self.key_env.is_some()
     }
 
-    /// True when neither source is set (for `skip_serializing_if`).
+    /// True when neither source is set: payloads are stored clear.
     pub fn is_disabled(&self) -> bool {
         !self.is_enabled()
     }
