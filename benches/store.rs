@@ -11,6 +11,13 @@
 //! measured in the same run with `Instant`, prints the figures and ratios
 //! the issue asks for. Run with `cargo bench --bench store`.
 //!
+//! Each backend runs twice in the same run: in the clear, and sealed
+//! (`[store.encryption]`, [`retryq::seal::SealedQueue`] over the same
+//! backend); the summary prints the sealed/clear ratios (the target is a
+//! cost of at most 10%). The sealed reopen is the backend's: the key census
+//! the daemon and the CLI make when they open a sealed store (one read of
+//! every item) is timed on its own.
+//!
 //! The stores live in a temporary directory under `RETRYQ_BENCH_DIR` when
 //! it is set (the system's temp directory otherwise): pointing it at a RAM
 //! disk (`RETRYQ_BENCH_DIR=/dev/shm`) shows each backend's CPU ceiling,
@@ -66,6 +73,31 @@ fn open_sqlite(dir: &Path) -> Box<dyn RetryQueue> {
 
 fn open_file(dir: &Path) -> Box<dyn RetryQueue> {
     Box::new(FileRetryQueue::open(dir.join("queue"), options()).expect("open file store"))
+}
+
+/// The bench's keyring: one fixed key, so a reopened store opens.
+fn bench_keys() -> retryq::seal::KeySource {
+    let ring = retryq::seal::Keyring::parse_file_text(
+        "[[key]]\nid = \"0000be9c\"\nsecret = \"YmVuY2ggYmVuY2ggYmVuY2ggYmVuY2ggYmVuY2ggYmU=\"\n",
+        "bench",
+    )
+    .expect("bench keyring");
+    retryq::seal::KeySource::fixed(ring)
+}
+
+fn sealed(inner: Box<dyn RetryQueue>) -> Box<dyn RetryQueue> {
+    Box::new(retryq::seal::SealedQueue::new(
+        std::sync::Arc::from(inner),
+        bench_keys(),
+    ))
+}
+
+fn open_sqlite_sealed(dir: &Path) -> Box<dyn RetryQueue> {
+    sealed(open_sqlite(dir))
+}
+
+fn open_file_sealed(dir: &Path) -> Box<dyn RetryQueue> {
+    sealed(open_file(dir))
 }
 
 /// A JSON report of about `size` bytes, unique per `seq` (the store
@@ -149,6 +181,8 @@ struct BackendSummary {
     claim_small: Duration,
     reopen: Duration,
     first_enqueue: Duration,
+    /// The key census over the large backlog (sealed runs only).
+    census: Option<Duration>,
 }
 
 fn bench_backend(c: &mut Criterion, name: &'static str, open: Opener) -> BackendSummary {
@@ -265,6 +299,14 @@ fn bench_backend(c: &mut Criterion, name: &'static str, open: Opener) -> Backend
     enqueue_all(store.as_ref(), batch(&mut seq, 1, BACKLOG_PAYLOAD_BYTES));
     let first_enqueue = started.elapsed();
     store.close().expect("close");
+    let census = name.ends_with("+sealed").then(|| {
+        let store = open(&large_dir);
+        let started = Instant::now();
+        black_box(retryq::seal::census(store.as_ref()).expect("census"));
+        let spent = started.elapsed();
+        store.close().expect("close");
+        spent
+    });
 
     BackendSummary {
         name,
@@ -274,13 +316,16 @@ fn bench_backend(c: &mut Criterion, name: &'static str, open: Opener) -> Backend
         claim_small,
         reopen: reopens[1],
         first_enqueue,
+        census,
     }
 }
 
 fn main() {
     let mut c = Criterion::default().without_plots().configure_from_args();
     let sqlite = bench_backend(&mut c, "sqlite", open_sqlite);
+    let sqlite_sealed = bench_backend(&mut c, "sqlite+sealed", open_sqlite_sealed);
     let file = bench_backend(&mut c, "file", open_file);
+    let file_sealed = bench_backend(&mut c, "file+sealed", open_file_sealed);
     c.final_summary();
 
     println!();
@@ -288,9 +333,9 @@ fn main() {
         "=== retryq store summary (measured in this run with Instant, under {}) ===",
         bench_parent_dir().display()
     );
-    for s in [&sqlite, &file] {
+    for s in [&sqlite, &sqlite_sealed, &file, &file_sealed] {
         println!(
-            "{:>6}: enqueue_batch {:>9.0} items/s | claim {CLAIM} @{} queued {:>8.2?} vs @{SMALL_BACKLOG} {:>8.2?} -> ratio {:.2} (target <= 2) | reopen of {} items {:.2?}, then first enqueue {:.2?}",
+            "{:>13}: enqueue_batch {:>9.0} items/s | claim {CLAIM} @{} queued {:>8.2?} vs @{SMALL_BACKLOG} {:>8.2?} -> ratio {:.2} (target <= 2) | reopen of {} items {:.2?}, then first enqueue {:.2?}",
             s.name,
             s.enqueue_items_per_sec,
             s.large_backlog,
@@ -306,4 +351,19 @@ fn main() {
         "enqueue ratio sqlite/file: {:.1} (target >= 10); sqlite target >= 20,000 items/s",
         sqlite.enqueue_items_per_sec / file.enqueue_items_per_sec
     );
+    println!("sealed vs clear (cost = sealed time / clear time - 1; target <= 10%):");
+    for (clear, sealed) in [(&sqlite, &sqlite_sealed), (&file, &file_sealed)] {
+        let enqueue_cost = clear.enqueue_items_per_sec / sealed.enqueue_items_per_sec - 1.0;
+        let claim_cost = sealed.claim_small.as_secs_f64() / clear.claim_small.as_secs_f64() - 1.0;
+        let reopen_cost = sealed.reopen.as_secs_f64() / clear.reopen.as_secs_f64() - 1.0;
+        println!(
+            "{:>6}: enqueue_batch {:+.1}% | claim {CLAIM} @{SMALL_BACKLOG} {:+.1}% | reopen {:+.1}% | key census at open over {} items {:.2?}",
+            clear.name,
+            100.0 * enqueue_cost,
+            100.0 * claim_cost,
+            100.0 * reopen_cost,
+            sealed.large_backlog,
+            sealed.census.unwrap_or_default(),
+        );
+    }
 }

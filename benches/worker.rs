@@ -21,6 +21,12 @@
 //! commit per op: the files backend before group commit). A counting
 //! `StoreFs` over the real disk reports the fsyncs per item.
 //! `RETRYQ_BENCH_FILES_ONLY=1 cargo bench --bench worker` runs only that.
+//!
+//! Last, sealed against clear on SQLite (`[store.encryption]`: the store
+//! wrapped in [`retryq::seal::SealedQueue`]): the 64-producer enqueue and
+//! the end-to-end delivery, alternating clear and sealed runs, each three
+//! times, medians compared (the target is a cost of at most 10%).
+//! `RETRYQ_BENCH_SEALED_ONLY=1` runs only that.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -485,6 +491,10 @@ fn main() {
         files_summary(&rt, root.path());
         return;
     }
+    if std::env::var_os("RETRYQ_BENCH_SEALED_ONLY").is_some() {
+        sealed_summary(&rt, root.path());
+        return;
+    }
     let mut c = Criterion::default().without_plots().configure_from_args();
 
     // 1. Group commit: 64 concurrent producers against one.
@@ -583,4 +593,94 @@ fn main() {
         micros(delivery_cpu)
     );
     files_summary(&rt, root.path());
+    sealed_summary(&rt, root.path());
+}
+
+/// The bench's keyring: one fixed key.
+fn bench_keys() -> retryq::seal::KeySource {
+    let ring = retryq::seal::Keyring::parse_file_text(
+        "[[key]]\nid = \"0000be9c\"\nsecret = \"YmVuY2ggYmVuY2ggYmVuY2ggYmVuY2ggYmVuY2ggYmU=\"\n",
+        "bench",
+    )
+    .expect("bench keyring");
+    retryq::seal::KeySource::fixed(ring)
+}
+
+/// One clear or sealed run: (enqueue items/s, store CPU µs per item,
+/// delivery items/s, store CPU µs per item).
+fn sealed_run(rt: &Runtime, dir: &Path, seal: bool, round: usize) -> (f64, f64, f64, f64) {
+    let open = |name: &str| {
+        let store = open_store(dir, &format!("{name}-{round}-{seal}.db"));
+        if seal {
+            Arc::new(retryq::seal::SealedQueue::new(store, bench_keys())) as Arc<dyn RetryQueue>
+        } else {
+            store
+        }
+    };
+    let worker = rt.block_on(paused_worker(open("sealed-enqueue")));
+    // Warm up the store (and its WAL) before measuring.
+    rt.block_on(produce(&worker, PRODUCERS, 16));
+    let total = PRODUCERS * PER_PRODUCER;
+    let (enqueue, enqueue_cpu) = with_store_cpu(total, || {
+        per_sec(
+            total,
+            rt.block_on(produce(&worker, PRODUCERS, PER_PRODUCER)),
+        )
+    });
+    rt.block_on(worker.stop(Duration::from_secs(5)))
+        .expect("stop worker");
+    drop(worker);
+
+    let pusher = Arc::new(AcceptAll::default());
+    let worker =
+        RetryWorker::new(config(), open("sealed-deliver"), pusher.clone()).expect("worker config");
+    rt.block_on(worker.start()).expect("start worker");
+    rt.block_on(deliver(&worker, &pusher, 2_000));
+    let (delivery, delivery_cpu) = with_store_cpu(DELIVERY_ITEMS, || {
+        per_sec(
+            DELIVERY_ITEMS,
+            rt.block_on(deliver(&worker, &pusher, DELIVERY_ITEMS)),
+        )
+    });
+    rt.block_on(worker.stop(Duration::from_secs(5)))
+        .expect("stop worker");
+    (
+        enqueue,
+        enqueue_cpu.unwrap_or(f64::NAN),
+        delivery,
+        delivery_cpu.unwrap_or(f64::NAN),
+    )
+}
+
+fn sealed_summary(rt: &Runtime, root: &Path) {
+    const ROUNDS: usize = 3;
+    let (mut clear, mut sealed) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        clear.push(sealed_run(rt, root, false, round));
+        sealed.push(sealed_run(rt, root, true, round));
+    }
+    let pick = |runs: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64| {
+        median(runs.iter().map(f).collect())
+    };
+    println!();
+    println!(
+        "=== sealed vs clear (SQLite, {PRODUCERS} producers x {PER_PRODUCER} and {DELIVERY_ITEMS} deliveries of {PAYLOAD_BYTES}-byte reports, median of {ROUNDS} alternating runs) ==="
+    );
+    for (what, rate, cpu) in [
+        (
+            "enqueue, 64 producers",
+            (|r: &(f64, f64, f64, f64)| r.0) as fn(&_) -> f64,
+            (|r: &(f64, f64, f64, f64)| r.1) as fn(&_) -> f64,
+        ),
+        ("end-to-end delivery  ", |r| r.2, |r| r.3),
+    ] {
+        let (c_rate, s_rate) = (pick(&clear, rate), pick(&sealed, rate));
+        let (c_cpu, s_cpu) = (pick(&clear, cpu), pick(&sealed, cpu));
+        println!(
+            "{what}: clear {c_rate:>8.0} items/s, sealed {s_rate:>8.0} items/s -> sealed/clear throughput {:.3} (cost {:+.1}%, target <= 10%); store thread CPU {c_cpu:.1} vs {s_cpu:.1} µs per item ({:+.1}%)",
+            s_rate / c_rate,
+            100.0 * (c_rate / s_rate - 1.0),
+            100.0 * (s_cpu / c_cpu - 1.0),
+        );
+    }
 }

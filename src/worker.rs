@@ -347,6 +347,8 @@ impl RetryWorker {
                 i
             })
             .collect();
+        // Sealing too ([store.encryption]), for the same reason.
+        let items = self.queue.prepare_new(items)?;
         let running = self
             .running()
             .as_ref()

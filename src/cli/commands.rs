@@ -57,6 +57,7 @@ pub fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { from } => super::migrate::migrate(&ctx, &from),
         Command::Config(ConfigCommand::Check) => config_check(&ctx),
         Command::Config(ConfigCommand::Show) => config_show(&ctx),
+        Command::Keys(command) => super::keys::run(&ctx, command),
         Command::PluginHost {
             path,
             label,

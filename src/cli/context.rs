@@ -28,7 +28,7 @@ impl Ctx {
                 settings.store.effective_path(),
                 settings.store_options(),
             )
-            .map(|q| Arc::new(q) as Arc<dyn RetryQueue>),
+            .and_then(|q| retryq::seal::wrap_store(Arc::new(q), &settings.store.encryption)),
             StoreBackend::Files => settings.open_store(),
         };
         opened.with_context(|| {
@@ -36,6 +36,30 @@ impl Ctx {
                 "cannot open the {} store at {}",
                 settings.store.backend.as_str(),
                 settings.store.effective_path().display()
+            )
+        })
+    }
+
+    /// Opens the store as [`Self::open_store`] does but unsealed: what the
+    /// backend holds, envelopes and all (`retryq keys`).
+    pub(crate) fn open_raw_store(
+        &self,
+        settings: &Settings,
+    ) -> anyhow::Result<Arc<dyn RetryQueue>> {
+        let path = settings.store.effective_path();
+        let opened: Result<Arc<dyn RetryQueue>, retryq::QueueError> = match settings.store.backend {
+            StoreBackend::Sqlite => {
+                SqliteRetryQueue::open_as_client(&path, settings.store_options())
+                    .map(|q| Arc::new(q) as Arc<dyn RetryQueue>)
+            }
+            StoreBackend::Files => retryq::FileRetryQueue::open(&path, settings.store_options())
+                .map(|q| Arc::new(q) as Arc<dyn RetryQueue>),
+        };
+        opened.with_context(|| {
+            format!(
+                "cannot open the {} store at {}",
+                settings.store.backend.as_str(),
+                path.display()
             )
         })
     }

@@ -25,6 +25,7 @@ use retryq::item::ItemId;
 mod commands;
 mod context;
 mod daemon_client;
+mod keys;
 pub mod logging;
 mod migrate;
 mod output;
@@ -188,6 +189,9 @@ pub enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Keys that seal payloads at rest ([store.encryption]).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
     /// Internal: serve one plugin library to a daemon over stdin/stdout
     /// (`isolation = "process"`; see retryq::plugin_process).
     #[command(hide = true)]

@@ -162,6 +162,8 @@ pub struct StoreSettings {
     /// taken from `[worker]` by [`Settings::store_options`].
     #[serde(flatten)]
     pub options: StoreOptions,
+    /// `[store.encryption]`: payloads sealed at rest ([`crate::seal`]).
+    pub encryption: crate::seal::EncryptionSettings,
 }
 
 /// Equal when they describe the same store: the options' clock and
@@ -171,6 +173,7 @@ impl PartialEq for StoreSettings {
         self.backend == other.backend
             && self.path == other.path
             && serde_json::to_value(&self.options).ok() == serde_json::to_value(&other.options).ok()
+            && self.encryption == other.encryption
     }
 }
 
@@ -333,16 +336,18 @@ fn redact_value(v: &mut serde_json::Value) {
 }
 
 /// Opens the store `store` describes with `options`: the SQLite database
-/// file or the files-backend directory, creating parent directories.
+/// file or the files-backend directory, creating parent directories;
+/// sealed as `[store.encryption]` says ([`crate::seal::wrap_store`]).
 pub fn open_store(
     store: &StoreSettings,
     options: StoreOptions,
 ) -> Result<Arc<dyn RetryQueue>, QueueError> {
     let path = store.effective_path();
-    match store.backend {
+    let inner = match store.backend {
         StoreBackend::Sqlite => open_sqlite(&path, options),
         StoreBackend::Files => open_files(&path, options),
-    }
+    }?;
+    crate::seal::wrap_store(inner, &store.encryption)
 }
 
 fn open_sqlite(path: &Path, options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {

@@ -21,7 +21,8 @@
 //!   item that is not processing) changes nothing.
 //! - `cleanup` measures age from `created_at` for every status, with
 //!   `dead_letter_ttl` (or the given TTL) for dead letters.
-//! - Nothing is on disk: `bytes_on_disk` and `quarantined` are always 0.
+//! - Nothing is on disk: `bytes_on_disk` is always 0, and `quarantined`
+//!   counts only what `quarantine` moved aside.
 //!
 //! [`MemoryRetryQueue::reopen`] does to the contents what opening a durable
 //! store does (every processing item returns to pending, the eviction
@@ -50,6 +51,8 @@ struct State {
     items: BTreeMap<ItemId, QueueItem>,
     closed: bool,
     evicted: u64,
+    /// Items moved aside by `quarantine`, with the reason.
+    quarantined: Vec<(QueueItem, String)>,
 }
 
 impl State {
@@ -397,6 +400,7 @@ impl RetryQueue for MemoryRetryQueue {
         let mut stats = QueueStats {
             total_items: state.items.len(),
             evicted: state.evicted,
+            quarantined: state.quarantined.len() as u64,
             ..QueueStats::default()
         };
         for item in state.items.values() {
@@ -493,6 +497,21 @@ impl RetryQueue for MemoryRetryQueue {
             results.push(result);
         }
         Ok(results)
+    }
+
+    fn quarantine(&self, id: &ItemId, reason: &str) -> QueueResult<()> {
+        let mut state = self.lock_open()?;
+        let item = state
+            .items
+            .remove(id)
+            .ok_or_else(|| QueueError::not_found(id))?;
+        state.quarantined.push((item, reason.to_owned()));
+        let excess = state
+            .quarantined
+            .len()
+            .saturating_sub(self.options.max_quarantined);
+        state.quarantined.drain(..excess);
+        Ok(())
     }
 
     fn close(&self) -> QueueResult<()> {

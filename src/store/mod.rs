@@ -44,7 +44,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{system_clock, SharedClock};
 pub use crate::error::{InvalidStoreOption, QueueError, QueueResult};
-use crate::item::{ItemId, ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS};
+use crate::item::{
+    ItemId, ItemStatus, ItemType, NewItem, Payload, QueueItem, DEFAULT_MAX_ATTEMPTS,
+};
 
 pub mod admission;
 pub mod file;
@@ -531,9 +533,100 @@ pub trait RetryQueue: Send + Sync {
         Ok(false)
     }
 
+    /// Moves the item with exactly this ID to the quarantine, with
+    /// `reason`, as a record that failed its integrity check would be
+    /// (counted in [`QueueStats::quarantined`]). For damage found above the
+    /// backend: a sealed payload that fails authentication
+    /// ([`crate::seal`]). `ItemNotFound` if absent. The default refuses.
+    fn quarantine(&self, id: &ItemId, reason: &str) -> QueueResult<()> {
+        let _ = (id, reason);
+        Err(QueueError::storage(
+            "quarantine",
+            "this backend cannot quarantine an item by ID",
+        ))
+    }
+
+    /// For each swap, replaces the item's payload by `replacement` if it is
+    /// still exactly `expected`, changing nothing else (status, attempts,
+    /// lease and times stay as they are now); `false` where it was not
+    /// (changed, or gone). Used to re-seal under a new key while deliveries
+    /// go on: a conditional payload-only change cannot undo a claim or a
+    /// retry made meanwhile, as a whole-item `update` could. The default
+    /// reads and updates one item at a time, which is atomic only for a
+    /// backend with a single writer process (the lock of the files backend,
+    /// the memory store); SQLite does each batch in one transaction.
+    fn replace_payloads(&self, swaps: Vec<PayloadSwap>) -> QueueResult<Vec<bool>> {
+        let mut done = Vec::with_capacity(swaps.len());
+        for swap in swaps {
+            let mut item = match self.get(&swap.id) {
+                Ok(item) => item,
+                Err(QueueError::ItemNotFound { .. }) => {
+                    done.push(false);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if item.report != swap.expected {
+                done.push(false);
+                continue;
+            }
+            item.report = swap.replacement;
+            match self.update(&item) {
+                Ok(()) => done.push(true),
+                Err(QueueError::ItemNotFound { .. }) => done.push(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Does, on the caller's thread, the per-item work a layer above the
+    /// backend would otherwise do on the store's one committer thread,
+    /// before `items` are handed to `enqueue`, `enqueue_batch`,
+    /// `enqueue_claimed` or `apply_batch` of this same store (the worker
+    /// hashes fingerprints there for the same reason). The sealing layer
+    /// seals them here ([`crate::seal`]). Default: unchanged.
+    fn prepare_new(&self, items: Vec<NewItem>) -> QueueResult<Vec<NewItem>> {
+        Ok(items)
+    }
+
+    /// Counts the items whose payload text starts with `prefix`, grouped
+    /// by the `width` bytes that follow it (fewer when the payload ends
+    /// sooner). The sealing layer's census at open ([`crate::seal`]): which
+    /// key IDs the stored envelopes need, without reading every item into
+    /// memory where a backend can ask its storage (SQLite). The default
+    /// reads every item.
+    fn count_payload_prefix(
+        &self,
+        prefix: &str,
+        width: usize,
+    ) -> QueueResult<std::collections::BTreeMap<String, usize>> {
+        let mut counts = std::collections::BTreeMap::new();
+        for item in self.list(&ListFilter::default())? {
+            if let Some(rest) = item.report.as_bytes().strip_prefix(prefix.as_bytes()) {
+                let tail = &rest[..width.min(rest.len())];
+                *counts
+                    .entry(String::from_utf8_lossy(tail).into_owned())
+                    .or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     /// Closes the store; idempotent. Afterwards every call fails with
     /// `QueueClosed`.
     fn close(&self) -> QueueResult<()>;
+}
+
+/// One conditional payload change for [`RetryQueue::replace_payloads`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PayloadSwap {
+    /// The item.
+    pub id: ItemId,
+    /// The payload it must still hold.
+    pub expected: Payload,
+    /// What replaces it.
+    pub replacement: Payload,
 }
 
 /// Durability of a commit made by [`RetryQueue::apply_batch_deferred`]:
@@ -646,6 +739,22 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     }
     fn probe_writable(&self) -> QueueResult<bool> {
         (**self).probe_writable()
+    }
+    fn quarantine(&self, id: &ItemId, reason: &str) -> QueueResult<()> {
+        (**self).quarantine(id, reason)
+    }
+    fn replace_payloads(&self, swaps: Vec<PayloadSwap>) -> QueueResult<Vec<bool>> {
+        (**self).replace_payloads(swaps)
+    }
+    fn count_payload_prefix(
+        &self,
+        prefix: &str,
+        width: usize,
+    ) -> QueueResult<std::collections::BTreeMap<String, usize>> {
+        (**self).count_payload_prefix(prefix, width)
+    }
+    fn prepare_new(&self, items: Vec<NewItem>) -> QueueResult<Vec<NewItem>> {
+        (**self).prepare_new(items)
     }
     fn close(&self) -> QueueResult<()> {
         (**self).close()

@@ -199,6 +199,7 @@ mod fs;
 mod group;
 mod index;
 mod ops;
+mod quarantine;
 mod record;
 mod recovery;
 mod scan;

@@ -356,6 +356,11 @@ impl RetryQueue for FileRetryQueue {
         Ok(results)
     }
 
+    fn quarantine(&self, id: &ItemId, reason: &str) -> QueueResult<()> {
+        let mut inner = self.state("quarantine")?;
+        self.quarantine_in(&mut inner, id, reason)
+    }
+
     fn close(&self) -> QueueResult<()> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.closed = true;

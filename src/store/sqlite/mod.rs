@@ -179,6 +179,7 @@ mod reads;
 mod row;
 mod salvage;
 mod schema;
+mod sealing;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -377,6 +378,22 @@ impl RetryQueue for SqliteRetryQueue {
         // Cloned for the one retry after a salvage (a delivered item's
         // delete must land, or the item would be sent again).
         self.salvaging(|| self.apply_ops(ops.clone(), Durability::Deferred))
+    }
+
+    fn quarantine(&self, id: &crate::item::ItemId, reason: &str) -> QueueResult<()> {
+        self.quarantine_by_id(id, reason)
+    }
+
+    fn replace_payloads(&self, swaps: Vec<super::PayloadSwap>) -> QueueResult<Vec<bool>> {
+        self.swap_payloads(swaps)
+    }
+
+    fn count_payload_prefix(
+        &self,
+        prefix: &str,
+        width: usize,
+    ) -> QueueResult<std::collections::BTreeMap<String, usize>> {
+        self.count_prefix(prefix, width)
     }
 
     fn close(&self) -> QueueResult<()> {
