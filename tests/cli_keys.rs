@@ -243,6 +243,80 @@ fn encryption_on_over_clear_items_works_and_off_over_sealed_is_refused() {
     let err = stderr(&out);
     assert!(err.contains("encryption is off"), "{err}");
     assert!(err.contains("1 item(s)"), "{err}");
+
+    // Once nothing sealed remains, encryption may go off, and the marker
+    // that made the open count sealed items goes with it.
+    env.write_config("sqlite", true);
+    env.ok(&["delete", &sealed]);
+    env.write_config("sqlite", false);
+    let listed = env.ok(&["list"]);
+    assert!(listed.contains(clear.as_str()), "{listed}");
+    assert!(
+        sealed_markers(&env).is_empty(),
+        "{:?}",
+        sealed_markers(&env)
+    );
+}
+
+/// The "sealed items may exist" markers beside the store.
+fn sealed_markers(env: &Env) -> Vec<std::path::PathBuf> {
+    walk_files(env.path())
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.ends_with(".sealed") || name == ".retryq.sealed"
+        })
+        .collect()
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_store_never_sealed_has_no_marker_and_a_sealed_one_has_it_on_both_backends() {
+    for backend in ["sqlite", "files"] {
+        let env = Env::new(backend, false);
+        env.enqueue(1);
+        env.ok(&["list"]);
+        assert!(
+            sealed_markers(&env).is_empty(),
+            "{backend}: marked while clear"
+        );
+        env.write_config(backend, true);
+        env.ok(&["keys", "generate"]);
+        env.enqueue(2);
+        assert_eq!(
+            sealed_markers(&env).len(),
+            1,
+            "{backend}: no marker once sealed"
+        );
+        // The marker proves sealed items may exist: with it, off is refused.
+        env.write_config(backend, false);
+        let out = env.run(&["list"]);
+        assert!(
+            !out.status.success(),
+            "{backend}: opened clear over a sealed item"
+        );
+        // A files-backend queue directory counts the marker as its own.
+        if backend == "files" {
+            env.write_config(backend, true);
+            let stats = env.ok(&["stats", "--json"]);
+            assert!(
+                stats.contains("\"skipped_entries\": 0") || !stats.contains("skipped_entries"),
+                "{stats}"
+            );
+        }
+    }
 }
 
 #[test]

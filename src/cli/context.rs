@@ -28,7 +28,15 @@ impl Ctx {
                 settings.store.effective_path(),
                 settings.store_options(),
             )
-            .and_then(|q| retryq::seal::wrap_store(Arc::new(q), &settings.store.encryption)),
+            .and_then(|q| {
+                let marker =
+                    retryq::seal::marker::marker_path(&settings.store.effective_path(), false);
+                retryq::seal::wrap_store_marked(
+                    Arc::new(q),
+                    &settings.store.encryption,
+                    Some(&marker),
+                )
+            }),
             StoreBackend::Files => settings.open_store(),
         };
         opened.with_context(|| {

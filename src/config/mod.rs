@@ -347,7 +347,8 @@ pub fn open_store(
         StoreBackend::Sqlite => open_sqlite(&path, options),
         StoreBackend::Files => open_files(&path, options),
     }?;
-    crate::seal::wrap_store(inner, &store.encryption)
+    let marker = crate::seal::marker::marker_path(&path, store.backend == StoreBackend::Files);
+    crate::seal::wrap_store_marked(inner, &store.encryption, Some(&marker))
 }
 
 fn open_sqlite(path: &Path, options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {

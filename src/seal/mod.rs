@@ -37,12 +37,14 @@ use std::path::PathBuf;
 
 pub mod envelope;
 pub mod keyring;
+pub mod marker;
 mod queue;
 
 pub use envelope::{ClearFields, Kind, OpenError, Sealer};
 pub use keyring::{check_key_file, Key, Keyring};
 pub use queue::{
-    census, refuse_sealed, reseal_batch, wrap_store, Census, KeySource, ResealReport, SealedQueue,
+    census, refuse_sealed, reseal_batch, wrap_store, wrap_store_marked, Census, KeySource,
+    ResealReport, SealedQueue,
 };
 
 use crate::error::QueueError;

@@ -4,7 +4,7 @@
 //! items cannot be read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use super::envelope::{self, ClearFields, Kind, OpenError, Sealer};
 use super::keyring;
 use super::keyring::Keyring;
+use super::marker;
 use super::{EncryptionSettings, SealError};
 use crate::error::{QueueError, QueueResult};
 use crate::item::{ItemId, NewItem, QueueItem};
@@ -186,12 +187,34 @@ pub fn wrap_store(
     inner: Arc<dyn RetryQueue>,
     settings: &EncryptionSettings,
 ) -> QueueResult<Arc<dyn RetryQueue>> {
+    wrap_store_marked(inner, settings, None)
+}
+
+/// [`wrap_store`] for a store with a file of its own: `marker` (see
+/// [`super::marker`]) is created before anything is sealed, and with
+/// encryption off its absence proves that nothing is, so the census of
+/// every payload is skipped.
+pub fn wrap_store_marked(
+    inner: Arc<dyn RetryQueue>,
+    settings: &EncryptionSettings,
+    marker: Option<&Path>,
+) -> QueueResult<Arc<dyn RetryQueue>> {
     let wrapped = (|| {
         if !settings.is_enabled() {
-            refuse_sealed(inner.as_ref())?;
+            match marker {
+                Some(m) if !marker::is_marked(m) => {}
+                Some(m) => {
+                    refuse_sealed(inner.as_ref())?;
+                    marker::unmark(m);
+                }
+                None => refuse_sealed(inner.as_ref())?,
+            }
             return Ok(inner.clone());
         }
         let keys = KeySource::from_settings(settings)?;
+        if let Some(m) = marker {
+            marker::mark(m)?;
+        }
         let queue = SealedQueue::new(inner.clone(), keys);
         queue.check_keys()?;
         Ok(Arc::new(queue) as Arc<dyn RetryQueue>)

@@ -30,6 +30,8 @@
 //! - `corrupt/`: the quarantine, files moved aside as
 //!   `{quarantine unix nanos}_{original name}` (so oldest sorts first).
 //! - `.retryq.lock`: the process lock, holding the owner's pid.
+//! - `.retryq.sealed`: present once a sealed queue wrote here (see
+//!   `crate::seal::marker`).
 //! - `.retryq.owner.lock`: the daemon's owner lock
 //!   ([`crate::store::owner`]), not this module's business.
 //! - anything else (a `notes.txt`, a `.json` whose name is not an item
@@ -226,11 +228,18 @@ use crate::item::QueueItem;
 
 /// Name of the lock file inside the queue directory.
 pub const LOCK_FILE: &str = ".retryq.lock";
+/// The marker a sealed queue leaves in the directory (`crate::seal::marker`).
+pub const SEALED_MARKER_FILE: &str = ".retryq.sealed";
 /// Name of the quarantine directory inside the queue directory.
 pub const QUARANTINE_DIR: &str = "corrupt";
 /// Entries of the queue directory that are retryq's own, besides item files
 /// and their temp files: never counted as foreign.
-const OWN_ENTRIES: &[&str] = &[LOCK_FILE, OWNER_LOCK_FILE, QUARANTINE_DIR];
+const OWN_ENTRIES: &[&str] = &[
+    LOCK_FILE,
+    OWNER_LOCK_FILE,
+    SEALED_MARKER_FILE,
+    QUARANTINE_DIR,
+];
 
 /// Mutable state behind the mutex.
 #[derive(Debug)]
