@@ -45,10 +45,12 @@ use crate::item::{ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS
 pub mod file;
 pub mod memory;
 pub mod owner;
+pub mod postgres;
 pub mod sqlite;
 
 pub use file::FileRetryQueue;
 pub use memory::MemoryRetryQueue;
+pub use postgres::{PostgresOptions, PostgresRetryQueue};
 pub use sqlite::SqliteRetryQueue;
 
 /// Default item limit (the seed's).
