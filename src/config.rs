@@ -100,6 +100,9 @@ pub enum StoreBackend {
     Sqlite,
     /// One JSON file per item, compatible with the Go SDK.
     Files,
+    /// A schema on a PostgreSQL server shared by a fleet of daemons
+    /// (`[store.postgres]`; see [`crate::fleet`]).
+    Postgres,
 }
 
 impl StoreBackend {
@@ -108,6 +111,7 @@ impl StoreBackend {
         match self {
             StoreBackend::Sqlite => "sqlite",
             StoreBackend::Files => "files",
+            StoreBackend::Postgres => "postgres",
         }
     }
 }
@@ -140,6 +144,10 @@ pub struct StoreSettings {
     pub dead_letter_ttl: Option<Duration>,
     /// Quarantined (corrupt) records kept for inspection.
     pub max_quarantined: usize,
+    /// `[store.postgres]`: the server, for `backend = "postgres"` (`path`
+    /// is then this daemon's own folder: owner lock, poison marker).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<crate::store::postgres::PostgresOptions>,
 }
 
 impl Default for StoreSettings {
@@ -153,6 +161,7 @@ impl Default for StoreSettings {
             dedupe: true,
             dead_letter_ttl: None,
             max_quarantined: DEFAULT_MAX_QUARANTINED,
+            postgres: None,
         }
     }
 }
@@ -164,6 +173,18 @@ impl StoreSettings {
             (Some(p), _) => p.clone(),
             (None, StoreBackend::Sqlite) => PathBuf::from(DEFAULT_SQLITE_PATH),
             (None, StoreBackend::Files) => PathBuf::from(DEFAULT_FILES_PATH),
+            (None, StoreBackend::Postgres) => PathBuf::from(crate::fleet::DEFAULT_NODE_PATH),
+        }
+    }
+
+    /// Where the items are, for messages: the file or directory, or the
+    /// PostgreSQL server and schema (never the url, which names a user).
+    pub fn location(&self) -> String {
+        match (&self.postgres, self.backend) {
+            (Some(pg), StoreBackend::Postgres) => {
+                format!("{} (schema {})", pg.endpoint(), pg.schema)
+            }
+            _ => self.effective_path().display().to_string(),
         }
     }
 
@@ -173,7 +194,7 @@ impl StoreSettings {
     pub fn owner_lock_path(&self) -> PathBuf {
         crate::store::owner::owner_lock_path(
             &self.effective_path(),
-            self.backend == StoreBackend::Files,
+            self.backend != StoreBackend::Sqlite,
         )
     }
 }
@@ -499,8 +520,12 @@ const BYTES: KeyKind = KeyKind::UInt {
 /// Every configuration key, its type and range. `config/default.toml`
 /// documents each of them.
 pub const SCHEMA: &[KeySpec] = &[
-    key("store.backend", KeyKind::Enum(&["sqlite", "files"])),
+    key(
+        "store.backend",
+        KeyKind::Enum(&["sqlite", "files", "postgres"]),
+    ),
     opt("store.path", KeyKind::Path),
+    opt("store.postgres", KeyKind::FreeTable),
     key("store.max_items", COUNT),
     key("store.max_bytes", BYTES),
     key("store.overflow", KeyKind::Enum(&["reject", "drop_oldest"])),
@@ -769,6 +794,15 @@ impl Settings {
     /// Rules across keys, checked on the merged result.
     fn check_rules(&self, origins: &BTreeMap<String, Layer>) -> Result<(), ConfigError> {
         let layer_of = |k: &str| origins.get(k).cloned().unwrap_or(Layer::Defaults);
+        let postgres = self.store.backend == StoreBackend::Postgres;
+        if let Err(e) = crate::fleet::check_store_options(postgres, self.store.postgres.as_ref()) {
+            return Err(ConfigError::InvalidValue {
+                layer: layer_of("store.postgres"),
+                key: e.key,
+                value: e.value,
+                reason: e.reason,
+            });
+        }
         if let Err(e) = self.backoff.validate() {
             let key = format!("backoff.{}", e.field);
             let value = match e.field {
@@ -939,6 +973,10 @@ pub fn open_store(
     match store.backend {
         StoreBackend::Sqlite => open_sqlite(&path, options),
         StoreBackend::Files => open_files(&path, options),
+        StoreBackend::Postgres => Ok(crate::fleet::open_postgres(
+            store.postgres.as_ref(),
+            options,
+        )?),
     }
 }
 

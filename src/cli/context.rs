@@ -29,13 +29,13 @@ impl Ctx {
                 settings.store_options(),
             )
             .map(|q| Arc::new(q) as Arc<dyn RetryQueue>),
-            StoreBackend::Files => settings.open_store(),
+            StoreBackend::Files | StoreBackend::Postgres => settings.open_store(),
         };
         opened.with_context(|| {
             format!(
                 "cannot open the {} store at {}",
                 settings.store.backend.as_str(),
-                settings.store.effective_path().display()
+                settings.store.location()
             )
         })
     }
