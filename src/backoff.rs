@@ -56,7 +56,8 @@ pub struct BackoffError {
 }
 
 /// Retry timing (the seed's `BackoffConfig`). Build with [`BackoffConfig::new`]
-/// or deserialize and call [`BackoffConfig::validate`].
+/// or deserialize and call [`BackoffConfig::validate`]. Its serde form is
+/// the `[backoff]` section of a config file, the cap spelled `max`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackoffConfig {

@@ -14,9 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admin::{
-    self, record_worker_metrics, AdminConfig, AdminState, RetryWorkerControl, WorkerControl,
-};
+use crate::admin::{self, record_worker_metrics, AdminState, RetryWorkerControl, WorkerControl};
 use crate::config::{Settings, StoreBackend};
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
@@ -137,10 +135,7 @@ type Opened = (Arc<dyn RetryQueue>, Vec<String>, Option<Fleet>);
 /// of them is alive, so waiting for their leases to expire helps nobody.
 /// Also returns what those instances had in flight, for the poison-item
 /// guard ([`crate::poison`]).
-fn open_as_owner(
-    settings: &Settings,
-    owner: &OwnerInfo,
-) -> Result<Opened, DaemonError> {
+fn open_as_owner(settings: &Settings, owner: &OwnerInfo) -> Result<Opened, DaemonError> {
     let options = StoreOptions {
         instance_id: owner.instance_id.clone(),
         ..settings.store_options()
@@ -232,8 +227,8 @@ async fn serve(
     let worker = Arc::new(worker);
     let metrics = Arc::new(Metrics::new());
     record_worker_metrics(&worker, metrics.clone());
-    let admin_config = AdminConfig::from_settings(&settings.admin)?;
-    let admin_tls = admin_config.tls.is_some();
+    let admin_config = settings.admin.clone().with_token()?;
+    let admin_tls = admin_config.tls_cert.is_some();
     let fleet_pause = match &fleet {
         Some(fleet) => fleet.apply_pause(&worker)?,
         None => None,
@@ -328,8 +323,8 @@ fn console_state(settings: &Settings) -> admin::console::ConsoleState {
     }
     admin::console::ConsoleState::new(crate::clock::system_clock()).with_info(
         admin::console::DaemonInfo {
-            max_bytes: settings.store.max_bytes,
-            max_items: settings.store.max_items,
+            max_bytes: settings.store.options.max_bytes,
+            max_items: settings.store.options.max_items,
             plugins,
             ..Default::default()
         },

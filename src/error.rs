@@ -5,9 +5,20 @@
 //! message names what was wrong.
 
 use std::error::Error as StdError;
+use std::fmt;
 
 /// A boxed error source kept inside [`QueueError::Storage`].
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// A `StoreOptions` field no store can work with, named.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid store option {field}: {reason}")]
+pub struct InvalidStoreOption {
+    /// The field at fault.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
 
 /// What went wrong in a queue operation.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +41,19 @@ pub enum QueueError {
     ItemNotFound {
         /// The ID that was looked up.
         id: String,
+    },
+
+    /// The item exists, but its state does not allow the change asked
+    /// for (reviving an item that is not a dead letter, releasing one
+    /// nobody claimed...).
+    #[error("item {id} is {status}, {rule}")]
+    WrongState {
+        /// The item the change was asked of.
+        id: String,
+        /// Its status at the time (`"pending"`, `"processing"`, `"failed"`).
+        status: &'static str,
+        /// Which states the change starts from, for a person.
+        rule: &'static str,
     },
 
     /// An item with the same ID or the same fingerprint is already pending or
@@ -86,7 +110,24 @@ pub enum QueueError {
         holder: String,
     },
 
-    /// The storage medium failed (I/O error, database error...).
+    /// A part of this process failed, not the medium: an actor is gone, a
+    /// channel closed, a blocking task panicked. Retrying may help once the
+    /// part is restarted; the store itself is not known to be at fault.
+    #[error("internal failure in {what}: {detail}")]
+    Internal {
+        /// The part or the call that failed, e.g. "store actor mailbox".
+        what: &'static str,
+        /// What it reported.
+        detail: String,
+    },
+
+    /// A store was opened with options no store can work with (see
+    /// `StoreOptions::validate`, which `retryq config check` runs too).
+    #[error(transparent)]
+    InvalidOptions(#[from] InvalidStoreOption),
+
+    /// The storage medium failed (I/O error, database error...). Never
+    /// used for failures inside this process: those are `Internal`.
     #[error("storage error during {op}: {source}")]
     Storage {
         /// The operation that failed, e.g. "enqueue" or "open".
@@ -126,6 +167,14 @@ impl QueueError {
         }
     }
 
+    /// Shorthand for [`QueueError::Internal`].
+    pub fn internal(what: &'static str, detail: impl fmt::Display) -> Self {
+        QueueError::Internal {
+            what,
+            detail: detail.to_string(),
+        }
+    }
+
     /// Shorthand for [`QueueError::ItemNotFound`].
     pub fn not_found(id: impl Into<String>) -> Self {
         QueueError::ItemNotFound { id: id.into() }
@@ -137,13 +186,16 @@ impl QueueError {
             QueueError::QueueFull { .. } => "queue_full",
             QueueError::QueueClosed => "queue_closed",
             QueueError::ItemNotFound { .. } => "item_not_found",
+            QueueError::WrongState { .. } => "wrong_state",
             QueueError::DuplicateItem { .. } => "duplicate_item",
             QueueError::InvalidItem { .. } => "invalid_item",
             QueueError::TooLarge { .. } => "too_large",
             QueueError::Corrupt { .. } => "corrupt",
             QueueError::DiskFull { .. } => "disk_full",
             QueueError::StoreInUse { .. } => "store_in_use",
+            QueueError::InvalidOptions(_) => "invalid_options",
             QueueError::Storage { .. } => "storage",
+            QueueError::Internal { .. } => "internal",
         }
     }
 }
@@ -181,3 +233,48 @@ fn io_is_disk_full(error: &std::io::Error) -> bool {
 
 /// Result alias for queue operations.
 pub type QueueResult<T> = Result<T, QueueError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_medium_failures() {
+        let enospc = std::io::Error::from_raw_os_error(28);
+        let full = QueueError::storage("enqueue", enospc);
+        assert_eq!(full.kind(), "disk_full");
+        assert!(full.is_storage());
+        let eio = QueueError::storage("enqueue", std::io::Error::from_raw_os_error(5));
+        assert_eq!(eio.kind(), "storage");
+        assert!(eio.is_storage());
+        // Wrapped once more, the full disk is still found in the chain.
+        let wrapped = QueueError::storage("group commit", full);
+        assert_eq!(wrapped.kind(), "disk_full");
+    }
+
+    #[test]
+    fn internal_failures_are_not_failures_of_the_medium() {
+        let gone = QueueError::internal("store actor mailbox", "mailbox closed");
+        assert_eq!(gone.kind(), "internal");
+        assert!(!gone.is_storage());
+        assert_eq!(
+            gone.to_string(),
+            "internal failure in store actor mailbox: mailbox closed"
+        );
+    }
+
+    #[test]
+    fn a_wrong_state_names_the_item_and_its_status() {
+        let err = QueueError::WrongState {
+            id: "a1".into(),
+            status: "pending",
+            rule: "only a failed item (a dead letter) can be revived",
+        };
+        assert_eq!(err.kind(), "wrong_state");
+        assert!(!err.is_storage());
+        assert_eq!(
+            err.to_string(),
+            "item a1 is pending, only a failed item (a dead letter) can be revived"
+        );
+    }
+}

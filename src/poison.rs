@@ -32,7 +32,7 @@ use retryq_plugin::Pusher;
 use serde::{Deserialize, Serialize};
 
 use crate::actors::pusher::push_guarded;
-use crate::actors::scheduler::decide;
+use crate::delivery::decide;
 use crate::error::QueueResult;
 use crate::item::ItemStatus;
 use crate::store::{ListFilter, RetryQueue, WriteOp};
@@ -98,7 +98,7 @@ pub fn stale_in_flight(queue: &dyn RetryQueue, me: &str) -> QueueResult<Vec<Stri
     Ok(queue
         .list(&filter)?
         .into_iter()
-        .filter(|i| i.lease_owner.as_deref() != Some(me))
+        .filter(|i| i.lease_owner() != Some(me))
         .map(|i| i.id)
         .collect())
 }
@@ -169,7 +169,7 @@ pub fn recover(
             // Gone (purged, expired) meanwhile: nothing to judge.
             Err(_) => continue,
         };
-        if item.status == ItemStatus::Failed {
+        if item.status() == ItemStatus::Failed {
             continue;
         }
         let crashes = marker.crashes.get(&id).copied().unwrap_or(0);
@@ -319,7 +319,7 @@ mod tests {
         .unwrap();
         assert_eq!(report.dead_lettered, vec![id.clone()]);
         let item = queue.get(&id).unwrap();
-        assert_eq!(item.status, ItemStatus::Failed);
+        assert_eq!(item.status(), ItemStatus::Failed);
         assert!(
             item.last_error.contains("crashed the transport"),
             "{item:?}"

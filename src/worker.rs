@@ -27,14 +27,14 @@ use tokio::sync::broadcast;
 
 use crate::actors::checker::CheckerActor;
 use crate::actors::janitor::JanitorActor;
-use crate::actors::messages::{MaintenanceReport, Pause, Resume, Shutdown};
+use crate::actors::messages::{MaintenanceReport, Pause, Resume, Shutdown, Wake};
 use crate::actors::pusher::PusherActor;
-use crate::actors::scheduler::{
-    blocking, run_cycle, store_and_hand_off, Callbacks, DeliveryState, Io, SchedulerActor, Shared,
-};
+use crate::actors::scheduler::{blocking, run_cycle, store_and_hand_off, Io, SchedulerActor};
 use crate::actors::store::{StoreActor, StoreHandle};
+use crate::delivery::{Callbacks, DeliveryState, Shared};
 use crate::error::{QueueError, QueueResult};
 use crate::item::NewItem;
+use crate::store::maintenance::run_maintenance;
 use crate::store::{QueueStats, RetryQueue, WriteOp};
 
 pub use crate::delivery::types::{
@@ -379,7 +379,7 @@ impl RetryWorker {
                     // gives up waiting cannot strand items stored claimed.
                     tokio::spawn(stored)
                         .await
-                        .map_err(|e| QueueError::storage("enqueue", e.to_string()))??
+                        .map_err(|e| QueueError::internal("outbox enqueue task", e))??
                 }
             }
             None => {
@@ -393,7 +393,7 @@ impl RetryWorker {
     /// Wakes the scheduler (something may be due).
     pub fn wake(&self) {
         if let Some(r) = self.running().as_ref() {
-            self.shared.wake(&r.scheduler);
+            self.shared.wake_with(|| r.scheduler.do_send(Wake));
         }
     }
 
@@ -466,17 +466,8 @@ impl RetryWorker {
     pub async fn trigger_cleanup(&self) -> QueueResult<MaintenanceReport> {
         let queue = self.queue.clone();
         let ttl = self.shared.config.ttl;
-        let report = blocking(move || {
-            Ok(MaintenanceReport {
-                cleanup: queue.cleanup(ttl)?,
-                evicted: queue.enforce_limits()?,
-                leases_released: queue.release_expired_leases()?,
-            })
-        })
-        .await?;
-        let mut state = self.shared.state();
-        state.stats.total_expired += report.cleanup.removed() as u64;
-        state.stats.total_evicted += report.evicted as u64;
+        let report = blocking(move || run_maintenance(queue.as_ref(), ttl)).await?;
+        self.shared.record_maintenance(&report);
         Ok(report)
     }
 

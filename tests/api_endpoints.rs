@@ -228,7 +228,7 @@ async fn ingest_stores_the_payload_with_query_and_header_parameters() {
             item.attributes.get("region").map(String::as_str),
             Some("eu-west")
         );
-        assert_eq!(item.status, ItemStatus::Pending);
+        assert_eq!(item.status(), ItemStatus::Pending);
         // The worker was woken and the counter moved.
         assert_eq!(fx.worker.nudges.load(Ordering::SeqCst), 1);
         assert_eq!(fx.metrics.enqueued_total(), 1);
@@ -553,7 +553,7 @@ async fn retry_revives_only_dead_letters() {
         assert_eq!(body["status"], "pending");
         assert_eq!(body["attempts"], 0);
         let item = fx.queue.get(&ids[0]).unwrap();
-        assert_eq!(item.status, ItemStatus::Pending);
+        assert_eq!(item.status(), ItemStatus::Pending);
         assert_eq!(item.next_retry, fx.state.clock.now());
         assert_eq!(fx.worker.nudges.load(Ordering::SeqCst), 1);
 
@@ -597,7 +597,7 @@ async fn retry_failed_revives_every_dead_letter_and_only_those() {
         assert_eq!(revived, want);
         for id in &ids {
             let item = fx.queue.get(id).unwrap();
-            assert_eq!(item.status, ItemStatus::Pending, "{id}");
+            assert_eq!(item.status(), ItemStatus::Pending, "{id}");
             assert_eq!(item.attempts, 0, "{id}");
         }
         assert_eq!(fx.worker.nudges.load(Ordering::SeqCst), 1);

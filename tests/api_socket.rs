@@ -176,7 +176,7 @@ fn config_from_the_admin_settings_reads_the_token_once() {
     let mut settings = retryq::config::AdminSettings {
         listen: "0.0.0.0:7878".parse().unwrap(),
         token_env: "RETRYQ_API_TEST_SURELY_UNSET".into(),
-        max_body: 1234,
+        body_limit: 1234,
         ..Default::default()
     };
     let err = AdminConfig::from_settings(&settings).unwrap_err();

@@ -209,7 +209,7 @@ async fn api_ingest_goes_through_the_worker() {
     let created: Value = test::read_body_json(resp).await;
     let id = created["id"].as_str().unwrap().to_owned();
     let stored = queue.get(&id).unwrap();
-    assert_eq!(stored.status, retryq::ItemStatus::Processing);
+    assert_eq!(stored.status(), retryq::ItemStatus::Processing);
     assert_eq!(stored.updated_at, stored.created_at, "stored claimed");
 
     // The same fingerprint while the first is live: a 409 naming it.
@@ -248,7 +248,7 @@ async fn api_ingest_goes_through_the_worker() {
     assert_eq!(resp.status(), StatusCode::CREATED);
     let created: Value = test::read_body_json(resp).await;
     let later = queue.get(created["id"].as_str().unwrap()).unwrap();
-    assert_eq!(later.status, retryq::ItemStatus::Pending);
+    assert_eq!(later.status(), retryq::ItemStatus::Pending);
 }
 
 #[actix_web::test]

@@ -285,3 +285,48 @@ fn schedule_follows_the_configured_backoff() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("55s"));
 }
+
+/// `config check` runs the library types' own `validate()`: a lease the
+/// worker would refuse (equal to the push timeout) is refused here, naming
+/// the key and the file, and the boundary the worker accepts passes.
+#[test]
+fn config_check_refuses_what_the_worker_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "lease.toml",
+        "[worker]\nlease = \"30s\"\npush_timeout = \"30s\"\n",
+    );
+    let out = retryq(dir.path(), &["-c", &f, "config", "check"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("worker.lease") && err.contains("lease.toml"),
+        "{err}"
+    );
+
+    let f = write(
+        dir.path(),
+        "ok.toml",
+        "[worker]\nlease = \"31s\"\npush_timeout = \"30s\"\n",
+    );
+    let out = retryq(dir.path(), &["-c", &f, "config", "check"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The store's and the admin API's own rules, likewise.
+    let f = write(dir.path(), "store.toml", "[store]\nmax_items = 0\n");
+    let out = retryq(dir.path(), &["-c", &f, "config", "check"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("store.max_items"), "{}", stderr(&out));
+    let out = retryq(
+        dir.path(),
+        &["config", "check"],
+        &[("RETRYQ__ADMIN__TLS_CERT", "/etc/cert.pem")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("admin.tls_cert") && err.contains("RETRYQ__ADMIN__TLS_CERT"),
+        "{err}"
+    );
+}

@@ -67,7 +67,7 @@ fn opening_the_go_directory_follows_the_readme_table() {
 
     // c01: pending, never tried, due.
     let c01 = q.get(&id(1)).unwrap();
-    assert_eq!(c01.status, ItemStatus::Pending);
+    assert_eq!(c01.status(), ItemStatus::Pending);
     assert_eq!(c01.attempts, 0);
     assert_eq!(c01.last_attempt, None, "Go zero time reads as never");
     assert_eq!(c01.created_at, at("2026-11-20T10:00:00.123456789Z"));
@@ -84,7 +84,7 @@ fn opening_the_go_directory_follows_the_readme_table() {
 
     // c02: pending after 3 failed attempts, its history kept.
     let c02 = q.get(&id(2)).unwrap();
-    assert_eq!(c02.status, ItemStatus::Pending);
+    assert_eq!(c02.status(), ItemStatus::Pending);
     assert_eq!(c02.attempts, 3);
     assert!(c02.last_error.contains("connection refused"));
     assert_eq!(c02.last_attempt, Some(at("2026-11-20T11:00:00Z")));
@@ -92,15 +92,15 @@ fn opening_the_go_directory_follows_the_readme_table() {
 
     // c03: a dead letter.
     let c03 = q.get(&id(3)).unwrap();
-    assert_eq!(c03.status, ItemStatus::Failed);
+    assert_eq!(c03.status(), ItemStatus::Failed);
     assert_eq!(c03.attempts, 10);
     assert_eq!(c03.item_type, ItemType::Assets);
 
     // c04: processing when Go died -> pending, attempts kept.
     let c04 = q.get(&id(4)).unwrap();
-    assert_eq!(c04.status, ItemStatus::Pending);
+    assert_eq!(c04.status(), ItemStatus::Pending);
     assert_eq!(c04.attempts, 1);
-    assert_eq!(c04.lease_until, None);
+    assert_eq!(c04.lease_until(), None);
 
     // c05: torn -> quarantined and reported, not indexed.
     assert!(q.get(&id(5)).is_err());
@@ -138,7 +138,7 @@ fn opening_the_go_directory_follows_the_readme_table() {
     assert_eq!(json["status"], "pending");
     assert_eq!(json["attempts"], 1);
     let q = open(&dir);
-    assert_eq!(q.get(&id(4)).unwrap().status, ItemStatus::Pending);
+    assert_eq!(q.get(&id(4)).unwrap().status(), ItemStatus::Pending);
     assert_eq!(q.size().unwrap(), 4);
     assert_eq!(q.stats().unwrap().quarantined, 1);
 }

@@ -150,7 +150,10 @@ fn kill_after(acks_before_kill: usize) {
         .list(&ListFilter::default())
         .unwrap()
         .into_iter()
-        .map(|i| (i.id, (i.status, i.attempts, i.last_error)))
+        .map(|i| {
+            let status = i.status();
+            (i.id, (status, i.attempts, i.last_error))
+        })
         .collect();
     let before = model_after(done);
     let after = model_after(done + 1);

@@ -122,7 +122,7 @@ async fn one_poison(poison: &str, good: &[&str]) -> (String, Arc<ProcessPusher>)
     }
     let poisoned = queue.get(&bad).unwrap();
     assert_eq!(poisoned.attempts, 1, "{poison}: {poisoned:?}");
-    assert_eq!(poisoned.status, retryq::ItemStatus::Pending);
+    assert_eq!(poisoned.status(), retryq::ItemStatus::Pending);
     // The host is alive and the transport serves again (a restarted child).
     let ok = pusher.push(
         &ItemMeta {

@@ -315,7 +315,10 @@ async fn a_worker_delivers_retries_and_dead_letters_through_the_plugin() {
         .unwrap();
     let r = worker.process_now().await.unwrap();
     assert_eq!(r[0].kind, EventKind::DeadLettered);
-    assert_eq!(queue.get(&dead).unwrap().status, retryq::ItemStatus::Failed);
+    assert_eq!(
+        queue.get(&dead).unwrap().status(),
+        retryq::ItemStatus::Failed
+    );
 
     let id = queue
         .enqueue(NewItem::from_json(b"{\"n\":2}").unwrap())

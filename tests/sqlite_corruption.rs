@@ -161,7 +161,7 @@ fn flipped_bytes_never_block_or_loop_and_every_item_is_accounted_for() {
                     "seed {seed}, {flips} flips: {} delivered and still queued as {:?}; \
                      {stats:?}; errors {:?}",
                     item.id,
-                    item.status,
+                    item.status(),
                     drained.errors
                 );
             }

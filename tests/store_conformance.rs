@@ -220,7 +220,7 @@ fn enqueue_fills_in_and_get_returns_it(b: &'static Backend) {
     assert_eq!(got.id, id);
     assert_eq!(got.item_type, ItemType::Assets);
     assert_eq!(got.fingerprint, sha256_hex(report.as_bytes()));
-    assert_eq!(got.status, ItemStatus::Pending);
+    assert_eq!(got.status(), ItemStatus::Pending);
     assert_eq!(got.report, report);
     assert_eq!(got.attempts, 0);
     assert_eq!(got.max_attempts, f.options.default_max_attempts);
@@ -229,7 +229,7 @@ fn enqueue_fills_in_and_get_returns_it(b: &'static Backend) {
     assert_eq!(got.next_retry, t0());
     assert_eq!(got.created_at, t0());
     assert_eq!(got.updated_at, t0());
-    assert_eq!(got.lease_until, None);
+    assert_eq!(got.lease_until(), None);
     assert_eq!(got.attributes.get("tenant").map(String::as_str), Some("t1"));
 
     let custom = NewItem::new(payload("{}"))
@@ -656,15 +656,15 @@ fn claim_order_lease_peek_and_next_due(b: &'static Backend) {
     assert_eq!(f.q.next_due().unwrap(), Some(at(-10)));
     let peeked = f.q.peek().unwrap().unwrap();
     assert_eq!(peeked.id, "early");
-    assert_eq!(peeked.status, ItemStatus::Pending);
-    assert_eq!(f.q.get("early").unwrap().status, ItemStatus::Pending);
+    assert_eq!(peeked.status(), ItemStatus::Pending);
+    assert_eq!(f.q.get("early").unwrap().status(), ItemStatus::Pending);
 
     let claimed = f.q.claim(2, secs(30)).unwrap();
     let ids: Vec<_> = claimed.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, ["early", "a"]);
     for it in &claimed {
-        assert_eq!(it.status, ItemStatus::Processing);
-        assert_eq!(it.lease_until, Some(at(31)));
+        assert_eq!(it.status(), ItemStatus::Processing);
+        assert_eq!(it.lease_until(), Some(at(31)));
         assert_eq!(it.attempts, 0, "claiming is not an attempt");
         assert_eq!(f.q.get(&it.id).unwrap(), *it);
     }
@@ -685,8 +685,8 @@ fn claim_order_lease_peek_and_next_due(b: &'static Backend) {
     f.clock.set(at(31));
     assert_eq!(f.q.release_expired_leases().unwrap(), 4);
     let back = f.q.get("a").unwrap();
-    assert_eq!(back.status, ItemStatus::Pending);
-    assert_eq!(back.lease_until, None);
+    assert_eq!(back.status(), ItemStatus::Pending);
+    assert_eq!(back.lease_until(), None);
     assert_eq!(back.attempts, 0);
     assert_eq!(f.q.next_due().unwrap(), Some(at(-10)));
 
@@ -694,7 +694,7 @@ fn claim_order_lease_peek_and_next_due(b: &'static Backend) {
     let d = f.q.dequeue().unwrap().unwrap();
     assert_eq!(d.id, "early");
     let lease = chrono::Duration::from_std(f.options.default_lease).unwrap();
-    assert_eq!(d.lease_until, Some(at(31) + lease));
+    assert_eq!(d.lease_until(), Some(at(31) + lease));
     // Dead letters are never claimed nor due.
     f.q.mark_failed("a", "dead").unwrap();
     let ids: Vec<_> =
@@ -715,12 +715,12 @@ fn state_changes_record_attempts(b: &'static Backend) {
     f.q.claim(2, secs(60)).unwrap();
     f.advance(5);
     let r = f.q.requeue("a", "503 from upstream", at(65)).unwrap();
-    assert_eq!(r.status, ItemStatus::Pending);
+    assert_eq!(r.status(), ItemStatus::Pending);
     assert_eq!(r.attempts, 1);
     assert_eq!(r.last_error, "503 from upstream");
     assert_eq!(r.last_attempt, Some(at(5)));
     assert_eq!(r.next_retry, at(65));
-    assert_eq!(r.lease_until, None);
+    assert_eq!(r.lease_until(), None);
     assert_eq!(r.updated_at, at(5));
     assert_eq!(r.created_at, t0());
     assert_eq!(f.q.get("a").unwrap(), r);
@@ -730,18 +730,18 @@ fn state_changes_record_attempts(b: &'static Backend) {
     assert_eq!(r.last_attempt, Some(at(10)));
 
     let m = f.q.mark_failed("b", "400 bad request").unwrap();
-    assert_eq!(m.status, ItemStatus::Failed);
+    assert_eq!(m.status(), ItemStatus::Failed);
     assert_eq!(m.attempts, 1);
     assert_eq!(m.last_error, "400 bad request");
     assert_eq!(m.last_attempt, Some(at(10)));
-    assert_eq!(m.lease_until, None);
+    assert_eq!(m.lease_until(), None);
     assert_eq!(f.q.get("b").unwrap(), m);
 
     // revive: only dead letters.
-    assert_eq!(kind(f.q.revive("a")), "invalid_item");
+    assert_eq!(kind(f.q.revive("a")), "wrong_state");
     f.advance(10);
     let v = f.q.revive("b").unwrap();
-    assert_eq!(v.status, ItemStatus::Pending);
+    assert_eq!(v.status(), ItemStatus::Pending);
     assert_eq!(v.attempts, 0);
     assert_eq!(v.next_retry, at(20));
     assert_eq!(v.last_error, "400 bad request");
@@ -754,8 +754,8 @@ fn state_changes_record_attempts(b: &'static Backend) {
     f.q.release("b").unwrap();
     let rel = f.q.get("b").unwrap();
     assert_eq!(rel.updated_at, at(21), "release is a state change");
-    assert_eq!(rel.status, ItemStatus::Pending);
-    assert_eq!(rel.lease_until, None);
+    assert_eq!(rel.status(), ItemStatus::Pending);
+    assert_eq!(rel.lease_until(), None);
     assert_eq!(rel.attempts, 0);
     assert_eq!(rel.next_retry, at(20));
     // A no-op on a pending item.
@@ -1103,8 +1103,8 @@ fn apply_batch_deferred_applies_each_op(b: &'static Backend) {
     if b.durable {
         f.reopen();
         assert_eq!(kind(f.q.get("a")), "item_not_found");
-        assert_eq!(f.q.get("c").unwrap().status, ItemStatus::Failed);
-        assert_eq!(f.q.get("e").unwrap().status, ItemStatus::Pending);
+        assert_eq!(f.q.get("c").unwrap().status(), ItemStatus::Failed);
+        assert_eq!(f.q.get("e").unwrap().status(), ItemStatus::Pending);
     }
 }
 
@@ -1163,13 +1163,13 @@ fn check_batch_applies_each_op(
     assert_eq!(kind(f.q.get("a")), "item_not_found");
     let b_item = f.q.get("b").unwrap();
     assert_eq!(
-        (b_item.status, b_item.attempts, b_item.next_retry),
+        (b_item.status(), b_item.attempts, b_item.next_retry),
         (ItemStatus::Pending, 1, at(40))
     );
     assert_eq!(b_item.last_attempt, Some(at(3)));
     let c_item = f.q.get("c").unwrap();
-    assert_eq!((c_item.status, c_item.attempts), (ItemStatus::Failed, 1));
-    assert_eq!(f.q.get("e").unwrap().status, ItemStatus::Pending);
+    assert_eq!((c_item.status(), c_item.attempts), (ItemStatus::Failed, 1));
+    assert_eq!(f.q.get("e").unwrap().status(), ItemStatus::Pending);
     f
 }
 
@@ -1216,11 +1216,11 @@ fn state_survives_reopen(b: &'static Backend) {
     assert_eq!(kind(f.q.get("gone")), "item_not_found");
     let c = f.q.get("c").unwrap();
     assert_eq!(
-        c.status,
+        c.status(),
         ItemStatus::Pending,
         "processing with an expired lease returns to pending at reopen"
     );
-    assert_eq!(c.lease_until, None);
+    assert_eq!(c.lease_until(), None);
     assert_eq!(c.attempts, 0);
     assert_eq!(f.q.size().unwrap(), 3);
     // Dedupe still works against what was loaded.
@@ -1251,14 +1251,14 @@ fn expired_lease_returns_to_pending(b: &'static Backend) {
     f.advance(5); // a's lease (10) is over, b's (15) is not
     assert_eq!(f.q.release_expired_leases().unwrap(), 1);
     let a = f.q.get("a").unwrap();
-    assert_eq!(a.status, ItemStatus::Pending);
-    assert_eq!(a.lease_until, None);
+    assert_eq!(a.status(), ItemStatus::Pending);
+    assert_eq!(a.lease_until(), None);
     assert_eq!(
         a.updated_at,
         at(10),
         "returning to pending is a state change"
     );
-    assert_eq!(f.q.get("b").unwrap().status, ItemStatus::Processing);
+    assert_eq!(f.q.get("b").unwrap().status(), ItemStatus::Processing);
     assert_eq!(f.q.claim(5, secs(10)).unwrap()[0].id, "a");
     f.advance(100);
     assert_eq!(f.q.release_expired_leases().unwrap(), 2);
@@ -1275,8 +1275,8 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
     for (result, id) in results.iter().take(2).zip(["a", "b"]) {
         let stored = result.as_ref().unwrap();
         assert_eq!(stored.id, id);
-        assert_eq!(stored.status, ItemStatus::Processing);
-        assert_eq!(stored.lease_until, Some(at(30)));
+        assert_eq!(stored.status(), ItemStatus::Processing);
+        assert_eq!(stored.lease_until(), Some(at(30)));
         assert_eq!(stored.attempts, 0);
         assert_eq!(stored.created_at, t0());
         assert_eq!(stored.updated_at, t0());
@@ -1304,8 +1304,8 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
     f.advance(31);
     assert_eq!(f.q.release_expired_leases().unwrap(), 1);
     let b_item = f.q.get("b").unwrap();
-    assert_eq!(b_item.status, ItemStatus::Pending);
-    assert_eq!(b_item.lease_until, None);
+    assert_eq!(b_item.status(), ItemStatus::Pending);
+    assert_eq!(b_item.lease_until(), None);
     assert_eq!(b_item.attempts, 0);
     assert_eq!(f.q.claim(10, secs(60)).unwrap()[0].id, "b");
     // The same through apply_batch (the worker's group commit).
@@ -1323,8 +1323,8 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
         .unwrap();
     match &outcomes[0] {
         Ok(WriteOutcome::Claimed(c)) => {
-            assert_eq!(c.status, ItemStatus::Processing);
-            assert_eq!(c.lease_until, Some(at(61)));
+            assert_eq!(c.status(), ItemStatus::Processing);
+            assert_eq!(c.lease_until(), Some(at(61)));
             assert_eq!(**c, f.q.get("c").unwrap());
         }
         other => panic!("expected a claimed item, got {other:?}"),
@@ -1338,7 +1338,7 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
     let c = f.q.get("c").unwrap();
     assert_eq!(c.attempts, 0);
     assert!(matches!(
-        c.status,
+        c.status(),
         ItemStatus::Processing | ItemStatus::Pending
     ));
     assert_eq!(f.q.size().unwrap(), 3);
@@ -1386,6 +1386,133 @@ fn corrupt_record_is_quarantined(b: &'static Backend) {
     assert_eq!(f.q.size().unwrap(), 3);
 }
 
+// -------------------------------------------------------------- admission
+
+/// What one scripted run of refusals answered, as text: the kind and the
+/// whole message of each error (`ok ID` for an admission).
+fn admission_answers(b: &'static Backend) -> Vec<String> {
+    let mut answers = Vec::new();
+    let mut note = |result: QueueResult<String>| {
+        answers.push(match result {
+            Ok(id) => format!("ok {id}"),
+            Err(e) => format!("{}: {e}", e.kind()),
+        })
+    };
+    let size = item("a").into_item(t0(), 10).unwrap().size_bytes();
+    let f = Fixture::with(
+        b,
+        StoreOptions {
+            max_items: 3,
+            max_bytes: size * 3 + size / 2,
+            ..StoreOptions::default()
+        },
+    );
+    note(f.q.enqueue(item("a").with_fingerprint("fp-a")));
+    note(f.q.enqueue(item("b")));
+    note(f.q.enqueue(item("a")));
+    note(f.q.enqueue(item("c").with_fingerprint("fp-a")));
+    let big = NewItem::new(payload(&format!("\"{}\"", "x".repeat(size as usize * 4))));
+    note(f.q.enqueue(big.with_id("big")));
+    // Full by bytes (two items held), then by items.
+    let fat = NewItem::new(payload(&format!("\"{}\"", "y".repeat(size as usize * 2))));
+    note(f.q.enqueue(fat.with_id("fat")));
+    note(f.q.enqueue(item("c")));
+    note(f.q.enqueue(item("d")));
+    // A dead letter keeps its ID and frees its fingerprint.
+    f.q.mark_failed("a", "dead").unwrap();
+    note(f.q.enqueue(item("a")));
+    note(f.q.enqueue(item("e").with_fingerprint("fp-a")));
+    // A batch against its own items, with room for one.
+    f.q.delete("b").unwrap();
+    let batch =
+        f.q.enqueue_batch(vec![item("x"), item("x"), item("y")])
+            .unwrap();
+    batch.into_iter().for_each(&mut note);
+    answers
+}
+
+/// Every backend refuses the same items with the same error and the same
+/// text as the reference model.
+fn admission_answers_read_the_same_on_every_backend(b: &'static Backend) {
+    let answers = admission_answers(b);
+    assert_eq!(answers, admission_answers(&MEMORY));
+    // The reference model's own texts, pinned where a change must show.
+    let size_of = |new: NewItem| new.into_item(t0(), 10).unwrap().size_bytes();
+    let size = size_of(item("d"));
+    let held =
+        size_of(item("a").with_fingerprint("fp-a")) + size_of(item("b")) + size_of(item("c"));
+    assert_eq!(
+        answers[7],
+        format!(
+            "queue_full: queue is full: 3 of 3 items and {held} of {} bytes used; \
+             the new item needs {size} bytes",
+            size_of(item("a")) * 3 + size_of(item("a")) / 2
+        ),
+        "{answers:#?}"
+    );
+    assert_eq!(
+        answers[2],
+        "duplicate_item: duplicate item: already queued as a"
+    );
+    assert_eq!(answers.len(), 13, "{answers:#?}");
+}
+
+/// Every way into a store asks the admission planner (a backend that
+/// decided by itself would leave the planner's count unchanged).
+fn every_admission_asks_the_planner(b: &'static Backend) {
+    use retryq::store::admission::planned_on_this_thread as planned;
+    let f = Fixture::with(
+        b,
+        StoreOptions {
+            max_items: 3,
+            overflow: OverflowPolicy::DropOldest,
+            ..StoreOptions::default()
+        },
+    );
+    let asked = |what: &str, before: u64, at_least: u64| {
+        let n = planned() - before;
+        assert!(n >= at_least, "{what} asked the planner {n} times");
+    };
+    let before = planned();
+    f.q.enqueue(item("a")).unwrap();
+    asked("enqueue", before, 1);
+    let before = planned();
+    let _ = f.q.enqueue(item("a"));
+    asked("a refused enqueue", before, 1);
+    let before = planned();
+    f.q.enqueue_batch(vec![item("b"), item("b"), item("c")])
+        .unwrap();
+    asked("enqueue_batch", before, 3);
+    let before = planned();
+    f.q.enqueue_claimed(vec![item("d")], secs(60)).unwrap();
+    asked("enqueue_claimed", before, 1);
+    let before = planned();
+    f.q.apply_batch(vec![WriteOp::Enqueue(item("e"))]).unwrap();
+    asked("apply_batch", before, 1);
+    let before = planned();
+    let (_, sync) =
+        f.q.apply_batch_deferred(vec![WriteOp::EnqueueClaimed {
+            item: item("f"),
+            lease: secs(60),
+        }])
+        .unwrap();
+    if let Some(sync) = sync {
+        sync.wait().unwrap();
+    }
+    asked("apply_batch_deferred", before, 1);
+    let before = planned();
+    f.q.enforce_limits().unwrap();
+    asked("enforce_limits", before, 1);
+    let before = planned();
+    let exported = f.q.get("f").unwrap();
+    let mut imported = exported.clone();
+    imported.id = "g".into();
+    imported.fingerprint = "fp-g".into();
+    if f.q.import_batch(vec![imported]).is_ok() {
+        asked("import_batch", before, 1);
+    }
+}
+
 macro_rules! conformance_suite {
     ($name:ident, $backend:expr) => {
         conformance_suite!($name, $backend, |_| true);
@@ -1423,6 +1550,8 @@ macro_rules! conformance_suite {
                 expired_lease_returns_to_pending,
                 enqueue_claimed_stores_items_as_a_claim_would,
                 corrupt_record_is_quarantined,
+                admission_answers_read_the_same_on_every_backend,
+                every_admission_asks_the_planner,
             );
         }
     };

@@ -319,7 +319,7 @@ fn crash_round(backend: &str, seed: u64, kill_after: usize) {
             Ok(item) => {
                 assert_eq!(item.report, payload_for(&id), "{backend}: payload of {id}");
                 Some(State {
-                    status: item.status,
+                    status: item.status(),
                     attempts: item.attempts,
                     last_error: item.last_error,
                 })

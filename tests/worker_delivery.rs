@@ -209,7 +209,7 @@ async fn exhaustion_dead_letters_and_fires_on_exhaust() {
         env.clock.advance(Duration::from_secs(3600));
     }
     let it = queue.get(&id).unwrap();
-    assert_eq!(it.status, ItemStatus::Failed);
+    assert_eq!(it.status(), ItemStatus::Failed);
     assert_eq!(it.attempts, 3);
     assert!(it.last_error.contains("exhausted"), "{}", it.last_error);
     assert_eq!(transport.push_count(), 3, "no push after exhaustion");
@@ -226,7 +226,7 @@ async fn permanent_failure_is_a_dead_letter_at_once() {
     let r = worker.process_now().await.unwrap();
     assert_eq!(r[0].kind, EventKind::DeadLettered);
     let it = queue.get(&id).unwrap();
-    assert_eq!(it.status, ItemStatus::Failed);
+    assert_eq!(it.status(), ItemStatus::Failed);
     assert_eq!(it.attempts, 1);
     assert_eq!(it.last_error, "400 invalid report");
     env.clock.advance(Duration::from_secs(3600));
@@ -254,7 +254,7 @@ async fn unauthorized_pauses_without_burning_attempts_until_resume() {
     assert_eq!(transport.push_count(), 1);
     for id in &ids {
         assert_eq!(queue.get(id).unwrap().attempts, 0);
-        assert_eq!(queue.get(id).unwrap().status, ItemStatus::Pending);
+        assert_eq!(queue.get(id).unwrap().status(), ItemStatus::Pending);
     }
     transport.set(PushOutcome::Delivered);
     worker.resume();
@@ -449,7 +449,7 @@ async fn checker_failure_burns_no_attempt_and_pushes_nothing() {
     for id in &ids {
         let it = queue.get(id).unwrap();
         assert_eq!(it.attempts, 0);
-        assert_eq!(it.status, ItemStatus::Pending);
+        assert_eq!(it.status(), ItemStatus::Pending);
     }
     checker.fail.store(false, Ordering::SeqCst);
     worker.resume();
@@ -815,10 +815,10 @@ async fn an_enqueue_goes_straight_to_delivery_stored_claimed() {
     let id = worker.enqueue(item(1)).await.unwrap();
     // Stored claimed in the enqueue's own commit.
     let stored = queue.get(&id).unwrap();
-    assert_eq!(stored.status, ItemStatus::Processing);
+    assert_eq!(stored.status(), ItemStatus::Processing);
     assert_eq!(stored.updated_at, stored.created_at, "never claimed apart");
     assert_eq!(
-        stored.lease_until,
+        stored.lease_until(),
         Some(stored.created_at + chrono::Duration::from_std(lease).unwrap())
     );
     wait_until("delivered", || queue.size().unwrap() == 0).await;
@@ -845,7 +845,7 @@ async fn gated_delivery_stores_enqueues_pending() {
     // Paused by the host.
     worker.pause();
     let paused = worker.enqueue(item(1)).await.unwrap();
-    assert_eq!(queue.get(&paused).unwrap().status, ItemStatus::Pending);
+    assert_eq!(queue.get(&paused).unwrap().status(), ItemStatus::Pending);
     worker.resume();
     // Delivered by a claim, which stamps the item when it takes it.
     wait_until("the paused item's push", || {
@@ -853,7 +853,7 @@ async fn gated_delivery_stores_enqueues_pending() {
     })
     .await;
     let claimed = queue.get(&paused).unwrap();
-    assert_eq!(claimed.status, ItemStatus::Processing);
+    assert_eq!(claimed.status(), ItemStatus::Processing);
     assert!(claimed.updated_at > claimed.created_at);
     wait_until("delivered", || queue.size().unwrap() == 0).await;
 
@@ -863,7 +863,10 @@ async fn gated_delivery_stores_enqueues_pending() {
     let failing = worker.enqueue(item(2)).await.unwrap();
     wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
     let while_open = worker.enqueue(item(3)).await.unwrap();
-    assert_eq!(queue.get(&while_open).unwrap().status, ItemStatus::Pending);
+    assert_eq!(
+        queue.get(&while_open).unwrap().status(),
+        ItemStatus::Pending
+    );
     wait_until("the failed attempt recorded", || {
         queue.get(&failing).unwrap().attempts == 1
     })
@@ -899,7 +902,10 @@ async fn an_enqueue_while_the_circuit_is_open_is_delivered_once_it_closes() {
     let failed = worker.enqueue(item(1)).await.unwrap();
     wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
     let while_open = worker.enqueue(item(2)).await.unwrap();
-    assert_eq!(queue.get(&while_open).unwrap().status, ItemStatus::Pending);
+    assert_eq!(
+        queue.get(&while_open).unwrap().status(),
+        ItemStatus::Pending
+    );
     transport.set(PushOutcome::Delivered);
     wait_until("both delivered", || queue.size().unwrap() == 0).await;
     let counts = transport.counts();
@@ -993,7 +999,7 @@ async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_af
         .map(Result::unwrap)
         .collect();
     let waiting = queue.get(&ids[2]).unwrap();
-    assert_eq!(waiting.status, ItemStatus::Processing, "handed off");
+    assert_eq!(waiting.status(), ItemStatus::Processing, "handed off");
     assert_eq!(waiting.updated_at, waiting.created_at);
     wait_until("the first push", || {
         transport.active.lock().unwrap().contains(&ids[0])
@@ -1047,7 +1053,7 @@ async fn waiting_handed_off_items_are_released_when_the_circuit_opens() {
     wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
     for id in &ids[2..] {
         wait_until("the waiting item released", || {
-            queue.get(id).unwrap().status == ItemStatus::Pending
+            queue.get(id).unwrap().status() == ItemStatus::Pending
         })
         .await;
         let released = queue.get(id).unwrap();

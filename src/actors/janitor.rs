@@ -7,8 +7,8 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::messages::{Maintain, Tick};
-use super::scheduler::Shared;
 use super::store::StoreActor;
+use crate::delivery::Shared;
 
 /// The janitor actor.
 pub struct JanitorActor {
@@ -60,10 +60,8 @@ impl Handler<Tick> for JanitorActor {
                 .into_actor(self)
                 .map(move |result, _, _| match result {
                     Ok(Ok(report)) => {
-                        let mut state = shared.state();
-                        state.stats.total_expired += report.cleanup.removed() as u64;
-                        state.stats.total_evicted += report.evicted as u64;
-                        if report.cleanup.removed() + report.evicted + report.leases_released > 0 {
+                        shared.record_maintenance(&report);
+                        if report.changed_anything() {
                             tracing::info!(
                                 expired = report.cleanup.expired,
                                 dead_letters_expired = report.cleanup.dead_letters_expired,

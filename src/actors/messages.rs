@@ -18,11 +18,11 @@ use std::time::Duration;
 use actix::Message;
 use chrono::{DateTime, Utc};
 use retryq_plugin::{CheckError, CheckResult, PushOutcome};
-use serde::Serialize;
 
 use crate::error::QueueResult;
 use crate::item::QueueItem;
-use crate::store::{CleanupReport, WriteOp, WriteOutcome};
+pub use crate::store::maintenance::MaintenanceReport;
+use crate::store::{WriteOp, WriteOutcome};
 
 /// Apply state changes in the store's next group commit.
 #[derive(Debug, Message)]
@@ -56,17 +56,6 @@ pub struct ProbeWritable;
 pub struct Maintain {
     /// Items older than this expire.
     pub ttl: Duration,
-}
-
-/// What a maintenance pass did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct MaintenanceReport {
-    /// TTL cleanup.
-    pub cleanup: CleanupReport,
-    /// Items evicted to fit the limits.
-    pub evicted: usize,
-    /// Expired leases returned to pending.
-    pub leases_released: usize,
 }
 
 /// Deliver one item through the transport.

@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 
 use super::messages::{Apply, Claim, Maintain, MaintenanceReport, NextDue, ProbeWritable};
 use crate::error::{QueueError, QueueResult};
+use crate::store::maintenance::run_maintenance;
 use crate::store::{PendingSync, RetryQueue, WriteOp, WriteOutcome};
 
 type ApplyReply = oneshot::Sender<QueueResult<Vec<QueueResult<WriteOutcome>>>>;
@@ -166,6 +167,10 @@ impl Group {
                             what: what.clone(),
                             detail: detail.clone(),
                         },
+                        QueueError::Internal { what, detail } => QueueError::Internal {
+                            what: *what,
+                            detail: detail.clone(),
+                        },
                         _ => QueueError::storage("group commit", message.clone()),
                     };
                     let _ = reply.send(Err(err));
@@ -290,16 +295,7 @@ impl Handler<Maintain> for StoreActor {
     type Result = ResponseFuture<QueueResult<MaintenanceReport>>;
     fn handle(&mut self, msg: Maintain, _: &mut Context<Self>) -> Self::Result {
         let h = self.handle.clone();
-        Box::pin(async move {
-            h.read(move |q| {
-                Ok(MaintenanceReport {
-                    cleanup: q.cleanup(msg.ttl)?,
-                    evicted: q.enforce_limits()?,
-                    leases_released: q.release_expired_leases()?,
-                })
-            })
-            .await
-        })
+        Box::pin(async move { h.read(move |q| run_maintenance(q, msg.ttl)).await })
     }
 }
 

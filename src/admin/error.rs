@@ -11,8 +11,9 @@ use crate::error::QueueError;
 /// An API failure, answered as `{"error": kind, "message": ..., "existing_id"?: ...}`.
 ///
 /// Kinds: the store's ([`QueueError::kind`]: `queue_full` and `disk_full`
-/// 507, `queue_closed` and `store_in_use` 503, `item_not_found` 404, `duplicate_item` 409, `invalid_item` 400,
-/// `too_large` 413, `corrupt` and `storage` 500) and the API's own:
+/// 507, `queue_closed` and `store_in_use` 503, `item_not_found` 404,
+/// `duplicate_item` and `wrong_state` 409, `invalid_item` 400, `too_large`
+/// 413, `corrupt`, `storage` and `internal` 500) and the API's own:
 /// `invalid_request` 400, `unauthorized` 401, `not_found` 404, `not_failed`
 /// 409, `worker_unavailable` 503, `worker_error` and `internal` 500.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
@@ -96,10 +97,17 @@ impl From<QueueError> for ApiError {
             QueueError::StoreInUse { .. } => StatusCode::SERVICE_UNAVAILABLE,
             QueueError::QueueClosed => StatusCode::SERVICE_UNAVAILABLE,
             QueueError::ItemNotFound { .. } => StatusCode::NOT_FOUND,
-            QueueError::DuplicateItem { .. } => StatusCode::CONFLICT,
+            QueueError::DuplicateItem { .. } | QueueError::WrongState { .. } => {
+                StatusCode::CONFLICT
+            }
             QueueError::InvalidItem { .. } => StatusCode::BAD_REQUEST,
             QueueError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+            // The daemon's store was opened before the API started, so
+            // its options are never at fault in a request.
+            QueueError::Corrupt { .. }
+            | QueueError::InvalidOptions(_)
+            | QueueError::Storage { .. }
+            | QueueError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(kind = err.kind(), error = %err, "admin API: store failure");

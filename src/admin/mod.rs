@@ -270,25 +270,37 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
-/// How the API is served.
-#[derive(Debug, Clone)]
+/// How the API is served. Its serde form is the `[admin]` config section;
+/// the token itself is never in it: [`AdminConfig::with_token`] reads it
+/// from `token_file`, else from the `token_env` variable.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address to listen on (loopback by default).
     pub listen: SocketAddr,
     /// The bearer token; `None` leaves the API open (loopback only).
+    #[serde(skip)]
     pub token: Option<AdminToken>,
+    /// File holding the bearer token.
+    pub token_file: Option<PathBuf>,
+    /// Environment variable holding the bearer token when there is no file.
+    pub token_env: String,
     /// Whether `/metrics` requires the token (default true).
     pub metrics_require_token: bool,
     /// Largest request body accepted, in bytes (default 10 MiB).
+    #[serde(rename = "max_body")]
     pub body_limit: usize,
     /// Cap on `limit` for `GET /v1/items` (default 1000).
     pub max_list_limit: usize,
     /// HTTP worker threads (default 2: the API is light next to delivery).
     pub workers: usize,
     /// How long a graceful stop waits for requests in flight.
+    #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Serve HTTPS with these files; plain HTTP when `None`.
-    pub tls: Option<TlsFiles>,
+    /// PEM certificate chain: with `tls_key`, the API serves HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -296,12 +308,15 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: DEFAULT_LISTEN,
             token: None,
+            token_file: None,
+            token_env: DEFAULT_TOKEN_ENV.to_owned(),
             metrics_require_token: true,
             body_limit: DEFAULT_BODY_LIMIT,
             max_list_limit: DEFAULT_MAX_LIST_LIMIT,
             workers: 2,
             shutdown_timeout: Duration::from_secs(10),
-            tls: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -378,52 +393,67 @@ pub(crate) struct ApiSettings {
 }
 
 impl AdminConfig {
-    /// The config from the `[admin]` settings: reads the token (from
-    /// `token_file`, else the `token_env` variable) once, here.
-    pub fn from_settings(settings: &crate::config::AdminSettings) -> Result<Self, AdminError> {
-        let body_limit =
-            usize::try_from(settings.max_body).map_err(|_| AdminError::InvalidSetting {
-                key: "admin.max_body",
-                value: settings.max_body.to_string(),
-                reason: "too large for this platform",
-            })?;
-        let config = AdminConfig {
-            listen: settings.listen,
-            token: AdminToken::load(settings.token_file.as_deref(), &settings.token_env)?,
-            body_limit,
-            tls: TlsFiles::from_settings(
-                settings.tls_cert.as_deref(),
-                settings.tls_key.as_deref(),
-            )?,
-            ..AdminConfig::default()
-        };
-        config.validate()?;
-        Ok(config)
+    /// This config with its token read (from `token_file`, else the
+    /// `token_env` variable) once, here, and checked.
+    pub fn with_token(mut self) -> Result<Self, AdminError> {
+        self.token = AdminToken::load(self.token_file.as_deref(), &self.token_env)?;
+        self.validate()?;
+        self.check_listen()?;
+        Ok(self)
     }
 
-    /// Checks the settings and the loopback-or-token rule.
+    /// [`AdminConfig::with_token`] on a copy of `settings`.
+    pub fn from_settings(settings: &AdminConfig) -> Result<Self, AdminError> {
+        settings.clone().with_token()
+    }
+
+    /// The certificate and key to serve HTTPS with; `None` for plain HTTP.
+    pub fn tls(&self) -> Result<Option<TlsFiles>, AdminError> {
+        TlsFiles::from_settings(self.tls_cert.as_deref(), self.tls_key.as_deref())
+    }
+
+    /// Checks the settings, naming the first bad field. `retryq config
+    /// check` and [`bind`] both call it.
     pub fn validate(&self) -> Result<(), AdminError> {
+        let bad =
+            |key, value: String, reason| Err(AdminError::InvalidSetting { key, value, reason });
         if self.body_limit == 0 {
-            return Err(AdminError::InvalidSetting {
-                key: "body_limit",
-                value: self.body_limit.to_string(),
-                reason: "must be at least 1 byte",
-            });
+            return bad(
+                "body_limit",
+                self.body_limit.to_string(),
+                "must be at least 1 byte",
+            );
         }
         if self.max_list_limit == 0 {
-            return Err(AdminError::InvalidSetting {
-                key: "max_list_limit",
-                value: self.max_list_limit.to_string(),
-                reason: "must be at least 1",
-            });
+            return bad(
+                "max_list_limit",
+                self.max_list_limit.to_string(),
+                "must be at least 1",
+            );
         }
         if self.workers == 0 {
-            return Err(AdminError::InvalidSetting {
-                key: "workers",
-                value: self.workers.to_string(),
-                reason: "must be at least 1",
-            });
+            return bad("workers", self.workers.to_string(), "must be at least 1");
         }
+        if self.token_env.trim().is_empty() {
+            return bad("token_env", String::new(), "must not be empty");
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), None) => bad(
+                "tls_cert",
+                cert.display().to_string(),
+                "tls_key is not set: give both or neither",
+            ),
+            (None, Some(key)) => bad(
+                "tls_key",
+                key.display().to_string(),
+                "tls_cert is not set: give both or neither",
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The loopback-or-token rule, on the token as read.
+    fn check_listen(&self) -> Result<(), AdminError> {
         if self.token.is_none() && !self.listen.ip().is_loopback() {
             return Err(AdminError::InsecureListen { addr: self.listen });
         }
@@ -498,6 +528,7 @@ impl AdminServer {
 /// [`AdminServer::handle`].
 pub fn bind(config: AdminConfig, state: AdminState) -> Result<AdminServer, AdminError> {
     config.validate()?;
+    config.check_listen()?;
     let routes = routes(&config, &state);
     let server = HttpServer::new(move || App::new().configure(routes.clone()))
         .workers(config.workers)
@@ -507,7 +538,8 @@ pub fn bind(config: AdminConfig, state: AdminState) -> Result<AdminServer, Admin
         addr: config.listen,
         source,
     };
-    let server = match &config.tls {
+    let tls = config.tls()?;
+    let server = match &tls {
         Some(files) => server
             .bind_rustls_0_23(config.listen, files.server_config()?)
             .map_err(bind_error)?,
@@ -518,7 +550,7 @@ pub fn bind(config: AdminConfig, state: AdminState) -> Result<AdminServer, Admin
     tracing::info!(
         addr = %addrs.first().copied().unwrap_or(config.listen),
         token_required = config.token.is_some(),
-        tls = config.tls.is_some(),
+        tls = tls.is_some(),
         metrics_require_token = config.metrics_require_token,
         "admin API listening"
     );

@@ -151,7 +151,7 @@ fn enqueue(ctx: &Ctx, args: EnqueueArgs) -> anyhow::Result<()> {
     let (settings, route) = route(ctx)?;
     // The API's limit, so a report is accepted or refused alike whichever
     // way it comes in; checked before anything is stored or sent.
-    let limit = settings.admin.max_body;
+    let limit = settings.admin.body_limit as u64;
     if bytes.len() as u64 > limit {
         bail!(UsageError(format!(
             "{}: the report is {} bytes, larger than the limit of {limit} bytes \
@@ -330,7 +330,7 @@ fn show(ctx: &Ctx, id: &str, payload: bool) -> anyhow::Result<()> {
     let mut lines = vec![
         format!("id:           {}", item.id),
         format!("type:         {}", item.item_type),
-        format!("status:       {}", item.status),
+        format!("status:       {}", item.status()),
         format!("fingerprint:  {}", item.fingerprint),
         format!("attempts:     {}/{}", item.attempts, item.max_attempts),
         format!("next_retry:   {}", time(Some(item.next_retry))),
@@ -343,7 +343,7 @@ fn show(ctx: &Ctx, id: &str, payload: bool) -> anyhow::Result<()> {
         format!("target_path:  {}", item.target_path),
         format!("size_bytes:   {}", item.size_bytes()),
     ];
-    if let Some(lease) = item.lease_until {
+    if let Some(lease) = item.lease_until() {
         lines.push(format!("lease_until:  {}", time(Some(lease))));
     }
     for (k, v) in &item.attributes {
@@ -613,7 +613,7 @@ fn schedule(ctx: &Ctx, max_attempts: Option<u32>) -> anyhow::Result<()> {
     if max_attempts == 0 {
         bail!(UsageError("--max-attempts must be at least 1".to_owned()));
     }
-    let backoff = &settings.backoff;
+    let backoff = &settings.worker.backoff;
     let delays = backoff.retry_schedule(max_attempts);
     let total = backoff.total_backoff_time(max_attempts);
     let fmt = |d: std::time::Duration| humantime::format_duration(d).to_string();

@@ -1,5 +1,7 @@
 //! The delivery core's shared types: the worker's configuration (with
 //! its one `validate`), its counters, the events it emits and its errors.
+//! The configuration types are the `[worker]` and `[circuit]` sections of
+//! a config file as they are (`crate::config` adds only the layering).
 //! The actors and the `RetryWorker` handle both use them; neither owns
 //! them, so neither imports the other. `crate::worker` re-exports them
 //! under their seed names.
@@ -33,14 +35,32 @@ impl Default for CircuitConfig {
     fn default() -> Self {
         CircuitConfig {
             threshold: 5,
-            // The same as `config/default.toml`'s.
             cooldown: Duration::from_secs(60),
             max_cooldown: Duration::from_secs(5 * 60),
         }
     }
 }
 
+impl CircuitConfig {
+    /// Checks the settings, naming the first bad field. A `max_cooldown`
+    /// below `cooldown` is allowed: the breaker keeps the cool-down as its
+    /// own cap then.
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        if self.cooldown.is_zero() {
+            return Err(WorkerError::config(
+                "circuit.cooldown",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How the worker delivers (the seed's fields plus what the actors need).
+///
+/// Its serde form is the `[worker]` section: the worker's own knobs.
+/// `backoff` and `circuit` are sections of their own in a config file
+/// (`[backoff]`, `[circuit]`), so they are not repeated inside it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryWorkerConfig {
@@ -54,7 +74,8 @@ pub struct RetryWorkerConfig {
     /// Items older than this are expired by the janitor.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// Retry timing.
+    /// Retry timing (the `[backoff]` section).
+    #[serde(skip)]
     pub backoff: BackoffConfig,
     /// Transport threads.
     pub concurrency: usize,
@@ -67,7 +88,8 @@ pub struct RetryWorkerConfig {
     /// How often the scheduler looks for items written by other processes.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// Circuit breaker.
+    /// Circuit breaker (the `[circuit]` section).
+    #[serde(skip)]
     pub circuit: CircuitConfig,
     /// Cap on an upstream's Retry-After.
     #[serde(with = "humantime_serde")]
@@ -104,18 +126,55 @@ impl Default for RetryWorkerConfig {
     }
 }
 
+/// Equal when every setting is: where "now" comes from is not a setting.
+impl PartialEq for RetryWorkerConfig {
+    fn eq(&self, other: &Self) -> bool {
+        let RetryWorkerConfig {
+            interval,
+            batch_size,
+            max_attempts,
+            ttl,
+            backoff,
+            concurrency,
+            lease,
+            push_timeout,
+            poll_interval,
+            circuit,
+            max_retry_after,
+            unauthorized_probe_interval,
+            janitor_interval,
+            clock: _,
+        } = self;
+        *interval == other.interval
+            && *batch_size == other.batch_size
+            && *max_attempts == other.max_attempts
+            && *ttl == other.ttl
+            && *backoff == other.backoff
+            && *concurrency == other.concurrency
+            && *lease == other.lease
+            && *push_timeout == other.push_timeout
+            && *poll_interval == other.poll_interval
+            && *circuit == other.circuit
+            && *max_retry_after == other.max_retry_after
+            && *unauthorized_probe_interval == other.unauthorized_probe_interval
+            && *janitor_interval == other.janitor_interval
+    }
+}
+
 impl RetryWorkerConfig {
-    /// Checks the configuration, naming the first bad field.
+    /// Checks the configuration, naming the first bad field: its own
+    /// (`lease`), or `backoff.FIELD` / `circuit.FIELD`. `RetryWorker::new`
+    /// and `retryq config check` both call this, so a configuration one
+    /// accepts the other does too.
     pub fn validate(&self) -> Result<(), WorkerError> {
-        let bad = |field: &'static str, reason: String| Err(WorkerError::Config { field, reason });
-        if self.batch_size == 0 {
-            return bad("batch_size", "must be at least 1".into());
-        }
-        if self.concurrency == 0 {
-            return bad("concurrency", "must be at least 1".into());
-        }
-        if self.max_attempts == 0 {
-            return bad("max_attempts", "must be at least 1".into());
+        for (field, n) in [
+            ("batch_size", self.batch_size),
+            ("concurrency", self.concurrency),
+            ("max_attempts", self.max_attempts as usize),
+        ] {
+            if n == 0 {
+                return Err(WorkerError::config(field, "must be at least 1"));
+            }
         }
         for (field, d) in [
             ("interval", self.interval),
@@ -123,35 +182,30 @@ impl RetryWorkerConfig {
             ("janitor_interval", self.janitor_interval),
             ("push_timeout", self.push_timeout),
             ("ttl", self.ttl),
+            ("max_retry_after", self.max_retry_after),
             (
                 "unauthorized_probe_interval",
                 self.unauthorized_probe_interval,
             ),
         ] {
             if d.is_zero() {
-                return bad(field, "must be greater than zero".into());
+                return Err(WorkerError::config(field, "must be greater than zero"));
             }
         }
         if self.lease <= self.push_timeout {
-            return bad(
+            return Err(WorkerError::config(
                 "lease",
                 format!(
                     "{} must be longer than push_timeout {} (or items are claimed twice)",
                     humantime::format_duration(self.lease),
                     humantime::format_duration(self.push_timeout)
                 ),
-            );
+            ));
         }
-        if self.circuit.max_cooldown < self.circuit.cooldown {
-            return bad(
-                "circuit.max_cooldown",
-                "must not be below circuit.cooldown".into(),
-            );
-        }
-        self.backoff.validate().map_err(|e| WorkerError::Config {
-            field: "backoff",
-            reason: e.to_string(),
-        })
+        self.circuit.validate()?;
+        self.backoff
+            .validate()
+            .map_err(|e| WorkerError::config(format!("backoff.{}", e.field), e.reason))
     }
 }
 
@@ -280,8 +334,9 @@ pub enum WorkerError {
     /// A configuration field is invalid.
     #[error("invalid worker {field}: {reason}")]
     Config {
-        /// The field.
-        field: &'static str,
+        /// The field at fault, as a path in [`RetryWorkerConfig`]
+        /// (`lease`, `backoff.max`, `circuit.cooldown`).
+        field: String,
         /// What is wrong.
         reason: String,
     },
@@ -291,4 +346,83 @@ pub enum WorkerError {
     /// The queue refused.
     #[error(transparent)]
     Queue(#[from] QueueError),
+}
+
+impl WorkerError {
+    fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        WorkerError::Config {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(config: &RetryWorkerConfig) -> String {
+        match config.validate() {
+            Err(WorkerError::Config { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    /// The serde form is the `[worker]` section: the worker's own knobs,
+    /// nothing of the sections beside it, no clock.
+    #[test]
+    fn serde_form_is_the_worker_section() {
+        let v = serde_json::to_value(RetryWorkerConfig::default()).unwrap();
+        for absent in ["backoff", "circuit", "clock"] {
+            assert!(v.get(absent).is_none(), "{absent} in {v}");
+        }
+        assert_eq!(v["lease"], "5m");
+        let back: RetryWorkerConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back, RetryWorkerConfig::default());
+        let nested = serde_json::json!({ "backoff": { "base": "1s" } });
+        assert!(serde_json::from_value::<RetryWorkerConfig>(nested).is_err());
+    }
+
+    #[test]
+    fn validate_names_the_field_at_fault() {
+        let ok = RetryWorkerConfig::default();
+        ok.validate().unwrap();
+        let lease_equal = RetryWorkerConfig {
+            lease: Duration::from_secs(30),
+            push_timeout: Duration::from_secs(30),
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&lease_equal), "lease");
+        let backoff = RetryWorkerConfig {
+            backoff: BackoffConfig {
+                base: Duration::from_secs(10),
+                max_interval: Duration::from_secs(1),
+                ..BackoffConfig::default()
+            },
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&backoff), "backoff.max");
+        let cooldown = RetryWorkerConfig {
+            circuit: CircuitConfig {
+                cooldown: Duration::ZERO,
+                ..CircuitConfig::default()
+            },
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&cooldown), "circuit.cooldown");
+        let no_batch = RetryWorkerConfig {
+            batch_size: 0,
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&no_batch), "batch_size");
+        // A cool-down above its cap is the breaker's to clamp, not an error.
+        let long_cooldown = RetryWorkerConfig {
+            circuit: CircuitConfig {
+                cooldown: Duration::from_secs(600),
+                ..CircuitConfig::default()
+            },
+            ..ok
+        };
+        long_cooldown.validate().unwrap();
+    }
 }

@@ -8,14 +8,10 @@
 //!
 //! # Semantics (the contract of `store/mod.rs`, spelled out)
 //!
-//! - `enqueue` checks, in this order: closed (`QueueClosed`), the item's own
-//!   validity (`InvalidItem`), an existing item with the same ID in any
-//!   status (`DuplicateItem`, always, whatever `dedupe` says), the same
-//!   fingerprint among pending and processing items when `dedupe` is on
-//!   (`DuplicateItem` naming that item), larger than `max_bytes` on its own
-//!   (`TooLarge`), and finally the limits (`QueueFull` with `Reject`;
-//!   with `DropOldest`, eviction of dead letters oldest first, then every
-//!   other item oldest first, ties by ID, each eviction counted).
+//! - `enqueue` checks that the queue is open (`QueueClosed`) and the item
+//!   valid (`InvalidItem`); whether it is admitted, and what `DropOldest`
+//!   evicts for it, is the planner's decision ([`super::admission`]),
+//!   which this store persists as it is.
 //! - `enqueue_batch` is `enqueue` applied to each item in order, so an
 //!   item duplicating an earlier one of the same batch is `DuplicateItem`.
 //! - A lease has expired when `lease_until <= now`; `claim` does not take
@@ -37,9 +33,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use super::admission::{
+    self, AdmissionView, Admitted, Limits, Totals, Victim, VictimClass, VictimPage,
+};
 use super::{
-    filter_matches, sort_and_page, CleanupReport, ListFilter, OverflowPolicy, QueueStats,
-    RetryQueue, StoreOptions, WriteOp, WriteOutcome,
+    filter_matches, sort_and_page, CleanupReport, ListFilter, QueueStats, RetryQueue, StoreOptions,
+    WriteOp, WriteOutcome,
 };
 use crate::backoff::add_saturating;
 use crate::error::{QueueError, QueueResult};
@@ -54,26 +53,21 @@ struct State {
 }
 
 impl State {
-    fn total_bytes(&self) -> u64 {
-        self.items.values().map(QueueItem::size_bytes).sum()
+    /// Persists what the planner decided: the victims go (each counted),
+    /// the item is stored. Returns the item as stored.
+    fn store(&mut self, admitted: Admitted) -> QueueItem {
+        let (item, victims) = admitted.into_parts();
+        self.evict(&victims);
+        self.items.insert(item.id.clone(), item.clone());
+        item
     }
 
-    fn fits(&self, options: &StoreOptions, size: u64) -> bool {
-        self.items.len() < options.max_items
-            && self.total_bytes().saturating_add(size) <= options.max_bytes
-    }
-
-    /// The ID `DropOldest` evicts next: dead letters first, then any item,
-    /// oldest `created_at` first, ties by ID.
-    fn eviction_victim(&self) -> Option<String> {
-        self.items
-            .values()
-            .min_by(|a, b| {
-                let a_key = (a.status != ItemStatus::Failed, a.created_at, &a.id);
-                let b_key = (b.status != ItemStatus::Failed, b.created_at, &b.id);
-                a_key.cmp(&b_key)
-            })
-            .map(|item| item.id.clone())
+    fn evict(&mut self, victims: &[Victim]) {
+        for victim in victims {
+            if self.items.remove(&victim.id).is_some() {
+                self.evicted += 1;
+            }
+        }
     }
 
     fn item_mut(&mut self, id: &str) -> QueueResult<&mut QueueItem> {
@@ -94,6 +88,38 @@ impl State {
             (a.next_retry, a.created_at, &a.id).cmp(&(b.next_retry, b.created_at, &b.id))
         });
         ready
+    }
+}
+
+/// The planner's view of the map: every query a scan.
+struct View<'a>(&'a BTreeMap<String, QueueItem>);
+
+impl AdmissionView for View<'_> {
+    fn id_exists(&mut self, id: &str) -> QueueResult<bool> {
+        Ok(self.0.contains_key(id))
+    }
+
+    fn live_ids_with_fingerprint(&mut self, fingerprint: &str) -> QueueResult<Vec<String>> {
+        Ok(self
+            .0
+            .values()
+            .filter(|item| {
+                item.fingerprint == fingerprint
+                    && VictimClass::of(item.status()) == VictimClass::Live
+            })
+            .map(|item| item.id.clone())
+            .collect())
+    }
+
+    fn totals(&mut self) -> QueueResult<Totals> {
+        Ok(Totals {
+            items: self.0.len() as u64,
+            bytes: self.0.values().map(QueueItem::size_bytes).sum(),
+        })
+    }
+
+    fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
+        Ok(admission::oldest_by_scan(self.0.values(), page))
     }
 }
 
@@ -135,12 +161,8 @@ impl MemoryRetryQueue {
         state.evicted = 0;
         let mut released = 0;
         for item in state.items.values_mut() {
-            let live = keep_live_leases && item.lease_until.is_some_and(|until| until > now);
-            if item.status == ItemStatus::Processing && !live {
-                item.status = ItemStatus::Pending;
-                item.lease_until = None;
-                item.lease_owner = None;
-                item.updated_at = now;
+            let live = keep_live_leases && !item.lease_expired(now);
+            if item.status() == ItemStatus::Processing && !live && item.release(now).is_ok() {
                 released += 1;
             }
         }
@@ -170,7 +192,8 @@ impl MemoryRetryQueue {
         self.store_new_locked(state, new, None).map(|item| item.id)
     }
 
-    /// Stores a new item, claimed for `lease` when given.
+    /// Stores a new item, claimed for `lease` when given, if the planner
+    /// admits it.
     fn store_new_locked(
         &self,
         state: &mut State,
@@ -178,64 +201,14 @@ impl MemoryRetryQueue {
         lease: Option<Duration>,
     ) -> QueueResult<QueueItem> {
         let now = self.now();
+        let fresh_id = new.id.is_none();
         let mut item = new.into_item(now, self.options.default_max_attempts)?;
-        if state.items.contains_key(&item.id) {
-            return Err(QueueError::DuplicateItem {
-                existing_id: item.id,
-            });
-        }
-        if self.options.dedupe {
-            if let Some(existing) = state.items.values().find(|other| {
-                other.fingerprint == item.fingerprint && other.status != ItemStatus::Failed
-            }) {
-                return Err(QueueError::DuplicateItem {
-                    existing_id: existing.id.clone(),
-                });
-            }
-        }
-        let size = item.size_bytes();
-        if size > self.options.max_bytes {
-            return Err(QueueError::TooLarge {
-                size,
-                limit: self.options.max_bytes,
-            });
-        }
-        if !state.fits(&self.options, size) {
-            let full = QueueError::QueueFull {
-                reason: format!(
-                    "{} of {} items and {} of {} bytes used; the new item needs {size} bytes",
-                    state.items.len(),
-                    self.options.max_items,
-                    state.total_bytes(),
-                    self.options.max_bytes
-                ),
-            };
-            if self.options.overflow == OverflowPolicy::Reject {
-                return Err(full);
-            }
-            // Plan the evictions first: a refused item must change nothing.
-            let mut trial = State {
-                items: state.items.clone(),
-                ..State::default()
-            };
-            let mut victims = Vec::new();
-            while !trial.fits(&self.options, size) {
-                let Some(victim) = trial.eviction_victim() else {
-                    return Err(full);
-                };
-                trial.items.remove(&victim);
-                victims.push(victim);
-            }
-            for victim in victims {
-                state.items.remove(&victim);
-                state.evicted += 1;
-            }
-        }
         if let Some(lease) = lease {
-            item.record_claim(add_saturating(now, lease), &self.options.instance_id, now);
+            item.claim(add_saturating(now, lease), &self.options.instance_id, now)?;
         }
-        state.items.insert(item.id.clone(), item.clone());
-        Ok(item)
+        let limits = Limits::of(&self.options);
+        let admitted = admission::admit(&limits, &mut View(&state.items), item, fresh_id)??;
+        Ok(state.store(admitted))
     }
 
     fn delete_locked(state: &mut State, id: &str) -> QueueResult<()> {
@@ -254,8 +227,7 @@ impl MemoryRetryQueue {
     ) -> QueueResult<QueueItem> {
         let now = self.now();
         let item = state.item_mut(id)?;
-        item.record_dead_letter(reason, now);
-        item.updated_at = now;
+        item.dead_letter(reason, now);
         Ok(item.clone())
     }
 
@@ -268,36 +240,18 @@ impl MemoryRetryQueue {
     ) -> QueueResult<QueueItem> {
         let now = self.now();
         let item = state.item_mut(id)?;
-        item.record_retry(error, next_retry, now);
-        item.updated_at = now;
+        item.requeue(error, next_retry, now);
         Ok(item.clone())
     }
 
     fn release_locked(&self, state: &mut State, id: &str) -> QueueResult<()> {
         let now = self.now();
         let item = state.item_mut(id)?;
-        if item.status == ItemStatus::Processing {
-            item.status = ItemStatus::Pending;
-            item.lease_until = None;
-            item.lease_owner = None;
-            item.updated_at = now;
+        // Releasing an item nobody holds is a no-op (the contract's).
+        if item.status() == ItemStatus::Processing {
+            item.release(now)?;
         }
         Ok(())
-    }
-
-    fn evict_to_limits(&self, state: &mut State) -> usize {
-        let mut evicted = 0;
-        while state.items.len() > self.options.max_items
-            || state.total_bytes() > self.options.max_bytes
-        {
-            let Some(victim) = state.eviction_victim() else {
-                break;
-            };
-            state.items.remove(&victim);
-            state.evicted += 1;
-            evicted += 1;
-        }
-        evicted
     }
 }
 
@@ -382,7 +336,6 @@ impl RetryQueue for MemoryRetryQueue {
         let mut state = self.lock_open()?;
         let item = state.item_mut(id)?;
         item.revive(now)?;
-        item.updated_at = now;
         Ok(item.clone())
     }
 
@@ -398,7 +351,7 @@ impl RetryQueue for MemoryRetryQueue {
         let mut claimed = Vec::new();
         for ready in state.ready(now).into_iter().take(limit) {
             let item = state.item_mut(&ready.id)?;
-            item.record_claim(lease_until, &self.options.instance_id, now);
+            item.claim(lease_until, &self.options.instance_id, now)?;
             claimed.push(item.clone());
         }
         Ok(claimed)
@@ -409,12 +362,8 @@ impl RetryQueue for MemoryRetryQueue {
         let mut state = self.lock_open()?;
         let mut released = 0;
         for item in state.items.values_mut() {
-            let expired = item.lease_until.is_none_or(|until| until <= now);
-            if item.status == ItemStatus::Processing && expired {
-                item.status = ItemStatus::Pending;
-                item.lease_until = None;
-                item.lease_owner = None;
-                item.updated_at = now;
+            if item.lease_expired(now) {
+                item.release(now)?;
                 released += 1;
             }
         }
@@ -426,12 +375,9 @@ impl RetryQueue for MemoryRetryQueue {
         Ok(state
             .items
             .values()
-            .filter_map(|item| match item.status {
+            .filter_map(|item| match item.status() {
                 ItemStatus::Pending => Some(item.next_retry),
-                // A processing item without a lease is actionable at once.
-                ItemStatus::Processing => {
-                    Some(item.lease_until.unwrap_or(DateTime::<Utc>::MIN_UTC))
-                }
+                ItemStatus::Processing => item.lease_until(),
                 ItemStatus::Failed => None,
             })
             .min())
@@ -449,7 +395,7 @@ impl RetryQueue for MemoryRetryQueue {
             ..QueueStats::default()
         };
         for item in state.items.values() {
-            match item.status {
+            match item.status() {
                 ItemStatus::Pending => stats.pending_items += 1,
                 ItemStatus::Processing => stats.processing_items += 1,
                 ItemStatus::Failed => stats.failed_items += 1,
@@ -477,7 +423,7 @@ impl RetryQueue for MemoryRetryQueue {
         let mut state = self.lock_open()?;
         let mut report = CleanupReport::default();
         state.items.retain(|_, item| {
-            let (item_ttl, counter) = if item.status == ItemStatus::Failed {
+            let (item_ttl, counter) = if item.status() == ItemStatus::Failed {
                 (dead_ttl, &mut report.dead_letters_expired)
             } else {
                 (ttl, &mut report.expired)
@@ -493,10 +439,9 @@ impl RetryQueue for MemoryRetryQueue {
 
     fn enforce_limits(&self) -> QueueResult<usize> {
         let mut state = self.lock_open()?;
-        if self.options.overflow == OverflowPolicy::Reject {
-            return Ok(0);
-        }
-        Ok(self.evict_to_limits(&mut state))
+        let victims = admission::trim(&Limits::of(&self.options), &mut View(&state.items))?;
+        state.evict(&victims);
+        Ok(victims.len())
     }
 
     fn list(&self, filter: &ListFilter) -> QueueResult<Vec<QueueItem>> {
@@ -556,6 +501,7 @@ mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock};
     use crate::item::Payload;
+    use crate::store::OverflowPolicy;
     use chrono::TimeZone;
     use std::sync::Arc;
 

@@ -39,10 +39,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{system_clock, SharedClock};
-pub use crate::error::{QueueError, QueueResult};
+pub use crate::error::{InvalidStoreOption, QueueError, QueueResult};
 use crate::item::{ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS};
 
+pub mod admission;
 pub mod file;
+pub mod maintenance;
 pub mod memory;
 pub mod owner;
 pub mod postgres;
@@ -73,8 +75,12 @@ pub enum OverflowPolicy {
     DropOldest,
 }
 
-/// How a store is opened.
-#[derive(Debug, Clone)]
+/// How a store is opened. Its serde form is the limits and policy of the
+/// `[store]` config section; `default_max_attempts` and `default_lease`
+/// come from `[worker]` (`max_attempts`, `lease`), and the clock and the
+/// instance ID are not settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StoreOptions {
     /// Most items held (all statuses).
     pub max_items: usize,
@@ -85,19 +91,49 @@ pub struct StoreOptions {
     /// Refuse duplicate fingerprints among pending and processing items.
     pub dedupe: bool,
     /// `max_attempts` for items that do not set their own.
+    #[serde(skip)]
     pub default_max_attempts: u32,
     /// How long dead letters are kept by `cleanup`; `None` uses the TTL
     /// given to `cleanup`.
+    #[serde(with = "humantime_serde")]
     pub dead_letter_ttl: Option<Duration>,
     /// Lease used by `dequeue`.
+    #[serde(skip)]
     pub default_lease: Duration,
     /// Quarantined records kept; `cleanup` removes the oldest beyond this.
     pub max_quarantined: usize,
     /// Where "now" comes from.
+    #[serde(skip)]
     pub clock: SharedClock,
     /// The instance recorded as the owner of every claim this store makes
     /// ([`QueueItem::lease_owner`]); see [`owner`]. A fresh ID by default.
+    #[serde(skip)]
     pub instance_id: String,
+}
+
+impl StoreOptions {
+    /// Checks the options, naming the first bad field. Opening a store and
+    /// `retryq config check` both call this.
+    pub fn validate(&self) -> Result<(), InvalidStoreOption> {
+        let bad = |field, reason| Err(InvalidStoreOption { field, reason });
+        if self.max_items == 0 {
+            return bad("max_items", "must be at least 1");
+        }
+        // SQLite keeps byte counts as i64.
+        if self.max_bytes == 0 || i64::try_from(self.max_bytes).is_err() {
+            return bad("max_bytes", "must be from 1 to 9223372036854775807");
+        }
+        if self.default_max_attempts == 0 {
+            return bad("default_max_attempts", "must be at least 1");
+        }
+        if self.default_lease.is_zero() {
+            return bad("default_lease", "must be greater than zero");
+        }
+        if self.dead_letter_ttl.is_some_and(|d| d.is_zero()) {
+            return bad("dead_letter_ttl", "must be greater than zero");
+        }
+        Ok(())
+    }
 }
 
 impl Default for StoreOptions {
@@ -377,7 +413,7 @@ pub trait RetryQueue: Send + Sync {
         })?;
         let mut released = 0;
         for item in processing {
-            if item.lease_owner.as_deref() != Some(owner) {
+            if item.lease_owner() != Some(owner) {
                 self.release(&item.id)?;
                 released += 1;
             }
@@ -617,11 +653,7 @@ pub(crate) fn importable(mut item: QueueItem) -> QueueResult<QueueItem> {
     if item.item_type.as_str().is_empty() {
         return Err(QueueError::invalid("type is empty"));
     }
-    if item.status == ItemStatus::Processing {
-        item.status = ItemStatus::Pending;
-    }
-    item.lease_until = None;
-    item.lease_owner = None;
+    item.drop_claim();
     Ok(item)
 }
 
@@ -650,7 +682,7 @@ pub fn sort_and_page(items: &mut Vec<QueueItem>, filter: &ListFilter) {
 
 /// True when `item` passes the filter's predicates at `now`.
 pub fn filter_matches(item: &QueueItem, filter: &ListFilter, now: DateTime<Utc>) -> bool {
-    filter.status.is_none_or(|s| item.status == s)
+    filter.status.is_none_or(|s| item.status() == s)
         && filter
             .item_type
             .as_ref()

@@ -53,12 +53,15 @@ impl TestQueue {
         Ok(self.items.lock().unwrap())
     }
 
-    fn modify(&self, id: &str, change: impl FnOnce(&mut QueueItem)) -> QResult<QueueItem> {
+    fn modify(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut QueueItem, DateTime<Utc>) -> QResult<()>,
+    ) -> QResult<QueueItem> {
         let now = self.clock.now();
         let mut items = self.open()?;
         let item = items.get_mut(id).ok_or_else(|| QueueError::not_found(id))?;
-        change(item);
-        item.updated_at = now;
+        change(item, now)?;
         Ok(item.clone())
     }
 }
@@ -75,7 +78,7 @@ impl RetryQueue for TestQueue {
         }
         if let Some(existing) = items
             .values()
-            .find(|i| i.fingerprint == item.fingerprint && i.status != ItemStatus::Failed)
+            .find(|i| i.fingerprint == item.fingerprint && i.status() != ItemStatus::Failed)
         {
             return Err(QueueError::DuplicateItem {
                 existing_id: existing.id.clone(),
@@ -107,13 +110,12 @@ impl RetryQueue for TestQueue {
         items: Vec<NewItem>,
         lease: Duration,
     ) -> QResult<Vec<QResult<QueueItem>>> {
-        let now = self.clock.now();
-        let until = now + chrono::Duration::from_std(lease).unwrap();
+        let until = self.clock.now() + chrono::Duration::from_std(lease).unwrap();
         Ok(items
             .into_iter()
             .map(|new| {
                 let id = self.enqueue(new)?;
-                self.modify(&id, |item| item.record_claim(until, "api-test", now))
+                self.modify(&id, |item, now| item.claim(until, "api-test", now))
             })
             .collect())
     }
@@ -141,10 +143,12 @@ impl RetryQueue for TestQueue {
 
     fn update(&self, item: &QueueItem) -> QResult<()> {
         let replacement = item.clone();
-        self.modify(&item.id, move |stored| {
+        self.modify(&item.id, move |stored, now| {
             let created_at = stored.created_at;
             *stored = replacement;
             stored.created_at = created_at;
+            stored.updated_at = now;
+            Ok(())
         })
         .map(|_| ())
     }
@@ -157,49 +161,28 @@ impl RetryQueue for TestQueue {
     }
 
     fn mark_failed(&self, id: &str, reason: &str) -> QResult<QueueItem> {
-        let now = self.clock.now();
-        self.modify(id, |i| {
-            i.attempts = i.attempts.saturating_add(1);
-            i.last_error = reason.to_owned();
-            i.last_attempt = Some(now);
-            i.status = ItemStatus::Failed;
-            i.lease_until = None;
+        self.modify(id, |i, now| {
+            i.dead_letter(reason, now);
+            Ok(())
         })
     }
 
     fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QResult<QueueItem> {
-        let now = self.clock.now();
-        self.modify(id, |i| {
-            i.attempts = i.attempts.saturating_add(1);
-            i.last_error = error.to_owned();
-            i.last_attempt = Some(now);
-            i.next_retry = next_retry;
-            i.status = ItemStatus::Pending;
-            i.lease_until = None;
+        self.modify(id, |i, now| {
+            i.requeue(error, next_retry, now);
+            Ok(())
         })
     }
 
     fn revive(&self, id: &str) -> QResult<QueueItem> {
-        let now = self.clock.now();
-        let status = self.get(id)?.status;
-        if status != ItemStatus::Failed {
-            return Err(QueueError::invalid(format!(
-                "item {id} is {status}, not failed"
-            )));
-        }
-        self.modify(id, |i| {
-            i.status = ItemStatus::Pending;
-            i.attempts = 0;
-            i.next_retry = now;
-        })
+        self.modify(id, |i, now| i.revive(now))
     }
 
     fn release(&self, id: &str) -> QResult<()> {
-        self.modify(id, |i| {
-            if i.status == ItemStatus::Processing {
-                i.status = ItemStatus::Pending;
-                i.lease_until = None;
-            }
+        // Releasing an item nobody holds is a no-op, as the contract says.
+        self.modify(id, |i, now| match i.status() {
+            ItemStatus::Processing => i.release(now),
+            _ => Ok(()),
         })
         .map(|_| ())
     }
@@ -216,8 +199,7 @@ impl RetryQueue for TestQueue {
         ready.truncate(limit);
         let until = now + chrono::Duration::from_std(lease).unwrap();
         for item in &mut ready {
-            item.status = ItemStatus::Processing;
-            item.lease_until = Some(until);
+            item.claim(until, "api-test", now)?;
             items.insert(item.id.clone(), item.clone());
         }
         Ok(ready)
@@ -228,9 +210,8 @@ impl RetryQueue for TestQueue {
         let mut items = self.open()?;
         let mut released = 0;
         for item in items.values_mut() {
-            if item.status == ItemStatus::Processing && item.lease_until.is_some_and(|l| l <= now) {
-                item.status = ItemStatus::Pending;
-                item.lease_until = None;
+            if item.lease_expired(now) {
+                item.release(now)?;
                 released += 1;
             }
         }
@@ -241,9 +222,9 @@ impl RetryQueue for TestQueue {
         let items = self.open()?;
         Ok(items
             .values()
-            .filter_map(|i| match i.status {
+            .filter_map(|i| match i.status() {
                 ItemStatus::Pending => Some(i.next_retry),
-                ItemStatus::Processing => i.lease_until,
+                ItemStatus::Processing => i.lease_until(),
                 ItemStatus::Failed => None,
             })
             .min())
@@ -255,7 +236,7 @@ impl RetryQueue for TestQueue {
 
     fn stats(&self) -> QResult<QueueStats> {
         let items = self.open()?;
-        let count = |s: ItemStatus| items.values().filter(|i| i.status == s).count();
+        let count = |s: ItemStatus| items.values().filter(|i| i.status() == s).count();
         Ok(QueueStats {
             total_items: items.len(),
             pending_items: count(ItemStatus::Pending),

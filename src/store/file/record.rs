@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::item::{payload_checksum, validate_id, ItemStatus, ItemType, Payload, QueueItem};
+use crate::item::{
+    payload_checksum, validate_id, ItemRecord, ItemStatus, ItemType, Payload, QueueItem,
+};
 
 /// Go's zero `time.Time`, which the Go SDK writes for "never".
 pub(crate) const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
@@ -87,7 +89,7 @@ impl From<&QueueItem> for FileRecord {
             id: item.id.clone(),
             item_type: item.item_type.clone(),
             fingerprint: item.fingerprint.clone(),
-            status: item.status,
+            status: item.status(),
             report: item.report.clone(),
             attempts: item.attempts,
             max_attempts: item.max_attempts,
@@ -99,8 +101,8 @@ impl From<&QueueItem> for FileRecord {
             agent_id: item.agent_id.clone(),
             scanner_name: item.scanner_name.clone(),
             target_path: item.target_path.clone(),
-            lease_until: item.lease_until,
-            lease_owner: item.lease_owner.clone(),
+            lease_until: item.lease_until(),
+            lease_owner: item.lease_owner().map(str::to_owned),
             attributes: item.attributes.clone(),
             checksum: Some(payload_checksum(item.report.as_bytes())),
         }
@@ -109,7 +111,7 @@ impl From<&QueueItem> for FileRecord {
 
 impl From<FileRecord> for QueueItem {
     fn from(r: FileRecord) -> Self {
-        QueueItem {
+        QueueItem::from(ItemRecord {
             id: r.id,
             item_type: r.item_type,
             fingerprint: r.fingerprint,
@@ -128,7 +130,7 @@ impl From<FileRecord> for QueueItem {
             lease_until: r.lease_until,
             lease_owner: r.lease_owner,
             attributes: r.attributes,
-        }
+        })
     }
 }
 

@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 
+use super::record::file_name;
 use super::*;
 use crate::clock::{Clock, ManualClock};
-use crate::item::Payload;
+use crate::error::QueueError;
+use crate::item::{ItemStatus, NewItem, Payload};
+use crate::store::{ListFilter, OverflowPolicy, RetryQueue};
 
 fn clock() -> ManualClock {
     ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 20, 10, 0, 0).unwrap())
@@ -51,10 +54,10 @@ fn state_changes_are_persisted_across_reopen() {
     assert_eq!(a.last_attempt, Some(clock.now()));
     assert_eq!(a.next_retry, later);
     let b = q.get(&b).unwrap();
-    assert_eq!((b.status, b.attempts), (ItemStatus::Failed, 1));
+    assert_eq!((b.status(), b.attempts), (ItemStatus::Failed, 1));
     // Processing at close: returned to pending by the reopen, attempts kept.
     let c = q.get(&c).unwrap();
-    assert_eq!((c.status, c.lease_until), (ItemStatus::Pending, None));
+    assert_eq!((c.status(), c.lease_until()), (ItemStatus::Pending, None));
     let stats = q.stats().unwrap();
     assert_eq!(
         (stats.pending_items, stats.failed_items, stats.total_retries),
@@ -203,7 +206,7 @@ fn claim_order_leases_and_release() {
         Some(now + chrono::Duration::seconds(30))
     );
     q.release(&plain).unwrap();
-    assert_eq!(q.get(&plain).unwrap().status, ItemStatus::Pending);
+    assert_eq!(q.get(&plain).unwrap().status(), ItemStatus::Pending);
     clock.advance(Duration::from_secs(31));
     assert_eq!(q.release_expired_leases().unwrap(), 1);
     clock.advance(Duration::from_secs(60));
@@ -219,10 +222,13 @@ fn revive_update_cleanup_and_list() {
     opts.dead_letter_ttl = Some(Duration::from_secs(3600));
     let q = FileRetryQueue::open(dir.path(), opts).unwrap();
     let a = q.enqueue(new_item(1)).unwrap();
-    assert!(matches!(q.revive(&a), Err(QueueError::InvalidItem { .. })));
+    assert!(matches!(q.revive(&a), Err(QueueError::WrongState { .. })));
     q.mark_failed(&a, "no").unwrap();
     let revived = q.revive(&a).unwrap();
-    assert_eq!((revived.status, revived.attempts), (ItemStatus::Pending, 0));
+    assert_eq!(
+        (revived.status(), revived.attempts),
+        (ItemStatus::Pending, 0)
+    );
     assert_eq!(revived.last_error, "no");
     let mut changed = revived.clone();
     changed.agent_id = "agent-9".into();
@@ -423,12 +429,14 @@ fn import_keeps_each_items_state_and_times() {
         .with_id("imported-1")
         .into_item(created, 5)
         .unwrap();
-    item.record_retry("503", created + chrono::Duration::hours(1), created);
+    item.requeue("503", created + chrono::Duration::hours(1), created);
     let mut claimed = new_item(2)
         .with_id("imported-2")
         .into_item(created, 5)
         .unwrap();
-    claimed.record_claim(clock.now(), "gone-instance", created);
+    claimed
+        .claim(clock.now(), "gone-instance", created)
+        .unwrap();
 
     let results = q
         .import_batch(vec![item.clone(), claimed.clone(), item.clone()])
@@ -441,7 +449,7 @@ fn import_keeps_each_items_state_and_times() {
     // A claim nobody holds any more is not imported.
     let got = q.get("imported-2").unwrap();
     assert_eq!(
-        (got.status, got.lease_until, got.lease_owner),
+        (got.status(), got.lease_until(), got.lease_owner()),
         (ItemStatus::Pending, None, None)
     );
     assert_eq!(got.created_at, created);

@@ -43,7 +43,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use rusqlite::Connection;
 
-use super::{sql_err, STATUS_PENDING, STATUS_PROCESSING};
+use super::row::{sql_err, STATUS_PENDING, STATUS_PROCESSING};
 use crate::error::QueueResult;
 
 /// Whether an item in `status` takes part in dedupe.

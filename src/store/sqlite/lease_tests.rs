@@ -49,7 +49,7 @@ fn every_claim_path_stores_its_owner_and_reads_it_back() {
     let queued = q.enqueue(item(1)).unwrap();
     let claimed = q.claim(10, LEASE).unwrap();
     assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].lease_owner.as_deref(), Some("inst-a"));
+    assert_eq!(claimed[0].lease_owner(), Some("inst-a"));
     let direct = q.enqueue_claimed(vec![item(2)], LEASE).unwrap();
     let direct_id = direct[0].as_ref().unwrap().id.clone();
     let batch = q
@@ -64,15 +64,12 @@ fn every_claim_path_stores_its_owner_and_reads_it_back() {
     };
     for id in [&queued, &direct_id, &batch_id] {
         assert_eq!(stored_owner(&path, id).as_deref(), Some("inst-a"), "{id}");
-        assert_eq!(q.get(id).unwrap().lease_owner.as_deref(), Some("inst-a"));
+        assert_eq!(q.get(id).unwrap().lease_owner(), Some("inst-a"));
     }
     q.close().unwrap();
     // Another instance reads the owner back from the file.
     let b = open_as(&path, "inst-b", &clock);
-    assert_eq!(
-        b.get(&queued).unwrap().lease_owner.as_deref(),
-        Some("inst-a")
-    );
+    assert_eq!(b.get(&queued).unwrap().lease_owner(), Some("inst-a"));
 }
 
 #[test]
@@ -94,8 +91,8 @@ fn every_way_out_of_processing_clears_the_owner() {
     assert_eq!(q.release_expired_leases().unwrap(), 1, "only ids[4] left");
     for id in &ids {
         let item = q.get(id).unwrap();
-        assert_ne!(item.status, ItemStatus::Processing, "{id}");
-        assert_eq!(item.lease_owner, None, "{id}");
+        assert_ne!(item.status(), ItemStatus::Processing, "{id}");
+        assert_eq!(item.lease_owner(), None, "{id}");
         assert_eq!(stored_owner(&path, id), None, "{id}");
     }
 }
@@ -118,15 +115,19 @@ fn release_leases_except_frees_other_owners_and_keeps_its_own() {
     assert_eq!(b.release_leases_except("inst-b").unwrap(), 3);
     for id in &a_ids {
         let item = b.get(id).unwrap();
-        assert_eq!(item.status, ItemStatus::Pending, "{id}");
-        assert_eq!((item.lease_until, item.lease_owner), (None, None), "{id}");
+        assert_eq!(item.status(), ItemStatus::Pending, "{id}");
+        assert_eq!(
+            (item.lease_until(), item.lease_owner()),
+            (None, None),
+            "{id}"
+        );
         assert_eq!(item.attempts, 0, "a release is no attempt");
         assert_eq!(item.updated_at, clock.now());
     }
     for id in [&waiting, &b_id] {
         let item = b.get(id).unwrap();
-        assert_eq!(item.status, ItemStatus::Processing, "{id} is B's own");
-        assert_eq!(item.lease_owner.as_deref(), Some("inst-b"));
+        assert_eq!(item.status(), ItemStatus::Processing, "{id} is B's own");
+        assert_eq!(item.lease_owner(), Some("inst-b"));
     }
     assert_eq!(
         b.release_leases_except("inst-b").unwrap(),
@@ -173,17 +174,21 @@ fn a_schema_2_database_migrates_whole_and_its_unowned_leases_are_released() {
     assert_eq!(q.size().unwrap(), 3, "every item kept");
     let leased_item = q.get(&leased).unwrap();
     assert_eq!(
-        leased_item.status,
+        leased_item.status(),
         ItemStatus::Processing,
         "lease not expired"
     );
-    assert_eq!(leased_item.lease_owner, None, "schema 2 recorded no owner");
+    assert_eq!(
+        leased_item.lease_owner(),
+        None,
+        "schema 2 recorded no owner"
+    );
     assert_eq!(leased_item.report.as_str(), "{\"n\":2}");
-    assert_eq!(q.get(&pending).unwrap().status, ItemStatus::Pending);
+    assert_eq!(q.get(&pending).unwrap().status(), ItemStatus::Pending);
     assert_eq!(q.get(&dead).unwrap().last_error, "gone");
 
     assert_eq!(q.release_leases_except("new").unwrap(), 1);
-    assert_eq!(q.get(&leased).unwrap().status, ItemStatus::Pending);
+    assert_eq!(q.get(&leased).unwrap().status(), ItemStatus::Pending);
     q.close().unwrap();
     // A second open finds schema 3 and leaves it alone.
     let again = open_as(&path, "newer", &clock);

@@ -1,6 +1,7 @@
 //! How the SQLite backend opens a database that other processes may be
-//! opening or writing at the same time: the [`OpenMode`] (what an open
-//! may write), and waiting out the `SQLITE_BUSY` that SQLite returns at
+//! opening or writing at the same time: the connection's settings
+//! ([`SqliteRetryQueue::open_with_mode`]), the private directory and file,
+//! the [`OpenMode`] (what an open may write), and waiting out the `SQLITE_BUSY` that SQLite returns at
 //! open without consulting `busy_timeout`.
 //!
 //! # Why a busy timeout is not enough at open
@@ -16,7 +17,22 @@
 //! millisecond although its busy timeout is 10 s. [`retry_while_busy`]
 //! repeats such steps until a deadline.
 
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+
+use super::checkpointer::Checkpointer;
+use super::fingerprints::FingerprintIndex;
+use super::row::sql_err;
+use super::schema::{migrate, SCHEMA_VERSION};
+use super::txn::TotalsDelta;
+use super::wal_sync::WalSync;
+use super::{salvage, SqliteRetryQueue};
+use crate::error::{QueueError, QueueResult};
+use crate::store::{RetryQueue, StoreOptions};
 
 /// What opening the database may do beyond reading it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,6 +78,131 @@ pub(super) fn retry_while_busy<T>(
 
 fn is_busy(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+}
+
+/// Page cache per connection, in KiB.
+pub(super) const CACHE_KIB: i64 = 16 * 1024;
+
+/// WAL pages at which a commit checkpoints inline (the checkpointer
+/// thread normally keeps the WAL far shorter).
+pub(super) const FALLBACK_CHECKPOINT_PAGES: i64 = 16 * 1024;
+
+pub(super) const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+
+impl SqliteRetryQueue {
+    /// Opens (creating if needed) the queue database at `path` in `mode`.
+    /// Waits (up to about 10 s) for other processes that hold the database
+    /// or are opening it, rather than failing as busy.
+    pub fn open_with_mode(
+        path: impl AsRef<Path>,
+        options: StoreOptions,
+        mode: OpenMode,
+    ) -> QueueResult<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            create_private_dir(parent)?;
+        }
+        let mut conn = Connection::open(&path).map_err(sql_err("open"))?;
+        set_private_file(&path)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(sql_err("open"))?;
+        // Can be refused as busy without any wait: see `sqlite/open.rs`.
+        retry_while_busy(Instant::now() + OPEN_BUSY_DEADLINE, || {
+            conn.pragma_update(None, "journal_mode", "WAL")
+        })
+        .map_err(sql_err("open"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql_err("open"))?;
+        conn.pragma_update(None, "foreign_keys", "OFF")
+            .map_err(sql_err("open"))?;
+        // Sorts and statement journals stay in memory, not in temp files.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(sql_err("open"))?;
+        // A 256-item batch of 4 KiB reports dirties ~2.5 MB of pages; the
+        // default 2 MB cache would spill them to the WAL mid-transaction.
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)
+            .map_err(sql_err("open"))?;
+        // The checkpointer thread keeps the WAL short; this is only the
+        // bound for when it falls behind. Past the size limit, the WAL file
+        // is truncated after a checkpoint rather than kept at its peak.
+        conn.pragma_update(None, "wal_autocheckpoint", FALLBACK_CHECKPOINT_PAGES)
+            .map_err(sql_err("open"))?;
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)
+            .map_err(sql_err("open"))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql_err("open"))?;
+        if version > SCHEMA_VERSION {
+            return Err(QueueError::storage(
+                "open",
+                format!(
+                    "{} has schema version {version}, newer than this retryq understands \
+                     ({SCHEMA_VERSION}); upgrade retryq",
+                    path.display()
+                ),
+            ));
+        }
+        if version < SCHEMA_VERSION {
+            migrate(&mut conn, version, &path)?;
+        }
+        let checkpointer = Checkpointer::start(&path);
+        if checkpointer.is_none() {
+            // Without the thread, checkpoint inline at SQLite's default.
+            conn.pragma_update(None, "wal_autocheckpoint", 1000)
+                .map_err(sql_err("open"))?;
+        }
+        let queue = SqliteRetryQueue {
+            conn: Mutex::new(Some(conn)),
+            checkpointer: Mutex::new(checkpointer),
+            fingerprints: Mutex::new(FingerprintIndex::default()),
+            totals_delta: Mutex::new(TotalsDelta::default()),
+            wal_sync: Arc::new(WalSync::new(&path)),
+            path,
+            options,
+            evicted: AtomicU64::new(0),
+            readers: Default::default(),
+            salvage: salvage::SalvageState::default(),
+            mode,
+        };
+        if mode == OpenMode::Recover {
+            let released = queue.release_expired_leases()?;
+            if released > 0 {
+                tracing::info!(released, "returned items with expired leases to pending");
+            }
+        }
+        Ok(queue)
+    }
+}
+
+#[cfg(unix)]
+pub(super) fn create_private_dir(dir: &Path) -> QueueResult<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| QueueError::storage("open", format!("creating {}: {e}", dir.display())))
+}
+
+#[cfg(not(unix))]
+pub(super) fn create_private_dir(dir: &Path) -> QueueResult<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| QueueError::storage("open", format!("creating {}: {e}", dir.display())))
+}
+
+#[cfg(unix)]
+pub(super) fn set_private_file(path: &Path) -> QueueResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| QueueError::storage("open", format!("chmod {}: {e}", path.display())))
+}
+
+#[cfg(not(unix))]
+pub(super) fn set_private_file(_path: &Path) -> QueueResult<()> {
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,976 @@
+//! Admission: the one policy that decides whether a new item may join a
+//! store, and what must be evicted first. Every backend asks it; none
+//! decides by itself.
+//!
+//! # The policy
+//!
+//! For each new item, in this order (the first rule that refuses wins):
+//!
+//! 1. **Same ID** as an item held in any status: [`QueueError::DuplicateItem`]
+//!    naming that ID (whatever `dedupe` says).
+//! 2. **Same fingerprint** as a `pending` or `processing` item, with
+//!    `dedupe` on: `DuplicateItem` naming the smallest such ID (`revive`
+//!    can leave several). Dead letters free their fingerprint.
+//! 3. **Larger than `max_bytes`** on its own: [`QueueError::TooLarge`],
+//!    whatever the overflow policy (eviction could never make room).
+//! 4. **Limits.** It fits when `items < max_items` and
+//!    `bytes + size <= max_bytes` ([`QueueItem::size_bytes`]). When it does
+//!    not: with [`OverflowPolicy::Reject`] (or `max_items = 0`),
+//!    [`QueueError::QueueFull`] with the one text [`queue_full`] writes;
+//!    with [`OverflowPolicy::DropOldest`], evict dead letters oldest first,
+//!    then every other item oldest first (ties by ID), until it fits.
+//!
+//! Refusals evict nothing. A duplicate is checked before any eviction,
+//! so an item that duplicates the very item it would evict is still a
+//! duplicate.
+//!
+//! # The split between planner and backend
+//!
+//! The planner is pure: it reads the store only through
+//! [`AdmissionView`], does no I/O of its own and reads no clock. It answers
+//! with an [`Admitted`] (the item, and the [`Victim`]s to evict) or a
+//! refusal. [`Admitted`] can only be made here, and a backend gets the
+//! item it stores back out of it ([`Admitted::into_parts`]): a backend's
+//! insert takes an `Admitted`, so nothing is stored that was not admitted.
+//! [`planned_on_this_thread`] counts the decisions, so the conformance
+//! suite also checks at run time that every backend asks.
+//!
+//! The backend then persists exactly that: removes each victim (counting
+//! it in [`super::QueueStats::evicted`]) and stores the item, in the same
+//! commit or, if it must, the item first (the files backend does, so that
+//! a failed eviction never loses the new item).
+//!
+//! # Batches
+//!
+//! A batch is admitted as if its items were enqueued one at a time: an
+//! item counts against the later ones, a later item may duplicate it (and
+//! is refused, naming it), and a later item may evict it (it is then
+//! stored and evicted at once, and counted as evicted) or come back under
+//! the ID of an item an earlier one evicted.
+//!
+//! There are two ways to get that:
+//!
+//! - **Persist each decision before the next** (memory, SQLite and a SQL
+//!   server: each admitted item is written into the open transaction, so
+//!   the view sees it). Call [`admit`] per item. The view then always
+//!   shows the earlier items, and nothing is held back.
+//! - **Hold a batch back and write it at once** (files: one directory
+//!   fsync per batch). Keep one [`Planner`] for the batch: it remembers
+//!   what it admitted and evicted since the view last caught up, and
+//!   answers as if that were already stored. Its victims may then be
+//!   items of the batch itself ([`Victim::held`]): do not store those, and
+//!   count them evicted. Call [`Planner::caught_up`] once everything it
+//!   decided is persisted (the view shows it); it then forgets it all.
+//!
+//! # Implementing the view over SQL (e.g. PostgreSQL)
+//!
+//! Run the planner inside the write transaction that will store the item,
+//! after taking whatever lock serializes admissions (e.g.
+//! `SELECT ... FROM totals WHERE id = 0 FOR UPDATE`, or an advisory
+//! transaction lock), so that two daemons cannot both admit into the last
+//! free slot. Each method is one indexed query, and each sees the
+//! transaction's own earlier writes:
+//!
+//! | method | query (status: 0 pending, 1 processing, 2 failed) |
+//! |---|---|
+//! | [`AdmissionView::id_exists`] | `SELECT 1 FROM items WHERE id = $1` |
+//! | [`AdmissionView::live_ids_with_fingerprint`] | `SELECT id FROM items WHERE fingerprint = $1 AND status IN (0, 1)` |
+//! | [`AdmissionView::totals`] | `SELECT items, bytes FROM totals` (or `count(*)`, `sum(size_bytes)`) |
+//! | [`AdmissionView::oldest`], [`VictimClass::DeadLetters`] | `SELECT id, created_at, size_bytes FROM items WHERE status = 2 AND (created_at, id) > ($1, $2) ORDER BY created_at, id LIMIT $3` |
+//! | [`AdmissionView::oldest`], [`VictimClass::Live`] | the same with `status IN (0, 1)` |
+//!
+//! (`after` is `None` for the first page: drop the row comparison.) Then
+//! `DELETE` each victim, `INSERT` the item, and let the transaction's
+//! commit make it one change. An error from a query is returned as the
+//! view's error and aborts the decision; the planner never swallows one.
+//! `id_exists` is not asked for an ID the store generated itself
+//! (`fresh_id`): a new UUIDv7 cannot collide, and a round trip is saved.
+
+use std::borrow::Borrow;
+use std::cell::Cell;
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use super::{OverflowPolicy, QueueError, QueueResult, StoreOptions};
+use crate::item::{ItemStatus, QueueItem};
+
+/// The options admission depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most items held, in any status.
+    pub max_items: usize,
+    /// Most bytes held ([`QueueItem::size_bytes`] summed).
+    pub max_bytes: u64,
+    /// What to do when a new item does not fit.
+    pub overflow: OverflowPolicy,
+    /// Refuse an item whose fingerprint a live item has.
+    pub dedupe: bool,
+}
+
+impl Limits {
+    /// The admission part of a store's options.
+    pub fn of(options: &StoreOptions) -> Self {
+        Limits {
+            max_items: options.max_items,
+            max_bytes: options.max_bytes,
+            overflow: options.overflow,
+            dedupe: options.dedupe,
+        }
+    }
+}
+
+/// Items and bytes a store holds, all statuses together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Items held.
+    pub items: u64,
+    /// Their [`QueueItem::size_bytes`], summed.
+    pub bytes: u64,
+}
+
+/// The two eviction classes, in the order they are evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum VictimClass {
+    /// `failed` items: evicted first.
+    DeadLetters,
+    /// `pending` and `processing` items: evicted once no dead letter is left.
+    Live,
+}
+
+impl VictimClass {
+    /// The class of an item in `status`.
+    pub fn of(status: ItemStatus) -> Self {
+        if status == ItemStatus::Failed {
+            VictimClass::DeadLetters
+        } else {
+            VictimClass::Live
+        }
+    }
+}
+
+/// An item the planner decided to evict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Victim {
+    /// Its ID.
+    pub id: String,
+    /// Its creation time (the eviction order, with the ID).
+    pub created_at: DateTime<Utc>,
+    /// Its [`QueueItem::size_bytes`].
+    pub size_bytes: u64,
+    /// True for an item a [`Planner`] admitted earlier in the batch it is
+    /// holding back: not stored yet, so the backend must not store it.
+    /// Always false from [`admit`], [`trim`] and a view.
+    pub held: bool,
+}
+
+impl Victim {
+    /// The victim an item would be.
+    pub fn of(item: &QueueItem) -> Self {
+        Victim {
+            id: item.id.clone(),
+            created_at: item.created_at,
+            size_bytes: item.size_bytes(),
+            held: false,
+        }
+    }
+}
+
+/// What the planner reads of a store. Each backend implements it over its
+/// own state (a map, an in-memory index, SQL queries in the open
+/// transaction). It must show the store as it is now, including what the
+/// caller has written so far in the same transaction.
+pub trait AdmissionView {
+    /// True when an item with exactly this ID is held, in any status.
+    fn id_exists(&mut self, id: &str) -> QueueResult<bool>;
+
+    /// The IDs of the `pending` and `processing` items with this
+    /// fingerprint, in any order (usually none or one).
+    fn live_ids_with_fingerprint(&mut self, fingerprint: &str) -> QueueResult<Vec<String>>;
+
+    /// Items and bytes held now.
+    fn totals(&mut self) -> QueueResult<Totals>;
+
+    /// One page of eviction candidates: see [`VictimPage`].
+    fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>>;
+}
+
+/// What [`AdmissionView::oldest`] returns: up to `limit` items of `class`
+/// in eviction order (`created_at`, then ID, ascending), starting strictly
+/// after `after` (`created_at`, ID) when given. Fewer than `limit` means
+/// there are no more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VictimPage<'a> {
+    /// Dead letters, or the others.
+    pub class: VictimClass,
+    /// The last item of the previous page; `None` for the first page.
+    pub after: Option<(DateTime<Utc>, &'a str)>,
+    /// Most items returned.
+    pub limit: usize,
+}
+
+impl VictimPage<'_> {
+    /// True when `item` belongs on this page or a later one.
+    pub fn admits(&self, item: &QueueItem) -> bool {
+        VictimClass::of(item.status()) == self.class
+            && self
+                .after
+                .is_none_or(|key| (item.created_at, item.id.as_str()) > key)
+    }
+}
+
+/// An item the planner admitted, and what must be evicted to make room
+/// for it. Only this module makes one: storing a new item starts from it.
+/// `T` is how the caller handed the item in (owned, or borrowed by a
+/// backend that encodes it before asking).
+#[derive(Debug)]
+#[must_use = "an admitted item is stored, and its victims evicted, by the backend"]
+pub struct Admitted<T = QueueItem> {
+    item: T,
+    evict: Vec<Victim>,
+}
+
+impl<T: Borrow<QueueItem>> Admitted<T> {
+    /// The item to store.
+    pub fn item(&self) -> &QueueItem {
+        self.item.borrow()
+    }
+
+    /// What to evict, in eviction order.
+    pub fn evictions(&self) -> &[Victim] {
+        &self.evict
+    }
+
+    /// The item to store and the victims to evict.
+    pub fn into_parts(self) -> (T, Vec<Victim>) {
+        (self.item, self.evict)
+    }
+}
+
+/// The planner's answer for one item: admitted, or refused with the error
+/// the caller gets. (A failure to read the view is the outer error.)
+pub type Decision<T = QueueItem> = Result<Admitted<T>, QueueError>;
+
+/// The one `QueueFull` error, for every backend.
+pub fn queue_full(limits: &Limits, totals: Totals, size: u64) -> QueueError {
+    QueueError::QueueFull {
+        reason: format!(
+            "{} of {} items and {} of {} bytes used; the new item needs {size} bytes",
+            totals.items, limits.max_items, totals.bytes, limits.max_bytes
+        ),
+    }
+}
+
+/// Admits one item against a view that shows every earlier decision
+/// already persisted (see "Batches" in the module doc). `fresh_id`: the
+/// store generated the ID itself, so it needs no look-up.
+pub fn admit<T: Borrow<QueueItem>>(
+    limits: &Limits,
+    view: &mut impl AdmissionView,
+    item: T,
+    fresh_id: bool,
+) -> QueueResult<Decision<T>> {
+    Planner::new(*limits).decide(view, item, fresh_id)
+}
+
+/// The victims that bring a store back within its limits after they were
+/// lowered (`enforce_limits`): none with `Reject`; with `DropOldest`, in
+/// eviction order until `items <= max_items` and `bytes <= max_bytes`.
+pub fn trim(limits: &Limits, view: &mut impl AdmissionView) -> QueueResult<Vec<Victim>> {
+    count_decision();
+    if limits.overflow == OverflowPolicy::Reject {
+        return Ok(Vec::new());
+    }
+    let planner = Planner::new(*limits);
+    let totals = view.totals()?;
+    let over = |t: Totals| t.items > limits.max_items as u64 || t.bytes > limits.max_bytes;
+    let (victims, _) = planner.victims(view, totals, over)?;
+    Ok(victims)
+}
+
+/// [`AdmissionView::oldest`] for a store that holds its items in memory
+/// and scans them (a reference model, a test double), not for one with an
+/// ordered index.
+pub fn oldest_by_scan<'a>(
+    items: impl IntoIterator<Item = &'a QueueItem>,
+    page: &VictimPage<'_>,
+) -> Vec<Victim> {
+    let mut found: Vec<Victim> = items
+        .into_iter()
+        .filter(|item| page.admits(item))
+        .map(Victim::of)
+        .collect();
+    found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    found.truncate(page.limit);
+    found
+}
+
+thread_local! {
+    static PLANNED: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_decision() {
+    PLANNED.with(|n| n.set(n.get() + 1));
+}
+
+/// How many admission decisions ([`admit`], [`Planner::decide`], [`trim`])
+/// this thread has asked for. Tests read it before and after a store call
+/// to prove the store asked the planner (every backend runs admission on
+/// the calling thread).
+pub fn planned_on_this_thread() -> u64 {
+    PLANNED.with(Cell::get)
+}
+
+/// An item admitted by a [`Planner`] and not yet persisted (the view does
+/// not show it).
+#[derive(Debug, Clone)]
+struct Held {
+    fingerprint: String,
+    size_bytes: u64,
+    class: VictimClass,
+    created_at: DateTime<Utc>,
+}
+
+/// Admits the items of one batch in turn, remembering what it admitted and
+/// evicted until the view shows it ([`Planner::caught_up`]). See
+/// "Batches" in the module doc.
+#[derive(Debug)]
+pub struct Planner {
+    limits: Limits,
+    /// Admitted and not evicted since, by ID.
+    held: HashMap<String, Held>,
+    /// The same, in eviction order.
+    held_order: BTreeSet<(VictimClass, DateTime<Utc>, String)>,
+    /// The live ones' IDs by fingerprint.
+    held_live: HashMap<String, BTreeSet<String>>,
+    /// Stored items (shown by the view) evicted since.
+    evicted: HashSet<String>,
+    /// What the view misses: held items added, evicted stored ones taken.
+    added: Totals,
+    removed: Totals,
+}
+
+impl Planner {
+    /// A planner holding nothing back.
+    pub fn new(limits: Limits) -> Self {
+        Planner {
+            limits,
+            held: HashMap::new(),
+            held_order: BTreeSet::new(),
+            held_live: HashMap::new(),
+            evicted: HashSet::new(),
+            added: Totals::default(),
+            removed: Totals::default(),
+        }
+    }
+
+    /// True when it holds back nothing the view does not show.
+    pub fn is_caught_up(&self) -> bool {
+        self.held.is_empty() && self.evicted.is_empty()
+    }
+
+    /// True when `id` names a stored item this planner decided to evict
+    /// (not yet removed from the view).
+    pub fn evicts(&self, id: &str) -> bool {
+        self.evicted.contains(id)
+    }
+
+    /// The view now shows everything decided so far: forget it.
+    pub fn caught_up(&mut self) {
+        *self = Planner::new(self.limits);
+    }
+
+    /// Admits or refuses `item`, as if every item this planner admitted
+    /// were stored and every victim it chose were gone.
+    pub fn decide<T: Borrow<QueueItem>>(
+        &mut self,
+        view: &mut impl AdmissionView,
+        item: T,
+        fresh_id: bool,
+    ) -> QueueResult<Decision<T>> {
+        count_decision();
+        let limits = self.limits;
+        let new: &QueueItem = item.borrow();
+        // 1. The same ID, in any status.
+        let taken = self.held.contains_key(&new.id)
+            || (!fresh_id && !self.evicted.contains(&new.id) && view.id_exists(&new.id)?);
+        if taken {
+            return Ok(Err(QueueError::DuplicateItem {
+                existing_id: new.id.clone(),
+            }));
+        }
+        // 2. The same fingerprint among live items: the smallest ID.
+        if limits.dedupe {
+            let stored = view
+                .live_ids_with_fingerprint(&new.fingerprint)?
+                .into_iter()
+                .filter(|id| !self.evicted.contains(id));
+            let held = self
+                .held_live
+                .get(&new.fingerprint)
+                .and_then(|ids| ids.first())
+                .cloned();
+            if let Some(existing_id) = stored.chain(held).min() {
+                return Ok(Err(QueueError::DuplicateItem { existing_id }));
+            }
+        }
+        // 3. Too large for any room eviction could make.
+        let size = new.size_bytes();
+        if size > limits.max_bytes {
+            return Ok(Err(QueueError::TooLarge {
+                size,
+                limit: limits.max_bytes,
+            }));
+        }
+        // 4. The limits.
+        let totals = self.totals(view)?;
+        let needs_room = |t: Totals| {
+            t.items >= limits.max_items as u64 || t.bytes.saturating_add(size) > limits.max_bytes
+        };
+        let mut evict = Vec::new();
+        if needs_room(totals) {
+            if limits.overflow == OverflowPolicy::Reject || limits.max_items == 0 {
+                return Ok(Err(queue_full(&limits, totals, size)));
+            }
+            let (victims, left) = self.victims(view, totals, needs_room)?;
+            if needs_room(left) {
+                // Only when the view's totals count items its `oldest`
+                // does not return; refuse rather than evict in vain.
+                return Ok(Err(queue_full(&limits, totals, size)));
+            }
+            evict = victims;
+        }
+        self.record(new, size, &evict);
+        Ok(Ok(Admitted { item, evict }))
+    }
+
+    /// The view's totals with what this planner holds back.
+    fn totals(&self, view: &mut impl AdmissionView) -> QueueResult<Totals> {
+        let stored = view.totals()?;
+        Ok(Totals {
+            items: (stored.items + self.added.items).saturating_sub(self.removed.items),
+            bytes: (stored.bytes + self.added.bytes).saturating_sub(self.removed.bytes),
+        })
+    }
+
+    /// Victims in eviction order, stored and held merged, while `over`
+    /// holds for what is left; returns them and what is left.
+    fn victims(
+        &self,
+        view: &mut impl AdmissionView,
+        mut left: Totals,
+        over: impl Fn(Totals) -> bool,
+    ) -> QueueResult<(Vec<Victim>, Totals)> {
+        // Pages grow: one victim is the common case, a lowered limit may
+        // take many.
+        const FIRST_PAGE: usize = 4;
+        const MAX_PAGE: usize = 512;
+        let mut victims = Vec::new();
+        for class in [VictimClass::DeadLetters, VictimClass::Live] {
+            let mut held = self
+                .held_order
+                .iter()
+                .filter(|(c, _, _)| *c == class)
+                .peekable();
+            let mut page_size = FIRST_PAGE;
+            let mut page: std::vec::IntoIter<Victim> = Vec::new().into_iter();
+            let mut after: Option<(DateTime<Utc>, String)> = None;
+            // The view has nothing after the current page.
+            let mut last_page = false;
+            let mut next_stored: Option<Victim> = None;
+            while over(left) {
+                while next_stored.is_none() {
+                    if let Some(v) = page.next() {
+                        after = Some((v.created_at, v.id.clone()));
+                        if !self.evicted.contains(&v.id) {
+                            next_stored = Some(v);
+                        }
+                        continue;
+                    }
+                    if last_page {
+                        break;
+                    }
+                    let fetched = view.oldest(&VictimPage {
+                        class,
+                        after: after.as_ref().map(|(t, id)| (*t, id.as_str())),
+                        limit: page_size,
+                    })?;
+                    last_page = fetched.len() < page_size;
+                    page_size = (page_size * 2).min(MAX_PAGE);
+                    page = fetched.into_iter();
+                }
+                let take_held = match (&next_stored, held.peek()) {
+                    (Some(s), Some((_, t, id))) => (*t, id) < (s.created_at, &s.id),
+                    (None, Some(_)) => true,
+                    (_, None) => false,
+                };
+                let victim = if take_held {
+                    let Some((_, created_at, id)) = held.next() else {
+                        break;
+                    };
+                    Victim {
+                        id: id.clone(),
+                        created_at: *created_at,
+                        size_bytes: self.held.get(id).map_or(0, |h| h.size_bytes),
+                        held: true,
+                    }
+                } else {
+                    let Some(v) = next_stored.take() else {
+                        break;
+                    };
+                    v
+                };
+                left.items = left.items.saturating_sub(1);
+                left.bytes = left.bytes.saturating_sub(victim.size_bytes);
+                victims.push(victim);
+            }
+        }
+        Ok((victims, left))
+    }
+
+    /// Books an admission: the item is held, its victims are gone.
+    fn record(&mut self, item: &QueueItem, size: u64, evict: &[Victim]) {
+        for victim in evict {
+            if victim.held {
+                if let Some(h) = self.held.remove(&victim.id) {
+                    self.held_order
+                        .remove(&(h.class, h.created_at, victim.id.clone()));
+                    if let Some(ids) = self.held_live.get_mut(&h.fingerprint) {
+                        ids.remove(&victim.id);
+                        if ids.is_empty() {
+                            self.held_live.remove(&h.fingerprint);
+                        }
+                    }
+                    self.added.items -= 1;
+                    self.added.bytes -= h.size_bytes;
+                }
+            } else {
+                self.evicted.insert(victim.id.clone());
+                self.removed.items += 1;
+                self.removed.bytes += victim.size_bytes;
+            }
+        }
+        let class = VictimClass::of(item.status());
+        self.held_order
+            .insert((class, item.created_at, item.id.clone()));
+        if class == VictimClass::Live {
+            self.held_live
+                .entry(item.fingerprint.clone())
+                .or_default()
+                .insert(item.id.clone());
+        }
+        self.held.insert(
+            item.id.clone(),
+            Held {
+                fingerprint: item.fingerprint.clone(),
+                size_bytes: size,
+                class,
+                created_at: item.created_at,
+            },
+        );
+        self.added.items += 1;
+        self.added.bytes += size;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::item::{NewItem, Payload};
+    use chrono::TimeZone;
+
+    fn t(seconds: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::seconds(seconds)
+    }
+
+    /// An item created at second `at`, with its ID as fingerprint unless
+    /// `fp` is given.
+    fn item_fp(id: &str, at: i64, fp: &str) -> QueueItem {
+        NewItem::new(Payload::from_json_str("1").unwrap())
+            .with_id(id)
+            .with_fingerprint(fp)
+            .into_item(t(at), 3)
+            .unwrap()
+    }
+
+    fn item(id: &str, at: i64) -> QueueItem {
+        item_fp(id, at, id)
+    }
+
+    fn dead(id: &str, at: i64) -> QueueItem {
+        let mut item = item(id, at);
+        item.dead_letter("gone", t(at));
+        item
+    }
+
+    /// A view over a plain list, counting the pages asked for.
+    #[derive(Default)]
+    struct ListView {
+        items: Vec<QueueItem>,
+        pages: usize,
+        id_lookups: usize,
+    }
+
+    impl ListView {
+        fn of(items: Vec<QueueItem>) -> Self {
+            ListView {
+                items,
+                ..ListView::default()
+            }
+        }
+
+        /// Persists an admission as an immediate backend does.
+        fn store(&mut self, admitted: Admitted) -> Vec<String> {
+            let (item, evict) = admitted.into_parts();
+            let ids: Vec<String> = evict.into_iter().map(|v| v.id).collect();
+            self.items.retain(|i| !ids.contains(&i.id));
+            self.items.push(item);
+            ids
+        }
+
+        fn ids(&self) -> Vec<&str> {
+            let mut ids: Vec<&str> = self.items.iter().map(|i| i.id.as_str()).collect();
+            ids.sort();
+            ids
+        }
+    }
+
+    impl AdmissionView for ListView {
+        fn id_exists(&mut self, id: &str) -> QueueResult<bool> {
+            self.id_lookups += 1;
+            Ok(self.items.iter().any(|i| i.id == id))
+        }
+
+        fn live_ids_with_fingerprint(&mut self, fingerprint: &str) -> QueueResult<Vec<String>> {
+            Ok(self
+                .items
+                .iter()
+                .filter(|i| i.fingerprint == fingerprint && i.status() != ItemStatus::Failed)
+                .map(|i| i.id.clone())
+                .collect())
+        }
+
+        fn totals(&mut self) -> QueueResult<Totals> {
+            Ok(Totals {
+                items: self.items.len() as u64,
+                bytes: self.items.iter().map(QueueItem::size_bytes).sum(),
+            })
+        }
+
+        fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
+            self.pages += 1;
+            Ok(oldest_by_scan(&self.items, page))
+        }
+    }
+
+    fn limits(max_items: usize, overflow: OverflowPolicy) -> Limits {
+        Limits {
+            max_items,
+            max_bytes: 1 << 20,
+            overflow,
+            dedupe: true,
+        }
+    }
+
+    fn refused(decision: QueueResult<Decision>) -> QueueError {
+        match decision {
+            Ok(Err(e)) => e,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn admitted(decision: QueueResult<Decision>) -> Admitted {
+        match decision {
+            Ok(Ok(a)) => a,
+            other => panic!("expected an admission, got {other:?}"),
+        }
+    }
+
+    fn duplicate_of(decision: QueueResult<Decision>) -> String {
+        match refused(decision) {
+            QueueError::DuplicateItem { existing_id } => existing_id,
+            other => panic!("expected a duplicate, got {other}"),
+        }
+    }
+
+    fn victim_ids(a: &Admitted) -> Vec<&str> {
+        a.evictions().iter().map(|v| v.id.as_str()).collect()
+    }
+
+    #[test]
+    fn duplicate_by_id_in_any_status_and_by_live_fingerprint_smallest_id() {
+        let l = limits(10, OverflowPolicy::Reject);
+        let mut view = ListView::of(vec![
+            dead("gone", 0),
+            item_fp("b", 0, "fp"),
+            item_fp("a", 1, "fp"),
+            dead("dead-fp", 0),
+        ]);
+        assert_eq!(
+            duplicate_of(admit(&l, &mut view, item("gone", 2), false)),
+            "gone"
+        );
+        assert_eq!(
+            duplicate_of(admit(&l, &mut view, item_fp("c", 2, "fp"), false)),
+            "a"
+        );
+        // A dead letter frees its fingerprint.
+        let fp_of_dead = item_fp("d", 2, "dead-fp");
+        assert!(admit(&l, &mut view, fp_of_dead, false).unwrap().is_ok());
+        // Dedupe off: only the ID counts.
+        let off = Limits { dedupe: false, ..l };
+        assert!(admit(&off, &mut view, item_fp("c", 2, "fp"), false)
+            .unwrap()
+            .is_ok());
+        assert_eq!(
+            duplicate_of(admit(&off, &mut view, item("b", 2), false)),
+            "b"
+        );
+    }
+
+    #[test]
+    fn a_fresh_id_is_not_looked_up() {
+        let l = limits(10, OverflowPolicy::Reject);
+        let mut view = ListView::default();
+        let _ = admitted(admit(&l, &mut view, item("x", 0), true));
+        assert_eq!(view.id_lookups, 0);
+        let _ = admitted(admit(&l, &mut view, item("y", 0), false));
+        assert_eq!(view.id_lookups, 1);
+    }
+
+    #[test]
+    fn refusals_in_order_duplicate_then_too_large_then_full() {
+        let l = Limits {
+            max_bytes: 100,
+            ..limits(1, OverflowPolicy::DropOldest)
+        };
+        let mut view = ListView::of(vec![item("a", 0)]);
+        let big =
+            NewItem::new(Payload::from_json_str(&format!("\"{}\"", "x".repeat(200))).unwrap())
+                .with_id("a")
+                .into_item(t(1), 3)
+                .unwrap();
+        // A big duplicate is a duplicate.
+        assert_eq!(duplicate_of(admit(&l, &mut view, big.clone(), false)), "a");
+        let mut big = big;
+        big.id = "big".into();
+        match refused(admit(&l, &mut view, big, false)) {
+            QueueError::TooLarge { size, limit } => {
+                assert!(size > 100);
+                assert_eq!(limit, 100);
+            }
+            other => panic!("expected TooLarge, got {other}"),
+        }
+        // The item that duplicates the one it would evict is refused,
+        // and nothing is evicted.
+        let same_fp = item_fp("b", 1, "a");
+        assert_eq!(duplicate_of(admit(&l, &mut view, same_fp, false)), "a");
+        assert_eq!(view.ids(), ["a"]);
+    }
+
+    #[test]
+    fn reject_gives_the_one_queue_full_text() {
+        let l = limits(2, OverflowPolicy::Reject);
+        let mut view = ListView::of(vec![item("a", 0), dead("b", 1)]);
+        let new = item("c", 2);
+        let size = new.size_bytes();
+        let bytes = view.totals().unwrap().bytes;
+        let e = refused(admit(&l, &mut view, new, false));
+        assert_eq!(e.kind(), "queue_full");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "queue is full: 2 of 2 items and {bytes} of {} bytes used; the new item needs {size} bytes",
+                1 << 20
+            )
+        );
+        // No item limit leaves no room, even with drop_oldest.
+        let zero = limits(0, OverflowPolicy::DropOldest);
+        assert_eq!(
+            refused(admit(&zero, &mut ListView::default(), item("c", 2), false)).kind(),
+            "queue_full"
+        );
+        // By bytes.
+        let by_bytes = Limits {
+            max_bytes: bytes + size - 1,
+            ..limits(10, OverflowPolicy::Reject)
+        };
+        assert_eq!(
+            refused(admit(&by_bytes, &mut view, item("c", 2), false)).kind(),
+            "queue_full"
+        );
+    }
+
+    #[test]
+    fn drop_oldest_takes_dead_letters_first_then_age_then_id() {
+        let l = limits(4, OverflowPolicy::DropOldest);
+        let mut view = ListView::of(vec![
+            item("old", 0),
+            item("b-tie", 1),
+            item("a-tie", 1),
+            dead("dead", 5),
+        ]);
+        let a = admitted(admit(&l, &mut view, item("n1", 9), false));
+        assert_eq!(victim_ids(&a), ["dead"]);
+        assert!(a.evictions().iter().all(|v| !v.held));
+        view.store(a);
+        for (new, expect) in [("n2", "old"), ("n3", "a-tie"), ("n4", "b-tie")] {
+            let a = admitted(admit(&l, &mut view, item(new, 9), false));
+            assert_eq!(victim_ids(&a), [expect]);
+            view.store(a);
+        }
+        assert_eq!(view.ids(), ["n1", "n2", "n3", "n4"]);
+    }
+
+    #[test]
+    fn drop_oldest_by_bytes_takes_as_many_as_needed_across_pages() {
+        let small: Vec<QueueItem> = (0..20).map(|n| item(&format!("s{n:02}"), n)).collect();
+        let size = small[0].size_bytes();
+        let l = Limits {
+            max_bytes: size * 20,
+            ..limits(100, OverflowPolicy::DropOldest)
+        };
+        let mut view = ListView::of(small);
+        let big = NewItem::new(
+            Payload::from_json_str(&format!("\"{}\"", "b".repeat(size as usize * 9))).unwrap(),
+        )
+        .with_id("big")
+        .into_item(t(30), 3)
+        .unwrap();
+        let need = big.size_bytes().div_ceil(size);
+        let a = admitted(admit(&l, &mut view, big, false));
+        assert_eq!(a.evictions().len() as u64, need);
+        assert_eq!(a.evictions()[0].id, "s00");
+        // Pages of 4, 8, ...: a handful of queries, not one per victim.
+        assert!(view.pages <= 4, "{} pages", view.pages);
+        view.store(a);
+        assert!(view.totals().unwrap().bytes <= l.max_bytes);
+    }
+
+    #[test]
+    fn a_batch_counts_its_own_items_and_refuses_their_duplicates() {
+        let l = limits(3, OverflowPolicy::Reject);
+        let mut view = ListView::of(vec![item("stored", 0)]);
+        let mut planner = Planner::new(l);
+        let _ = admitted(planner.decide(&mut view, item_fp("a", 1, "fp"), false));
+        assert_eq!(
+            duplicate_of(planner.decide(&mut view, item("a", 1), false)),
+            "a"
+        );
+        assert_eq!(
+            duplicate_of(planner.decide(&mut view, item_fp("b", 1, "fp"), false)),
+            "a"
+        );
+        let _ = admitted(planner.decide(&mut view, item("c", 1), true));
+        // "stored", "a" and "c" fill the three places.
+        assert_eq!(
+            refused(planner.decide(&mut view, item("d", 1), false)).kind(),
+            "queue_full"
+        );
+        assert!(!planner.is_caught_up());
+        // Once they are stored, the view shows them instead.
+        view.items.push(item_fp("a", 1, "fp"));
+        view.items.push(item("c", 1));
+        planner.caught_up();
+        assert!(planner.is_caught_up());
+        assert_eq!(
+            refused(planner.decide(&mut view, item("d", 1), false)).kind(),
+            "queue_full"
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_of_the_batch_does_not_hold_its_fingerprint() {
+        let l = limits(10, OverflowPolicy::Reject);
+        let mut view = ListView::default();
+        let mut planner = Planner::new(l);
+        let _ = admitted(planner.decide(&mut view, dead("d", 0), false));
+        let again = item_fp("e", 0, "d");
+        let _ = admitted(planner.decide(&mut view, again, false));
+    }
+
+    #[test]
+    fn a_later_item_of_a_batch_may_evict_an_earlier_one() {
+        // Into an empty queue of two: the third item evicts the first.
+        let l = limits(2, OverflowPolicy::DropOldest);
+        let mut view = ListView::default();
+        let mut planner = Planner::new(l);
+        for id in ["x", "y"] {
+            let a = admitted(planner.decide(&mut view, item(id, 0), false));
+            assert!(a.evictions().is_empty());
+        }
+        let a = admitted(planner.decide(&mut view, item("z", 0), false));
+        assert_eq!(a.evictions().len(), 1);
+        assert_eq!(a.evictions()[0].id, "x");
+        assert!(a.evictions()[0].held);
+        // "x" is gone: its ID is free again, and it is no victim twice.
+        let a = admitted(planner.decide(&mut view, item("x", 1), false));
+        assert_eq!(victim_ids(&a), ["y"]);
+        assert!(a.evictions()[0].held);
+
+        // A held item older than a stored one goes first (tie by ID).
+        let mut view = ListView::of(vec![item("c", 0)]);
+        let mut planner = Planner::new(l);
+        let _ = admitted(planner.decide(&mut view, item("b", 0), false));
+        let a = admitted(planner.decide(&mut view, item("a", 0), false));
+        assert_eq!(victim_ids(&a), ["b"]);
+        assert!(a.evictions()[0].held);
+    }
+
+    #[test]
+    fn an_id_a_batch_evicted_may_come_back_and_its_fingerprint_is_free() {
+        let l = limits(2, OverflowPolicy::DropOldest);
+        let mut view = ListView::of(vec![item("old", 0), item("keep", 1)]);
+        let mut planner = Planner::new(l);
+        let a = admitted(planner.decide(&mut view, item("new", 2), false));
+        assert_eq!(victim_ids(&a), ["old"]);
+        assert!(!a.evictions()[0].held);
+        assert!(planner.evicts("old"));
+        // Same ID and same fingerprint as the evicted item: neither is
+        // a duplicate any more, and "old" is not evicted twice.
+        let a = admitted(planner.decide(&mut view, item("old", 2), false));
+        assert_eq!(victim_ids(&a), ["keep"]);
+        assert!(!a.evictions()[0].held);
+    }
+
+    #[test]
+    fn a_duplicate_of_a_held_item_is_checked_before_evicting_it() {
+        let l = limits(1, OverflowPolicy::DropOldest);
+        let mut view = ListView::default();
+        let mut planner = Planner::new(l);
+        let _ = admitted(planner.decide(&mut view, item_fp("a", 0, "fp"), false));
+        assert_eq!(
+            duplicate_of(planner.decide(&mut view, item_fp("b", 1, "fp"), false)),
+            "a"
+        );
+        let a = admitted(planner.decide(&mut view, item("c", 1), false));
+        assert_eq!(victim_ids(&a), ["a"]);
+        // "a" is gone now, and its fingerprint with it.
+        let _ = admitted(planner.decide(&mut view, item_fp("d", 2, "fp"), false));
+    }
+
+    #[test]
+    fn trim_evicts_to_the_limits_with_drop_oldest_only() {
+        let items = vec![item("a", 0), dead("d", 3), item("b", 1), item("c", 2)];
+        let mut view = ListView::of(items);
+        let victims = trim(&limits(2, OverflowPolicy::DropOldest), &mut view).unwrap();
+        let ids: Vec<&str> = victims.iter().map(|v| v.id.as_str()).collect();
+        assert_eq!(ids, ["d", "a"]);
+        assert!(trim(&limits(2, OverflowPolicy::Reject), &mut view)
+            .unwrap()
+            .is_empty());
+        assert!(trim(&limits(4, OverflowPolicy::DropOldest), &mut view)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn every_decision_is_counted() {
+        let before = planned_on_this_thread();
+        let l = limits(1, OverflowPolicy::Reject);
+        let mut view = ListView::default();
+        let _ = admit(&l, &mut view, item("a", 0), false);
+        let _ = trim(&l, &mut view);
+        assert_eq!(planned_on_this_thread() - before, 2);
+    }
+}
