@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use postgres::types::ToSql;
 use postgres::{GenericClient, Row};
 
-use crate::item::{payload_checksum, ItemStatus, ItemType, Payload, QueueItem};
+use crate::item::{payload_checksum, ItemRecord, ItemStatus, ItemType, Payload, QueueItem};
 
 /// The columns of `items`, in the order [`decode`] reads and [`params`]
 /// writes them.
@@ -55,7 +55,7 @@ pub(super) fn decode(row: &Row) -> Result<QueueItem, CorruptRow> {
     let attributes: BTreeMap<String, String> =
         serde_json::from_str(&attributes).map_err(|e| corrupt(format!("attributes: {e}")))?;
     let item_type: String = row.try_get(1).map_err(get_err)?;
-    Ok(QueueItem {
+    Ok(QueueItem::from(ItemRecord {
         id: id.clone(),
         item_type: ItemType::from(item_type),
         fingerprint: row.try_get(2).map_err(get_err)?,
@@ -75,7 +75,7 @@ pub(super) fn decode(row: &Row) -> Result<QueueItem, CorruptRow> {
         lease_until: row.try_get(16).map_err(get_err)?,
         lease_owner: row.try_get(17).map_err(get_err)?,
         attributes,
-    })
+    }))
 }
 
 /// Owned column values of one item, ready to bind.
@@ -108,7 +108,7 @@ impl Encoded {
             id: item.id.clone(),
             item_type: item.item_type.as_str().to_owned(),
             fingerprint: item.fingerprint.clone(),
-            status: status_str(item.status),
+            status: status_str(item.status()),
             report: item.report.as_str().to_owned(),
             checksum: i64::from(payload_checksum(item.report.as_bytes())),
             attempts: i64::from(item.attempts),
@@ -121,8 +121,8 @@ impl Encoded {
             agent_id: item.agent_id.clone(),
             scanner_name: item.scanner_name.clone(),
             target_path: item.target_path.clone(),
-            lease_until: item.lease_until,
-            lease_owner: item.lease_owner.clone(),
+            lease_until: item.lease_until(),
+            lease_owner: item.lease_owner().map(str::to_owned),
             // A map of strings always serializes.
             attributes: serde_json::to_string(&item.attributes).unwrap_or_else(|_| "{}".into()),
             size_bytes: i64::try_from(item.size_bytes()).unwrap_or(i64::MAX),

@@ -5,6 +5,7 @@
 //! `RETRYQ_REQUIRE_SERVICES=1`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::options::{quote_ident, validate_schema_name};
 use super::*;
