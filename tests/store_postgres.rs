@@ -650,3 +650,34 @@ fn tls_sessions(options: &PostgresOptions) -> i64 {
         .unwrap()
         .get(0)
 }
+
+#[test]
+fn import_keeps_each_items_state_and_refuses_duplicates() {
+    let Some(options) = fresh("import_keeps_each_items_state_and_refuses_duplicates") else {
+        return;
+    };
+    let source = retryq::store::MemoryRetryQueue::default();
+    for id in ["p", "dead", "claimed"] {
+        source.enqueue(item(id)).unwrap();
+    }
+    source.requeue("p", "503", chrono::Utc::now()).unwrap();
+    source.mark_failed("dead", "400").unwrap();
+    source.claim(5, Duration::from_secs(60)).unwrap();
+    let items = source.list(&retryq::store::ListFilter::default()).unwrap();
+    let store = handle(&options, "inst-a", StoreOptions::default());
+    store.enqueue(item("taken")).unwrap();
+    let mut batch = items.clone();
+    batch.push(items[0].clone());
+    let results = store.import_batch(batch).unwrap();
+    assert_eq!(results.len(), 4);
+    assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(results[3].as_ref().unwrap_err().kind(), "duplicate_item");
+    let dead = store.get("dead").unwrap();
+    assert_eq!(dead.status(), retryq::item::ItemStatus::Failed);
+    assert_eq!((dead.attempts, dead.last_error.as_str()), (1, "400"));
+    let claimed = store.get("claimed").unwrap();
+    assert_eq!(claimed.status(), retryq::item::ItemStatus::Pending);
+    assert_eq!(claimed.lease_until(), None, "an imported claim is dropped");
+    assert_eq!(store.get("p").unwrap().attempts, 1);
+    assert_eq!(store.size().unwrap(), 4);
+}

@@ -166,6 +166,7 @@ impl PostgresRetryQueue {
             SchemaError::Sql { .. } => unavailable(Box::new(e)),
             newer => QueueError::storage("open", newer),
         })?;
+        warn_unless_durable(&mut first, &endpoint);
         let _ = first.close();
         let manager = PostgresConnectionManager::new(config.clone(), tls.clone());
         let pool = r2d2::Pool::builder()
@@ -270,6 +271,26 @@ impl PostgresRetryQueue {
             };
             Ok(())
         })
+    }
+}
+
+/// Logs when the server acknowledges commits before they are durable:
+/// with `synchronous_commit = off` an acknowledged enqueue can be lost in
+/// a server crash. (`local` waits for the local disk but not for
+/// synchronous standbys: a failover, not a crash, may lose it.)
+fn warn_unless_durable(client: &mut postgres::Client, endpoint: &str) {
+    let setting = client
+        .query_one("SELECT current_setting('synchronous_commit')", &[])
+        .map(|row| row.get::<_, String>(0));
+    if let Ok(setting) = setting {
+        if setting == "off" {
+            tracing::warn!(
+                endpoint,
+                synchronous_commit = %setting,
+                "PostgreSQL acknowledges commits before they are durable: an enqueue \
+                 acknowledged just before a server crash may be lost"
+            );
+        }
     }
 }
 
