@@ -248,6 +248,8 @@ fn a_killed_session_is_dead_until_it_reconnects() {
     let b = handle(&options, "inst-b", StoreOptions::default());
     let mut a_wake = a.subscribe();
     a.enqueue(item("x")).unwrap();
+    // The enqueue's own wake-up first, so the next one is the reconnection's.
+    assert!(woken(&mut a_wake, Duration::from_secs(5)));
     drain(&mut a_wake);
     // As when A's host dies: the server ends A's session connection.
     let killed: i64 = pg::client()
@@ -263,7 +265,14 @@ fn a_killed_session_is_dead_until_it_reconnects() {
     // A's session thread reconnects, takes its lock back and wakes its
     // subscribers (notifications may have been lost meanwhile).
     assert!(woken(&mut a_wake, Duration::from_secs(10)));
-    a.claim(1, Duration::from_secs(600)).unwrap();
+    // It claims only once it holds its lock again: the others would take
+    // earlier claims for a dead instance's.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.holds_lock() {
+        assert!(Instant::now() < deadline, "A never took its lock back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.claim(1, Duration::from_secs(600)).unwrap().len(), 1);
     assert_eq!(b.release_orphaned_leases().unwrap(), 0, "A is alive again");
     // Its pool was untouched; its calls work.
     assert_eq!(a.get("x").unwrap().lease_owner(), Some(a_id.as_str()));
@@ -680,4 +689,27 @@ fn import_keeps_each_items_state_and_refuses_duplicates() {
     assert_eq!(claimed.lease_until(), None, "an imported claim is dropped");
     assert_eq!(store.get("p").unwrap().attempts, 1);
     assert_eq!(store.size().unwrap(), 4);
+}
+
+#[test]
+fn a_handle_without_its_instance_lock_claims_nothing() {
+    let Some(options) = fresh("a_handle_without_its_instance_lock_claims_nothing") else {
+        return;
+    };
+    let first = handle(&options, "same-instance", StoreOptions::default());
+    assert!(first.holds_lock());
+    // A second handle with the same instance ID cannot take the lock while
+    // the first holds it: its claims would look orphaned to the fleet.
+    let second = handle(&options, "same-instance", StoreOptions::default());
+    assert!(!second.holds_lock());
+    second.enqueue(item("ready")).unwrap();
+    assert!(second.claim(5, Duration::from_secs(60)).unwrap().is_empty());
+    assert_eq!(first.claim(5, Duration::from_secs(60)).unwrap().len(), 1);
+    // Once the first is gone, the second takes the lock over.
+    first.close().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !second.holds_lock() {
+        assert!(Instant::now() < deadline, "the lock was never taken over");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

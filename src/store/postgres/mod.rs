@@ -34,8 +34,10 @@
 //!   ([`session`]). A daemon that dies loses it with its connection;
 //!   [`PostgresRetryQueue::release_orphaned_leases`] (and
 //!   `release_leases_except`) return to pending the leases of every owner
-//!   whose lock no session holds. Expired leases are still returned by
-//!   `release_expired_leases`, from any daemon.
+//!   whose lock no session holds. A handle claims only while it holds its
+//!   lock (after a reconnection, not until it took it back), so a live
+//!   daemon's claims are never taken for orphans. Expired leases are still
+//!   returned by `release_expired_leases`, from any daemon.
 //! - **Wake-ups.** Enqueues and released leases `NOTIFY` the channel named
 //!   after the schema, at commit. [`PostgresRetryQueue::subscribe`] gives a
 //!   receiver fed by the session's `LISTEN`.
@@ -235,6 +237,16 @@ impl PostgresRetryQueue {
     /// seconds instead of waiting for its leases to expire.
     pub fn release_orphaned_leases(&self) -> QueueResult<usize> {
         self.release_leases_except(&self.options.instance_id)
+    }
+
+    /// True while this handle holds its instance lock (claims are made
+    /// only then; see [`session`]).
+    pub fn holds_lock(&self) -> bool {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(session::Session::holds_lock)
     }
 
     /// `host:port` of the server, for messages.

@@ -101,7 +101,9 @@ impl RetryQueue for PostgresRetryQueue {
 
     fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
         self.check_open()?;
-        if limit == 0 {
+        if limit == 0 || !self.holds_lock() {
+            // Without its lock this instance looks dead to the others,
+            // whose orphan release would take back what it claimed.
             return Ok(Vec::new());
         }
         let now = self.now();
@@ -173,14 +175,15 @@ impl RetryQueue for PostgresRetryQueue {
         self.write("release_leases_except", |tx| {
             let n = tx.execute(
                 &format!(
-                    "UPDATE {} SET status = 'pending', lease_until = NULL, lease_owner = NULL, \
+                    "WITH live AS MATERIALIZED ( \
+                       SELECT objid FROM pg_locks \
+                        WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
+                          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                          AND classid = ($3::int4)::oid) \
+                     UPDATE {} SET status = 'pending', lease_until = NULL, lease_owner = NULL, \
                      updated_at = $1 \
                      WHERE status = 'processing' AND (lease_owner IS NULL OR (lease_owner <> $2 \
-                       AND NOT EXISTS (SELECT 1 FROM pg_locks l \
-                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-                           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                           AND l.classid = ($3::int4)::oid \
-                           AND l.objid = (hashtext(lease_owner))::oid)))",
+                       AND (hashtext(lease_owner))::oid NOT IN (SELECT objid FROM live)))",
                     self.names.items
                 ),
                 &[&now, &owner, &self.lock_class],

@@ -52,6 +52,8 @@ pub(super) fn wake_all(subscribers: &Subscribers) {
 pub(super) struct Session {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// True while this session holds the instance lock.
+    holds_lock: Arc<AtomicBool>,
 }
 
 impl Session {
@@ -65,16 +67,28 @@ impl Session {
         let mut client = spec.config.connect(spec.tls.clone())?;
         let locked = prepare(&mut client, &spec)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let holds_lock = Arc::new(AtomicBool::new(locked));
         let thread_stop = stop.clone();
+        let thread_lock = holds_lock.clone();
         let thread = std::thread::Builder::new()
             .name("retryq-pg-session".into())
-            .spawn(move || run(spec, client, locked, &thread_stop, &subscribers))
+            .spawn(move || run(spec, client, &thread_lock, &thread_stop, &subscribers))
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot start the PostgreSQL session thread");
                 e
             })
             .ok();
-        Ok(Session { stop, thread })
+        Ok(Session {
+            stop,
+            thread,
+            holds_lock,
+        })
+    }
+
+    /// True while the instance lock is held: other daemons see this
+    /// instance alive, so its claims are safe from their orphan release.
+    pub(super) fn holds_lock(&self) -> bool {
+        self.holds_lock.load(Ordering::SeqCst)
     }
 
     /// Stops the thread; its connection closes, which frees the lock.
@@ -109,10 +123,11 @@ fn try_lock(client: &mut Client, spec: &SessionSpec) -> Result<bool, postgres::E
 fn run(
     spec: SessionSpec,
     first: Client,
-    mut locked: bool,
+    holds_lock: &AtomicBool,
     stop: &AtomicBool,
     subscribers: &Subscribers,
 ) {
+    let mut locked = holds_lock.load(Ordering::SeqCst);
     let mut client = Some(first);
     let mut backoff = Duration::from_millis(100);
     let mut warned_lock = false;
@@ -123,6 +138,7 @@ fn run(
                     Ok(now_locked) => {
                         tracing::info!(endpoint = %spec.endpoint, "PostgreSQL session reconnected");
                         locked = now_locked;
+                        holds_lock.store(locked, Ordering::SeqCst);
                         client = Some(conn);
                         backoff = Duration::from_millis(100);
                         // Notifications sent while we were away are lost.
@@ -151,6 +167,7 @@ fn run(
             match try_lock(conn, &spec) {
                 Ok(true) => {
                     locked = true;
+                    holds_lock.store(true, Ordering::SeqCst);
                     warned_lock = false;
                 }
                 Ok(false) => {
@@ -164,6 +181,7 @@ fn run(
                 }
                 Err(_) => {
                     client = None;
+                    holds_lock.store(false, Ordering::SeqCst);
                     continue;
                 }
             }
@@ -190,7 +208,10 @@ fn run(
             }
         }
         if broken || conn.is_closed() {
+            // The lock went with the connection.
             client = None;
+            locked = false;
+            holds_lock.store(false, Ordering::SeqCst);
         }
     }
     if let Some(mut conn) = client {
