@@ -322,7 +322,8 @@ fn import_batch(
         }
     }
     report.found += items.len();
-    let kinds: Vec<(String, ItemStatus)> = items.iter().map(|i| (i.id.clone(), i.status())).collect();
+    let kinds: Vec<(String, ItemStatus)> =
+        items.iter().map(|i| (i.id.clone(), i.status())).collect();
     let results = target.import_batch(items).with_context(|| {
         format!(
             "cannot import a batch ({} imported before it; run the command again to go on)",

@@ -70,10 +70,11 @@ impl PgSchema {
 
     /// The `[store]` table of a config file using this schema. `path` is
     /// the daemon's own local folder (owner lock, poison marker); `extra`
-    /// holds more `[store]` lines (limits).
+    /// holds more `[store]` lines (limits). A call waits at most a second
+    /// for a connection, so an outage is answered quickly.
     pub fn store_toml(&self, path: &Path, extra: &str) -> String {
         format!(
-            "[store]\nbackend = \"postgres\"\npath = \"{}\"\n{extra}\n[store.postgres]\nurl = \"{}\"\npassword_file = \"{}\"\nschema = \"{}\"\n",
+            "[store]\nbackend = \"postgres\"\npath = \"{}\"\n{extra}\n[store.postgres]\nurl = \"{}\"\npassword_file = \"{}\"\nschema = \"{}\"\nconnect_timeout = \"1s\"\n",
             path.display(),
             self.url,
             self.password_file.display(),
