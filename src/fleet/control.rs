@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::pause::{FleetPause, SharedPause};
 use crate::admin::{ControlError, ControlFuture, RetryWorkerControl, WorkerControl};
-use crate::item::NewItem;
+use crate::item::{ItemId, NewItem};
 use crate::metrics::Metrics;
 use crate::store::CleanupReport;
 
@@ -78,7 +78,7 @@ impl WorkerControl for FleetControl {
         self.inner.notify_enqueued()
     }
 
-    fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, String>, Box<NewItem>> {
+    fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, ItemId>, Box<NewItem>> {
         self.inner.enqueue(item)
     }
 
