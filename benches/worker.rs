@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
+use retryq::item::ItemId;
 use retryq::plugin_sdk::{CallContext, ItemMeta, PushOutcome, Pusher};
 use retryq::store::file::{LockGuard, OsFs, StoreFs};
 use retryq::store::{CleanupReport, FileRetryQueue, ListFilter, QueueStats};
@@ -293,10 +294,10 @@ impl StoreFs for CountingFs {
 struct OneByOne(FileRetryQueue);
 
 impl RetryQueue for OneByOne {
-    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+    fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
         self.0.enqueue(item)
     }
-    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>> {
         self.0.enqueue_batch(items)
     }
     fn enqueue_claimed(
@@ -312,25 +313,30 @@ impl RetryQueue for OneByOne {
     fn peek(&self) -> QueueResult<Option<QueueItem>> {
         self.0.peek()
     }
-    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+    fn get(&self, id: &ItemId) -> QueueResult<QueueItem> {
         self.0.get(id)
     }
     fn update(&self, item: &QueueItem) -> QueueResult<()> {
         self.0.update(item)
     }
-    fn delete(&self, id: &str) -> QueueResult<()> {
+    fn delete(&self, id: &ItemId) -> QueueResult<()> {
         self.0.delete(id)
     }
-    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
         self.0.mark_failed(id, reason)
     }
-    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+    fn requeue(
+        &self,
+        id: &ItemId,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem> {
         self.0.requeue(id, error, next_retry)
     }
-    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
         self.0.revive(id)
     }
-    fn release(&self, id: &str) -> QueueResult<()> {
+    fn release(&self, id: &ItemId) -> QueueResult<()> {
         self.0.release(id)
     }
     fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {

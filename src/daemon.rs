@@ -17,6 +17,7 @@ use std::time::Duration;
 use crate::admin::{self, record_worker_metrics, AdminState, RetryWorkerControl, WorkerControl};
 use crate::config::{Settings, StoreBackend};
 use crate::fleet::Fleet;
+use crate::item::ItemId;
 use crate::metrics::Metrics;
 use crate::plugin::{describe_plugin, PluginError};
 use crate::plugin_process::{checker_for, pusher_for};
@@ -128,7 +129,7 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
 
 /// The store opened, what earlier instances left in flight, and the fleet
 /// when the store is a shared PostgreSQL one.
-type Opened = (Arc<dyn RetryQueue>, Vec<String>, Option<Fleet>);
+type Opened = (Arc<dyn RetryQueue>, Vec<ItemId>, Option<Fleet>);
 
 /// Opens the store with `owner`'s instance ID on every claim, then returns
 /// the leases of earlier instances to pending: holding the lock proves none
@@ -195,7 +196,7 @@ async fn serve(
     settings: &Settings,
     queue: Arc<dyn RetryQueue>,
     owner: &mut OwnerLock,
-    stale: Vec<String>,
+    stale: Vec<ItemId>,
     fleet: Option<Fleet>,
 ) -> Result<(), DaemonError> {
     let search_path = &settings.plugins.search_path;

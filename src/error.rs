@@ -95,7 +95,7 @@ pub enum QueueError {
     DiskFull {
         /// The operation that failed.
         op: &'static str,
-        /// The underlying error.
+        /// The I/O or database error that caused it.
         #[source]
         source: BoxError,
     },
@@ -104,7 +104,7 @@ pub enum QueueError {
     /// daemon holds its owner lock).
     #[error("store {path} is in use by {holder}")]
     StoreInUse {
-        /// The lock file.
+        /// Path of the owner lock file.
         path: String,
         /// Who holds it, e.g. "pid 4242 (retryq run, instance 0193...)".
         holder: String,
@@ -132,7 +132,7 @@ pub enum QueueError {
     Storage {
         /// The operation that failed, e.g. "enqueue" or "open".
         op: &'static str,
-        /// The underlying error.
+        /// The I/O or database error that caused it.
         #[source]
         source: BoxError,
     },
@@ -176,8 +176,8 @@ impl QueueError {
     }
 
     /// Shorthand for [`QueueError::ItemNotFound`].
-    pub fn not_found(id: impl Into<String>) -> Self {
-        QueueError::ItemNotFound { id: id.into() }
+    pub fn not_found(id: &str) -> Self {
+        QueueError::ItemNotFound { id: id.to_owned() }
     }
 
     /// A short stable name for the error kind, for logs, metrics and JSON.

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod plugin_process;
 pub mod poison;
+pub mod settings;
 pub mod store;
 pub mod worker;
 

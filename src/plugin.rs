@@ -12,7 +12,9 @@ pub use retryq_plugin::host::{
 };
 use retryq_plugin::{FingerprintChecker, Pusher};
 
-use crate::config::PluginSettings;
+use serde::{Deserialize, Serialize};
+
+use crate::settings::{invalid, InvalidSetting};
 
 /// The search path used for plugins chosen by name: the configured folders,
 /// then the folder of the running executable (where cargo puts the bundled
@@ -110,4 +112,86 @@ pub fn describe_plugin(
         sha256: file_sha256(&lib.path).ok(),
         abi_version: lib.abi_version(),
     })
+}
+
+/// `[pusher]` or `[checker]`: a plugin chosen by name or path, with its own
+/// settings.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginSettings {
+    /// Plugin name, looked up on `plugins.search_path` as the platform's
+    /// library file name (`libretryq_NAME.so`, ...).
+    pub name: Option<String>,
+    /// Path of the plugin library.
+    pub path: Option<PathBuf>,
+    /// SHA-256 (hex) the library file must have, checked before loading.
+    pub sha256: Option<String>,
+    /// The plugin's own settings, handed to it as JSON as they are.
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    /// Where the plugin runs: in the daemon, or in a child process that may
+    /// crash without taking the daemon along.
+    pub isolation: Isolation,
+    /// With `isolation = "process"`: the child's address-space cap in bytes.
+    pub memory_limit: Option<u64>,
+}
+
+/// `[pusher] isolation` / `[checker] isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Loaded into the daemon (fastest; a crash in the plugin is the daemon's).
+    #[default]
+    InProcess,
+    /// Run by a `retryq plugin-host` child (see `crate::plugin_process`).
+    Process,
+}
+
+impl PluginSettings {
+    /// True when a plugin is chosen (by name or path).
+    pub fn is_configured(&self) -> bool {
+        self.name.is_some() || self.path.is_some()
+    }
+
+    /// A short description: the name or the path.
+    pub fn describe(&self) -> String {
+        match (&self.name, &self.path) {
+            (Some(n), _) => n.clone(),
+            (None, Some(p)) => p.display().to_string(),
+            (None, None) => "(none)".to_owned(),
+        }
+    }
+
+    /// Checks the choice of plugin, naming the first bad field.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+            return invalid("name", "must not be empty");
+        }
+        if self
+            .path
+            .as_deref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return invalid("path", "must not be empty");
+        }
+        if let (Some(name), Some(_)) = (&self.name, &self.path) {
+            return invalid(
+                "path",
+                format!(
+                    "name is also set ({name:?}); choose the plugin by name or by path, not both"
+                ),
+            );
+        }
+        if let Some(sha) = &self.sha256 {
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return invalid("sha256", "expected 64 hexadecimal digits (a SHA-256)");
+            }
+            if !self.is_configured() {
+                return invalid("sha256", "no plugin chosen: set name or path");
+            }
+        }
+        if self.memory_limit == Some(0) {
+            return invalid("memory_limit", "must be at least 1 byte");
+        }
+        Ok(())
+    }
 }

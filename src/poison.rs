@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::actors::pusher::push_guarded;
 use crate::delivery::decide;
 use crate::error::QueueResult;
-use crate::item::ItemStatus;
+use crate::item::{ItemId, ItemStatus};
 use crate::store::{ListFilter, RetryQueue, WriteOp};
 use crate::worker::{EventKind, RetryWorkerConfig};
 
@@ -63,19 +63,19 @@ pub struct Recovery {
     /// Items an earlier instance had in flight.
     pub stale: usize,
     /// Items charged a crash this time.
-    pub charged: Vec<String>,
+    pub charged: Vec<ItemId>,
     /// Items dead-lettered as poison.
-    pub dead_lettered: Vec<String>,
+    pub dead_lettered: Vec<ItemId>,
     /// Items pushed alone, and the outcome's kind.
-    pub replayed: Vec<(String, &'static str)>,
+    pub replayed: Vec<(ItemId, &'static str)>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Marker {
     /// The item being pushed alone right now, if any.
-    solo: Option<String>,
+    solo: Option<ItemId>,
     /// Crashes charged so far, by item.
-    crashes: BTreeMap<String, u32>,
+    crashes: BTreeMap<ItemId, u32>,
 }
 
 /// The marker file for a store whose owner lock is `owner_lock`.
@@ -90,7 +90,7 @@ pub fn marker_path(owner_lock: &Path) -> PathBuf {
 
 /// IDs of the items other instances than `me` hold claimed: what was in
 /// flight when they died. Call before releasing their leases.
-pub fn stale_in_flight(queue: &dyn RetryQueue, me: &str) -> QueueResult<Vec<String>> {
+pub fn stale_in_flight(queue: &dyn RetryQueue, me: &str) -> QueueResult<Vec<ItemId>> {
     let filter = ListFilter {
         status: Some(ItemStatus::Processing),
         ..ListFilter::default()
@@ -134,7 +134,7 @@ pub fn recover(
     pusher: &Arc<dyn Pusher>,
     config: &RetryWorkerConfig,
     marker_file: &Path,
-    stale: Vec<String>,
+    stale: Vec<ItemId>,
 ) -> Result<Recovery, PoisonError> {
     let mut marker = load(marker_file);
     let mut report = Recovery {
@@ -154,7 +154,7 @@ pub fn recover(
         (None, [only]) => Some(only.clone()),
         _ => None,
     };
-    let mut suspects: Vec<String> = stale;
+    let mut suspects: Vec<ItemId> = stale;
     if let Some(id) = &alone {
         *marker.crashes.entry(id.clone()).or_default() += 1;
         report.charged.push(id.clone());
@@ -255,7 +255,7 @@ mod tests {
     }
 
     /// A store where a dead instance "old" left `n` items claimed.
-    fn died_with(n: usize) -> (Arc<dyn RetryQueue>, Vec<String>) {
+    fn died_with(n: usize) -> (Arc<dyn RetryQueue>, Vec<ItemId>) {
         let queue: Arc<dyn RetryQueue> = Arc::new(MemoryRetryQueue::new(StoreOptions {
             instance_id: "old".into(),
             ..StoreOptions::default()

@@ -33,7 +33,7 @@ use crate::actors::scheduler::{blocking, run_cycle, store_and_hand_off, Io, Sche
 use crate::actors::store::{StoreActor, StoreHandle};
 use crate::delivery::{Callbacks, DeliveryState, Shared};
 use crate::error::{QueueError, QueueResult};
-use crate::item::NewItem;
+use crate::item::{ItemId, NewItem};
 use crate::store::maintenance::run_maintenance;
 use crate::store::{QueueStats, RetryQueue, WriteOp};
 
@@ -270,7 +270,7 @@ impl RetryWorker {
         Ok(())
     }
 
-    fn in_flight_ids(&self) -> Vec<String> {
+    fn in_flight_ids(&self) -> Vec<ItemId> {
         self.shared
             .in_flight
             .lock()
@@ -321,7 +321,7 @@ impl RetryWorker {
 
     /// Stores one item durably (through the store actor's group commit while
     /// running) and wakes delivery. Returns its ID.
-    pub async fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+    pub async fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
         let mut ids = self.enqueue_batch(vec![item]).await?;
         ids.pop().unwrap_or(Err(QueueError::QueueClosed))
     }
@@ -332,7 +332,7 @@ impl RetryWorker {
     pub async fn enqueue_batch(
         &self,
         items: Vec<NewItem>,
-    ) -> QueueResult<Vec<QueueResult<String>>> {
+    ) -> QueueResult<Vec<QueueResult<ItemId>>> {
         let max_attempts = self.shared.config.max_attempts;
         let items: Vec<NewItem> = items
             .into_iter()
@@ -360,7 +360,7 @@ impl RetryWorker {
         &self,
         running: Option<(StoreHandle, Addr<SchedulerActor>)>,
         items: Vec<NewItem>,
-    ) -> QueueResult<Vec<QueueResult<String>>> {
+    ) -> QueueResult<Vec<QueueResult<ItemId>>> {
         let results = match running {
             Some((store, scheduler)) => {
                 let handoff = self.shared.reserve_handoff(items.len());

@@ -3,6 +3,8 @@
 
 mod api_support;
 
+use retryq::item::ItemId;
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -212,7 +214,7 @@ async fn ingest_stores_the_payload_with_query_and_header_parameters() {
         let id = body["id"].as_str().unwrap().to_owned();
         assert_eq!(location, format!("/v1/items/{id}"));
 
-        let item = fx.queue.get(&id).unwrap();
+        let item = fx.queue.get(&ItemId::parse(&id).unwrap()).unwrap();
         assert_eq!(item.item_type.as_str(), "assets");
         assert_eq!(item.agent_id, "agent-7");
         assert_eq!(item.scanner_name, "nuclei");
@@ -237,7 +239,7 @@ async fn ingest_stores_the_payload_with_query_and_header_parameters() {
         let (status, body) = call(&svc, post_item("?id=my-id_1", "{\"x\":2}")).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["id"], "my-id_1");
-        assert!(fx.queue.get("my-id_1").is_ok());
+        assert!(fx.queue.get(&ItemId::parse("my-id_1").unwrap()).is_ok());
     }
 }
 
@@ -257,7 +259,7 @@ async fn ingest_takes_every_parameter_from_headers_alone() {
         let (status, body) = call(&svc, req).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["id"], "hdr-id");
-        let item = fx.queue.get("hdr-id").unwrap();
+        let item = fx.queue.get(&ItemId::parse("hdr-id").unwrap()).unwrap();
         assert_eq!(item.item_type.as_str(), "heartbeat");
         assert_eq!(item.fingerprint, "hdr-fp");
         assert_eq!(item.max_attempts, 4);
@@ -390,7 +392,7 @@ async fn bad_ingest_input_is_400_naming_the_problem() {
 
 /// Enqueues `n` items directly (payload `{"n": i}`, unique per fixture),
 /// with the clock one second apart, and returns their IDs in creation order.
-fn seed(fx: &Fixture, n: usize) -> Vec<String> {
+fn seed(fx: &Fixture, n: usize) -> Vec<ItemId> {
     let first = fx.queue.size().unwrap();
     (first..first + n)
         .map(|i| {
@@ -416,7 +418,9 @@ async fn list_filters_orders_and_pages() {
     for (fx, _dir) in fixtures(100, 1024 * 1024) {
         let svc = service(&fx, &config_with_token()).await;
         let all = seed(&fx, 5);
-        fx.queue.mark_failed(&all[1], "upstream said no").unwrap();
+        fx.queue
+            .mark_failed(&ItemId::parse(&all[1]).unwrap(), "upstream said no")
+            .unwrap();
 
         let get = |q: &str| authed(test::TestRequest::get().uri(&format!("/v1/items{q}")));
         let (status, body) = call(&svc, get("")).await;
@@ -527,7 +531,7 @@ async fn delete_is_204_then_404() {
         let (status, body) = call(&svc, authed(test::TestRequest::delete().uri(&uri))).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         assert_eq!(body, Value::Null);
-        assert!(fx.queue.get(&id).is_err());
+        assert!(fx.queue.get(&ItemId::parse(&id).unwrap()).is_err());
         let (status, body) = call(&svc, authed(test::TestRequest::delete().uri(&uri))).await;
         assert_error(status, &body, StatusCode::NOT_FOUND, "item_not_found");
         let (status, _) = call(
@@ -544,7 +548,9 @@ async fn retry_revives_only_dead_letters() {
     for (fx, _dir) in fixtures(100, 1024 * 1024) {
         let svc = service(&fx, &config_with_token()).await;
         let ids = seed(&fx, 2);
-        fx.queue.mark_failed(&ids[0], "exhausted").unwrap();
+        fx.queue
+            .mark_failed(&ItemId::parse(&ids[0]).unwrap(), "exhausted")
+            .unwrap();
         fx.clock.advance(Duration::from_secs(60));
 
         let uri = |id: &str| format!("/v1/items/{id}/retry");
@@ -552,7 +558,7 @@ async fn retry_revives_only_dead_letters() {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "pending");
         assert_eq!(body["attempts"], 0);
-        let item = fx.queue.get(&ids[0]).unwrap();
+        let item = fx.queue.get(&ItemId::parse(&ids[0]).unwrap()).unwrap();
         assert_eq!(item.status(), ItemStatus::Pending);
         assert_eq!(item.next_retry, fx.state.clock.now());
         assert_eq!(fx.worker.nudges.load(Ordering::SeqCst), 1);
@@ -585,8 +591,12 @@ async fn retry_failed_revives_every_dead_letter_and_only_those() {
         assert_eq!(fx.worker.nudges.load(Ordering::SeqCst), 0);
 
         let ids = seed(&fx, 3);
-        fx.queue.mark_failed(&ids[0], "exhausted").unwrap();
-        fx.queue.mark_failed(&ids[2], "refused").unwrap();
+        fx.queue
+            .mark_failed(&ItemId::parse(&ids[0]).unwrap(), "exhausted")
+            .unwrap();
+        fx.queue
+            .mark_failed(&ItemId::parse(&ids[2]).unwrap(), "refused")
+            .unwrap();
         let (status, body) = call(&svc, authed(retry_all())).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["revived"], 2);
@@ -596,7 +606,7 @@ async fn retry_failed_revives_every_dead_letter_and_only_those() {
         want.sort();
         assert_eq!(revived, want);
         for id in &ids {
-            let item = fx.queue.get(id).unwrap();
+            let item = fx.queue.get(&ItemId::parse(id).unwrap()).unwrap();
             assert_eq!(item.status(), ItemStatus::Pending, "{id}");
             assert_eq!(item.attempts, 0, "{id}");
         }
@@ -644,11 +654,16 @@ async fn purge_deletes_one_status_and_requires_it() {
         assert_eq!(body["status"], "failed");
 
         let ids = seed(&fx, 3);
-        fx.queue.mark_failed(&ids[1], "exhausted").unwrap();
+        fx.queue
+            .mark_failed(&ItemId::parse(&ids[1]).unwrap(), "exhausted")
+            .unwrap();
         let (status, body) = call(&svc, authed(purge("?status=failed"))).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["purged"], 1);
-        assert!(fx.queue.get(&ids[1]).is_err(), "the dead letter is gone");
+        assert!(
+            fx.queue.get(&ItemId::parse(&ids[1]).unwrap()).is_err(),
+            "the dead letter is gone"
+        );
         assert_eq!(fx.queue.size().unwrap(), 2, "pending items are left alone");
 
         // No status, a bad status, or another parameter: 400, nothing deleted.
@@ -809,7 +824,9 @@ async fn stats_use_the_seed_names_and_include_the_worker() {
     for (fx, _dir) in fixtures(100, 1024 * 1024) {
         let svc = service(&fx, &config_with_token()).await;
         let ids = seed(&fx, 3);
-        fx.queue.mark_failed(&ids[2], "no").unwrap();
+        fx.queue
+            .mark_failed(&ItemId::parse(&ids[2]).unwrap(), "no")
+            .unwrap();
         fx.worker.notify_enqueued();
         let (status, body) = call(&svc, authed(test::TestRequest::get().uri("/v1/stats"))).await;
         assert_eq!(status, StatusCode::OK);
@@ -843,7 +860,9 @@ async fn metrics_are_openmetrics_text() {
     for (fx, _dir) in fixtures(100, 1024 * 1024) {
         let svc = service(&fx, &config_with_token()).await;
         let ids = seed(&fx, 2);
-        fx.queue.mark_failed(&ids[0], "no").unwrap();
+        fx.queue
+            .mark_failed(&ItemId::parse(&ids[0]).unwrap(), "no")
+            .unwrap();
         fx.clock.advance(Duration::from_secs(10));
         let (status, _) = call(&svc, post_item("", "{\"via\":\"api\"}")).await;
         assert_eq!(status, StatusCode::CREATED);

@@ -4,6 +4,8 @@
 
 mod api_support;
 
+use retryq::item::ItemId;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -80,7 +82,14 @@ async fn serves_over_a_real_socket_with_a_token() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(fx.queue.get(&id).unwrap().item_type.as_str(), "assets");
+    assert_eq!(
+        fx.queue
+            .get(&ItemId::parse(&id).unwrap())
+            .unwrap()
+            .item_type
+            .as_str(),
+        "assets"
+    );
     assert_eq!(fx.queue.size().unwrap(), 1);
     let listed: serde_json::Value = serde_json::from_str(&listed.1).unwrap();
     assert_eq!(listed["items"][0]["id"], id.as_str());

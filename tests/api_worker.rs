@@ -1,6 +1,8 @@
 //! The admin API over the real `RetryWorker` and `SqliteRetryQueue`:
 //! `RetryWorkerControl` and `record_worker_metrics` as the daemon wires them.
 
+use retryq::item::ItemId;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -208,7 +210,7 @@ async fn api_ingest_goes_through_the_worker() {
     assert_eq!(resp.status(), StatusCode::CREATED);
     let created: Value = test::read_body_json(resp).await;
     let id = created["id"].as_str().unwrap().to_owned();
-    let stored = queue.get(&id).unwrap();
+    let stored = queue.get(&ItemId::parse(&id).unwrap()).unwrap();
     assert_eq!(stored.status(), retryq::ItemStatus::Processing);
     assert_eq!(stored.updated_at, stored.created_at, "stored claimed");
 
@@ -247,7 +249,9 @@ async fn api_ingest_goes_through_the_worker() {
     let resp = test::call_service(&svc, ingest("{\"n\":3}")).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let created: Value = test::read_body_json(resp).await;
-    let later = queue.get(created["id"].as_str().unwrap()).unwrap();
+    let later = queue
+        .get(&ItemId::parse(created["id"].as_str().unwrap()).unwrap())
+        .unwrap();
     assert_eq!(later.status(), retryq::ItemStatus::Pending);
 }
 

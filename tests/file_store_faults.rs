@@ -11,6 +11,8 @@
 
 mod file_store_sim;
 
+use retryq::item::ItemId;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
@@ -72,7 +74,7 @@ fn run_step(
     clock.advance(Duration::from_secs(1));
     let later = clock.now() + chrono::Duration::seconds(2);
     let mut upsert = |item: QueueItem| {
-        model.insert(item.id.clone(), item);
+        model.insert(item.id.clone().to_string(), item);
     };
     match step {
         Step::Enqueue(id) => {
@@ -91,23 +93,25 @@ fn run_step(
                 upsert(claimed);
             }
         }
-        Step::Requeue(id) => upsert(store.requeue(id, "upstream 503", later)?),
-        Step::MarkFailed(id) => upsert(store.mark_failed(id, "refused")?),
-        Step::Revive(id) => upsert(store.revive(id)?),
+        Step::Requeue(id) => {
+            upsert(store.requeue(&ItemId::parse(id).unwrap(), "upstream 503", later)?)
+        }
+        Step::MarkFailed(id) => upsert(store.mark_failed(&ItemId::parse(id).unwrap(), "refused")?),
+        Step::Revive(id) => upsert(store.revive(&ItemId::parse(id).unwrap())?),
         Step::Delete(id) => {
-            store.delete(id)?;
+            store.delete(&ItemId::parse(id).unwrap())?;
             model.remove(*id);
         }
         Step::Update(id) => {
-            let mut changed = store.get(id)?;
+            let mut changed = store.get(&ItemId::parse(id).unwrap())?;
             changed.agent_id = format!("agent-{}", clock.now().timestamp());
             changed.attributes.insert("route".into(), "eu".into());
             store.update(&changed)?;
-            upsert(store.get(id)?);
+            upsert(store.get(&ItemId::parse(id).unwrap())?);
         }
         Step::Release(id) => {
-            store.release(id)?;
-            upsert(store.get(id)?);
+            store.release(&ItemId::parse(id).unwrap())?;
+            upsert(store.get(&ItemId::parse(id).unwrap())?);
         }
         Step::Reopen => {
             store.close()?;
@@ -134,7 +138,9 @@ fn run_step(
 /// everything else kept).
 fn reconcile_reopen(store: &FileRetryQueue, model: &mut Model) {
     for (id, expected) in model.iter_mut() {
-        let actual = store.get(id).expect("acknowledged item survives reopen");
+        let actual = store
+            .get(&ItemId::parse(id).unwrap())
+            .expect("acknowledged item survives reopen");
         assert_eq!(
             actual,
             after_open(expected, &actual),
@@ -159,7 +165,7 @@ fn contents(store: &FileRetryQueue) -> Model {
         .list(&ListFilter::default())
         .expect("list")
         .into_iter()
-        .map(|i| (i.id.clone(), i))
+        .map(|i| (i.id.to_string(), i))
         .collect()
 }
 
@@ -301,7 +307,7 @@ fn full_disk_is_a_clear_storage_error_and_corrupts_nothing() {
     assert!(text.contains("enqueue"), "{text}");
     assert!(text.contains("No space left on device"), "{text}");
     assert!(matches!(
-        store.get("refused"),
+        store.get(&ItemId::parse("refused").unwrap()),
         Err(QueueError::ItemNotFound { .. })
     ));
     let before = store.get(&kept).unwrap();
@@ -396,13 +402,22 @@ fn calls(clock: &ManualClock) -> Vec<Call> {
     vec![
         (
             "requeue",
-            Box::new(move |s| s.requeue("a", "503", later).map(|_| ())),
+            Box::new(move |s| {
+                s.requeue(&ItemId::parse("a").unwrap(), "503", later)
+                    .map(|_| ())
+            }),
         ),
         (
             "mark_failed",
-            Box::new(|s| s.mark_failed("b", "no").map(|_| ())),
+            Box::new(|s| {
+                s.mark_failed(&ItemId::parse("b").unwrap(), "no")
+                    .map(|_| ())
+            }),
         ),
-        ("delete", Box::new(|s| s.delete("c"))),
+        (
+            "delete",
+            Box::new(|s| s.delete(&ItemId::parse("c").unwrap())),
+        ),
         (
             "claim",
             Box::new(|s| s.claim(3, Duration::from_secs(60)).map(|_| ())),
@@ -441,7 +456,7 @@ fn failed_undo_poisons_the_store_and_reopen_recovers_a_whole_state() {
                     Err(e) => {
                         poisoned += 1;
                         assert!(e.to_string().contains("reopen"), "{label}: {e}");
-                        assert!(store.get("a").is_err(), "{label}");
+                        assert!(store.get(&ItemId::parse("a").unwrap()).is_err(), "{label}");
                     }
                 }
                 drop(store);
@@ -480,14 +495,19 @@ fn drop_oldest_never_loses_the_new_item_or_unrequested_evictions() {
     let call = |s: &FileRetryQueue| s.enqueue(item("d")).map(|_| ());
     let prepare = |disk: &SimDisk| {
         let store = filled_store(disk, &clock, opts.clone());
-        store.mark_failed("c", "dead").unwrap();
+        store
+            .mark_failed(&ItemId::parse("c").unwrap(), "dead")
+            .unwrap();
         store
     };
     let probe = SimDisk::default();
     let store = prepare(&probe);
     let start = probe.ops();
     call(&store).unwrap();
-    assert!(store.get("c").is_err(), "the dead letter is evicted first");
+    assert!(
+        store.get(&ItemId::parse("c").unwrap()).is_err(),
+        "the dead letter is evicted first"
+    );
     let end = probe.ops();
     drop(store);
 
@@ -544,23 +564,27 @@ fn group_ops(clock: &ManualClock) -> Vec<WriteOp> {
             lease,
         },
         WriteOp::Enqueue(item("n2")),
-        WriteOp::Delete { id: "a".into() },
+        WriteOp::Delete {
+            id: ItemId::parse("a").unwrap(),
+        },
         WriteOp::Requeue {
-            id: "b".into(),
+            id: ItemId::parse("b").unwrap(),
             error: "503".into(),
             next_retry: clock.now() + chrono::Duration::minutes(1),
         },
         WriteOp::MarkFailed {
-            id: "c".into(),
+            id: ItemId::parse("c").unwrap(),
             reason: "422".into(),
         },
         // Refused ops: their own results, the rest of the group goes on.
         WriteOp::Delete {
-            id: "missing".into(),
+            id: ItemId::parse("missing").unwrap(),
         },
         WriteOp::Enqueue(item("n2")),
         // Two ops on one item: the file is written once, with the last state.
-        WriteOp::Release { id: "n1".into() },
+        WriteOp::Release {
+            id: ItemId::parse("n1").unwrap(),
+        },
     ]
 }
 
@@ -571,12 +595,18 @@ fn group_one_by_one(clock: &ManualClock) -> Model {
     let lease = Duration::from_secs(60);
     store.enqueue_claimed(vec![item("n1")], lease).unwrap();
     store.enqueue(item("n2")).unwrap();
-    store.delete("a").unwrap();
+    store.delete(&ItemId::parse("a").unwrap()).unwrap();
     store
-        .requeue("b", "503", clock.now() + chrono::Duration::minutes(1))
+        .requeue(
+            &ItemId::parse("b").unwrap(),
+            "503",
+            clock.now() + chrono::Duration::minutes(1),
+        )
         .unwrap();
-    store.mark_failed("c", "422").unwrap();
-    store.release("n1").unwrap();
+    store
+        .mark_failed(&ItemId::parse("c").unwrap(), "422")
+        .unwrap();
+    store.release(&ItemId::parse("n1").unwrap()).unwrap();
     contents(&store)
 }
 
@@ -606,7 +636,7 @@ fn a_group_is_one_directory_sync_and_one_file_sync_per_written_file() {
     let before = disk.syncs();
     let ops = (0..n)
         .map(|i| WriteOp::Delete {
-            id: format!("i{i}"),
+            id: ItemId::parse(&format!("i{i}")).unwrap(),
         })
         .collect();
     store.apply_batch(ops).unwrap();

@@ -4,6 +4,8 @@
 
 mod file_store_sim;
 
+use retryq::item::ItemId;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -50,7 +52,7 @@ fn nothing_in_the_directory_stops_the_open() {
     let dir = tmp.path().join("queue");
     let clock = clock();
     let store = FileRetryQueue::open(&dir, options(&clock)).unwrap();
-    let ids: Vec<String> = (0..20)
+    let ids: Vec<ItemId> = (0..20)
         .map(|n| store.enqueue(item(&format!("item-{n:02}"))).unwrap())
         .collect();
     let a_record = std::fs::read(
@@ -91,7 +93,7 @@ fn nothing_in_the_directory_stops_the_open() {
     let store = FileRetryQueue::open(&dir, options(&clock)).expect("open succeeds");
     assert_eq!(store.size().unwrap(), 20, "every intact item is there");
     for id in &ids {
-        store.get(id).unwrap();
+        store.get(&ItemId::parse(id).unwrap()).unwrap();
     }
     let stats = store.stats().unwrap();
     assert_eq!(

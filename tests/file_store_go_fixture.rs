@@ -1,6 +1,8 @@
 //! Opening a directory written by the Go SDK (`shared/fixtures/go-retry-queue`)
 //! does what its README table says, and what we write stays Go-shaped.
 
+use retryq::item::ItemId;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,7 +68,7 @@ fn opening_the_go_directory_follows_the_readme_table() {
     assert_eq!(stats.failed_items, 1);
 
     // c01: pending, never tried, due.
-    let c01 = q.get(&id(1)).unwrap();
+    let c01 = q.get(&ItemId::parse(&id(1)).unwrap()).unwrap();
     assert_eq!(c01.status(), ItemStatus::Pending);
     assert_eq!(c01.attempts, 0);
     assert_eq!(c01.last_attempt, None, "Go zero time reads as never");
@@ -83,7 +85,7 @@ fn opening_the_go_directory_follows_the_readme_table() {
     assert!(ready.iter().any(|i| i.id == id(1)), "c01 is due");
 
     // c02: pending after 3 failed attempts, its history kept.
-    let c02 = q.get(&id(2)).unwrap();
+    let c02 = q.get(&ItemId::parse(&id(2)).unwrap()).unwrap();
     assert_eq!(c02.status(), ItemStatus::Pending);
     assert_eq!(c02.attempts, 3);
     assert!(c02.last_error.contains("connection refused"));
@@ -91,19 +93,19 @@ fn opening_the_go_directory_follows_the_readme_table() {
     assert_eq!(c02.next_retry, at("2026-11-20T11:40:00Z"));
 
     // c03: a dead letter.
-    let c03 = q.get(&id(3)).unwrap();
+    let c03 = q.get(&ItemId::parse(&id(3)).unwrap()).unwrap();
     assert_eq!(c03.status(), ItemStatus::Failed);
     assert_eq!(c03.attempts, 10);
     assert_eq!(c03.item_type, ItemType::Assets);
 
     // c04: processing when Go died -> pending, attempts kept.
-    let c04 = q.get(&id(4)).unwrap();
+    let c04 = q.get(&ItemId::parse(&id(4)).unwrap()).unwrap();
     assert_eq!(c04.status(), ItemStatus::Pending);
     assert_eq!(c04.attempts, 1);
     assert_eq!(c04.lease_until(), None);
 
     // c05: torn -> quarantined and reported, not indexed.
-    assert!(q.get(&id(5)).is_err());
+    assert!(q.get(&ItemId::parse(&id(5)).unwrap()).is_err());
     assert_eq!(stats.quarantined, 1);
     let torn = "1795169040000000000_3f1c2b9e-6a4d-4c1e-9b7a-0d2e5f8a1c05.json";
     assert!(!dir.join(torn).exists());
@@ -115,7 +117,7 @@ fn opening_the_go_directory_follows_the_readme_table() {
     assert!(quarantined[0].ends_with(torn), "{quarantined:?}");
 
     // c06 .tmp: removed, never indexed.
-    assert!(q.get(&id(6)).is_err());
+    assert!(q.get(&ItemId::parse(&id(6)).unwrap()).is_err());
     assert!(!dir
         .join("1795169100000000000_3f1c2b9e-6a4d-4c1e-9b7a-0d2e5f8a1c06.json.tmp")
         .exists());
@@ -138,7 +140,10 @@ fn opening_the_go_directory_follows_the_readme_table() {
     assert_eq!(json["status"], "pending");
     assert_eq!(json["attempts"], 1);
     let q = open(&dir);
-    assert_eq!(q.get(&id(4)).unwrap().status(), ItemStatus::Pending);
+    assert_eq!(
+        q.get(&ItemId::parse(&id(4)).unwrap()).unwrap().status(),
+        ItemStatus::Pending
+    );
     assert_eq!(q.size().unwrap(), 4);
     assert_eq!(q.stats().unwrap().quarantined, 1);
 }
@@ -148,7 +153,9 @@ fn what_we_write_is_go_shaped_and_reads_back() {
     let (_tmp, dir) = fixture_copy();
     let q = open(&dir);
     let next = at("2026-11-23T13:00:00Z");
-    let c02 = q.requeue(&id(2), "503 from upstream", next).unwrap();
+    let c02 = q
+        .requeue(&ItemId::parse(&id(2)).unwrap(), "503 from upstream", next)
+        .unwrap();
     assert_eq!(c02.attempts, 4);
     let fresh = q
         .enqueue(retryq::NewItem::from_json(br#"{"version": "1.0", "findings": []}"#).unwrap())
@@ -221,5 +228,5 @@ fn what_we_write_is_go_shaped_and_reads_back() {
 
     let q = open(&dir);
     assert_eq!(q.get(&fresh).unwrap(), fresh_item);
-    assert_eq!(q.get(&id(2)).unwrap(), c02);
+    assert_eq!(q.get(&ItemId::parse(&id(2)).unwrap()).unwrap(), c02);
 }

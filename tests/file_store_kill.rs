@@ -4,6 +4,8 @@
 //! at an arbitrary point, reopens, and checks that every acknowledged step
 //! is there (only the one step in flight may or may not have happened).
 
+use retryq::item::ItemId;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -79,14 +81,20 @@ fn child_workload() {
         match step(k) {
             Step::Enqueue(id) => {
                 let payload = Payload::from_json_str(&format!("{{\"id\":\"{id}\"}}")).unwrap();
-                store.enqueue(NewItem::new(payload).with_id(id)).unwrap();
+                store
+                    .enqueue(NewItem::new(payload).with_id(ItemId::parse(&id).unwrap()))
+                    .unwrap();
             }
             Step::Requeue(id, error) => {
-                store.requeue(&id, &error, Utc::now()).unwrap();
+                store
+                    .requeue(&ItemId::parse(&id).unwrap(), &error, Utc::now())
+                    .unwrap();
             }
-            Step::Delete(id) => store.delete(&id).unwrap(),
+            Step::Delete(id) => store.delete(&ItemId::parse(&id).unwrap()).unwrap(),
             Step::MarkFailed(id) => {
-                store.mark_failed(&id, "dead").unwrap();
+                store
+                    .mark_failed(&ItemId::parse(&id).unwrap(), "dead")
+                    .unwrap();
             }
         }
         // A closed pipe (parent gone) panics here and ends the child.
@@ -152,7 +160,7 @@ fn kill_after(acks_before_kill: usize) {
         .into_iter()
         .map(|i| {
             let status = i.status();
-            (i.id, (status, i.attempts, i.last_error))
+            (i.id.to_string(), (status, i.attempts, i.last_error))
         })
         .collect();
     let before = model_after(done);

@@ -5,6 +5,8 @@
 //! of calls, deliver each readable item once with its exact payload, and
 //! account for everything else as quarantined or lost.
 
+use retryq::item::ItemId;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -38,7 +40,11 @@ fn build(path: &Path) -> BTreeMap<String, String> {
         .map(|b| NewItem::from_json(b.as_bytes()).unwrap())
         .collect();
     let ids = q.enqueue_batch(items).unwrap();
-    let expected = ids.into_iter().map(Result::unwrap).zip(bodies).collect();
+    let expected = ids
+        .into_iter()
+        .map(|id| id.unwrap().to_string())
+        .zip(bodies)
+        .collect();
     q.close().unwrap();
     expected
 }
@@ -108,7 +114,7 @@ fn drain(q: &SqliteRetryQueue, expected: &BTreeMap<String, String>) -> Drained {
         }
         for item in batch {
             assert!(
-                seen.delivered.insert(item.id.clone()),
+                seen.delivered.insert(item.id.clone().to_string()),
                 "{} delivered twice",
                 item.id
             );
@@ -157,7 +163,7 @@ fn flipped_bytes_never_block_or_loop_and_every_item_is_accounted_for() {
             let left = q.list(&ListFilter::default()).unwrap();
             for item in &left {
                 assert!(
-                    !drained.delivered.contains(&item.id),
+                    !drained.delivered.contains(item.id.as_str()),
                     "seed {seed}, {flips} flips: {} delivered and still queued as {:?}; \
                      {stats:?}; errors {:?}",
                     item.id,
@@ -332,6 +338,37 @@ fn a_delete_that_hits_corruption_ends_with_the_item_gone_and_the_store_salvaged(
 }
 
 #[test]
+fn a_read_that_meets_a_corrupt_file_salvages_it_and_answers_from_the_fresh_one() {
+    // Reads run on connections apart from the writer's: the corruption
+    // they meet must still be salvaged, not reported on every call.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let q = SqliteRetryQueue::open(&path, options()).unwrap();
+    for n in 0..ITEMS {
+        q.enqueue(NewItem::from_json(payload(n).as_bytes()).unwrap())
+            .unwrap();
+    }
+    let claimed = q.claim(ITEMS, LEASE).unwrap();
+    assert_eq!(claimed.len(), ITEMS);
+    break_leased_index(&path);
+    // The earliest lease is looked up in the broken index.
+    let due = q
+        .next_due()
+        .expect("the read is answered from the salvaged store");
+    assert!(due.is_some());
+    assert_eq!(moved_aside(&path).len(), 1);
+    let stats = q.stats().unwrap();
+    assert_eq!((stats.salvaged, stats.salvage_lost), (ITEMS as u64, 0));
+    assert_eq!(stats.processing_items, ITEMS, "{stats:?}");
+    // Writes land on the fresh file too, and no second salvage runs.
+    for item in &claimed {
+        q.delete(&item.id).unwrap();
+    }
+    assert_eq!(q.size().unwrap(), 0);
+    assert_eq!(moved_aside(&path).len(), 1);
+}
+
+#[test]
 fn repair_leaves_a_healthy_database_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.db");
@@ -383,7 +420,7 @@ fn repair_salvages_a_damaged_closed_database_and_reports_it() {
     for item in q.list(&ListFilter::default()).unwrap() {
         assert_eq!(
             Some(item.report.as_str()),
-            expected.get(&item.id).map(|s| s.as_str())
+            expected.get(item.id.as_str()).map(|s| s.as_str())
         );
     }
     // A second repair finds the fresh file healthy.
@@ -488,7 +525,7 @@ fn a_salvage_that_cannot_run_leaves_the_queue_serving_and_is_not_retried_per_cal
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.db");
     let q = SqliteRetryQueue::open(&path, options()).unwrap();
-    let ids: Vec<String> = (0..20)
+    let ids: Vec<ItemId> = (0..20)
         .map(|n| {
             q.enqueue(NewItem::from_json(payload(n).as_bytes()).unwrap())
                 .unwrap()
@@ -499,24 +536,24 @@ fn a_salvage_that_cannot_run_leaves_the_queue_serving_and_is_not_retried_per_cal
     // The salvage builds its fresh file here: a folder in the way fails it.
     let obstacle = dir.path().join("queue.db.salvage-tmp");
     std::fs::create_dir(&obstacle).unwrap();
-    let err = q.delete(&ids[0]).unwrap_err();
+    let err = q.delete(&ItemId::parse(&ids[0]).unwrap()).unwrap_err();
     assert!(err.is_storage(), "{err}");
     assert!(
         moved_aside(&path).is_empty(),
         "nothing moved when it failed"
     );
     // The damaged file still serves what it can read.
-    assert_eq!(q.get(&ids[1]).unwrap().id, ids[1]);
+    assert_eq!(q.get(&ItemId::parse(&ids[1]).unwrap()).unwrap().id, ids[1]);
     // Failed salvages back off: with the obstacle gone, the very next
     // failure still does not read and rewrite the whole file again.
     std::fs::remove_dir(&obstacle).unwrap();
-    assert!(q.delete(&ids[2]).is_err());
+    assert!(q.delete(&ItemId::parse(&ids[2]).unwrap()).is_err());
     assert!(moved_aside(&path).is_empty(), "no salvage per call");
     q.close().unwrap();
     // The next open salvages, and the deletes land.
     let q = SqliteRetryQueue::open(&path, options()).unwrap();
     for id in &ids {
-        q.delete(id).unwrap();
+        q.delete(&ItemId::parse(id).unwrap()).unwrap();
     }
     assert_eq!(moved_aside(&path).len(), 1);
     assert_eq!(q.size().unwrap(), 0);

@@ -7,13 +7,15 @@
 //! Time comes from a `ManualClock` (whole seconds, so every backend's time
 //! precision keeps it exactly); nothing sleeps.
 
+use retryq::item::ItemId;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use retryq::clock::ManualClock;
-use retryq::item::{sha256_hex, validate_id, ItemStatus, ItemType, NewItem, Payload, QueueItem};
+use retryq::item::{sha256_hex, ItemStatus, ItemType, NewItem, Payload, QueueItem};
 use retryq::store::{
     FileRetryQueue, ListFilter, MemoryRetryQueue, OrderBy, OverflowPolicy, RetryQueue,
     SqliteRetryQueue, StoreOptions, WriteOp, WriteOutcome,
@@ -161,7 +163,7 @@ impl Fixture {
         self.clock.advance(secs(seconds));
     }
 
-    fn ids(&self, filter: &ListFilter) -> Vec<String> {
+    fn ids(&self, filter: &ListFilter) -> Vec<ItemId> {
         self.q
             .list(filter)
             .unwrap()
@@ -181,7 +183,7 @@ fn payload(json: &str) -> Payload {
 
 /// An item with a caller ID and a payload unique to that ID.
 fn item(id: &str) -> NewItem {
-    NewItem::new(payload(&format!("{{\"for\":\"{id}\"}}"))).with_id(id)
+    NewItem::new(payload(&format!("{{\"for\":\"{id}\"}}"))).with_id(ItemId::parse(id).unwrap())
 }
 
 fn kind<T: std::fmt::Debug>(result: QueueResult<T>) -> &'static str {
@@ -214,7 +216,7 @@ fn enqueue_fills_in_and_get_returns_it(b: &'static Backend) {
                 .with_attribute("tenant", "t1"),
         )
         .unwrap();
-    assert!(validate_id(&id).is_ok());
+    assert!(ItemId::parse(&id).is_ok());
     assert!(uuid_like(&id), "generated id {id} is not a UUID");
     let got = f.q.get(&id).unwrap();
     assert_eq!(got.id, id);
@@ -233,7 +235,7 @@ fn enqueue_fills_in_and_get_returns_it(b: &'static Backend) {
     assert_eq!(got.attributes.get("tenant").map(String::as_str), Some("t1"));
 
     let custom = NewItem::new(payload("{}"))
-        .with_id("custom_ID-1")
+        .with_id(ItemId::parse("custom_ID-1").unwrap())
         .with_fingerprint("fp-1")
         .with_max_attempts(3)
         .with_type("my-type");
@@ -243,7 +245,7 @@ fn enqueue_fills_in_and_get_returns_it(b: &'static Backend) {
     custom.target_path = "/srv".into();
     custom.next_retry = Some(at(60));
     assert_eq!(f.q.enqueue(custom).unwrap(), "custom_ID-1");
-    let got = f.q.get("custom_ID-1").unwrap();
+    let got = f.q.get(&ItemId::parse("custom_ID-1").unwrap()).unwrap();
     assert_eq!(got.fingerprint, "fp-1");
     assert_eq!(got.max_attempts, 3);
     assert_eq!(got.item_type, ItemType::Other("my-type".into()));
@@ -265,12 +267,9 @@ fn uuid_like(id: &str) -> bool {
 
 fn invalid_items_are_refused_and_change_nothing(b: &'static Backend) {
     let f = Fixture::new(b);
+    // A bad ID never reaches a store: it cannot be made an ItemId.
     for bad_id in ["../x", "a/b", "", "a.b", &"x".repeat(65)] {
-        assert_eq!(
-            kind(f.q.enqueue(item("ok").with_id(bad_id))),
-            "invalid_item",
-            "id {bad_id:?}"
-        );
+        assert_eq!(kind(ItemId::parse(bad_id)), "invalid_item", "id {bad_id:?}");
     }
     assert_eq!(
         kind(f.q.enqueue(item("e1").with_fingerprint(""))),
@@ -285,17 +284,8 @@ fn invalid_items_are_refused_and_change_nothing(b: &'static Backend) {
         "invalid_item"
     );
     assert_eq!(f.q.size().unwrap(), 0);
-    // A lookup with a path-like ID finds nothing and reads nothing outside.
-    let lookup = kind(f.q.get("../x"));
-    assert!(
-        lookup == "item_not_found" || lookup == "invalid_item",
-        "{lookup}"
-    );
-    let lookup = kind(f.q.delete("../../etc/passwd"));
-    assert!(
-        lookup == "item_not_found" || lookup == "invalid_item",
-        "{lookup}"
-    );
+    // Nor can a lookup name a path outside the store.
+    assert_eq!(kind(ItemId::parse("../../etc/passwd")), "invalid_item");
 }
 
 fn duplicates_by_id_and_by_live_fingerprint(b: &'static Backend) {
@@ -312,10 +302,12 @@ fn duplicates_by_id_and_by_live_fingerprint(b: &'static Backend) {
         "a"
     );
     // Default fingerprints: same payload, different IDs.
-    f.q.enqueue(NewItem::new(payload("{\"same\":true}")).with_id("p1"))
+    f.q.enqueue(NewItem::new(payload("{\"same\":true}")).with_id(ItemId::parse("p1").unwrap()))
         .unwrap();
     assert_eq!(
-        duplicate_of(f.q.enqueue(NewItem::new(payload("{ \"same\" : true }")).with_id("p2"))),
+        duplicate_of(f.q.enqueue(
+            NewItem::new(payload("{ \"same\" : true }")).with_id(ItemId::parse("p2").unwrap())
+        )),
         "p1"
     );
     // While processing, still a duplicate.
@@ -325,16 +317,17 @@ fn duplicates_by_id_and_by_live_fingerprint(b: &'static Backend) {
         "a"
     );
     // A dead letter's fingerprint may be queued again, its ID may not.
-    f.q.mark_failed("a", "gave up").unwrap();
+    f.q.mark_failed(&ItemId::parse("a").unwrap(), "gave up")
+        .unwrap();
     assert_eq!(f.q.enqueue(item("c").with_fingerprint("fp")).unwrap(), "c");
     assert_eq!(
         duplicate_of(f.q.enqueue(item("a").with_fingerprint("new"))),
         "a"
     );
     // A deleted item's fingerprint and ID are free again.
-    f.q.delete("p1").unwrap();
+    f.q.delete(&ItemId::parse("p1").unwrap()).unwrap();
     assert_eq!(
-        f.q.enqueue(NewItem::new(payload("{\"same\":true}")).with_id("p1"))
+        f.q.enqueue(NewItem::new(payload("{\"same\":true}")).with_id(ItemId::parse("p1").unwrap()))
             .unwrap(),
         "p1"
     );
@@ -345,13 +338,14 @@ fn duplicates_by_id_and_by_live_fingerprint(b: &'static Backend) {
 /// of them names the smallest ID, on every backend.
 fn duplicate_of_several_live_items_names_the_smallest_id(b: &'static Backend) {
     let f = Fixture::new(b);
-    let same = |id: &str| NewItem::new(payload("{\"same\":1}")).with_id(id);
+    let same = |id: &str| NewItem::new(payload("{\"same\":1}")).with_id(ItemId::parse(id).unwrap());
     f.q.enqueue(same("a")).unwrap();
-    f.q.mark_failed("a", "dead").unwrap();
+    f.q.mark_failed(&ItemId::parse("a").unwrap(), "dead")
+        .unwrap();
     f.q.enqueue(same("c")).unwrap();
-    f.q.revive("a").unwrap();
+    f.q.revive(&ItemId::parse("a").unwrap()).unwrap();
     assert_eq!(duplicate_of(f.q.enqueue(same("b"))), "a");
-    f.q.delete("a").unwrap();
+    f.q.delete(&ItemId::parse("a").unwrap()).unwrap();
     assert_eq!(duplicate_of(f.q.enqueue(same("b"))), "c");
 }
 
@@ -374,14 +368,37 @@ fn ids_match_exactly(b: &'static Backend) {
     f.q.enqueue(item("abc123")).unwrap();
     f.q.enqueue(item("xabc")).unwrap();
     for probe in ["abc", "abc12", "abc1234", "bc123", "ABC123", "abc", "xab"] {
-        assert_eq!(kind(f.q.get(probe)), "item_not_found", "get {probe}");
-        assert_eq!(kind(f.q.delete(probe)), "item_not_found", "delete {probe}");
-        assert_eq!(kind(f.q.requeue(probe, "e", at(1))), "item_not_found");
-        assert_eq!(kind(f.q.mark_failed(probe, "e")), "item_not_found");
-        assert_eq!(kind(f.q.release(probe)), "item_not_found");
-        assert_eq!(kind(f.q.revive(probe)), "item_not_found");
+        assert_eq!(
+            kind(f.q.get(&ItemId::parse(probe).unwrap())),
+            "item_not_found",
+            "get {probe}"
+        );
+        assert_eq!(
+            kind(f.q.delete(&ItemId::parse(probe).unwrap())),
+            "item_not_found",
+            "delete {probe}"
+        );
+        assert_eq!(
+            kind(f.q.requeue(&ItemId::parse(probe).unwrap(), "e", at(1))),
+            "item_not_found"
+        );
+        assert_eq!(
+            kind(f.q.mark_failed(&ItemId::parse(probe).unwrap(), "e")),
+            "item_not_found"
+        );
+        assert_eq!(
+            kind(f.q.release(&ItemId::parse(probe).unwrap())),
+            "item_not_found"
+        );
+        assert_eq!(
+            kind(f.q.revive(&ItemId::parse(probe).unwrap())),
+            "item_not_found"
+        );
     }
-    assert_eq!(f.q.get("abc123").unwrap().id, "abc123");
+    assert_eq!(
+        f.q.get(&ItemId::parse("abc123").unwrap()).unwrap().id,
+        "abc123"
+    );
     assert_eq!(f.q.size().unwrap(), 2);
 }
 
@@ -399,11 +416,11 @@ fn reject_when_full_by_items(b: &'static Backend) {
     f.q.enqueue(item("b")).unwrap();
     assert_eq!(kind(f.q.enqueue(item("c"))), "queue_full");
     // Dead letters count too.
-    f.q.mark_failed("a", "x").unwrap();
+    f.q.mark_failed(&ItemId::parse("a").unwrap(), "x").unwrap();
     assert_eq!(kind(f.q.enqueue(item("c"))), "queue_full");
     assert_eq!(f.ids(&ListFilter::default()), strs(&["a", "b"]));
     assert_eq!(f.q.stats().unwrap().evicted, 0);
-    f.q.delete("a").unwrap();
+    f.q.delete(&ItemId::parse("a").unwrap()).unwrap();
     f.q.enqueue(item("c")).unwrap();
 }
 
@@ -421,8 +438,8 @@ fn reject_when_full_by_bytes_and_too_large(b: &'static Backend) {
     f.q.enqueue(item("b")).unwrap();
     assert_eq!(f.q.stats().unwrap().total_bytes, size * 2);
     assert_eq!(kind(f.q.enqueue(item("c"))), "queue_full");
-    let big =
-        NewItem::new(payload(&format!("\"{}\"", "x".repeat(size as usize * 3)))).with_id("big");
+    let big = NewItem::new(payload(&format!("\"{}\"", "x".repeat(size as usize * 3))))
+        .with_id(ItemId::parse("big").unwrap());
     match f.q.enqueue(big) {
         Err(QueueError::TooLarge { size: s, limit }) => {
             assert!(s > limit);
@@ -447,12 +464,19 @@ fn drop_oldest_evicts_dead_letters_first_and_counts(b: &'static Backend) {
     f.q.enqueue(item("mid")).unwrap();
     f.advance(1);
     f.q.enqueue(item("dead")).unwrap();
-    f.q.mark_failed("dead", "permanent").unwrap();
+    f.q.mark_failed(&ItemId::parse("dead").unwrap(), "permanent")
+        .unwrap();
     f.advance(1);
     f.q.enqueue(item("n1")).unwrap();
-    assert_eq!(kind(f.q.get("dead")), "item_not_found");
+    assert_eq!(
+        kind(f.q.get(&ItemId::parse("dead").unwrap())),
+        "item_not_found"
+    );
     f.q.enqueue(item("n2")).unwrap();
-    assert_eq!(kind(f.q.get("old")), "item_not_found");
+    assert_eq!(
+        kind(f.q.get(&ItemId::parse("old").unwrap())),
+        "item_not_found"
+    );
     assert_eq!(f.ids(&ListFilter::default()), strs(&["mid", "n1", "n2"]));
     assert_eq!(f.q.stats().unwrap().evicted, 2);
     // A duplicate evicts nothing.
@@ -468,7 +492,8 @@ fn drop_oldest_evicts_dead_letters_first_and_counts(b: &'static Backend) {
         },
     );
     g.q.enqueue(item("small")).unwrap();
-    let big = NewItem::new(payload(&format!("\"{}\"", "y".repeat(300)))).with_id("big");
+    let big = NewItem::new(payload(&format!("\"{}\"", "y".repeat(300))))
+        .with_id(ItemId::parse("big").unwrap());
     assert_eq!(kind(g.q.enqueue(big)), "too_large");
     assert_eq!(g.q.size().unwrap(), 1);
     assert_eq!(g.q.stats().unwrap().evicted, 0);
@@ -490,18 +515,30 @@ fn drop_oldest_evicted_id_comes_back_in_the_same_batch(b: &'static Backend) {
     f.advance(1);
     f.q.enqueue(item("keep")).unwrap();
     f.advance(1);
-    let again = NewItem::new(payload("{\"again\":true}")).with_id("old");
+    let again = NewItem::new(payload("{\"again\":true}")).with_id(ItemId::parse("old").unwrap());
     let results = f.q.enqueue_batch(vec![item("new"), again]).unwrap();
     assert_eq!(results[0].as_deref().unwrap(), "new");
     assert_eq!(results[1].as_deref().unwrap(), "old", "{results:?}");
     // "old" evicted "keep" in turn; the new "old" is the one stored.
     assert_eq!(f.q.stats().unwrap().evicted, 2);
     assert_eq!(f.ids(&ListFilter::default()), strs(&["new", "old"]));
-    assert_eq!(f.q.get("old").unwrap().report.as_str(), "{\"again\":true}");
+    assert_eq!(
+        f.q.get(&ItemId::parse("old").unwrap())
+            .unwrap()
+            .report
+            .as_str(),
+        "{\"again\":true}"
+    );
     if b.durable {
         f.reopen();
         assert_eq!(f.ids(&ListFilter::default()), strs(&["new", "old"]));
-        assert_eq!(f.q.get("old").unwrap().report.as_str(), "{\"again\":true}");
+        assert_eq!(
+            f.q.get(&ItemId::parse("old").unwrap())
+                .unwrap()
+                .report
+                .as_str(),
+            "{\"again\":true}"
+        );
         assert_eq!(f.q.stats().unwrap().quarantined, 0);
     }
 }
@@ -571,7 +608,7 @@ fn drop_oldest_after_dead_letters_goes_by_age_whatever_the_status(b: &'static Ba
 fn drop_oldest_by_bytes_evicts_as_many_as_needed(b: &'static Backend) {
     let small = |id: &str| {
         NewItem::new(payload(&format!("\"{}\"", "s".repeat(40))))
-            .with_id(id)
+            .with_id(ItemId::parse(id).unwrap())
             .with_fingerprint(id)
     };
     let size = small("a1").into_item(t0(), 10).unwrap().size_bytes();
@@ -589,7 +626,8 @@ fn drop_oldest_by_bytes_evicts_as_many_as_needed(b: &'static Backend) {
     }
     f.advance(1);
     // Needs the room of about three small items.
-    let big = NewItem::new(payload(&format!("\"{}\"", "b".repeat(size as usize)))).with_id("big");
+    let big = NewItem::new(payload(&format!("\"{}\"", "b".repeat(size as usize))))
+        .with_id(ItemId::parse("big").unwrap());
     let big_size = big.clone().into_item(t0(), 10).unwrap().size_bytes();
     // Fits beside exactly one small item.
     assert!(
@@ -612,7 +650,8 @@ fn enforce_limits_after_lowering_them(b: &'static Backend) {
         f.q.enqueue(item(id)).unwrap();
         f.advance(1);
     }
-    f.q.mark_failed("c", "dead").unwrap();
+    f.q.mark_failed(&ItemId::parse("c").unwrap(), "dead")
+        .unwrap();
     f.reopen_with(StoreOptions {
         max_items: 2,
         overflow: OverflowPolicy::Reject,
@@ -657,7 +696,10 @@ fn claim_order_lease_peek_and_next_due(b: &'static Backend) {
     let peeked = f.q.peek().unwrap().unwrap();
     assert_eq!(peeked.id, "early");
     assert_eq!(peeked.status(), ItemStatus::Pending);
-    assert_eq!(f.q.get("early").unwrap().status(), ItemStatus::Pending);
+    assert_eq!(
+        f.q.get(&ItemId::parse("early").unwrap()).unwrap().status(),
+        ItemStatus::Pending
+    );
 
     let claimed = f.q.claim(2, secs(30)).unwrap();
     let ids: Vec<_> = claimed.iter().map(|i| i.id.as_str()).collect();
@@ -684,7 +726,7 @@ fn claim_order_lease_peek_and_next_due(b: &'static Backend) {
     assert_eq!(f.q.release_expired_leases().unwrap(), 0);
     f.clock.set(at(31));
     assert_eq!(f.q.release_expired_leases().unwrap(), 4);
-    let back = f.q.get("a").unwrap();
+    let back = f.q.get(&ItemId::parse("a").unwrap()).unwrap();
     assert_eq!(back.status(), ItemStatus::Pending);
     assert_eq!(back.lease_until(), None);
     assert_eq!(back.attempts, 0);
@@ -696,7 +738,8 @@ fn claim_order_lease_peek_and_next_due(b: &'static Backend) {
     let lease = chrono::Duration::from_std(f.options.default_lease).unwrap();
     assert_eq!(d.lease_until(), Some(at(31) + lease));
     // Dead letters are never claimed nor due.
-    f.q.mark_failed("a", "dead").unwrap();
+    f.q.mark_failed(&ItemId::parse("a").unwrap(), "dead")
+        .unwrap();
     let ids: Vec<_> =
         f.q.claim(10, secs(5))
             .unwrap()
@@ -714,7 +757,9 @@ fn state_changes_record_attempts(b: &'static Backend) {
     f.q.enqueue(item("b")).unwrap();
     f.q.claim(2, secs(60)).unwrap();
     f.advance(5);
-    let r = f.q.requeue("a", "503 from upstream", at(65)).unwrap();
+    let r =
+        f.q.requeue(&ItemId::parse("a").unwrap(), "503 from upstream", at(65))
+            .unwrap();
     assert_eq!(r.status(), ItemStatus::Pending);
     assert_eq!(r.attempts, 1);
     assert_eq!(r.last_error, "503 from upstream");
@@ -723,71 +768,103 @@ fn state_changes_record_attempts(b: &'static Backend) {
     assert_eq!(r.lease_until(), None);
     assert_eq!(r.updated_at, at(5));
     assert_eq!(r.created_at, t0());
-    assert_eq!(f.q.get("a").unwrap(), r);
+    assert_eq!(f.q.get(&ItemId::parse("a").unwrap()).unwrap(), r);
     f.advance(5);
-    let r = f.q.requeue("a", "timeout", at(200)).unwrap();
+    let r =
+        f.q.requeue(&ItemId::parse("a").unwrap(), "timeout", at(200))
+            .unwrap();
     assert_eq!((r.attempts, r.last_error.as_str()), (2, "timeout"));
     assert_eq!(r.last_attempt, Some(at(10)));
 
-    let m = f.q.mark_failed("b", "400 bad request").unwrap();
+    let m =
+        f.q.mark_failed(&ItemId::parse("b").unwrap(), "400 bad request")
+            .unwrap();
     assert_eq!(m.status(), ItemStatus::Failed);
     assert_eq!(m.attempts, 1);
     assert_eq!(m.last_error, "400 bad request");
     assert_eq!(m.last_attempt, Some(at(10)));
     assert_eq!(m.lease_until(), None);
-    assert_eq!(f.q.get("b").unwrap(), m);
+    assert_eq!(f.q.get(&ItemId::parse("b").unwrap()).unwrap(), m);
 
     // revive: only dead letters.
-    assert_eq!(kind(f.q.revive("a")), "wrong_state");
+    assert_eq!(
+        kind(f.q.revive(&ItemId::parse("a").unwrap())),
+        "wrong_state"
+    );
     f.advance(10);
-    let v = f.q.revive("b").unwrap();
+    let v = f.q.revive(&ItemId::parse("b").unwrap()).unwrap();
     assert_eq!(v.status(), ItemStatus::Pending);
     assert_eq!(v.attempts, 0);
     assert_eq!(v.next_retry, at(20));
     assert_eq!(v.last_error, "400 bad request");
-    assert_eq!(f.q.get("b").unwrap(), v);
+    assert_eq!(f.q.get(&ItemId::parse("b").unwrap()).unwrap(), v);
 
     // release: processing back to pending, no attempt, next_retry unchanged.
     let claimed = f.q.claim(1, secs(60)).unwrap();
     assert_eq!(claimed[0].id, "b");
     f.advance(1);
-    f.q.release("b").unwrap();
-    let rel = f.q.get("b").unwrap();
+    f.q.release(&ItemId::parse("b").unwrap()).unwrap();
+    let rel = f.q.get(&ItemId::parse("b").unwrap()).unwrap();
     assert_eq!(rel.updated_at, at(21), "release is a state change");
     assert_eq!(rel.status(), ItemStatus::Pending);
     assert_eq!(rel.lease_until(), None);
     assert_eq!(rel.attempts, 0);
     assert_eq!(rel.next_retry, at(20));
     // A no-op on a pending item.
-    let before = f.q.get("a").unwrap();
-    f.q.release("a").unwrap();
-    assert_eq!(f.q.get("a").unwrap(), before);
+    let before = f.q.get(&ItemId::parse("a").unwrap()).unwrap();
+    f.q.release(&ItemId::parse("a").unwrap()).unwrap();
+    assert_eq!(f.q.get(&ItemId::parse("a").unwrap()).unwrap(), before);
 
     // Attempts saturate.
-    let mut huge = f.q.get("a").unwrap();
+    let mut huge = f.q.get(&ItemId::parse("a").unwrap()).unwrap();
     huge.attempts = u32::MAX;
     f.q.update(&huge).unwrap();
     assert_eq!(
-        f.q.requeue("a", "again", at(300)).unwrap().attempts,
+        f.q.requeue(&ItemId::parse("a").unwrap(), "again", at(300))
+            .unwrap()
+            .attempts,
         u32::MAX
     );
-    assert_eq!(f.q.mark_failed("a", "end").unwrap().attempts, u32::MAX);
+    assert_eq!(
+        f.q.mark_failed(&ItemId::parse("a").unwrap(), "end")
+            .unwrap()
+            .attempts,
+        u32::MAX
+    );
 
     // delete
-    f.q.delete("a").unwrap();
-    assert_eq!(kind(f.q.get("a")), "item_not_found");
-    assert_eq!(kind(f.q.delete("a")), "item_not_found");
-    assert_eq!(kind(f.q.requeue("a", "e", at(1))), "item_not_found");
-    assert_eq!(kind(f.q.mark_failed("a", "e")), "item_not_found");
-    assert_eq!(kind(f.q.revive("a")), "item_not_found");
-    assert_eq!(kind(f.q.release("a")), "item_not_found");
+    f.q.delete(&ItemId::parse("a").unwrap()).unwrap();
+    assert_eq!(
+        kind(f.q.get(&ItemId::parse("a").unwrap())),
+        "item_not_found"
+    );
+    assert_eq!(
+        kind(f.q.delete(&ItemId::parse("a").unwrap())),
+        "item_not_found"
+    );
+    assert_eq!(
+        kind(f.q.requeue(&ItemId::parse("a").unwrap(), "e", at(1))),
+        "item_not_found"
+    );
+    assert_eq!(
+        kind(f.q.mark_failed(&ItemId::parse("a").unwrap(), "e")),
+        "item_not_found"
+    );
+    assert_eq!(
+        kind(f.q.revive(&ItemId::parse("a").unwrap())),
+        "item_not_found"
+    );
+    assert_eq!(
+        kind(f.q.release(&ItemId::parse("a").unwrap())),
+        "item_not_found"
+    );
 }
 
 fn update_replaces_all_but_id_and_created_at(b: &'static Backend) {
     let f = Fixture::new(b);
     f.q.enqueue(item("a")).unwrap();
     f.advance(7);
-    let mut changed = f.q.get("a").unwrap();
+    let mut changed = f.q.get(&ItemId::parse("a").unwrap()).unwrap();
     changed.attempts = 4;
     changed.max_attempts = 9;
     changed.last_error = "boom".into();
@@ -800,7 +877,7 @@ fn update_replaces_all_but_id_and_created_at(b: &'static Backend) {
     changed.item_type = ItemType::from("inventory-v2");
     changed.attributes.insert("k".into(), "v".into());
     f.q.update(&changed).unwrap();
-    let got = f.q.get("a").unwrap();
+    let got = f.q.get(&ItemId::parse("a").unwrap()).unwrap();
     assert_eq!(got.attempts, 4);
     assert_eq!(got.max_attempts, 9);
     assert_eq!(got.last_error, "boom");
@@ -816,7 +893,7 @@ fn update_replaces_all_but_id_and_created_at(b: &'static Backend) {
     expected.updated_at = at(7);
     assert_eq!(got, expected);
     let mut ghost = got.clone();
-    ghost.id = "ghost".into();
+    ghost.id = ItemId::parse("ghost").unwrap();
     assert_eq!(kind(f.q.update(&ghost)), "item_not_found");
 }
 
@@ -834,13 +911,15 @@ fn cleanup_removes_expired_and_counts(b: &'static Backend) {
     f.q.enqueue(item("old-processing")).unwrap();
     f.q.enqueue(item("old-dead")).unwrap();
     f.q.claim(10, secs(5000)).unwrap();
-    f.q.release("old-pending").unwrap();
-    f.q.release("old-dead").unwrap();
-    f.q.mark_failed("old-dead", "x").unwrap();
+    f.q.release(&ItemId::parse("old-pending").unwrap()).unwrap();
+    f.q.release(&ItemId::parse("old-dead").unwrap()).unwrap();
+    f.q.mark_failed(&ItemId::parse("old-dead").unwrap(), "x")
+        .unwrap();
     f.advance(500);
     f.q.enqueue(item("young")).unwrap();
     f.q.enqueue(item("young-dead")).unwrap();
-    f.q.mark_failed("young-dead", "x").unwrap();
+    f.q.mark_failed(&ItemId::parse("young-dead").unwrap(), "x")
+        .unwrap();
     f.advance(101);
     // TTL 600: the first three are 601s old; dead letters use their own 1000s.
     let report = f.q.cleanup(secs(600)).unwrap();
@@ -861,7 +940,7 @@ fn cleanup_removes_expired_and_counts(b: &'static Backend) {
     // Without a dead-letter TTL, dead letters use the given TTL.
     let g = Fixture::new(b);
     g.q.enqueue(item("d")).unwrap();
-    g.q.mark_failed("d", "x").unwrap();
+    g.q.mark_failed(&ItemId::parse("d").unwrap(), "x").unwrap();
     g.advance(11);
     let report = g.q.cleanup(secs(10)).unwrap();
     assert_eq!(report.dead_letters_expired, 1);
@@ -877,9 +956,11 @@ fn list_filters_orders_ties_and_pages(b: &'static Backend) {
     f.q.enqueue(item("a1").with_type("heartbeat")).unwrap();
     f.advance(1);
     f.q.enqueue(item("d2")).unwrap();
-    f.q.requeue("c0", "e", at(50)).unwrap(); // attempts 1
-    f.q.requeue("d2", "e", at(-5)).unwrap(); // attempts 1, due
-    f.q.mark_failed("b1", "e").unwrap(); // attempts 1, failed
+    f.q.requeue(&ItemId::parse("c0").unwrap(), "e", at(50))
+        .unwrap(); // attempts 1
+    f.q.requeue(&ItemId::parse("d2").unwrap(), "e", at(-5))
+        .unwrap(); // attempts 1, due
+    f.q.mark_failed(&ItemId::parse("b1").unwrap(), "e").unwrap(); // attempts 1, failed
     f.q.claim(1, secs(60)).unwrap(); // claims d2
     let all = ListFilter::default();
     assert_eq!(f.ids(&all), strs(&["c0", "a1", "b1", "d2"]));
@@ -971,10 +1052,12 @@ fn stats_are_truthful(b: &'static Backend) {
     f.advance(10);
     f.q.enqueue(item("c")).unwrap();
     f.q.enqueue(item("d")).unwrap();
-    f.q.requeue("a", "e", at(20)).unwrap();
+    f.q.requeue(&ItemId::parse("a").unwrap(), "e", at(20))
+        .unwrap();
     f.advance(5);
-    f.q.requeue("a", "e", at(30)).unwrap();
-    f.q.mark_failed("b", "e").unwrap();
+    f.q.requeue(&ItemId::parse("a").unwrap(), "e", at(30))
+        .unwrap();
+    f.q.mark_failed(&ItemId::parse("b").unwrap(), "e").unwrap();
     f.q.claim(1, secs(60)).unwrap(); // c (due at 20, created 20, id c < d)
     let s = f.q.stats().unwrap();
     assert_eq!(s.total_items, 4);
@@ -1006,13 +1089,19 @@ fn close_is_idempotent_and_final(b: &'static Backend) {
     assert_eq!(kind(f.q.enqueue_batch(vec![item("b")])), closed);
     assert_eq!(kind(f.q.dequeue()), closed);
     assert_eq!(kind(f.q.peek()), closed);
-    assert_eq!(kind(f.q.get("a")), closed);
+    assert_eq!(kind(f.q.get(&ItemId::parse("a").unwrap())), closed);
     assert_eq!(kind(f.q.update(&dummy_item())), closed);
-    assert_eq!(kind(f.q.delete("a")), closed);
-    assert_eq!(kind(f.q.mark_failed("a", "x")), closed);
-    assert_eq!(kind(f.q.requeue("a", "x", t0())), closed);
-    assert_eq!(kind(f.q.revive("a")), closed);
-    assert_eq!(kind(f.q.release("a")), closed);
+    assert_eq!(kind(f.q.delete(&ItemId::parse("a").unwrap())), closed);
+    assert_eq!(
+        kind(f.q.mark_failed(&ItemId::parse("a").unwrap(), "x")),
+        closed
+    );
+    assert_eq!(
+        kind(f.q.requeue(&ItemId::parse("a").unwrap(), "x", t0())),
+        closed
+    );
+    assert_eq!(kind(f.q.revive(&ItemId::parse("a").unwrap())), closed);
+    assert_eq!(kind(f.q.release(&ItemId::parse("a").unwrap())), closed);
     assert_eq!(kind(f.q.claim(1, secs(1))), closed);
     assert_eq!(kind(f.q.release_expired_leases()), closed);
     assert_eq!(kind(f.q.next_due()), closed);
@@ -1021,7 +1110,9 @@ fn close_is_idempotent_and_final(b: &'static Backend) {
     assert_eq!(kind(f.q.cleanup(secs(1))), closed);
     assert_eq!(kind(f.q.enforce_limits()), closed);
     assert_eq!(kind(f.q.list(&ListFilter::default())), closed);
-    match f.q.apply_batch(vec![WriteOp::Delete { id: "a".into() }]) {
+    match f.q.apply_batch(vec![WriteOp::Delete {
+        id: ItemId::parse("a").unwrap(),
+    }]) {
         Err(e) => assert_eq!(e.kind(), closed),
         Ok(results) => {
             assert_eq!(results.len(), 1);
@@ -1052,7 +1143,7 @@ fn enqueue_batch_has_per_item_results(b: &'static Backend) {
             item("n1").with_fingerprint("fp-other"), // same id earlier in batch
             item("n2").with_fingerprint("fp-1"),     // same fp earlier in batch
             item("n3").with_fingerprint("fp-e"),     // same fp as stored
-            item("../bad"),
+            item("bad").with_max_attempts(0),
             item("existing").with_fingerprint("fp-x"), // same id as stored
             item("n4"),
             NewItem::new(payload("{\"auto\":1}")),
@@ -1071,7 +1162,7 @@ fn enqueue_batch_has_per_item_results(b: &'static Backend) {
     assert!(uuid_like(&auto));
     assert_eq!(results[8].as_ref().unwrap_err().kind(), "queue_full");
     let mut expected = strs(&["existing", "n1", "n4"]);
-    expected.push(auto);
+    expected.push(auto.to_string());
     expected.sort();
     let mut got = f.ids(&ListFilter::default());
     got.sort();
@@ -1079,7 +1170,7 @@ fn enqueue_batch_has_per_item_results(b: &'static Backend) {
     assert_eq!(f.q.enqueue_batch(vec![]).unwrap().len(), 0);
 }
 
-fn dup_ref(result: &QueueResult<String>) -> &str {
+fn dup_ref(result: &QueueResult<ItemId>) -> &str {
     match result {
         Err(QueueError::DuplicateItem { existing_id }) => existing_id,
         other => panic!("expected DuplicateItem, got {other:?}"),
@@ -1102,9 +1193,18 @@ fn apply_batch_deferred_applies_each_op(b: &'static Backend) {
     });
     if b.durable {
         f.reopen();
-        assert_eq!(kind(f.q.get("a")), "item_not_found");
-        assert_eq!(f.q.get("c").unwrap().status(), ItemStatus::Failed);
-        assert_eq!(f.q.get("e").unwrap().status(), ItemStatus::Pending);
+        assert_eq!(
+            kind(f.q.get(&ItemId::parse("a").unwrap())),
+            "item_not_found"
+        );
+        assert_eq!(
+            f.q.get(&ItemId::parse("c").unwrap()).unwrap().status(),
+            ItemStatus::Failed
+        );
+        assert_eq!(
+            f.q.get(&ItemId::parse("e").unwrap()).unwrap().status(),
+            ItemStatus::Pending
+        );
     }
 }
 
@@ -1125,23 +1225,33 @@ fn check_batch_applies_each_op(
         vec![
             WriteOp::Enqueue(item("e")),
             WriteOp::Enqueue(item("e")),
-            WriteOp::Delete { id: "a".into() },
+            WriteOp::Delete {
+                id: ItemId::parse("a").unwrap(),
+            },
             WriteOp::Requeue {
-                id: "b".into(),
+                id: ItemId::parse("b").unwrap(),
                 error: "retry".into(),
                 next_retry: at(40),
             },
             WriteOp::MarkFailed {
-                id: "c".into(),
+                id: ItemId::parse("c").unwrap(),
                 reason: "dead".into(),
             },
-            WriteOp::Release { id: "d".into() },
-            WriteOp::Delete {
-                id: "missing".into(),
+            WriteOp::Release {
+                id: ItemId::parse("d").unwrap(),
             },
-            WriteOp::Delete { id: "a".into() },
-            WriteOp::Delete { id: "d".into() },
-            WriteOp::Delete { id: "d".into() },
+            WriteOp::Delete {
+                id: ItemId::parse("missing").unwrap(),
+            },
+            WriteOp::Delete {
+                id: ItemId::parse("a").unwrap(),
+            },
+            WriteOp::Delete {
+                id: ItemId::parse("d").unwrap(),
+            },
+            WriteOp::Delete {
+                id: ItemId::parse("d").unwrap(),
+            },
         ],
     );
     assert_eq!(results.len(), 10);
@@ -1149,10 +1259,13 @@ fn check_batch_applies_each_op(
     // which answers per ID, as one delete at a time would.
     assert_eq!(results[8].as_ref().unwrap(), &WriteOutcome::Applied);
     assert_eq!(results[9].as_ref().unwrap_err().kind(), "item_not_found");
-    assert_eq!(kind(f.q.get("d")), "item_not_found");
+    assert_eq!(
+        kind(f.q.get(&ItemId::parse("d").unwrap())),
+        "item_not_found"
+    );
     assert_eq!(
         results[0].as_ref().unwrap(),
-        &WriteOutcome::Enqueued("e".into())
+        &WriteOutcome::Enqueued(ItemId::parse("e").unwrap())
     );
     assert_eq!(results[1].as_ref().unwrap_err().kind(), "duplicate_item");
     for r in &results[2..6] {
@@ -1160,16 +1273,22 @@ fn check_batch_applies_each_op(
     }
     assert_eq!(results[6].as_ref().unwrap_err().kind(), "item_not_found");
     assert_eq!(results[7].as_ref().unwrap_err().kind(), "item_not_found");
-    assert_eq!(kind(f.q.get("a")), "item_not_found");
-    let b_item = f.q.get("b").unwrap();
+    assert_eq!(
+        kind(f.q.get(&ItemId::parse("a").unwrap())),
+        "item_not_found"
+    );
+    let b_item = f.q.get(&ItemId::parse("b").unwrap()).unwrap();
     assert_eq!(
         (b_item.status(), b_item.attempts, b_item.next_retry),
         (ItemStatus::Pending, 1, at(40))
     );
     assert_eq!(b_item.last_attempt, Some(at(3)));
-    let c_item = f.q.get("c").unwrap();
+    let c_item = f.q.get(&ItemId::parse("c").unwrap()).unwrap();
     assert_eq!((c_item.status(), c_item.attempts), (ItemStatus::Failed, 1));
-    assert_eq!(f.q.get("e").unwrap().status(), ItemStatus::Pending);
+    assert_eq!(
+        f.q.get(&ItemId::parse("e").unwrap()).unwrap().status(),
+        ItemStatus::Pending
+    );
     f
 }
 
@@ -1183,7 +1302,7 @@ fn state_survives_reopen(b: &'static Backend) {
     let report = payload("{\"deep\":{\"list\":[1,2.5,\"x\\\"y\"]},\"u\":\"\\u00e9\"}");
     f.q.enqueue(
         NewItem::new(report.clone())
-            .with_id("a")
+            .with_id(ItemId::parse("a").unwrap())
             .with_type("custom")
             .with_attribute("h", "v"),
     )
@@ -1193,28 +1312,34 @@ fn state_survives_reopen(b: &'static Backend) {
     f.q.enqueue(item("gone")).unwrap();
     f.advance(2);
     f.q.claim(4, secs(600)).unwrap();
-    f.q.requeue("a", "first failure", at(30)).unwrap();
+    f.q.requeue(&ItemId::parse("a").unwrap(), "first failure", at(30))
+        .unwrap();
     f.advance(3);
-    f.q.requeue("a", "second failure", at(90)).unwrap();
-    f.q.mark_failed("b", "permanent").unwrap();
-    f.q.delete("gone").unwrap();
+    f.q.requeue(&ItemId::parse("a").unwrap(), "second failure", at(90))
+        .unwrap();
+    f.q.mark_failed(&ItemId::parse("b").unwrap(), "permanent")
+        .unwrap();
+    f.q.delete(&ItemId::parse("gone").unwrap()).unwrap();
     // "c" stays processing; its lease (600 s) ends while the store is
     // closed, as after a crash. (SQLite keeps unexpired leases at open: a
     // second process, the CLI, may open the file while the daemon delivers.)
-    let before_a = f.q.get("a").unwrap();
-    let before_b = f.q.get("b").unwrap();
+    let before_a = f.q.get(&ItemId::parse("a").unwrap()).unwrap();
+    let before_b = f.q.get(&ItemId::parse("b").unwrap()).unwrap();
     f.advance(600);
     f.reopen();
-    let a = f.q.get("a").unwrap();
+    let a = f.q.get(&ItemId::parse("a").unwrap()).unwrap();
     assert_eq!(a, before_a);
     assert_eq!(a.report, report);
     assert_eq!(a.attempts, 2);
     assert_eq!(a.last_error, "second failure");
     assert_eq!(a.last_attempt, Some(at(5)));
     assert_eq!(a.next_retry, at(90));
-    assert_eq!(f.q.get("b").unwrap(), before_b);
-    assert_eq!(kind(f.q.get("gone")), "item_not_found");
-    let c = f.q.get("c").unwrap();
+    assert_eq!(f.q.get(&ItemId::parse("b").unwrap()).unwrap(), before_b);
+    assert_eq!(
+        kind(f.q.get(&ItemId::parse("gone").unwrap())),
+        "item_not_found"
+    );
+    let c = f.q.get(&ItemId::parse("c").unwrap()).unwrap();
     assert_eq!(
         c.status(),
         ItemStatus::Pending,
@@ -1226,16 +1351,18 @@ fn state_survives_reopen(b: &'static Backend) {
     // Dedupe still works against what was loaded.
     assert_eq!(duplicate_of(f.q.enqueue(item("c"))), "c");
     assert_eq!(
-        duplicate_of(f.q.enqueue(NewItem::new(report).with_id("a2"))),
+        duplicate_of(f.q.enqueue(NewItem::new(report).with_id(ItemId::parse("a2").unwrap()))),
         "a"
     );
     // And the backoff keeps growing from the persisted attempts.
     f.q.claim(10, secs(60)).unwrap();
     f.clock.set(at(90));
-    let a = f.q.requeue("a", "third", at(200)).unwrap();
+    let a =
+        f.q.requeue(&ItemId::parse("a").unwrap(), "third", at(200))
+            .unwrap();
     assert_eq!(a.attempts, 3);
     f.reopen();
-    assert_eq!(f.q.get("a").unwrap().attempts, 3);
+    assert_eq!(f.q.get(&ItemId::parse("a").unwrap()).unwrap().attempts, 3);
     let s = f.q.stats().unwrap();
     assert_eq!(s.total_retries, 4);
     assert_eq!(s.last_retry, Some(at(90)));
@@ -1250,7 +1377,7 @@ fn expired_lease_returns_to_pending(b: &'static Backend) {
     f.q.claim(1, secs(10)).unwrap();
     f.advance(5); // a's lease (10) is over, b's (15) is not
     assert_eq!(f.q.release_expired_leases().unwrap(), 1);
-    let a = f.q.get("a").unwrap();
+    let a = f.q.get(&ItemId::parse("a").unwrap()).unwrap();
     assert_eq!(a.status(), ItemStatus::Pending);
     assert_eq!(a.lease_until(), None);
     assert_eq!(
@@ -1258,7 +1385,10 @@ fn expired_lease_returns_to_pending(b: &'static Backend) {
         at(10),
         "returning to pending is a state change"
     );
-    assert_eq!(f.q.get("b").unwrap().status(), ItemStatus::Processing);
+    assert_eq!(
+        f.q.get(&ItemId::parse("b").unwrap()).unwrap().status(),
+        ItemStatus::Processing
+    );
     assert_eq!(f.q.claim(5, secs(10)).unwrap()[0].id, "a");
     f.advance(100);
     assert_eq!(f.q.release_expired_leases().unwrap(), 2);
@@ -1280,30 +1410,34 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
         assert_eq!(stored.attempts, 0);
         assert_eq!(stored.created_at, t0());
         assert_eq!(stored.updated_at, t0());
-        assert_eq!(&f.q.get(id).unwrap(), stored, "returned as stored");
+        assert_eq!(
+            &f.q.get(&ItemId::parse(id).unwrap()).unwrap(),
+            stored,
+            "returned as stored"
+        );
     }
     assert_eq!(duplicate_of(results.remove(2)), "old");
     let s = f.q.stats().unwrap();
     assert_eq!((s.pending_items, s.processing_items), (1, 2));
     // Claimed items are live: no claim takes them, dedupe sees them.
-    let claimed: Vec<String> =
+    let claimed: Vec<ItemId> =
         f.q.claim(10, secs(60))
             .unwrap()
             .into_iter()
             .map(|i| i.id)
             .collect();
     assert_eq!(claimed, strs(&["old"]));
-    let a_fingerprint = f.q.get("a").unwrap().fingerprint;
+    let a_fingerprint = f.q.get(&ItemId::parse("a").unwrap()).unwrap().fingerprint;
     assert_eq!(
         duplicate_of(f.q.enqueue(item("a2").with_fingerprint(a_fingerprint.clone()))),
         "a"
     );
     // Acknowledged like any claim; an expired lease returns the item to
     // pending with no attempt counted.
-    f.q.delete("a").unwrap();
+    f.q.delete(&ItemId::parse("a").unwrap()).unwrap();
     f.advance(31);
     assert_eq!(f.q.release_expired_leases().unwrap(), 1);
-    let b_item = f.q.get("b").unwrap();
+    let b_item = f.q.get(&ItemId::parse("b").unwrap()).unwrap();
     assert_eq!(b_item.status(), ItemStatus::Pending);
     assert_eq!(b_item.lease_until(), None);
     assert_eq!(b_item.attempts, 0);
@@ -1325,7 +1459,7 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
         Ok(WriteOutcome::Claimed(c)) => {
             assert_eq!(c.status(), ItemStatus::Processing);
             assert_eq!(c.lease_until(), Some(at(61)));
-            assert_eq!(**c, f.q.get("c").unwrap());
+            assert_eq!(**c, f.q.get(&ItemId::parse("c").unwrap()).unwrap());
         }
         other => panic!("expected a claimed item, got {other:?}"),
     }
@@ -1335,7 +1469,7 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
         return;
     }
     f.reopen();
-    let c = f.q.get("c").unwrap();
+    let c = f.q.get(&ItemId::parse("c").unwrap()).unwrap();
     assert_eq!(c.attempts, 0);
     assert!(matches!(
         c.status(),
@@ -1343,7 +1477,7 @@ fn enqueue_claimed_stores_items_as_a_claim_would(b: &'static Backend) {
     ));
     assert_eq!(f.q.size().unwrap(), 3);
     assert_eq!(
-        f.q.get("a").unwrap_err().kind(),
+        f.q.get(&ItemId::parse("a").unwrap()).unwrap_err().kind(),
         "item_not_found",
         "an acknowledged item stays gone"
     );
@@ -1363,7 +1497,7 @@ fn corrupt_record_is_quarantined(b: &'static Backend) {
     corrupt(f.dir.path(), "victim");
     f.q = (b.open)(f.dir.path(), f.options.clone()).unwrap();
     // The victim is never returned as if it were intact.
-    match f.q.get("victim") {
+    match f.q.get(&ItemId::parse("victim").unwrap()) {
         Ok(it) => panic!("a corrupt record was returned: {it:?}"),
         Err(e) => assert!(
             matches!(e.kind(), "corrupt" | "item_not_found"),
@@ -1371,7 +1505,10 @@ fn corrupt_record_is_quarantined(b: &'static Backend) {
         ),
     }
     // Every other item still works; the damage is counted.
-    assert_eq!(f.q.get("good1").unwrap().id, "good1");
+    assert_eq!(
+        f.q.get(&ItemId::parse("good1").unwrap()).unwrap().id,
+        "good1"
+    );
     let ids: Vec<_> =
         f.q.claim(10, secs(10))
             .unwrap()
@@ -1392,7 +1529,7 @@ fn corrupt_record_is_quarantined(b: &'static Backend) {
 /// whole message of each error (`ok ID` for an admission).
 fn admission_answers(b: &'static Backend) -> Vec<String> {
     let mut answers = Vec::new();
-    let mut note = |result: QueueResult<String>| {
+    let mut note = |result: QueueResult<ItemId>| {
         answers.push(match result {
             Ok(id) => format!("ok {id}"),
             Err(e) => format!("{}: {e}", e.kind()),
@@ -1412,18 +1549,19 @@ fn admission_answers(b: &'static Backend) -> Vec<String> {
     note(f.q.enqueue(item("a")));
     note(f.q.enqueue(item("c").with_fingerprint("fp-a")));
     let big = NewItem::new(payload(&format!("\"{}\"", "x".repeat(size as usize * 4))));
-    note(f.q.enqueue(big.with_id("big")));
+    note(f.q.enqueue(big.with_id(ItemId::parse("big").unwrap())));
     // Full by bytes (two items held), then by items.
     let fat = NewItem::new(payload(&format!("\"{}\"", "y".repeat(size as usize * 2))));
-    note(f.q.enqueue(fat.with_id("fat")));
+    note(f.q.enqueue(fat.with_id(ItemId::parse("fat").unwrap())));
     note(f.q.enqueue(item("c")));
     note(f.q.enqueue(item("d")));
     // A dead letter keeps its ID and frees its fingerprint.
-    f.q.mark_failed("a", "dead").unwrap();
+    f.q.mark_failed(&ItemId::parse("a").unwrap(), "dead")
+        .unwrap();
     note(f.q.enqueue(item("a")));
     note(f.q.enqueue(item("e").with_fingerprint("fp-a")));
     // A batch against its own items, with room for one.
-    f.q.delete("b").unwrap();
+    f.q.delete(&ItemId::parse("b").unwrap()).unwrap();
     let batch =
         f.q.enqueue_batch(vec![item("x"), item("x"), item("y")])
             .unwrap();
@@ -1504,9 +1642,9 @@ fn every_admission_asks_the_planner(b: &'static Backend) {
     f.q.enforce_limits().unwrap();
     asked("enforce_limits", before, 1);
     let before = planned();
-    let exported = f.q.get("f").unwrap();
+    let exported = f.q.get(&ItemId::parse("f").unwrap()).unwrap();
     let mut imported = exported.clone();
-    imported.id = "g".into();
+    imported.id = ItemId::parse("g").unwrap();
     imported.fingerprint = "fp-g".into();
     if f.q.import_batch(vec![imported]).is_ok() {
         asked("import_batch", before, 1);

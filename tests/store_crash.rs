@@ -16,6 +16,8 @@
 //! - nothing else is there, every item reads back with its exact payload,
 //!   and nothing was quarantined (no half-written record).
 
+use retryq::item::ItemId;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -89,7 +91,7 @@ fn crash_child() {
         if live.is_empty() || roll < 30 {
             let id = format!("i{n}");
             say(format!("try enq {id}"));
-            let item = NewItem::new(payload_for(&id)).with_id(&id);
+            let item = NewItem::new(payload_for(&id)).with_id(ItemId::parse(&id).unwrap());
             if roll < 15 {
                 // The store actor's path: committed, then synced apart.
                 apply_deferred(q.as_ref(), WriteOp::Enqueue(item));
@@ -101,7 +103,7 @@ fn crash_child() {
         } else if roll < 45 {
             let id = format!("i{n}");
             say(format!("try enqc {id}"));
-            let item = NewItem::new(payload_for(&id)).with_id(&id);
+            let item = NewItem::new(payload_for(&id)).with_id(ItemId::parse(&id).unwrap());
             let mut stored = q
                 .enqueue_claimed(vec![item], std::time::Duration::from_secs(3600))
                 .unwrap();
@@ -113,21 +115,28 @@ fn crash_child() {
             let error = format!("err-{n}");
             say(format!("try req {id} {error}"));
             let next = chrono::Utc::now() + chrono::Duration::hours(1);
-            let item = q.requeue(&id, &error, next).unwrap();
+            let item = q
+                .requeue(&ItemId::parse(&id).unwrap(), &error, next)
+                .unwrap();
             say(format!("ok req {id} {}", item.attempts));
         } else if roll < 85 {
             let id = live[rng.usize(0..live.len())].clone();
             let error = format!("dead-{n}");
             say(format!("try fail {id} {error}"));
-            let item = q.mark_failed(&id, &error).unwrap();
+            let item = q.mark_failed(&ItemId::parse(&id).unwrap(), &error).unwrap();
             say(format!("ok fail {id} {}", item.attempts));
         } else {
             let id = live.swap_remove(rng.usize(0..live.len()));
             say(format!("try del {id}"));
             if roll < 93 {
-                apply_deferred(q.as_ref(), WriteOp::Delete { id: id.clone() });
+                apply_deferred(
+                    q.as_ref(),
+                    WriteOp::Delete {
+                        id: ItemId::parse(&id.clone()).unwrap(),
+                    },
+                );
             } else {
-                q.delete(&id).unwrap();
+                q.delete(&ItemId::parse(&id).unwrap()).unwrap();
             }
             say(format!("ok del {id}"));
         }
@@ -280,7 +289,7 @@ fn crash_round(backend: &str, seed: u64, kill_after: usize) {
     let q = open(backend, dir.path());
     let stats = q.stats().unwrap();
     assert_eq!(stats.quarantined, 0, "{backend}: a record was half-written");
-    let stored: Vec<String> = q
+    let stored: Vec<ItemId> = q
         .list(&ListFilter::default())
         .unwrap()
         .into_iter()
@@ -297,7 +306,7 @@ fn crash_round(backend: &str, seed: u64, kill_after: usize) {
     let flight_id = in_flight.as_ref().map(|(id, _)| id.clone());
     for id in &stored {
         assert!(
-            acked.contains_key(id) || flight_id.as_ref() == Some(id),
+            acked.contains_key(id.as_str()) || flight_id.as_deref() == Some(id.as_str()),
             "{backend}: {id} was never enqueued"
         );
     }
@@ -315,7 +324,7 @@ fn crash_round(backend: &str, seed: u64, kill_after: usize) {
             .into_iter()
             .map(|state| state.map(|s| as_reopened(backend, s)))
             .collect();
-        let actual = match q.get(&id) {
+        let actual = match q.get(&ItemId::parse(&id).unwrap()) {
             Ok(item) => {
                 assert_eq!(item.report, payload_for(&id), "{backend}: payload of {id}");
                 Some(State {

@@ -8,6 +8,8 @@
 //! prefix look-alikes happen), payloads from a pool of sizes (so the byte
 //! limit bites), time from a shared `ManualClock` moved in whole seconds.
 
+use retryq::item::ItemId;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 use retryq::clock::ManualClock;
 use retryq::item::{NewItem, Payload, QueueItem};
+use retryq::store::admission::planned_on_this_thread;
 use retryq::store::{
     CleanupReport, FileRetryQueue, ListFilter, MemoryRetryQueue, OverflowPolicy, QueueStats,
     RetryQueue, SqliteRetryQueue, StoreOptions, WriteOp, WriteOutcome,
@@ -137,7 +140,7 @@ fn t0() -> DateTime<Utc> {
 fn new_item(e: &Enq, now: DateTime<Utc>) -> NewItem {
     let report =
         Payload::from_json_str(&format!("{{\"p\":\"{}\"}}", "x".repeat(SIZES[e.size]))).unwrap();
-    let mut item = NewItem::new(report).with_id(IDS[e.id]);
+    let mut item = NewItem::new(report).with_id(ItemId::parse(IDS[e.id]).unwrap());
     if let Some(fp) = e.fingerprint {
         item = item.with_fingerprint(format!("fp{fp}"));
     }
@@ -152,7 +155,7 @@ fn new_item(e: &Enq, now: DateTime<Utc>) -> NewItem {
 enum Out {
     Err(&'static str, Option<String>),
     Unit,
-    Id(String),
+    Id(ItemId),
     Ids(Vec<Out>),
     Item(Option<QueueItem>),
     Items(Vec<QueueItem>),
@@ -162,12 +165,17 @@ enum Out {
     Stats(QueueStats),
 }
 
+/// An error by kind; an admission refusal (one planner for every
+/// backend) also by its whole text, which names the duplicate's ID or the
+/// numbers of a full queue.
 fn err(e: QueueError) -> Out {
-    let dup = match &e {
-        QueueError::DuplicateItem { existing_id } => Some(existing_id.clone()),
+    let text = match &e {
+        QueueError::DuplicateItem { .. }
+        | QueueError::QueueFull { .. }
+        | QueueError::TooLarge { .. } => Some(e.to_string()),
         _ => None,
     };
-    Out::Err(e.kind(), dup)
+    Out::Err(e.kind(), text)
 }
 
 fn out<T>(r: QueueResult<T>, f: impl FnOnce(T) -> Out) -> Out {
@@ -192,7 +200,7 @@ fn outcomes(results: Vec<QueueResult<WriteOutcome>>) -> Out {
     )
 }
 
-fn normalize_ids(results: Vec<QueueResult<String>>) -> Out {
+fn normalize_ids(results: Vec<QueueResult<ItemId>>) -> Out {
     Out::Ids(results.into_iter().map(|r| out(r, Out::Id)).collect())
 }
 
@@ -248,22 +256,27 @@ fn apply(
         Op::Claim { limit, lease } => out(q.claim(*limit, secs(*lease)), Out::Items),
         Op::Dequeue => out(q.dequeue(), Out::Item),
         Op::Peek => out(q.peek(), Out::Item),
-        Op::Get(id) => out(q.get(IDS[*id]), |i| Out::Item(Some(i))),
+        Op::Get(id) => out(q.get(&ItemId::parse(IDS[*id]).unwrap()), |i| {
+            Out::Item(Some(i))
+        }),
         Op::Requeue { id, delay } => out(
             q.requeue(
-                IDS[*id],
+                &ItemId::parse(IDS[*id]).unwrap(),
                 "retry later",
                 now + chrono::Duration::seconds(i64::from(*delay)),
             ),
             |i| Out::Item(Some(i)),
         ),
-        Op::MarkFailed(id) => out(q.mark_failed(IDS[*id], "dead"), |i| Out::Item(Some(i))),
-        Op::Delete(id) => out(q.delete(IDS[*id]), |()| Out::Unit),
+        Op::MarkFailed(id) => out(
+            q.mark_failed(&ItemId::parse(IDS[*id]).unwrap(), "dead"),
+            |i| Out::Item(Some(i)),
+        ),
+        Op::Delete(id) => out(q.delete(&ItemId::parse(IDS[*id]).unwrap()), |()| Out::Unit),
         Op::AckBatch { ids, deferred } => {
             let ops = ids
                 .iter()
                 .map(|id| WriteOp::Delete {
-                    id: IDS[*id].into(),
+                    id: ItemId::parse(IDS[*id]).unwrap(),
                 })
                 .collect();
             let applied = if *deferred {
@@ -276,8 +289,10 @@ fn apply(
             };
             out(applied, outcomes)
         }
-        Op::Revive(id) => out(q.revive(IDS[*id]), |i| Out::Item(Some(i))),
-        Op::Release(id) => out(q.release(IDS[*id]), |()| Out::Unit),
+        Op::Revive(id) => out(q.revive(&ItemId::parse(IDS[*id]).unwrap()), |i| {
+            Out::Item(Some(i))
+        }),
+        Op::Release(id) => out(q.release(&ItemId::parse(IDS[*id]).unwrap()), |()| Out::Unit),
         Op::ReleaseExpired => out(q.release_expired_leases(), Out::Count),
         Op::NextDue => out(q.next_due(), Out::Time),
         Op::Advance(s) => {
@@ -319,6 +334,15 @@ fn open_file(dir: &Path, options: StoreOptions) -> QueueResult<Box<dyn RetryQueu
 /// `keeps_live_leases`: the backend returns only expired leases to pending
 /// when it is reopened (SQLite, whose file other processes may share);
 /// otherwise every processing item (the file backend, which is locked).
+/// How many new items `op` offers a store.
+fn offered(op: &Op) -> u64 {
+    match op {
+        Op::Enqueue(_) => 1,
+        Op::EnqueueBatch(items) | Op::EnqueueClaimed { items, .. } => items.len() as u64,
+        _ => 0,
+    }
+}
+
 fn run(
     open: Opener,
     keeps_live_leases: bool,
@@ -365,10 +389,20 @@ fn run(
             Op::Advance(_) => None,
             other => Some(other),
         };
+        let asked_before = planned_on_this_thread();
         let got = match op_for_real {
             Some(op) => apply(&mut real, op, &clock, &mut reopen_real),
             None => Out::Unit,
         };
+        // Every item offered went to the admission planner.
+        let asked = planned_on_this_thread() - asked_before;
+        prop_assert!(
+            asked >= offered(op),
+            "step {} {:?} asked the planner {} times",
+            step,
+            op,
+            asked
+        );
         prop_assert_eq!(&got, &expected, "step {} {:?}", step, op);
         let want_all = model_q.list(&all).unwrap();
         let got_all = real.list(&all).unwrap();

@@ -1,6 +1,8 @@
 //! Delivery semantics of `RetryWorker`, made deterministic with a manual
 //! clock and `process_now` (no sleeping on backoff).
 
+use retryq::item::ItemId;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,7 +122,7 @@ fn item(n: usize) -> NewItem {
     NewItem::from_json(format!("{{\"n\":{n}}}").as_bytes()).unwrap()
 }
 
-async fn enqueue_n(q: &Arc<dyn RetryQueue>, n: usize) -> Vec<String> {
+async fn enqueue_n(q: &Arc<dyn RetryQueue>, n: usize) -> Vec<ItemId> {
     (0..n).map(|i| q.enqueue(item(i)).unwrap()).collect()
 }
 
@@ -138,7 +140,7 @@ async fn upstream_down_then_up_with_growing_backoff_across_a_restart() {
     assert!(r
         .iter()
         .all(|r| r.kind == EventKind::Retried && r.attempts == 1));
-    let it = queue.get(&ids[0]).unwrap();
+    let it = queue.get(&ItemId::parse(&ids[0]).unwrap()).unwrap();
     assert_eq!(it.attempts, 1);
     assert_eq!(it.next_retry, t0 + chrono::Duration::seconds(10));
     assert_eq!(it.last_error, "503");
@@ -150,7 +152,7 @@ async fn upstream_down_then_up_with_growing_backoff_across_a_restart() {
     env.clock.advance(Duration::from_secs(5));
     let t1 = env.clock.now();
     worker.process_now().await.unwrap();
-    let it = queue.get(&ids[0]).unwrap();
+    let it = queue.get(&ItemId::parse(&ids[0]).unwrap()).unwrap();
     assert_eq!(it.attempts, 2);
     assert_eq!(it.next_retry, t1 + chrono::Duration::seconds(20));
 
@@ -158,14 +160,17 @@ async fn upstream_down_then_up_with_growing_backoff_across_a_restart() {
     drop(worker);
     queue.close().unwrap();
     let queue = env.store();
-    let it = queue.get(&ids[0]).unwrap();
+    let it = queue.get(&ItemId::parse(&ids[0]).unwrap()).unwrap();
     assert_eq!(it.attempts, 2, "attempts are persisted");
     let worker = RetryWorker::new(env.config(), queue.clone(), transport.clone()).unwrap();
     env.clock.advance(Duration::from_secs(20));
     let t2 = env.clock.now();
     worker.process_now().await.unwrap();
     assert_eq!(
-        queue.get(&ids[0]).unwrap().next_retry,
+        queue
+            .get(&ItemId::parse(&ids[0]).unwrap())
+            .unwrap()
+            .next_retry,
         t2 + chrono::Duration::seconds(40)
     );
 
@@ -253,8 +258,11 @@ async fn unauthorized_pauses_without_burning_attempts_until_resume() {
     }
     assert_eq!(transport.push_count(), 1);
     for id in &ids {
-        assert_eq!(queue.get(id).unwrap().attempts, 0);
-        assert_eq!(queue.get(id).unwrap().status(), ItemStatus::Pending);
+        assert_eq!(queue.get(&ItemId::parse(id).unwrap()).unwrap().attempts, 0);
+        assert_eq!(
+            queue.get(&ItemId::parse(id).unwrap()).unwrap().status(),
+            ItemStatus::Pending
+        );
     }
     transport.set(PushOutcome::Delivered);
     worker.resume();
@@ -417,9 +425,9 @@ async fn checker_skips_uploads_the_upstream_has() {
         .with_checker(checker.clone());
     let r = worker.process_now().await.unwrap();
     let kinds: HashMap<_, _> = r.iter().map(|r| (r.item_id.clone(), r.kind)).collect();
-    assert_eq!(kinds[&known], EventKind::Skipped);
-    assert_eq!(kinds[&fresh], EventKind::Delivered);
-    assert_eq!(transport.counts().get(&known), None, "no upload");
+    assert_eq!(kinds[known.as_str()], EventKind::Skipped);
+    assert_eq!(kinds[fresh.as_str()], EventKind::Delivered);
+    assert_eq!(transport.counts().get(known.as_str()), None, "no upload");
     assert_eq!(
         checker.calls.load(Ordering::SeqCst),
         1,
@@ -447,7 +455,7 @@ async fn checker_failure_burns_no_attempt_and_pushes_nothing() {
     assert!(r.iter().all(|r| r.kind == EventKind::Released));
     assert_eq!(transport.push_count(), 0);
     for id in &ids {
-        let it = queue.get(id).unwrap();
+        let it = queue.get(&ItemId::parse(id).unwrap()).unwrap();
         assert_eq!(it.attempts, 0);
         assert_eq!(it.status(), ItemStatus::Pending);
     }
@@ -528,7 +536,7 @@ async fn restart_and_deliver_all(
     queue: Arc<dyn RetryQueue>,
     transport: &Arc<Scripted>,
     config: RetryWorkerConfig,
-    ids: &[String],
+    ids: &[ItemId],
 ) {
     *transport.delay.lock().unwrap() = Duration::ZERO;
     let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
@@ -537,7 +545,10 @@ async fn restart_and_deliver_all(
     worker.stop(Duration::from_secs(5)).await.unwrap();
     let counts = transport.counts();
     for id in ids {
-        assert!(counts.get(id).copied().unwrap_or(0) >= 1, "{id} was lost");
+        assert!(
+            counts.get(id.as_str()).copied().unwrap_or(0) >= 1,
+            "{id} was lost"
+        );
     }
 }
 
@@ -587,7 +598,11 @@ async fn sixty_four_producers_everything_delivered_exactly_once() {
     wait_until("all delivered", || queue.size().unwrap() == 0).await;
     let counts = transport.counts();
     for id in &ids {
-        assert_eq!(counts.get(id), Some(&1), "{id} delivered exactly once");
+        assert_eq!(
+            counts.get(id.as_str()),
+            Some(&1),
+            "{id} delivered exactly once"
+        );
     }
     assert!(!transport.overlapped.load(Ordering::SeqCst));
     worker.stop(Duration::from_secs(5)).await.unwrap();
@@ -637,7 +652,7 @@ async fn coalesced_wakes_deliver_every_burst_without_the_poll() {
     // A single enqueue after the bursts is woken too.
     let last = worker.enqueue(item(999_999)).await.unwrap();
     wait_until("the last item delivered", || {
-        transport.counts().get(&last) == Some(&1)
+        transport.counts().get(last.as_str()) == Some(&1)
     })
     .await;
     worker.stop(Duration::from_secs(5)).await.unwrap();
@@ -710,7 +725,7 @@ async fn process_now_racing_the_scheduler_never_double_pushes() {
     assert!(!transport.overlapped.load(Ordering::SeqCst));
     let counts = transport.counts();
     for id in &ids {
-        assert_eq!(counts.get(id), Some(&1), "{id} pushed once");
+        assert_eq!(counts.get(id.as_str()), Some(&1), "{id} pushed once");
     }
 }
 
@@ -822,7 +837,7 @@ async fn an_enqueue_goes_straight_to_delivery_stored_claimed() {
         Some(stored.created_at + chrono::Duration::from_std(lease).unwrap())
     );
     wait_until("delivered", || queue.size().unwrap() == 0).await;
-    assert_eq!(transport.counts().get(&id), Some(&1));
+    assert_eq!(transport.counts().get(id.as_str()), Some(&1));
     worker.stop(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -849,7 +864,7 @@ async fn gated_delivery_stores_enqueues_pending() {
     worker.resume();
     // Delivered by a claim, which stamps the item when it takes it.
     wait_until("the paused item's push", || {
-        transport.active.lock().unwrap().contains(&paused)
+        transport.active.lock().unwrap().contains(paused.as_str())
     })
     .await;
     let claimed = queue.get(&paused).unwrap();
@@ -871,7 +886,7 @@ async fn gated_delivery_stores_enqueues_pending() {
         queue.get(&failing).unwrap().attempts == 1
     })
     .await;
-    assert_eq!(transport.counts().get(&while_open), None);
+    assert_eq!(transport.counts().get(while_open.as_str()), None);
     worker.stop(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -909,8 +924,11 @@ async fn an_enqueue_while_the_circuit_is_open_is_delivered_once_it_closes() {
     transport.set(PushOutcome::Delivered);
     wait_until("both delivered", || queue.size().unwrap() == 0).await;
     let counts = transport.counts();
-    assert_eq!(counts.get(&while_open), Some(&1), "{counts:?}");
-    assert!(counts.get(&failed).is_some_and(|n| *n >= 2), "{counts:?}");
+    assert_eq!(counts.get(while_open.as_str()), Some(&1), "{counts:?}");
+    assert!(
+        counts.get(failed.as_str()).is_some_and(|n| *n >= 2),
+        "{counts:?}"
+    );
     worker.stop(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -932,7 +950,7 @@ async fn stop_releases_handed_off_items_and_a_restart_delivers_them() {
     };
     let worker = RetryWorker::new(config.clone(), queue.clone(), transport.clone()).unwrap();
     worker.start().await.unwrap();
-    let ids: Vec<String> = worker
+    let ids: Vec<ItemId> = worker
         .enqueue_batch((0..10).map(item).collect())
         .await
         .unwrap()
@@ -991,26 +1009,26 @@ async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_af
     let lease = config.lease;
     let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
     worker.start().await.unwrap();
-    let ids: Vec<String> = worker
+    let ids: Vec<ItemId> = worker
         .enqueue_batch((0..3).map(item).collect())
         .await
         .unwrap()
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    let waiting = queue.get(&ids[2]).unwrap();
+    let waiting = queue.get(&ItemId::parse(&ids[2]).unwrap()).unwrap();
     assert_eq!(waiting.status(), ItemStatus::Processing, "handed off");
     assert_eq!(waiting.updated_at, waiting.created_at);
     wait_until("the first push", || {
-        transport.active.lock().unwrap().contains(&ids[0])
+        transport.active.lock().unwrap().contains(ids[0].as_str())
     })
     .await;
     env.clock.advance(lease / 2 + Duration::from_secs(1));
     wait_until("the waiting item's push", || {
-        transport.active.lock().unwrap().contains(&ids[2])
+        transport.active.lock().unwrap().contains(ids[2].as_str())
     })
     .await;
-    let reclaimed = queue.get(&ids[2]).unwrap();
+    let reclaimed = queue.get(&ItemId::parse(&ids[2]).unwrap()).unwrap();
     assert!(
         reclaimed.updated_at > reclaimed.created_at,
         "pushed under a fresh claim: {reclaimed:?}"
@@ -1018,7 +1036,11 @@ async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_af
     wait_until("all delivered", || queue.size().unwrap() == 0).await;
     worker.stop(Duration::from_secs(5)).await.unwrap();
     for id in &ids {
-        assert_eq!(transport.counts().get(id), Some(&1), "{id} pushed once");
+        assert_eq!(
+            transport.counts().get(id.as_str()),
+            Some(&1),
+            "{id} pushed once"
+        );
     }
     assert!(!transport.overlapped.load(Ordering::SeqCst));
 }
@@ -1043,7 +1065,7 @@ async fn waiting_handed_off_items_are_released_when_the_circuit_opens() {
     let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
     worker.start().await.unwrap();
     // Outbox room 4: two batches of one are dispatched, the rest wait.
-    let ids: Vec<String> = worker
+    let ids: Vec<ItemId> = worker
         .enqueue_batch((0..4).map(item).collect())
         .await
         .unwrap()
@@ -1053,12 +1075,12 @@ async fn waiting_handed_off_items_are_released_when_the_circuit_opens() {
     wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
     for id in &ids[2..] {
         wait_until("the waiting item released", || {
-            queue.get(id).unwrap().status() == ItemStatus::Pending
+            queue.get(&ItemId::parse(id).unwrap()).unwrap().status() == ItemStatus::Pending
         })
         .await;
-        let released = queue.get(id).unwrap();
+        let released = queue.get(&ItemId::parse(id).unwrap()).unwrap();
         assert_eq!(released.attempts, 0, "no attempt spent");
-        assert_eq!(transport.counts().get(id), None, "not pushed");
+        assert_eq!(transport.counts().get(id.as_str()), None, "not pushed");
     }
     worker.stop(Duration::from_secs(5)).await.unwrap();
 }
@@ -1105,7 +1127,7 @@ async fn a_batch_failing_at_once_opens_the_circuit_for_one_cooldown_only() {
     wait_until("the backlog to drain", || queue.size().unwrap() == 0).await;
     let counts = transport.counts();
     for id in &ids {
-        assert!(counts.contains_key(id), "{id} delivered");
+        assert!(counts.contains_key(id.as_str()), "{id} delivered");
     }
     assert_eq!(worker.stats().circuit_opened, 1);
     worker.stop(Duration::from_secs(5)).await.unwrap();

@@ -23,7 +23,7 @@ use crate::item::QueueItem;
 /// What a transport sees of an item.
 pub fn item_meta(item: &QueueItem) -> ItemMeta {
     ItemMeta {
-        id: item.id.clone(),
+        id: item.id.to_string(),
         item_type: item.item_type.as_str().to_owned(),
         fingerprint: item.fingerprint.clone(),
         attempts: item.attempts,

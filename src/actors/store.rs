@@ -168,7 +168,7 @@ impl Group {
                             detail: detail.clone(),
                         },
                         QueueError::Internal { what, detail } => QueueError::Internal {
-                            what: *what,
+                            what,
                             detail: detail.clone(),
                         },
                         _ => QueueError::storage("group commit", message.clone()),
@@ -302,7 +302,7 @@ impl Handler<Maintain> for StoreActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::item::{NewItem, QueueItem};
+    use crate::item::{ItemId, NewItem, QueueItem};
     use crate::store::{CleanupReport, ListFilter, MemoryRetryQueue, QueueStats, StoreOptions};
     use chrono::{DateTime, Utc};
     use std::sync::Mutex;
@@ -358,10 +358,10 @@ mod tests {
             });
             Ok((results, Some(sync)))
         }
-        fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+        fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
             self.inner.enqueue(item)
         }
-        fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+        fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>> {
             self.inner.enqueue_batch(items)
         }
         fn enqueue_claimed(
@@ -377,25 +377,25 @@ mod tests {
         fn peek(&self) -> QueueResult<Option<QueueItem>> {
             self.inner.peek()
         }
-        fn get(&self, id: &str) -> QueueResult<QueueItem> {
+        fn get(&self, id: &ItemId) -> QueueResult<QueueItem> {
             self.inner.get(id)
         }
         fn update(&self, item: &QueueItem) -> QueueResult<()> {
             self.inner.update(item)
         }
-        fn delete(&self, id: &str) -> QueueResult<()> {
+        fn delete(&self, id: &ItemId) -> QueueResult<()> {
             self.inner.delete(id)
         }
-        fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+        fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
             self.inner.mark_failed(id, reason)
         }
-        fn requeue(&self, id: &str, error: &str, next: DateTime<Utc>) -> QueueResult<QueueItem> {
+        fn requeue(&self, id: &ItemId, error: &str, next: DateTime<Utc>) -> QueueResult<QueueItem> {
             self.inner.requeue(id, error, next)
         }
-        fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+        fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
             self.inner.revive(id)
         }
-        fn release(&self, id: &str) -> QueueResult<()> {
+        fn release(&self, id: &ItemId) -> QueueResult<()> {
             self.inner.release(id)
         }
         fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {

@@ -3,14 +3,14 @@
 //! when it opens the store itself, so both paths count the same way.
 
 use crate::error::{QueueError, QueueResult};
-use crate::item::ItemStatus;
+use crate::item::{ItemId, ItemStatus};
 use crate::store::{ListFilter, RetryQueue};
 
 /// Brings every dead letter back to pending, due now (attempts reset), and
 /// returns the IDs revived. An item that was deleted or changed status
 /// between the listing and its revival (a concurrent purge, say) is skipped:
 /// it is no dead letter any more.
-pub fn revive_failed(queue: &dyn RetryQueue) -> QueueResult<Vec<String>> {
+pub fn revive_failed(queue: &dyn RetryQueue) -> QueueResult<Vec<ItemId>> {
     let failed = queue.list(&ListFilter {
         status: Some(ItemStatus::Failed),
         ..ListFilter::default()
@@ -19,7 +19,7 @@ pub fn revive_failed(queue: &dyn RetryQueue) -> QueueResult<Vec<String>> {
     for item in failed {
         match queue.revive(&item.id) {
             Ok(item) => revived.push(item.id),
-            Err(QueueError::ItemNotFound { .. } | QueueError::InvalidItem { .. }) => {}
+            Err(QueueError::ItemNotFound { .. } | QueueError::WrongState { .. }) => {}
             Err(e) => return Err(e),
         }
     }

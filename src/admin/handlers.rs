@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use super::{AdminState, ApiError, ApiSettings};
 use crate::error::{QueueError, QueueResult};
-use crate::item::{validate_id, QueueItem};
+use crate::item::{ItemId, QueueItem};
 use crate::store::RetryQueue;
 
 pub(super) use control::*;
@@ -160,9 +160,8 @@ fn flag(name: &str, value: &str) -> Result<bool, String> {
 }
 
 /// An item ID from the path, validated.
-fn path_id(id: &str) -> Result<String, ApiError> {
-    validate_id(id).map_err(|e| ApiError::invalid_request(format!("path id: {e}")))?;
-    Ok(id.to_owned())
+fn path_id(id: &str) -> Result<ItemId, ApiError> {
+    ItemId::parse(id).map_err(|e| ApiError::invalid_request(format!("path id: {e}")))
 }
 
 /// An item as JSON (the seed's field names), without its report unless asked.

@@ -98,7 +98,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::clock::{system_clock, SharedClock};
 use crate::error::QueueError;
-use crate::item::NewItem;
+use crate::item::{ItemId, NewItem};
 use crate::metrics::Metrics;
 use crate::store::{CleanupReport, RetryQueue};
 
@@ -171,7 +171,7 @@ pub trait WorkerControl: Send + Sync {
     /// and calls [`WorkerControl::notify_enqueued`]. The default hands it
     /// back. The daemon's worker takes it, so concurrent requests share
     /// its group commit and, while it runs, its outbox path.
-    fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, String>, Box<NewItem>> {
+    fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, ItemId>, Box<NewItem>> {
         Err(Box::new(item))
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::{ControlError, ControlFuture, WorkerControl};
-use crate::item::NewItem;
+use crate::item::{ItemId, NewItem};
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::store::CleanupReport;
 use crate::worker::{EventKind, RetryWorker, WorkerEvent};
@@ -109,7 +109,7 @@ impl WorkerControl for RetryWorkerControl {
         self.worker.wake();
     }
 
-    fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, String>, Box<NewItem>> {
+    fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, ItemId>, Box<NewItem>> {
         Ok(Box::pin(
             async move { Ok(self.worker.enqueue(item).await?) },
         ))

@@ -7,6 +7,8 @@
 //! the same output, human and `--json`. The CLI never takes the owner lock
 //! and never claims.
 
+use retryq::item::ItemId;
+
 use std::io::Read;
 use std::path::Path;
 
@@ -168,7 +170,7 @@ fn enqueue(ctx: &Ctx, args: EnqueueArgs) -> anyhow::Result<()> {
             let mut query: Vec<(&str, String)> = vec![("type", args.item_type.clone())];
             let optional = [
                 ("fingerprint", args.fingerprint.clone()),
-                ("id", args.id.clone()),
+                ("id", args.id.as_ref().map(ToString::to_string)),
                 ("max_attempts", args.max_attempts.map(|n| n.to_string())),
             ];
             query.extend(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
@@ -202,7 +204,7 @@ fn enqueue(ctx: &Ctx, args: EnqueueArgs) -> anyhow::Result<()> {
             item.scanner_name = args.scanner_name;
             item.target_path = args.target_path;
             item.attributes = args.attrs.into_iter().collect();
-            with_store(ctx, &settings, |q| Ok(q.enqueue(item)?))?
+            with_store(ctx, &settings, |q| Ok(q.enqueue(item)?))?.to_string()
         }
     };
     if ctx.json {
@@ -313,7 +315,7 @@ fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show(ctx: &Ctx, id: &str, payload: bool) -> anyhow::Result<()> {
+fn show(ctx: &Ctx, id: &ItemId, payload: bool) -> anyhow::Result<()> {
     let (settings, route) = route(ctx)?;
     let item: QueueItem = match route {
         Route::Daemon(client) => {
@@ -468,7 +470,7 @@ fn delivery_state(via_daemon: bool, worker: Option<&WorkerStats>) -> String {
     }
 }
 
-fn delete(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+fn delete(ctx: &Ctx, id: &ItemId) -> anyhow::Result<()> {
     let (settings, route) = route(ctx)?;
     match route {
         Route::Daemon(client) => {
@@ -485,7 +487,7 @@ fn delete(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
 
 fn retry(ctx: &Ctx, args: RetryArgs) -> anyhow::Result<()> {
     let (settings, route) = route(ctx)?;
-    let revived: Vec<String> = match (&args.id, args.failed, route) {
+    let revived: Vec<ItemId> = match (&args.id, args.failed, route) {
         (None, false, _) => bail!(UsageError("give an ID or --failed".to_owned())),
         (Some(id), _, Route::Daemon(client)) => {
             client.post(client.url(&["v1", "items", id, "retry"], &[])?, None)?;

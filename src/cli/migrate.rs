@@ -28,6 +28,7 @@
 //! while the import writes, and a daemon on the files backend holds its
 //! directory. Stop the daemon, or migrate into a separate store.
 
+use retryq::item::ItemId;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -322,7 +323,8 @@ fn import_batch(
         }
     }
     report.found += items.len();
-    let kinds: Vec<(String, ItemStatus)> = items.iter().map(|i| (i.id.clone(), i.status())).collect();
+    let kinds: Vec<(ItemId, ItemStatus)> =
+        items.iter().map(|i| (i.id.clone(), i.status())).collect();
     let results = target.import_batch(items).with_context(|| {
         format!(
             "cannot import a batch ({} imported before it; run the command again to go on)",
@@ -341,7 +343,7 @@ fn import_batch(
             Err(e @ (QueueError::InvalidItem { .. } | QueueError::TooLarge { .. })) => {
                 progress.warn(&format!("refused: item {id} ({e}); not imported"));
                 report.refused.push(RefusedItem {
-                    id,
+                    id: id.to_string(),
                     reason: e.to_string(),
                 });
             }

@@ -81,7 +81,7 @@ impl SqliteSource {
         }
         self.read += items.len();
         Ok(Some(
-            items.into_iter().map(|i| (i.id.clone(), Ok(i))).collect(),
+            items.into_iter().map(|i| (i.id.to_string(), Ok(i))).collect(),
         ))
     }
 }

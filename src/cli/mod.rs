@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use retryq::item::ItemId;
 
 mod commands;
 mod context;
@@ -130,7 +131,8 @@ pub enum Command {
     /// Show one item.
     Show {
         /// Item ID (exact).
-        id: String,
+        #[arg(value_parser = parse_item_id)]
+        id: ItemId,
         /// Include the payload (the report).
         #[arg(long)]
         payload: bool,
@@ -140,7 +142,8 @@ pub enum Command {
     /// Delete one item.
     Delete {
         /// Item ID (exact).
-        id: String,
+        #[arg(value_parser = parse_item_id)]
+        id: ItemId,
     },
     /// Bring dead letters back to pending, due now (attempts reset).
     Retry(RetryArgs),
@@ -246,8 +249,8 @@ pub struct EnqueueArgs {
     #[arg(long)]
     pub fingerprint: Option<String>,
     /// Item ID [default: a new UUIDv7].
-    #[arg(long)]
-    pub id: Option<String>,
+    #[arg(long, value_parser = parse_item_id)]
+    pub id: Option<ItemId>,
     /// Producing agent.
     #[arg(long, default_value = "")]
     pub agent_id: String,
@@ -296,7 +299,8 @@ pub struct ListArgs {
 #[group(required = true, multiple = false)]
 pub struct RetryArgs {
     /// The dead letter to bring back.
-    pub id: Option<String>,
+    #[arg(value_parser = parse_item_id)]
+    pub id: Option<ItemId>,
     /// Bring back every dead letter.
     #[arg(long)]
     pub failed: bool,
@@ -355,6 +359,12 @@ fn parse_attr(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
+}
+
+/// An item ID from the command line, checked as it is parsed: a bad one is
+/// a usage error before anything is opened.
+fn parse_item_id(text: &str) -> Result<ItemId, retryq::QueueError> {
+    ItemId::parse(text)
 }
 
 #[cfg(test)]

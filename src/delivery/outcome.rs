@@ -20,7 +20,7 @@ pub fn decide(
     let id = item.id.clone();
     let attempts_after = item.attempts.saturating_add(1);
     let result = |kind, attempts, error: Option<String>, next_retry| RetryResult {
-        item_id: item.id.clone(),
+        item_id: item.id.to_string(),
         kind,
         attempts,
         error,

@@ -18,6 +18,7 @@ use crate::delivery::store_health::StoreHealthLog;
 use crate::delivery::types::{EventKind, RetryWorkerConfig, WorkerEvent, WorkerStats};
 use crate::delivery::{CircuitBreaker, CircuitState, CircuitTransition, StoreHealth};
 use crate::error::QueueResult;
+use crate::item::ItemId;
 use crate::store::maintenance::MaintenanceReport;
 use crate::store::WriteOp;
 
@@ -122,7 +123,7 @@ pub struct Shared {
     /// Gates and counters.
     pub state: Mutex<DeliveryState>,
     /// IDs claimed by this worker and not yet settled.
-    pub in_flight: Mutex<HashSet<String>>,
+    pub in_flight: Mutex<HashSet<ItemId>>,
     /// Event stream.
     pub events: broadcast::Sender<WorkerEvent>,
     /// Host callbacks.
@@ -280,13 +281,13 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    pub(crate) fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<ItemId>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes `ids` out of the in-flight set and, when that empties it,
     /// tells a waiting `stop`.
-    pub(crate) fn settle_in_flight<'a>(&self, ids: impl IntoIterator<Item = &'a String>) {
+    pub(crate) fn settle_in_flight<'a>(&self, ids: impl IntoIterator<Item = &'a ItemId>) {
         let mut in_flight = self.in_flight();
         for id in ids {
             in_flight.remove(id);

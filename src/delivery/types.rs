@@ -296,7 +296,7 @@ impl EventKind {
 /// The result of processing one item (the seed's `RetryResult`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryResult {
-    /// The item.
+    /// ID of the item it concerns.
     pub item_id: String,
     /// What happened.
     pub kind: EventKind,
@@ -311,7 +311,7 @@ pub struct RetryResult {
 /// One outcome, as seen by callbacks and subscribers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WorkerEvent {
-    /// The item.
+    /// ID of the item it concerns.
     pub item_id: String,
     /// What happened.
     pub kind: EventKind,
@@ -321,7 +321,7 @@ pub struct WorkerEvent {
     pub error: Option<String>,
     /// Transport latency, when a push was made.
     pub latency: Option<Duration>,
-    /// When.
+    /// When it happened, by the worker's clock.
     pub at: DateTime<Utc>,
 }
 

@@ -78,7 +78,10 @@ impl WorkerControl for FleetControl {
         self.inner.notify_enqueued()
     }
 
-    fn enqueue(&self, item: NewItem) -> Result<ControlFuture<'_, String>, Box<NewItem>> {
+    fn enqueue(
+        &self,
+        item: NewItem,
+    ) -> Result<ControlFuture<'_, crate::item::ItemId>, Box<NewItem>> {
         self.inner.enqueue(item)
     }
 

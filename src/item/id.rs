@@ -378,7 +378,11 @@ mod tests {
         assert_eq!(map.get("abc"), Some(&1));
         assert_eq!(map.get("ab"), None);
         let id = ItemId::parse("abc").unwrap();
-        assert!(id == "abc" && "abc" == id && id == "abc".to_owned());
+        assert!(id == "abc");
+        assert!("abc" == id);
+        let text: String = "abc".into();
+        assert!(id == text);
+        assert!(id != "ab");
         assert_eq!(id.to_string(), "abc");
         assert_eq!(format!("{id:?}"), r#""abc""#);
     }

@@ -24,11 +24,6 @@ pub use payload::{compact_json, payload_checksum, sha256_hex, Payload};
 pub use state::{ItemState, ItemStatus};
 pub use wire::ItemRecord;
 
-/// Checks a caller-chosen item ID (see [`ItemId::parse`]).
-pub fn validate_id(id: &str) -> QueueResult<()> {
-    ItemId::parse(id).map(|_| ())
-}
-
 /// Default number of delivery attempts before an item becomes a dead letter.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 
@@ -101,13 +96,13 @@ impl<'de> Deserialize<'de> for ItemType {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueItem {
     /// A UUIDv7 unless the caller chose one.
-    pub id: String,
+    pub id: ItemId,
     /// What kind of report it is.
     pub item_type: ItemType,
     /// Identity of the content for deduplication (SHA-256 of the payload by default).
     pub fingerprint: String,
     state: ItemState,
-    /// The report itself.
+    /// The JSON document the producer handed in, sent upstream as is.
     pub report: Payload,
     /// Delivery attempts made so far (every failed push counts one).
     pub attempts: u32,
@@ -192,19 +187,19 @@ impl QueueItem {
 /// wants to choose; the store fills in the rest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewItem {
-    /// The report.
+    /// The JSON document to deliver.
     pub report: Payload,
     /// Report type (default `findings`).
     pub item_type: ItemType,
     /// A caller-chosen ID; a UUIDv7 when `None`.
-    pub id: Option<String>,
+    pub id: Option<ItemId>,
     /// A caller-chosen fingerprint; SHA-256 of the payload when `None`.
     pub fingerprint: Option<String>,
     /// Attempts allowed; the store's default when `None`.
     pub max_attempts: Option<u32>,
-    /// Producing agent.
+    /// Free text naming the agent that produced the report.
     pub agent_id: String,
-    /// Producing scanner.
+    /// Free text naming the scanner that produced the report.
     pub scanner_name: String,
     /// What was scanned.
     pub target_path: String,
@@ -243,8 +238,8 @@ impl NewItem {
     }
 
     /// Sets a caller-chosen ID.
-    pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = Some(id.into());
+    pub fn with_id(mut self, id: ItemId) -> Self {
+        self.id = Some(id);
         self
     }
 
@@ -272,10 +267,7 @@ impl NewItem {
         now: DateTime<Utc>,
         default_max_attempts: u32,
     ) -> QueueResult<QueueItem> {
-        let id = match self.id {
-            Some(id) => ItemId::try_from(id)?.into(),
-            None => ItemId::generate().into(),
-        };
+        let id = self.id.unwrap_or_else(ItemId::generate);
         let fingerprint = match self.fingerprint {
             Some(fp) if fp.trim().is_empty() => {
                 return Err(QueueError::invalid("fingerprint is empty"))

@@ -257,7 +257,7 @@ mod tests {
     use chrono::Duration;
 
     use super::*;
-    use crate::item::NewItem;
+    use crate::item::{ItemId, NewItem};
 
     fn t(secs: i64) -> DateTime<Utc> {
         DateTime::<Utc>::UNIX_EPOCH + Duration::seconds(1_800_000_000 + secs)
@@ -266,7 +266,7 @@ mod tests {
     fn pending() -> QueueItem {
         NewItem::from_json(b"{}")
             .unwrap()
-            .with_id("it-1")
+            .with_id(ItemId::parse("it-1").unwrap())
             .into_item(t(0), 5)
             .unwrap()
     }

@@ -10,15 +10,16 @@ use chrono::{DateTime, Utc};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize};
 
-use super::{ItemState, ItemStatus, ItemType, Payload, QueueItem};
+use super::{ItemId, ItemState, ItemStatus, ItemType, Payload, QueueItem};
 
 /// An item as its fields are written down. Field names and meanings are
 /// the Go SDK's `QueueItem`'s; `lease_until`, `lease_owner` and
 /// `attributes` are ours (the Go SDK ignores them).
 #[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 pub struct ItemRecord {
-    /// A UUIDv7 unless the caller chose one (see [`super::ItemId`]).
-    pub id: String,
+    /// A UUIDv7 unless the caller chose one (see [`ItemId`]).
+    #[schema(value_type = String)]
+    pub id: ItemId,
     /// What kind of report it is (`findings`, `assets`, `heartbeat`, or
     /// any other name).
     #[serde(rename = "type")]
@@ -175,7 +176,7 @@ mod tests {
     fn json_keeps_the_flat_fields_and_reads_back_the_same_item() {
         let mut item = NewItem::from_json(br#"{"a":1}"#)
             .unwrap()
-            .with_id("w-1")
+            .with_id(ItemId::parse("w-1").unwrap())
             .with_attribute("k", "v")
             .into_item(t(0), 3)
             .unwrap();
@@ -207,5 +208,7 @@ mod tests {
         value["lease_until"] = serde_json::to_value(t(9)).unwrap();
         let item: QueueItem = serde_json::from_value(value.clone()).unwrap();
         assert_eq!(item.state(), &ItemState::Pending);
+        value["id"] = "../escape".into();
+        assert!(serde_json::from_value::<QueueItem>(value).is_err());
     }
 }

@@ -132,7 +132,7 @@ pub fn check_in_child(
     // No report: the plugin killed or hung the kit. Say how, then find the
     // call through process isolation.
     let how = match status {
-        Some(s) => super::reader::describe(Ok(s), None),
+        Some(s) => super::conn::describe(Ok(s), None),
         None => format!("did not finish within {limit:?}"),
     };
     let tail: String = String::from_utf8_lossy(&stderr)

@@ -13,8 +13,8 @@ use retryq_plugin::{
     CallContext, CheckError, CheckResult, FingerprintChecker, ItemMeta, PushOutcome, Pusher,
 };
 
+use super::conn::Reply;
 use super::protocol::{self, Request};
-use super::reader::Reply;
 use super::supervisor::{lock, Supervisor};
 use super::{PluginHealth, PluginTarget, ProcessOptions};
 

@@ -22,16 +22,18 @@
 //! - what the plugin logs in the child reaches this process's tracing with
 //!   target `retryq::plugin`, the plugin's name and its level.
 //!
-//! One file a concern: `supervisor` (restarts, crash loops, calls and
-//! their deadlines, health), `spawn` (starting a child and creating the
-//! instance), `reader` (a running child and the thread reading its
-//! answers), `clients` (the [`Pusher`] and [`FingerprintChecker`] the
-//! worker holds); [`protocol`] is the wire format and [`child`] the other
-//! end.
+//! One file a concern, each using only those listed after it: `clients`
+//! (the [`Pusher`] and [`FingerprintChecker`] the worker holds), `spawn`
+//! (starting a child and creating the instance), `reader` (the thread
+//! reading a child's answers), `supervisor` (restarts, crash loops, calls
+//! and their deadlines, health), `conn` (a running child, the replies and
+//! how a child ended); [`protocol`] is the wire format and [`child`] the
+//! other end.
 
 pub mod check;
 pub mod child;
 mod clients;
+mod conn;
 pub mod protocol;
 mod reader;
 mod spawn;
@@ -45,10 +47,10 @@ use retryq_plugin::host::PluginError;
 use retryq_plugin::{FingerprintChecker, Pusher};
 use serde::Serialize;
 
-use crate::config::{Isolation, PluginSettings};
+use crate::plugin::{Isolation, PluginSettings};
 
 pub use clients::{ProcessChecker, ProcessPusher};
-pub use reader::signal_name;
+pub use conn::signal_name;
 pub use supervisor::health_snapshot;
 
 /// How the supervisor runs and restarts its child.

@@ -13,20 +13,13 @@ use std::time::Instant;
 use retryq_plugin::abi::RQ_KIND_PUSHER;
 use retryq_plugin::host::PluginError;
 
+use super::conn::{Conn, Startup};
 use super::protocol::{CreateStatus, Request};
-use super::reader::{read_answers, Conn};
+use super::reader::read_answers;
 use super::supervisor::{lock, Supervisor};
 
 /// Pipe size asked for each direction (the Linux default maximum).
 const PIPE_BYTES: usize = 1 << 20;
-
-/// What the child sends while starting.
-pub(super) enum Startup {
-    Hello(String),
-    Created(CreateStatus, String),
-    Fatal(String),
-    Died(String),
-}
 
 impl Supervisor {
     /// Starts a child and creates the instance in it.

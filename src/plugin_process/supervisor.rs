@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use retryq_plugin::host::PluginError;
 use retryq_plugin::CallContext;
 
-use super::reader::{Conn, Pending, Reply};
+use super::conn::{Conn, Pending, Reply};
 use super::{PluginHealth, PluginTarget, ProcessOptions};
 
 pub(super) struct State {

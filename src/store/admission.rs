@@ -29,11 +29,12 @@
 //! The planner is pure: it reads the store only through
 //! [`AdmissionView`], does no I/O of its own and reads no clock. It answers
 //! with an [`Admitted`] (the item, and the [`Victim`]s to evict) or a
-//! refusal. [`Admitted`] can only be made here, and a backend gets the
-//! item it stores back out of it ([`Admitted::into_parts`]): a backend's
-//! insert takes an `Admitted`, so nothing is stored that was not admitted.
-//! [`planned_on_this_thread`] counts the decisions, so the conformance
-//! suite also checks at run time that every backend asks.
+//! refusal. [`Admitted`] can only be made here. The memory and files
+//! backends store the item they take back out of it
+//! ([`Admitted::into_parts`]), so they cannot store one that was not
+//! admitted; SQLite writes the row it encoded before asking. For every
+//! backend, [`planned_on_this_thread`] counts the decisions, and the
+//! conformance suite fails any backend that stores without asking.
 //!
 //! The backend then persists exactly that: removes each victim (counting
 //! it in [`super::QueueStats::evicted`]) and stores the item, in the same
@@ -168,7 +169,7 @@ impl Victim {
     /// The victim an item would be.
     pub fn of(item: &QueueItem) -> Self {
         Victim {
-            id: item.id.clone(),
+            id: item.id.to_string(),
             created_at: item.created_at,
             size_bytes: item.size_bytes(),
             held: false,
@@ -392,11 +393,11 @@ impl Planner {
         let limits = self.limits;
         let new: &QueueItem = item.borrow();
         // 1. The same ID, in any status.
-        let taken = self.held.contains_key(&new.id)
-            || (!fresh_id && !self.evicted.contains(&new.id) && view.id_exists(&new.id)?);
+        let taken = self.held.contains_key(new.id.as_str())
+            || (!fresh_id && !self.evicted.contains(new.id.as_str()) && view.id_exists(&new.id)?);
         if taken {
             return Ok(Err(QueueError::DuplicateItem {
-                existing_id: new.id.clone(),
+                existing_id: new.id.to_string(),
             }));
         }
         // 2. The same fingerprint among live items: the smallest ID.
@@ -552,15 +553,15 @@ impl Planner {
         }
         let class = VictimClass::of(item.status());
         self.held_order
-            .insert((class, item.created_at, item.id.clone()));
+            .insert((class, item.created_at, item.id.to_string()));
         if class == VictimClass::Live {
             self.held_live
                 .entry(item.fingerprint.clone())
                 .or_default()
-                .insert(item.id.clone());
+                .insert(item.id.to_string());
         }
         self.held.insert(
-            item.id.clone(),
+            item.id.to_string(),
             Held {
                 fingerprint: item.fingerprint.clone(),
                 size_bytes: size,
@@ -576,6 +577,7 @@ impl Planner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::item::ItemId;
     use crate::item::{NewItem, Payload};
     use chrono::TimeZone;
 
@@ -587,7 +589,7 @@ mod tests {
     /// `fp` is given.
     fn item_fp(id: &str, at: i64, fp: &str) -> QueueItem {
         NewItem::new(Payload::from_json_str("1").unwrap())
-            .with_id(id)
+            .with_id(ItemId::parse(id).unwrap())
             .with_fingerprint(fp)
             .into_item(t(at), 3)
             .unwrap()
@@ -623,7 +625,7 @@ mod tests {
         fn store(&mut self, admitted: Admitted) -> Vec<String> {
             let (item, evict) = admitted.into_parts();
             let ids: Vec<String> = evict.into_iter().map(|v| v.id).collect();
-            self.items.retain(|i| !ids.contains(&i.id));
+            self.items.retain(|i| !ids.iter().any(|v| i.id == *v));
             self.items.push(item);
             ids
         }
@@ -646,7 +648,7 @@ mod tests {
                 .items
                 .iter()
                 .filter(|i| i.fingerprint == fingerprint && i.status() != ItemStatus::Failed)
-                .map(|i| i.id.clone())
+                .map(|i| i.id.to_string())
                 .collect())
         }
 
@@ -747,13 +749,13 @@ mod tests {
         let mut view = ListView::of(vec![item("a", 0)]);
         let big =
             NewItem::new(Payload::from_json_str(&format!("\"{}\"", "x".repeat(200))).unwrap())
-                .with_id("a")
+                .with_id(ItemId::parse("a").unwrap())
                 .into_item(t(1), 3)
                 .unwrap();
         // A big duplicate is a duplicate.
         assert_eq!(duplicate_of(admit(&l, &mut view, big.clone(), false)), "a");
         let mut big = big;
-        big.id = "big".into();
+        big.id = ItemId::parse("big").unwrap();
         match refused(admit(&l, &mut view, big, false)) {
             QueueError::TooLarge { size, limit } => {
                 assert!(size > 100);
@@ -834,7 +836,7 @@ mod tests {
         let big = NewItem::new(
             Payload::from_json_str(&format!("\"{}\"", "b".repeat(size as usize * 9))).unwrap(),
         )
-        .with_id("big")
+        .with_id(ItemId::parse("big").unwrap())
         .into_item(t(30), 3)
         .unwrap();
         let need = big.size_bytes().div_ceil(size);
@@ -962,6 +964,38 @@ mod tests {
         assert!(trim(&limits(4, OverflowPolicy::DropOldest), &mut view)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn a_view_that_fails_fails_the_decision_and_a_refusal_holds_nothing() {
+        /// Fails on `totals`, after the duplicate checks passed.
+        struct Broken(ListView);
+        impl AdmissionView for Broken {
+            fn id_exists(&mut self, id: &str) -> QueueResult<bool> {
+                self.0.id_exists(id)
+            }
+            fn live_ids_with_fingerprint(&mut self, fp: &str) -> QueueResult<Vec<String>> {
+                self.0.live_ids_with_fingerprint(fp)
+            }
+            fn totals(&mut self) -> QueueResult<Totals> {
+                Err(QueueError::storage("totals", "disk on fire"))
+            }
+            fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
+                self.0.oldest(page)
+            }
+        }
+        let l = limits(10, OverflowPolicy::Reject);
+        let mut planner = Planner::new(l);
+        let mut broken = Broken(ListView::of(vec![item("a", 0)]));
+        let failed = planner.decide(&mut broken, item("b", 1), false);
+        assert!(matches!(failed, Err(ref e) if e.is_storage()), "{failed:?}");
+        // A refusal (here the duplicate, found before `totals`) holds
+        // nothing back either.
+        assert_eq!(
+            duplicate_of(planner.decide(&mut broken, item("a", 1), false)),
+            "a"
+        );
+        assert!(planner.is_caught_up());
     }
 
     #[test]

@@ -42,12 +42,12 @@ use super::{
 };
 use crate::backoff::add_saturating;
 use crate::error::{QueueError, QueueResult};
-use crate::item::{ItemStatus, NewItem, QueueItem};
+use crate::item::{ItemId, ItemStatus, NewItem, QueueItem};
 
 /// The mutable state behind the store's mutex.
 #[derive(Debug, Default)]
 struct State {
-    items: BTreeMap<String, QueueItem>,
+    items: BTreeMap<ItemId, QueueItem>,
     closed: bool,
     evicted: u64,
 }
@@ -64,7 +64,7 @@ impl State {
 
     fn evict(&mut self, victims: &[Victim]) {
         for victim in victims {
-            if self.items.remove(&victim.id).is_some() {
+            if self.items.remove(victim.id.as_str()).is_some() {
                 self.evicted += 1;
             }
         }
@@ -92,7 +92,7 @@ impl State {
 }
 
 /// The planner's view of the map: every query a scan.
-struct View<'a>(&'a BTreeMap<String, QueueItem>);
+struct View<'a>(&'a BTreeMap<ItemId, QueueItem>);
 
 impl AdmissionView for View<'_> {
     fn id_exists(&mut self, id: &str) -> QueueResult<bool> {
@@ -107,7 +107,7 @@ impl AdmissionView for View<'_> {
                 item.fingerprint == fingerprint
                     && VictimClass::of(item.status()) == VictimClass::Live
             })
-            .map(|item| item.id.clone())
+            .map(|item| item.id.to_string())
             .collect())
     }
 
@@ -188,7 +188,7 @@ impl MemoryRetryQueue {
         Ok(state)
     }
 
-    fn enqueue_locked(&self, state: &mut State, new: NewItem) -> QueueResult<String> {
+    fn enqueue_locked(&self, state: &mut State, new: NewItem) -> QueueResult<ItemId> {
         self.store_new_locked(state, new, None).map(|item| item.id)
     }
 
@@ -262,12 +262,12 @@ impl Default for MemoryRetryQueue {
 }
 
 impl RetryQueue for MemoryRetryQueue {
-    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+    fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
         let mut state = self.lock_open()?;
         self.enqueue_locked(&mut state, item)
     }
 
-    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>> {
         let mut state = self.lock_open()?;
         Ok(items
             .into_iter()
@@ -296,11 +296,11 @@ impl RetryQueue for MemoryRetryQueue {
         Ok(state.ready(self.now()).into_iter().next())
     }
 
-    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+    fn get(&self, id: &ItemId) -> QueueResult<QueueItem> {
         let state = self.lock_open()?;
         state
             .items
-            .get(id)
+            .get(id.as_str())
             .cloned()
             .ok_or_else(|| QueueError::not_found(id))
     }
@@ -316,22 +316,27 @@ impl RetryQueue for MemoryRetryQueue {
         Ok(())
     }
 
-    fn delete(&self, id: &str) -> QueueResult<()> {
+    fn delete(&self, id: &ItemId) -> QueueResult<()> {
         let mut state = self.lock_open()?;
         Self::delete_locked(&mut state, id)
     }
 
-    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
         let mut state = self.lock_open()?;
         self.mark_failed_locked(&mut state, id, reason)
     }
 
-    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+    fn requeue(
+        &self,
+        id: &ItemId,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem> {
         let mut state = self.lock_open()?;
         self.requeue_locked(&mut state, id, error, next_retry)
     }
 
-    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
         let now = self.now();
         let mut state = self.lock_open()?;
         let item = state.item_mut(id)?;
@@ -339,7 +344,7 @@ impl RetryQueue for MemoryRetryQueue {
         Ok(item.clone())
     }
 
-    fn release(&self, id: &str) -> QueueResult<()> {
+    fn release(&self, id: &ItemId) -> QueueResult<()> {
         let mut state = self.lock_open()?;
         self.release_locked(&mut state, id)
     }
@@ -515,7 +520,7 @@ mod tests {
     }
 
     fn item(id: &str, json: &str) -> NewItem {
-        NewItem::new(Payload::from_json_str(json).unwrap()).with_id(id)
+        NewItem::new(Payload::from_json_str(json).unwrap()).with_id(ItemId::parse(id).unwrap())
     }
 
     fn kind<T: std::fmt::Debug>(r: QueueResult<T>) -> &'static str {
@@ -531,10 +536,10 @@ mod tests {
             Err(QueueError::DuplicateItem { existing_id }) => assert_eq!(existing_id, "a"),
             other => panic!("expected a duplicate of a, got {other:?}"),
         }
-        q.mark_failed("a", "gone").unwrap();
+        q.mark_failed(&ItemId::parse("a").unwrap(), "gone").unwrap();
         assert_eq!(q.enqueue(item("b", "1")).unwrap(), "b");
         assert_eq!(kind(q.enqueue(item("a", "3"))), "duplicate_item");
-        assert_eq!(kind(q.enqueue(item("../x", "4"))), "invalid_item");
+        assert_eq!(kind(ItemId::parse("../x")), "invalid_item");
         assert_eq!(
             kind(q.enqueue(item("c", "5").with_fingerprint(" "))),
             "invalid_item"
@@ -561,11 +566,11 @@ mod tests {
         q.enqueue(item("a", "1")).unwrap();
         clock.advance(Duration::from_secs(1));
         q.enqueue(item("b", "2")).unwrap();
-        q.mark_failed("b", "dead").unwrap();
+        q.mark_failed(&ItemId::parse("b").unwrap(), "dead").unwrap();
         q.enqueue(item("c", "3")).unwrap();
-        assert_eq!(kind(q.get("b")), "item_not_found");
+        assert_eq!(kind(q.get(&ItemId::parse("b").unwrap())), "item_not_found");
         q.enqueue(item("d", "4")).unwrap();
-        assert_eq!(kind(q.get("a")), "item_not_found");
+        assert_eq!(kind(q.get(&ItemId::parse("a").unwrap())), "item_not_found");
         assert_eq!(q.stats().unwrap().evicted, 2);
 
         let (q, _) = setup(StoreOptions {
@@ -582,8 +587,12 @@ mod tests {
         q.enqueue(item("late", "1").with_fingerprint("f1")).unwrap();
         q.enqueue(item("b", "2")).unwrap();
         q.enqueue(item("a", "3")).unwrap();
-        q.requeue("late", "boom", t0 + chrono::Duration::seconds(5))
-            .unwrap();
+        q.requeue(
+            &ItemId::parse("late").unwrap(),
+            "boom",
+            t0 + chrono::Duration::seconds(5),
+        )
+        .unwrap();
         let claimed = q.claim(10, Duration::from_secs(30)).unwrap();
         let ids: Vec<_> = claimed.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
@@ -609,8 +618,9 @@ mod tests {
         });
         q.enqueue(item("a", "1")).unwrap();
         q.enqueue(item("b", "2")).unwrap();
-        q.requeue("a", "x", clock.now()).unwrap();
-        q.mark_failed("b", "y").unwrap();
+        q.requeue(&ItemId::parse("a").unwrap(), "x", clock.now())
+            .unwrap();
+        q.mark_failed(&ItemId::parse("b").unwrap(), "y").unwrap();
         let stats = q.stats().unwrap();
         assert_eq!(stats.total_retries, 2);
         assert_eq!(stats.last_retry, Some(clock.now()));

@@ -11,7 +11,7 @@
 //!   says when they are durable; if that fails, they may or may not
 //!   survive a crash, and the caller must not report them stored.
 //! - **Exact identity.** IDs are compared exactly, never by prefix or
-//!   substring; a caller's ID is validated by [`crate::item::validate_id`].
+//!   substring. Every ID is an [`ItemId`], checked once where it entered.
 //! - **Deduplication** (on by default): an enqueue whose ID exists in any
 //!   status, or whose fingerprint matches a `pending` or `processing` item,
 //!   fails with [`QueueError::DuplicateItem`] naming the existing item (the
@@ -22,6 +22,10 @@
 //!   [`OverflowPolicy`] decides: `Reject` fails with `QueueFull`;
 //!   `DropOldest` evicts the oldest items, dead letters first, counting each.
 //!   An item larger than `max_bytes` on its own is `TooLarge`.
+//! - **One admission policy.** Deduplication and limits are decided by
+//!   [`admission`] for every backend, with the same errors and texts; a
+//!   backend only answers the planner's read view and persists what it
+//!   decided (the conformance suite checks that each one asks).
 //! - **Leases.** `claim` marks ready items `processing` until a lease
 //!   expires; an expired lease returns the item to `pending`
 //!   (`release_expired_leases`, and always when the store is opened).
@@ -40,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{system_clock, SharedClock};
 pub use crate::error::{InvalidStoreOption, QueueError, QueueResult};
-use crate::item::{ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS};
+use crate::item::{ItemId, ItemStatus, ItemType, NewItem, QueueItem, DEFAULT_MAX_ATTEMPTS};
 
 pub mod admission;
 pub mod file;
@@ -274,13 +278,13 @@ pub enum WriteOp {
     },
     /// [`RetryQueue::delete`] (an acknowledgement).
     Delete {
-        /// Item ID.
-        id: String,
+        /// The item acknowledged.
+        id: ItemId,
     },
     /// [`RetryQueue::requeue`].
     Requeue {
-        /// Item ID.
-        id: String,
+        /// The item whose attempt failed.
+        id: ItemId,
         /// Why the attempt failed.
         error: String,
         /// When to try again.
@@ -288,15 +292,15 @@ pub enum WriteOp {
     },
     /// [`RetryQueue::mark_failed`].
     MarkFailed {
-        /// Item ID.
-        id: String,
+        /// The item to make a dead letter.
+        id: ItemId,
         /// Why it is a dead letter.
         reason: String,
     },
     /// [`RetryQueue::release`].
     Release {
-        /// Item ID.
-        id: String,
+        /// The claimed item to give back.
+        id: ItemId,
     },
 }
 
@@ -304,7 +308,7 @@ pub enum WriteOp {
 #[derive(Debug, Clone, PartialEq)]
 pub enum WriteOutcome {
     /// An item was enqueued with this ID.
-    Enqueued(String),
+    Enqueued(ItemId),
     /// An item was enqueued already claimed; this is it as stored.
     Claimed(Box<QueueItem>),
     /// The change was applied.
@@ -313,7 +317,7 @@ pub enum WriteOutcome {
 
 impl WriteOutcome {
     /// The ID of the item an enqueue stored (`None` for other changes).
-    pub fn into_enqueued_id(self) -> Option<String> {
+    pub fn into_enqueued_id(self) -> Option<ItemId> {
         match self {
             WriteOutcome::Enqueued(id) => Some(id),
             WriteOutcome::Claimed(item) => Some(item.id),
@@ -331,14 +335,14 @@ impl WriteOutcome {
 pub trait RetryQueue: Send + Sync {
     /// Stores a new item, durably, and returns its ID.
     ///
-    /// Errors: `InvalidItem` (bad ID, fingerprint or max_attempts),
+    /// Errors: `InvalidItem` (bad fingerprint, type or max_attempts),
     /// `DuplicateItem`, `QueueFull`, `TooLarge`, `Storage`, `QueueClosed`.
-    fn enqueue(&self, item: NewItem) -> QueueResult<String>;
+    fn enqueue(&self, item: NewItem) -> QueueResult<ItemId>;
 
     /// Stores many items in one durable commit. The outer error means nothing
     /// was stored; otherwise each item has its own result, in order (a
     /// duplicate inside the batch is a `DuplicateItem` of the earlier one).
-    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>>;
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>>;
 
     /// Stores new items already claimed: in one durable commit, as
     /// `enqueue_batch` does, but each `processing` with
@@ -363,33 +367,38 @@ pub trait RetryQueue: Send + Sync {
     fn peek(&self) -> QueueResult<Option<QueueItem>>;
 
     /// The item with exactly this ID.
-    fn get(&self, id: &str) -> QueueResult<QueueItem>;
+    fn get(&self, id: &ItemId) -> QueueResult<QueueItem>;
 
     /// Replaces the stored item with the same ID by `item` (all fields but
     /// `id` and `created_at`; `updated_at` becomes now). `ItemNotFound` if absent.
     fn update(&self, item: &QueueItem) -> QueueResult<()>;
 
     /// Removes the item (an acknowledgement). `ItemNotFound` if absent.
-    fn delete(&self, id: &str) -> QueueResult<()>;
+    fn delete(&self, id: &ItemId) -> QueueResult<()>;
 
     /// Records a final failed attempt and makes the item a dead letter:
     /// `attempts + 1` (saturating), `last_error = reason`, `last_attempt = now`,
     /// status `failed`, lease cleared. Returns the updated item.
-    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem>;
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem>;
 
     /// Records a failed attempt and schedules the next one: `attempts + 1`
     /// (saturating), `last_error = error`, `last_attempt = now`,
     /// `next_retry`, status `pending`, lease cleared. Returns the updated item.
-    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem>;
+    fn requeue(
+        &self,
+        id: &ItemId,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem>;
 
     /// Brings a dead letter back: status `pending`, `attempts = 0`, due now,
-    /// `last_error` kept. `InvalidItem` if the item is not `failed`.
-    fn revive(&self, id: &str) -> QueueResult<QueueItem>;
+    /// `last_error` kept. `WrongState` (naming its status) if the item is not `failed`.
+    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem>;
 
     /// Returns a `processing` item to `pending` without counting an attempt
     /// (used on graceful stop). `next_retry` is unchanged. A no-op `Ok` for
     /// an item that is not processing; `ItemNotFound` if absent.
-    fn release(&self, id: &str) -> QueueResult<()>;
+    fn release(&self, id: &ItemId) -> QueueResult<()>;
 
     /// Claims up to `limit` ready items (pending, `next_retry <= now`): marks
     /// them `processing` with `lease_until = now + lease`, oldest
@@ -553,10 +562,10 @@ impl std::fmt::Debug for PendingSync {
 }
 
 impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
-    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+    fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
         (**self).enqueue(item)
     }
-    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>> {
         (**self).enqueue_batch(items)
     }
     fn enqueue_claimed(
@@ -572,25 +581,30 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     fn peek(&self) -> QueueResult<Option<QueueItem>> {
         (**self).peek()
     }
-    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+    fn get(&self, id: &ItemId) -> QueueResult<QueueItem> {
         (**self).get(id)
     }
     fn update(&self, item: &QueueItem) -> QueueResult<()> {
         (**self).update(item)
     }
-    fn delete(&self, id: &str) -> QueueResult<()> {
+    fn delete(&self, id: &ItemId) -> QueueResult<()> {
         (**self).delete(id)
     }
-    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
         (**self).mark_failed(id, reason)
     }
-    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+    fn requeue(
+        &self,
+        id: &ItemId,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem> {
         (**self).requeue(id, error, next_retry)
     }
-    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
         (**self).revive(id)
     }
-    fn release(&self, id: &str) -> QueueResult<()> {
+    fn release(&self, id: &ItemId) -> QueueResult<()> {
         (**self).release(id)
     }
     fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
@@ -643,7 +657,6 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
 /// An item for [`RetryQueue::import_batch`], checked as `enqueue` checks a
 /// new one, with any claim dropped.
 pub(crate) fn importable(mut item: QueueItem) -> QueueResult<QueueItem> {
-    crate::item::validate_id(&item.id)?;
     if item.max_attempts == 0 {
         return Err(QueueError::invalid("max_attempts must be at least 1"));
     }

@@ -2,6 +2,8 @@
 //! fake worker that really delivers (deletes) ready items.
 #![allow(dead_code)]
 
+use retryq::item::ItemId;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,13 +69,13 @@ impl TestQueue {
 }
 
 impl RetryQueue for TestQueue {
-    fn enqueue(&self, new: NewItem) -> QResult<String> {
+    fn enqueue(&self, new: NewItem) -> QResult<ItemId> {
         let now = self.clock.now();
         let item = new.into_item(now, 10)?;
         let mut items = self.open()?;
-        if items.contains_key(&item.id) {
+        if items.contains_key(item.id.as_str()) {
             return Err(QueueError::DuplicateItem {
-                existing_id: item.id,
+                existing_id: item.id.to_string(),
             });
         }
         if let Some(existing) = items
@@ -81,7 +83,7 @@ impl RetryQueue for TestQueue {
             .find(|i| i.fingerprint == item.fingerprint && i.status() != ItemStatus::Failed)
         {
             return Err(QueueError::DuplicateItem {
-                existing_id: existing.id.clone(),
+                existing_id: existing.id.clone().to_string(),
             });
         }
         if item.size_bytes() > self.max_bytes {
@@ -97,11 +99,11 @@ impl RetryQueue for TestQueue {
             });
         }
         let id = item.id.clone();
-        items.insert(id.clone(), item);
+        items.insert(id.clone().to_string(), item);
         Ok(id)
     }
 
-    fn enqueue_batch(&self, items: Vec<NewItem>) -> QResult<Vec<QResult<String>>> {
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QResult<Vec<QResult<ItemId>>> {
         Ok(items.into_iter().map(|i| self.enqueue(i)).collect())
     }
 
@@ -134,9 +136,9 @@ impl RetryQueue for TestQueue {
             .cloned())
     }
 
-    fn get(&self, id: &str) -> QResult<QueueItem> {
+    fn get(&self, id: &ItemId) -> QResult<QueueItem> {
         self.open()?
-            .get(id)
+            .get(id.as_str())
             .cloned()
             .ok_or_else(|| QueueError::not_found(id))
     }
@@ -153,32 +155,32 @@ impl RetryQueue for TestQueue {
         .map(|_| ())
     }
 
-    fn delete(&self, id: &str) -> QResult<()> {
+    fn delete(&self, id: &ItemId) -> QResult<()> {
         self.open()?
-            .remove(id)
+            .remove(id.as_str())
             .map(|_| ())
             .ok_or_else(|| QueueError::not_found(id))
     }
 
-    fn mark_failed(&self, id: &str, reason: &str) -> QResult<QueueItem> {
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QResult<QueueItem> {
         self.modify(id, |i, now| {
             i.dead_letter(reason, now);
             Ok(())
         })
     }
 
-    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QResult<QueueItem> {
+    fn requeue(&self, id: &ItemId, error: &str, next_retry: DateTime<Utc>) -> QResult<QueueItem> {
         self.modify(id, |i, now| {
             i.requeue(error, next_retry, now);
             Ok(())
         })
     }
 
-    fn revive(&self, id: &str) -> QResult<QueueItem> {
+    fn revive(&self, id: &ItemId) -> QResult<QueueItem> {
         self.modify(id, |i, now| i.revive(now))
     }
 
-    fn release(&self, id: &str) -> QResult<()> {
+    fn release(&self, id: &ItemId) -> QResult<()> {
         // Releasing an item nobody holds is a no-op, as the contract says.
         self.modify(id, |i, now| match i.status() {
             ItemStatus::Processing => i.release(now),
@@ -200,7 +202,7 @@ impl RetryQueue for TestQueue {
         let until = now + chrono::Duration::from_std(lease).unwrap();
         for item in &mut ready {
             item.claim(until, "api-test", now)?;
-            items.insert(item.id.clone(), item.clone());
+            items.insert(item.id.clone().to_string(), item.clone());
         }
         Ok(ready)
     }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+use retryq::item::ItemId;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -282,7 +284,7 @@ pub fn item(id: &str) -> NewItem {
         "x".repeat(64)
     ))
     .unwrap();
-    NewItem::new(payload).with_id(id)
+    NewItem::new(payload).with_id(ItemId::parse(id).unwrap())
 }
 
 pub fn options(clock: &ManualClock) -> StoreOptions {

@@ -11,6 +11,7 @@ use crate::actors::messages::{NextDue, Wake};
 use crate::delivery::types::{EventKind, RetryResult};
 use crate::delivery::{Gate, Shared, MAX_OVERLAPPING_CYCLES};
 use crate::error::QueueResult;
+use crate::item::ItemId;
 
 /// Runs one delivery cycle and returns what happened to each claimed item.
 pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>> {
@@ -30,7 +31,7 @@ pub async fn run_cycle(shared: &Shared, io: &Io) -> QueueResult<Vec<RetryResult>
         .in_flight()
         .extend(items.iter().map(|i| i.id.clone()));
     drop(registering);
-    let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
+    let ids: Vec<ItemId> = items.iter().map(|i| i.id.clone()).collect();
     let outcome = deliver(shared, io, items, probing).await;
     shared.settle_in_flight(&ids);
     outcome

@@ -12,8 +12,8 @@ use crate::actors::messages::{DeliverClaimed, Wake};
 use crate::actors::store::StoreHandle;
 use crate::delivery::types::EventKind;
 use crate::delivery::{Gate, Shared, MAX_OVERLAPPING_CYCLES};
-use crate::error::QueueResult;
-use crate::item::{NewItem, QueueItem};
+use crate::error::{QueueError, QueueResult};
+use crate::item::{ItemId, NewItem, QueueItem};
 use crate::store::{RetryQueue, WriteOp, WriteOutcome};
 
 /// An enqueue on the outbox path: stores `items` in one group commit, the
@@ -30,7 +30,7 @@ pub async fn store_and_hand_off(
     queue: Arc<dyn RetryQueue>,
     items: Vec<NewItem>,
     handoff: usize,
-) -> QueueResult<Vec<QueueResult<String>>> {
+) -> QueueResult<Vec<QueueResult<ItemId>>> {
     let count = items.len();
     let lease = shared.config.lease;
     let ops = items
@@ -52,16 +52,18 @@ pub async fn store_and_hand_off(
         }
     };
     let mut claimed = Vec::with_capacity(handoff);
-    let ids: Vec<QueueResult<String>> = results
+    let ids: Vec<QueueResult<ItemId>> = results
         .into_iter()
         .map(|r| {
-            r.map(|outcome| match outcome {
+            r.and_then(|outcome| match outcome {
                 WriteOutcome::Claimed(item) => {
                     let id = item.id.clone();
                     claimed.push(*item);
-                    id
+                    Ok(id)
                 }
-                other => other.into_enqueued_id().unwrap_or_default(),
+                other => other.into_enqueued_id().ok_or_else(|| {
+                    QueueError::internal("outbox enqueue", "an enqueue reported no ID")
+                }),
             })
         })
         .collect();
@@ -114,7 +116,7 @@ fn hand_off(
 /// of the in-flight set is that call's to release.
 async fn release_handed_off(shared: &Shared, io: &Io, items: Vec<QueueItem>) {
     let count = items.len();
-    let ids: Vec<String> = {
+    let ids: Vec<ItemId> = {
         let in_flight = shared.in_flight();
         items
             .into_iter()
@@ -158,7 +160,7 @@ fn lease_left_for_push(shared: &Shared, item: &QueueItem) -> bool {
 /// lease expires, as a cancelled claim is.)
 struct HandoffSettle<'a> {
     shared: &'a Shared,
-    ids: Vec<String>,
+    ids: Vec<ItemId>,
 }
 
 impl Drop for HandoffSettle<'_> {

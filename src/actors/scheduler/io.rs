@@ -40,8 +40,10 @@ pub enum Io {
     },
 }
 
+/// A store actor that no longer answers is a failure of this process, not
+/// of the disk: it must not count against the store's health.
 pub(super) fn mailbox_closed(e: MailboxError) -> QueueError {
-    QueueError::storage("actor mailbox", e.to_string())
+    QueueError::internal("store actor mailbox", e)
 }
 
 /// Runs a blocking store call on tokio's blocking pool.
@@ -50,7 +52,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 ) -> QueueResult<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| QueueError::storage("blocking task", e.to_string()))?
+        .map_err(|e| QueueError::internal("blocking store task", e))?
 }
 
 impl Io {

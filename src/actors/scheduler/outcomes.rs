@@ -64,7 +64,7 @@ pub(super) async fn deliver(
                         id: item.id.clone(),
                     });
                     results.push(RetryResult {
-                        item_id: item.id.clone(),
+                        item_id: item.id.to_string(),
                         kind: EventKind::Skipped,
                         attempts: item.attempts,
                         error: None,
@@ -84,7 +84,7 @@ pub(super) async fn deliver(
                         id: item.id.clone(),
                     });
                     results.push(RetryResult {
-                        item_id: item.id.clone(),
+                        item_id: item.id.to_string(),
                         kind: EventKind::Released,
                         attempts: item.attempts,
                         error: Some(e.to_string()),
@@ -114,7 +114,7 @@ pub(super) async fn deliver(
                     id: item.id.clone(),
                 });
                 results.push(RetryResult {
-                    item_id: item.id,
+                    item_id: item.id.to_string(),
                     kind: EventKind::Released,
                     attempts: item.attempts,
                     error: Some("delivery gated (circuit open or paused) before its push".into()),

@@ -11,14 +11,14 @@ use serde_json::json;
 use super::{query_params, store_call, Settings, State};
 use crate::admin::auth::Authorized;
 use crate::admin::ApiError;
-use crate::item::{validate_id, ItemType, NewItem, Payload};
+use crate::item::{ItemId, ItemType, NewItem, Payload};
 
 /// The ingest parameters (everything but the payload).
 #[derive(Debug, Default)]
 struct IngestParams {
     item_type: Option<String>,
     fingerprint: Option<String>,
-    id: Option<String>,
+    id: Option<ItemId>,
     agent_id: Option<String>,
     scanner_name: Option<String>,
     target_path: Option<String>,
@@ -83,9 +83,9 @@ impl IngestParams {
                 }
                 "fingerprint" => params.fingerprint = Some(value),
                 "id" => {
-                    validate_id(&value)
+                    let id = ItemId::parse(&value)
                         .map_err(|e| ApiError::invalid_request(format!("parameter id: {e}")))?;
-                    params.id = Some(value)
+                    params.id = Some(id)
                 }
                 "agent_id" => params.agent_id = Some(value),
                 "scanner_name" => params.scanner_name = Some(value),

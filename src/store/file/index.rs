@@ -38,20 +38,20 @@ pub(super) struct Index {
 }
 
 pub(super) fn ready_key(item: &QueueItem) -> ReadyKey {
-    (item.next_retry, item.created_at, item.id.clone())
+    (item.next_retry, item.created_at, item.id.to_string())
 }
 
 pub(super) fn lease_key(item: &QueueItem) -> (DateTime<Utc>, String) {
     (
         item.lease_until().unwrap_or(DateTime::<Utc>::MIN_UTC),
-        item.id.clone(),
+        item.id.to_string(),
     )
 }
 
 impl Index {
     pub(super) fn insert(&mut self, item: QueueItem, file: String, disk_len: u64) {
         self.remove(&item.id);
-        let id = item.id.clone();
+        let id = item.id.to_string();
         self.by_age.insert((item.created_at, id.clone()));
         match item.status() {
             ItemStatus::Pending => {
@@ -85,7 +85,7 @@ impl Index {
     pub(super) fn remove(&mut self, id: &str) -> Option<Entry> {
         let entry = self.entries.remove(id)?;
         let item = &entry.item;
-        self.by_age.remove(&(item.created_at, item.id.clone()));
+        self.by_age.remove(&(item.created_at, item.id.to_string()));
         match item.status() {
             ItemStatus::Pending => {
                 self.ready.remove(&ready_key(item));
@@ -94,7 +94,8 @@ impl Index {
                 self.leases.remove(&lease_key(item));
             }
             ItemStatus::Failed => {
-                self.dead_by_age.remove(&(item.created_at, item.id.clone()));
+                self.dead_by_age
+                    .remove(&(item.created_at, item.id.to_string()));
             }
         }
         if let Some(ids) = self.by_fingerprint.get_mut(&item.fingerprint) {

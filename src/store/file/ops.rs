@@ -10,7 +10,7 @@ use super::fs::with_path as io_ctx;
 use super::group::Group;
 use super::{saturating_add, FileRetryQueue, Inner};
 use crate::error::{QueueError, QueueResult};
-use crate::item::{ItemStatus, NewItem, QueueItem};
+use crate::item::{ItemId, ItemStatus, NewItem, QueueItem};
 use crate::store::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, QueueStats, RetryQueue, WriteOp,
     WriteOutcome,
@@ -83,14 +83,14 @@ impl FileRetryQueue {
 }
 
 impl RetryQueue for FileRetryQueue {
-    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+    fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
         let mut results = self.enqueue_batch(vec![item])?;
         results
             .pop()
             .unwrap_or_else(|| Err(QueueError::storage("enqueue", "no result for the item")))
     }
 
-    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>> {
         Ok(self
             .store_new("enqueue", items, None)?
             .into_iter()
@@ -117,47 +117,53 @@ impl RetryQueue for FileRetryQueue {
         Ok(next.and_then(|id| inner.index.entries.get(id).map(|e| e.item.clone())))
     }
 
-    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+    fn get(&self, id: &ItemId) -> QueueResult<QueueItem> {
         let inner = self.state("get")?;
         Ok(inner.index.get(id)?.item.clone())
     }
 
     fn update(&self, item: &QueueItem) -> QueueResult<()> {
-        self.change_one("update", &item.id, |stored, _| {
+        self.change_one("update", &item.id, |stored, now| {
             Self::check_item(item)?;
             let mut replacement = item.clone();
             replacement.id = stored.id.clone();
             replacement.created_at = stored.created_at;
+            replacement.updated_at = now;
             *stored = replacement;
             Ok(())
         })
         .map(|_| ())
     }
 
-    fn delete(&self, id: &str) -> QueueResult<()> {
+    fn delete(&self, id: &ItemId) -> QueueResult<()> {
         let mut inner = self.state("delete")?;
         self.delete_in(&mut inner, id)
     }
 
-    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
         self.change_one("mark_failed", id, |item, now| {
             item.dead_letter(reason, now);
             Ok(())
         })
     }
 
-    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+    fn requeue(
+        &self,
+        id: &ItemId,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem> {
         self.change_one("requeue", id, |item, now| {
             item.requeue(error, next_retry, now);
             Ok(())
         })
     }
 
-    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
         self.change_one("revive", id, |item, now| item.revive(now))
     }
 
-    fn release(&self, id: &str) -> QueueResult<()> {
+    fn release(&self, id: &ItemId) -> QueueResult<()> {
         let mut inner = self.state("release")?;
         self.release_in(&mut inner, id)
     }

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::item::{
-    payload_checksum, validate_id, ItemRecord, ItemStatus, ItemType, Payload, QueueItem,
-};
+use crate::item::{payload_checksum, ItemId, ItemRecord, ItemStatus, ItemType, Payload, QueueItem};
 
 /// Go's zero `time.Time`, which the Go SDK writes for "never".
 pub(crate) const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
@@ -46,7 +44,8 @@ mod go_time {
 /// `attributes` and `checksum` are ours (Go ignores unknown fields).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct FileRecord {
-    id: String,
+    /// Checked as it is read: a file naming a bad ID is refused.
+    id: ItemId,
     #[serde(rename = "type")]
     item_type: ItemType,
     fingerprint: String,
@@ -153,7 +152,6 @@ pub(crate) fn decode(bytes: &[u8], expected_id: &str) -> Result<QueueItem, Strin
             record.id
         ));
     }
-    validate_id(&record.id).map_err(|e| e.to_string())?;
     if let Some(stored) = record.checksum {
         let actual = payload_checksum(record.report.as_bytes());
         if stored != actual {
@@ -185,7 +183,7 @@ pub(crate) fn parse_file_name(name: &str) -> Option<&str> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    validate_id(id).ok()?;
+    ItemId::parse(id).ok()?;
     Some(id)
 }
 

@@ -168,8 +168,9 @@ impl FileRetryQueue {
             .map(|(_, id)| id.clone())
             .collect();
         if !stuck.is_empty() {
-            let returned =
-                self.change_many(&mut inner, "open", &stuck, now, |item, now| item.release(now))?;
+            let returned = self.change_many(&mut inner, "open", &stuck, now, |item, now| {
+                item.release(now)
+            })?;
             tracing::info!(
                 count = returned.len(),
                 "returned items left processing to pending"

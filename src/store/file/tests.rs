@@ -1,5 +1,7 @@
 //! Unit tests of the file backend's semantics on the real disk.
 
+use crate::item::ItemId;
+
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,8 +100,10 @@ fn dedupe_by_id_and_fingerprint() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let q = FileRetryQueue::open(dir.path(), options(&clock)).unwrap();
-    let a = q.enqueue(new_item(1).with_id("a-1")).unwrap();
-    match q.enqueue(new_item(2).with_id("a-1")) {
+    let a = q
+        .enqueue(new_item(1).with_id(ItemId::parse("a-1").unwrap()))
+        .unwrap();
+    match q.enqueue(new_item(2).with_id(ItemId::parse("a-1").unwrap())) {
         Err(QueueError::DuplicateItem { existing_id }) => assert_eq!(existing_id, a),
         other => panic!("expected duplicate, got {other:?}"),
     }
@@ -110,11 +114,16 @@ fn dedupe_by_id_and_fingerprint() {
     // A dead letter's fingerprint no longer blocks; its ID still does.
     q.mark_failed(&a, "x").unwrap();
     q.enqueue(new_item(1)).unwrap();
-    assert!(q.enqueue(new_item(3).with_id("a-1")).is_err());
+    assert!(q
+        .enqueue(new_item(3).with_id(ItemId::parse("a-1").unwrap()))
+        .is_err());
     // Exact IDs only: a prefix is not a match.
-    assert!(matches!(q.get("a-"), Err(QueueError::ItemNotFound { .. })));
     assert!(matches!(
-        q.delete("a"),
+        q.get(&ItemId::parse("a-").unwrap()),
+        Err(QueueError::ItemNotFound { .. })
+    ));
+    assert!(matches!(
+        q.delete(&ItemId::parse("a").unwrap()),
         Err(QueueError::ItemNotFound { .. })
     ));
 }
@@ -128,7 +137,7 @@ fn batch_reports_per_item_and_dedupes_within() {
         .enqueue_batch(vec![
             new_item(1),
             new_item(1),
-            new_item(2).with_id("bad/id"),
+            new_item(2).with_max_attempts(0),
             new_item(3),
         ])
         .unwrap();
@@ -148,7 +157,7 @@ fn limits_reject_or_drop_oldest_dead_letters_first() {
     let mut opts = options(&clock);
     opts.max_items = 3;
     let q = FileRetryQueue::open(dir.path(), opts.clone()).unwrap();
-    let ids: Vec<String> = (0..3)
+    let ids: Vec<ItemId> = (0..3)
         .map(|n| {
             clock.advance(Duration::from_secs(1));
             q.enqueue(new_item(n)).unwrap()
@@ -158,15 +167,22 @@ fn limits_reject_or_drop_oldest_dead_letters_first() {
         q.enqueue(new_item(9)),
         Err(QueueError::QueueFull { .. })
     ));
-    q.mark_failed(&ids[2], "dead").unwrap();
+    q.mark_failed(&ItemId::parse(&ids[2]).unwrap(), "dead")
+        .unwrap();
     q.close().unwrap();
 
     opts.overflow = OverflowPolicy::DropOldest;
     let q = FileRetryQueue::open(dir.path(), opts.clone()).unwrap();
     q.enqueue(new_item(10)).unwrap();
-    assert!(q.get(&ids[2]).is_err(), "dead letter evicted first");
+    assert!(
+        q.get(&ItemId::parse(&ids[2]).unwrap()).is_err(),
+        "dead letter evicted first"
+    );
     q.enqueue(new_item(11)).unwrap();
-    assert!(q.get(&ids[0]).is_err(), "then the oldest");
+    assert!(
+        q.get(&ItemId::parse(&ids[0]).unwrap()).is_err(),
+        "then the oldest"
+    );
     assert_eq!(q.size().unwrap(), 3);
     assert_eq!(q.stats().unwrap().evicted, 2);
 
@@ -194,7 +210,7 @@ fn claim_order_leases_and_release() {
     let early = q.enqueue(early).unwrap();
     let plain = q.enqueue(new_item(3)).unwrap();
     assert_eq!(q.peek().unwrap().unwrap().id, early);
-    let claimed: Vec<String> = q
+    let claimed: Vec<ItemId> = q
         .claim(10, Duration::from_secs(30))
         .unwrap()
         .into_iter()
@@ -238,7 +254,7 @@ fn revive_update_cleanup_and_list() {
     clock.advance(Duration::from_secs(10));
     let b = q.enqueue(new_item(2)).unwrap();
     q.mark_failed(&b, "dead").unwrap();
-    let listed: Vec<String> = q
+    let listed: Vec<ItemId> = q
         .list(&ListFilter {
             descending: true,
             ..ListFilter::default()
@@ -376,7 +392,7 @@ fn byte_limit_eviction_and_enforce_limits_after_lowering() {
     clock.advance(Duration::from_secs(1));
     let newest = q.enqueue(new_item(9)).unwrap();
     assert!(q.get(&ids[3]).is_err());
-    let left: Vec<String> = q
+    let left: Vec<ItemId> = q
         .list(&ListFilter::default())
         .unwrap()
         .into_iter()
@@ -426,12 +442,12 @@ fn import_keeps_each_items_state_and_times() {
     let q = FileRetryQueue::open(dir.path(), options(&clock)).unwrap();
     let created = clock.now() - chrono::Duration::days(3);
     let mut item = new_item(1)
-        .with_id("imported-1")
+        .with_id(ItemId::parse("imported-1").unwrap())
         .into_item(created, 5)
         .unwrap();
     item.requeue("503", created + chrono::Duration::hours(1), created);
     let mut claimed = new_item(2)
-        .with_id("imported-2")
+        .with_id(ItemId::parse("imported-2").unwrap())
         .into_item(created, 5)
         .unwrap();
     claimed
@@ -444,10 +460,10 @@ fn import_keeps_each_items_state_and_times() {
     assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
     assert!(matches!(results[2], Err(QueueError::DuplicateItem { .. })));
     // Stored as given, under the name its own creation time gives.
-    assert_eq!(q.get("imported-1").unwrap(), item);
+    assert_eq!(q.get(&ItemId::parse("imported-1").unwrap()).unwrap(), item);
     assert!(dir.path().join(file_name(&item)).exists());
     // A claim nobody holds any more is not imported.
-    let got = q.get("imported-2").unwrap();
+    let got = q.get(&ItemId::parse("imported-2").unwrap()).unwrap();
     assert_eq!(
         (got.status(), got.lease_until(), got.lease_owner()),
         (ItemStatus::Pending, None, None)
@@ -455,5 +471,5 @@ fn import_keeps_each_items_state_and_times() {
     assert_eq!(got.created_at, created);
     q.close().unwrap();
     let q = FileRetryQueue::open(dir.path(), options(&clock)).unwrap();
-    assert_eq!(q.get("imported-1").unwrap(), item);
+    assert_eq!(q.get(&ItemId::parse("imported-1").unwrap()).unwrap(), item);
 }

@@ -9,7 +9,7 @@ use super::admission::KnownTotals;
 use super::row::{insert_item, sql_err, ItemRow};
 use super::SqliteRetryQueue;
 use crate::error::{QueueError, QueueResult};
-use crate::item::{payload_checksum, NewItem, QueueItem};
+use crate::item::{payload_checksum, ItemId, NewItem, QueueItem};
 use crate::store::WriteOutcome;
 
 impl SqliteRetryQueue {
@@ -70,7 +70,7 @@ impl SqliteRetryQueue {
         Ok(item)
     }
 
-    pub(super) fn enqueue_one(&self, item: NewItem) -> QueueResult<String> {
+    pub(super) fn enqueue_one(&self, item: NewItem) -> QueueResult<ItemId> {
         self.salvaging(|| {
             self.write("enqueue", |tx| {
                 self.enqueue_in(tx, item.clone(), None, &mut KnownTotals::default())
@@ -82,7 +82,7 @@ impl SqliteRetryQueue {
     pub(super) fn enqueue_many(
         &self,
         items: Vec<NewItem>,
-    ) -> QueueResult<Vec<QueueResult<String>>> {
+    ) -> QueueResult<Vec<QueueResult<ItemId>>> {
         let results = self.salvaging(|| {
             self.batch("enqueue_batch", items.clone(), |conn, item, known| {
                 self.enqueue_in(conn, item, None, known)
@@ -91,7 +91,13 @@ impl SqliteRetryQueue {
         })?;
         Ok(results
             .into_iter()
-            .map(|r| r.map(|o| o.into_enqueued_id().unwrap_or_default()))
+            .map(|r| {
+                r.and_then(|o| {
+                    o.into_enqueued_id().ok_or_else(|| {
+                        QueueError::internal("enqueue_batch", "an enqueue reported no ID")
+                    })
+                })
+            })
             .collect())
     }
 

@@ -1,6 +1,8 @@
 //! Tests of lease owners in the SQLite backend: the `lease_owner` column
 //! (schema 3), its migration from schema 2, and `release_leases_except`.
 
+use crate::item::ItemId;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,19 +80,23 @@ fn every_way_out_of_processing_clears_the_owner() {
     let path = dir.path().join("q.db");
     let clock = ManualClock::new(Utc::now());
     let q = open_as(&path, "inst-a", &clock);
-    let ids: Vec<String> = (1..=5).map(|n| q.enqueue(item(n)).unwrap()).collect();
+    let ids: Vec<ItemId> = (1..=5).map(|n| q.enqueue(item(n)).unwrap()).collect();
     assert_eq!(q.claim(10, LEASE).unwrap().len(), 5);
-    q.release(&ids[0]).unwrap();
-    q.requeue(&ids[1], "boom", clock.now()).unwrap();
-    q.mark_failed(&ids[2], "bad").unwrap();
-    q.apply_batch(vec![WriteOp::Release { id: ids[3].clone() }])
-        .unwrap()
-        .remove(0)
+    q.release(&ItemId::parse(&ids[0]).unwrap()).unwrap();
+    q.requeue(&ItemId::parse(&ids[1]).unwrap(), "boom", clock.now())
         .unwrap();
+    q.mark_failed(&ItemId::parse(&ids[2]).unwrap(), "bad")
+        .unwrap();
+    q.apply_batch(vec![WriteOp::Release {
+        id: ItemId::parse(&ids[3].clone()).unwrap(),
+    }])
+    .unwrap()
+    .remove(0)
+    .unwrap();
     clock.advance(LEASE + Duration::from_secs(1));
     assert_eq!(q.release_expired_leases().unwrap(), 1, "only ids[4] left");
     for id in &ids {
-        let item = q.get(id).unwrap();
+        let item = q.get(&ItemId::parse(id).unwrap()).unwrap();
         assert_ne!(item.status(), ItemStatus::Processing, "{id}");
         assert_eq!(item.lease_owner(), None, "{id}");
         assert_eq!(stored_owner(&path, id), None, "{id}");
@@ -103,7 +109,7 @@ fn release_leases_except_frees_other_owners_and_keeps_its_own() {
     let path = dir.path().join("q.db");
     let clock = ManualClock::new(Utc::now());
     let a = open_as(&path, "inst-a", &clock);
-    let a_ids: Vec<String> = (1..=3).map(|n| a.enqueue(item(n)).unwrap()).collect();
+    let a_ids: Vec<ItemId> = (1..=3).map(|n| a.enqueue(item(n)).unwrap()).collect();
     assert_eq!(a.claim(10, LEASE).unwrap().len(), 3);
     let b = open_as(&path, "inst-b", &clock);
     let waiting = b.enqueue(item(10)).unwrap();
@@ -114,7 +120,7 @@ fn release_leases_except_frees_other_owners_and_keeps_its_own() {
 
     assert_eq!(b.release_leases_except("inst-b").unwrap(), 3);
     for id in &a_ids {
-        let item = b.get(id).unwrap();
+        let item = b.get(&ItemId::parse(id).unwrap()).unwrap();
         assert_eq!(item.status(), ItemStatus::Pending, "{id}");
         assert_eq!(
             (item.lease_until(), item.lease_owner()),

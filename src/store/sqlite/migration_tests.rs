@@ -1,6 +1,8 @@
 //! Tests of the schema migrations: a database written at schema 1 is
 //! migrated whole, and a migration that fails midway changes nothing.
 
+use crate::item::ItemId;
+
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::row::to_nanos;
@@ -69,7 +71,13 @@ fn a_migration_that_fails_midway_leaves_schema_1_whole() {
     }
     // With the obstacle gone, the same file migrates and keeps its item.
     let q = SqliteRetryQueue::open(&path, StoreOptions::default()).unwrap();
-    assert_eq!(q.get("kept").unwrap().report.as_str(), body);
+    assert_eq!(
+        q.get(&ItemId::parse("kept").unwrap())
+            .unwrap()
+            .report
+            .as_str(),
+        body
+    );
     assert_eq!(q.size().unwrap(), 1);
 }
 
@@ -126,14 +134,22 @@ fn a_schema_1_database_is_migrated_whole() {
         })
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
-    let pending = q.get("a-pending").unwrap();
+    let pending = q.get(&ItemId::parse("a-pending").unwrap()).unwrap();
     assert_eq!(pending.report.as_str(), payload(1));
     assert_eq!(pending.attempts, 2);
     assert_eq!(pending.last_error, "boom");
     assert_eq!(pending.attributes.get("k").map(String::as_str), Some("v"));
     // The expired lease was released at open, as for any database.
-    assert_eq!(q.get("b-processing").unwrap().status(), ItemStatus::Pending);
-    assert_eq!(q.get("c-dead").unwrap().status(), ItemStatus::Failed);
+    assert_eq!(
+        q.get(&ItemId::parse("b-processing").unwrap())
+            .unwrap()
+            .status(),
+        ItemStatus::Pending
+    );
+    assert_eq!(
+        q.get(&ItemId::parse("c-dead").unwrap()).unwrap().status(),
+        ItemStatus::Failed
+    );
     let stats = q.stats().unwrap();
     assert_eq!((stats.total_items, stats.failed_items), (3, 1));
     assert_eq!(q.size().unwrap(), 3, "totals survive the migration");

@@ -158,7 +158,7 @@ use super::{
     WriteOutcome,
 };
 use crate::error::QueueResult;
-use crate::item::{NewItem, QueueItem};
+use crate::item::{ItemId, NewItem, QueueItem};
 
 mod admission;
 mod checkpointer;
@@ -171,6 +171,7 @@ mod maintenance;
 #[cfg(test)]
 mod migration_tests;
 mod open;
+mod private_files;
 #[cfg(test)]
 mod reader_tests;
 mod readers;
@@ -259,11 +260,11 @@ impl SqliteRetryQueue {
 }
 
 impl RetryQueue for SqliteRetryQueue {
-    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+    fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
         self.enqueue_one(item)
     }
 
-    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>> {
         self.enqueue_many(items)
     }
 
@@ -286,7 +287,7 @@ impl RetryQueue for SqliteRetryQueue {
         self.peek_due()
     }
 
-    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+    fn get(&self, id: &ItemId) -> QueueResult<QueueItem> {
         self.get_item(id)
     }
 
@@ -294,23 +295,28 @@ impl RetryQueue for SqliteRetryQueue {
         self.update_item(item)
     }
 
-    fn delete(&self, id: &str) -> QueueResult<()> {
+    fn delete(&self, id: &ItemId) -> QueueResult<()> {
         self.delete_one(id)
     }
 
-    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
         self.mark_failed_one(id, reason)
     }
 
-    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+    fn requeue(
+        &self,
+        id: &ItemId,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem> {
         self.requeue_one(id, error, next_retry)
     }
 
-    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
         self.revive_one(id)
     }
 
-    fn release(&self, id: &str) -> QueueResult<()> {
+    fn release(&self, id: &ItemId) -> QueueResult<()> {
         self.release_one(id)
     }
 

@@ -30,6 +30,7 @@ use super::row::sql_err;
 use super::schema::{migrate, SCHEMA_VERSION};
 use super::txn::TotalsDelta;
 use super::wal_sync::WalSync;
+use super::private_files::{create_private_dir, set_private_file};
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
 use crate::store::{RetryQueue, StoreOptions};
@@ -172,37 +173,6 @@ impl SqliteRetryQueue {
         }
         Ok(queue)
     }
-}
-
-#[cfg(unix)]
-pub(super) fn create_private_dir(dir: &Path) -> QueueResult<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| QueueError::storage("open", format!("creating {}: {e}", dir.display())))
-}
-
-#[cfg(not(unix))]
-pub(super) fn create_private_dir(dir: &Path) -> QueueResult<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| QueueError::storage("open", format!("creating {}: {e}", dir.display())))
-}
-
-#[cfg(unix)]
-pub(super) fn set_private_file(path: &Path) -> QueueResult<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| QueueError::storage("open", format!("chmod {}: {e}", path.display())))
-}
-
-#[cfg(not(unix))]
-pub(super) fn set_private_file(_path: &Path) -> QueueResult<()> {
-    Ok(())
 }
 
 #[cfg(test)]

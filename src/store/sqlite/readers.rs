@@ -18,7 +18,9 @@
 //! left out of later reads; `get` reports it as
 //! `QueueError::Corrupt`, `list` and `peek` skip it. The next write
 //! transaction checks each remembered record again and quarantines those
-//! still bad, before its own work ([`SqliteRetryQueue::quarantine_remembered`]).
+//! still bad, after its own work and before its commit
+//! ([`SqliteRetryQueue::quarantine_remembered`]): a write that deletes the
+//! record deletes it, rather than finding it moved away.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -244,7 +246,8 @@ impl SqliteRetryQueue {
 
     /// Moves the records reads found corrupt to quarantine, in the open
     /// write transaction `tx`, checking each again first: it may have been
-    /// deleted or rewritten since. A failure that rolls the transaction back
+    /// deleted or rewritten since, by another process or by this very
+    /// transaction. A failure that rolls the transaction back
     /// forgets them too; the next read that meets one remembers it again.
     pub(super) fn quarantine_remembered(&self, tx: &Connection) -> QueueResult<()> {
         let suspects = std::mem::take(&mut *self.readers.suspects());

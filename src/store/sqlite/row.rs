@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row};
 
 use crate::error::{QueueError, QueueResult};
-use crate::item::{payload_checksum, ItemRecord, ItemStatus, ItemType, Payload, QueueItem};
+use crate::item::{
+    payload_checksum, ItemId, ItemRecord, ItemStatus, ItemType, Payload, QueueItem,
+};
 
 pub(super) const STATUS_PENDING: i64 = 0;
 
@@ -120,6 +122,18 @@ pub(super) fn read_row(row: &Row<'_>) -> rusqlite::Result<Loaded> {
                 seq,
                 id,
                 reason: format!("attributes are not a JSON object of strings: {e}"),
+            })
+        }
+    };
+    // The ID is checked where it comes back in: a row naming a bad one is
+    // refused like any other failed check.
+    let id = match ItemId::try_from(id.clone()) {
+        Ok(checked) => checked,
+        Err(e) => {
+            return Ok(Loaded::Bad {
+                seq,
+                id,
+                reason: e.to_string(),
             })
         }
     };

@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::row::{self, sql_err, status_code};
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
-use crate::item::{payload_checksum, QueueItem};
+use crate::item::{payload_checksum, ItemId, QueueItem};
 use crate::store::WriteOutcome;
 
 impl SqliteRetryQueue {
@@ -52,9 +52,9 @@ impl SqliteRetryQueue {
         })
     }
 
-    pub(super) fn delete_in(&self, conn: &Connection, id: &str) -> QueueResult<()> {
+    pub(super) fn delete_in(&self, conn: &Connection, id: &ItemId) -> QueueResult<()> {
         let mut results = Vec::with_capacity(1);
-        self.delete_many(conn, vec![id.to_owned()], &mut results)?;
+        self.delete_many(conn, vec![id.clone()], &mut results)?;
         results
             .pop()
             .unwrap_or_else(|| Err(QueueError::not_found(id)))
@@ -129,7 +129,7 @@ impl SqliteRetryQueue {
     pub(super) fn delete_many(
         &self,
         conn: &Connection,
-        ids: Vec<String>,
+        ids: Vec<ItemId>,
         results: &mut Vec<QueueResult<WriteOutcome>>,
     ) -> QueueResult<()> {
         let id_list = serde_json::to_string(&ids)
@@ -147,8 +147,8 @@ impl SqliteRetryQueue {
             })
             .map_err(sql_err("delete"))?;
         if found.len() < ids.len() {
-            let missing = ids.iter().filter(|id| !found.contains_key(*id));
-            salvage::confirm_missing(conn, missing.map(String::as_str))?;
+            let missing = ids.iter().filter(|id| !found.contains_key(id.as_str()));
+            salvage::confirm_missing(conn, missing.map(|id| id.as_str()))?;
         }
         let seqs: Vec<i64> = found.values().map(|row| row.0).collect();
         let seq_list = serde_json::to_string(&seqs)
@@ -162,7 +162,7 @@ impl SqliteRetryQueue {
                 .map_err(sql_err("delete"))?;
         }
         for id in ids {
-            match found.remove(&id) {
+            match found.remove(id.as_str()) {
                 Some((seq, fingerprint, status, size)) => {
                     self.forget_row(seq, &fingerprint, status, size);
                     results.push(Ok(WriteOutcome::Applied));
@@ -174,7 +174,6 @@ impl SqliteRetryQueue {
     }
 
     pub(super) fn update_item(&self, item: &QueueItem) -> QueueResult<()> {
-        crate::item::validate_id(&item.id)?;
         if item.max_attempts == 0 {
             return Err(QueueError::invalid("max_attempts must be at least 1"));
         }
@@ -203,7 +202,7 @@ impl SqliteRetryQueue {
         })
     }
 
-    pub(super) fn delete_one(&self, id: &str) -> QueueResult<()> {
+    pub(super) fn delete_one(&self, id: &ItemId) -> QueueResult<()> {
         self.salvaging(|| self.write("delete", |tx| self.delete_in(tx, id)))
     }
 

@@ -2,6 +2,7 @@
 //! reopen, damage and full disks, the indexes, dedupe, eviction order and
 //! deferred syncs.
 
+use crate::item::ItemId;
 use std::sync::atomic::Ordering;
 
 use rusqlite::params;
@@ -180,7 +181,7 @@ fn a_batch_that_fills_the_disk_midway_leaves_nothing_of_itself() {
     q.delete(&again).unwrap();
     q.close().unwrap();
     let q = SqliteRetryQueue::open(&path, options).unwrap();
-    let ids: Vec<String> = q
+    let ids: Vec<ItemId> = q
         .list(&ListFilter::default())
         .unwrap()
         .into_iter()
@@ -323,7 +324,7 @@ fn a_deferred_batch_is_whole_after_its_sync_and_across_a_reopen() {
             WriteOp::Enqueue(item(2)),
             WriteOp::Delete { id: kept.clone() },
             WriteOp::Delete {
-                id: "missing".into(),
+                id: ItemId::parse("missing").unwrap(),
             },
         ])
         .unwrap();
@@ -368,7 +369,7 @@ fn a_deferred_batch_that_wrote_nothing_needs_no_sync() {
         });
     let (results, pending) = q
         .apply_batch_deferred(vec![WriteOp::Delete {
-            id: "missing".into(),
+            id: ItemId::parse("missing").unwrap(),
         }])
         .unwrap();
     assert!(results[0].is_err());

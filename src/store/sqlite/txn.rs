@@ -11,6 +11,7 @@ use super::fingerprints::FingerprintIndex;
 use super::row::sql_err;
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
+use crate::item::ItemId;
 use crate::store::{PendingSync, WriteOp, WriteOutcome};
 
 /// Changes to the item count and byte total not yet written to `totals`.
@@ -145,14 +146,11 @@ impl SqliteRetryQueue {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_err(op))?;
-            let changes_at_start = tx.total_changes();
+            let changes_before = tx.total_changes();
             let mut wrote = false;
             let outcome = self.finish(op, tx, |tx| {
-                self.quarantine_remembered(tx)?;
-                let changes_before = tx.total_changes();
                 let result = f(tx);
-                wrote = tx.total_changes() != changes_at_start;
-                match result {
+                let result = match result {
                     // Returning it rolls the transaction back.
                     Err(e) if e.is_storage() => Err(e),
                     // A refusal wrote nothing, or moved a corrupt record to
@@ -162,7 +160,12 @@ impl SqliteRetryQueue {
                         Ok(Err(e))
                     }
                     Ok(out) => Ok(Ok(out)),
+                };
+                if result.is_ok() {
+                    self.quarantine_remembered(tx)?;
                 }
+                wrote = tx.total_changes() != changes_before;
+                result
             });
             if outcome.is_ok() && wrote {
                 self.nudge_checkpointer();
@@ -223,12 +226,12 @@ impl SqliteRetryQueue {
                 .map_err(sql_err(op_name));
             let outcome = tx.and_then(|tx| {
                 self.finish(op_name, tx, |tx| {
-                    self.quarantine_remembered(tx)?;
                     let mut results = Vec::with_capacity(results_expected);
                     let mut known = KnownTotals::default();
                     for unit in units {
                         apply(tx, unit, &mut known, &mut results)?;
                     }
+                    self.quarantine_remembered(tx)?;
                     Ok(results)
                 })
             });
@@ -261,7 +264,7 @@ impl SqliteRetryQueue {
         // everything else one op at a time, in order.
         enum Unit {
             One(WriteOp),
-            Deletes(Vec<String>),
+            Deletes(Vec<ItemId>),
         }
         let count = ops.len();
         let mut units: Vec<Unit> = Vec::new();

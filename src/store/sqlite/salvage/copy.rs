@@ -46,7 +46,7 @@ pub(super) fn salvage_file(path: &Path, cause: &str) -> QueueResult<SalvageRepor
     }
     {
         let mut fresh = Connection::open(&tmp).map_err(sql_error(op))?;
-        super::super::open::set_private_file(&tmp)?;
+        super::super::private_files::set_private_file(&tmp)?;
         migrate(&mut fresh, 0, &tmp)?;
         // Read from a copy with its schema text restored when the damage hit
         // that text: otherwise SQLite cannot name a single table in it.

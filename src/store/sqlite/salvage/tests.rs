@@ -2,6 +2,7 @@
 //! SQLite reports corrupt.
 
 use super::*;
+use crate::item::ItemId;
 use crate::item::NewItem;
 use crate::store::RetryQueue;
 
@@ -30,7 +31,7 @@ fn a_record_that_cannot_be_quarantined_is_skipped_once_and_never_blocks() {
     }
     let lease = Duration::from_secs(60);
     for round in 0..3 {
-        let mut claimed: Vec<String> = q
+        let mut claimed: Vec<ItemId> = q
             .claim(10, lease)
             .unwrap()
             .into_iter()
