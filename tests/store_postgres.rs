@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use retryq::item::{NewItem, Payload};
+use retryq::item::{ItemId, NewItem, Payload};
 use retryq::store::postgres::{SslMode, SCHEMA_VERSION};
 use retryq::store::{
     OverflowPolicy, PostgresOptions, PostgresRetryQueue, RetryQueue, StoreOptions,
@@ -39,8 +39,13 @@ fn handle(options: &PostgresOptions, instance: &str, store: StoreOptions) -> Pos
     .unwrap()
 }
 
-fn item(id: &str) -> NewItem {
-    NewItem::new(Payload::from_json_str(&format!("{{\"for\":\"{id}\"}}")).unwrap()).with_id(id)
+fn id(id: &str) -> ItemId {
+    ItemId::parse(id).unwrap()
+}
+
+fn item(name: &str) -> NewItem {
+    NewItem::new(Payload::from_json_str(&format!("{{\"for\":\"{name}\"}}")).unwrap())
+        .with_id(id(name))
 }
 
 /// Waits up to `limit` for `rx` to be woken; true when it was.
@@ -98,7 +103,7 @@ fn ten_daemons_starting_at_once_migrate_exactly_once() {
     assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
     // Every handle works on the one schema.
     stores[0].enqueue(item("a")).unwrap();
-    assert_eq!(stores[9].get("a").unwrap().id, "a");
+    assert_eq!(stores[9].get(&id("a")).unwrap().id, "a");
 }
 
 #[test]
@@ -130,7 +135,7 @@ fn admission_is_exact_when_daemons_enqueue_at_once() {
                     // All four race for one fingerprint on their first turn.
                     if i == 0 {
                         let same = NewItem::new(Payload::from_json_str("{\"same\":1}").unwrap())
-                            .with_id(format!("same-{n}"));
+                            .with_id(id(&format!("same-{n}")));
                         match store.enqueue(same) {
                             Ok(_) => stored += 1,
                             Err(e) if e.kind() == "duplicate_item" => duplicate += 1,
@@ -275,7 +280,7 @@ fn a_killed_session_is_dead_until_it_reconnects() {
     assert_eq!(a.claim(1, Duration::from_secs(600)).unwrap().len(), 1);
     assert_eq!(b.release_orphaned_leases().unwrap(), 0, "A is alive again");
     // Its pool was untouched; its calls work.
-    assert_eq!(a.get("x").unwrap().lease_owner(), Some(a_id.as_str()));
+    assert_eq!(a.get(&id("x")).unwrap().lease_owner(), Some(a_id.as_str()));
 }
 
 #[test]
@@ -287,14 +292,16 @@ fn an_enqueue_on_one_daemon_wakes_the_others() {
     let b = handle(&options, "inst-b", StoreOptions::default());
     let mut wake = b.subscribe();
     drain(&mut wake);
-    let refused = a.enqueue(item("bad id!"));
-    assert!(refused.is_err());
     a.enqueue(item("one")).unwrap();
     assert!(woken(&mut wake, Duration::from_secs(5)));
+    drain(&mut wake);
+    // A refused enqueue stores nothing and wakes nobody.
+    assert!(a.enqueue(item("one")).is_err());
+    assert!(!woken(&mut wake, Duration::from_millis(300)));
     // A release wakes too; a claim does not need to.
     a.claim(1, Duration::from_secs(60)).unwrap();
     drain(&mut wake);
-    a.release("one").unwrap();
+    a.release(&id("one")).unwrap();
     assert!(woken(&mut wake, Duration::from_secs(5)));
 }
 
@@ -319,7 +326,7 @@ fn killed_pool_connections_are_replaced_on_the_next_call() {
     assert!(killed >= 2, "the pool's and the session's connections");
     // Nothing acknowledged is lost; the next calls reconnect by themselves.
     store.enqueue(item("after")).unwrap();
-    assert_eq!(store.get("before").unwrap().id, "before");
+    assert_eq!(store.get(&id("before")).unwrap().id, "before");
     assert_eq!(store.size().unwrap(), 2);
 }
 
@@ -419,8 +426,8 @@ fn an_outage_is_a_storage_error_and_nothing_acknowledged_is_lost() {
     server.run("down");
     for result in [
         store.enqueue(item("during")).map(|_| ()),
-        store.get("before").map(|_| ()),
-        store.delete("before"),
+        store.get(&id("before")).map(|_| ()),
+        store.delete(&id("before")),
         store.size().map(|_| ()),
     ] {
         let err = result.unwrap_err();
@@ -436,7 +443,7 @@ fn an_outage_is_a_storage_error_and_nothing_acknowledged_is_lost() {
     // there, what failed is not, and the delete that failed did not happen.
     let deadline = Instant::now() + Duration::from_secs(20);
     let before = loop {
-        match store.get("before") {
+        match store.get(&id("before")) {
             Ok(item) => break item,
             Err(e) if Instant::now() < deadline => {
                 assert_eq!(e.kind(), "storage", "{e}");
@@ -446,7 +453,10 @@ fn an_outage_is_a_storage_error_and_nothing_acknowledged_is_lost() {
         }
     };
     assert_eq!(before.lease_owner(), Some("inst-a"));
-    assert_eq!(store.get("during").unwrap_err().kind(), "item_not_found");
+    assert_eq!(
+        store.get(&id("during")).unwrap_err().kind(),
+        "item_not_found"
+    );
     store.enqueue(item("after")).unwrap();
     assert_eq!(store.size().unwrap(), 2);
     // The session came back too: it wakes its subscribers.
@@ -669,8 +679,8 @@ fn import_keeps_each_items_state_and_refuses_duplicates() {
     for id in ["p", "dead", "claimed"] {
         source.enqueue(item(id)).unwrap();
     }
-    source.requeue("p", "503", chrono::Utc::now()).unwrap();
-    source.mark_failed("dead", "400").unwrap();
+    source.requeue(&id("p"), "503", chrono::Utc::now()).unwrap();
+    source.mark_failed(&id("dead"), "400").unwrap();
     source.claim(5, Duration::from_secs(60)).unwrap();
     let items = source.list(&retryq::store::ListFilter::default()).unwrap();
     let store = handle(&options, "inst-a", StoreOptions::default());
@@ -681,13 +691,13 @@ fn import_keeps_each_items_state_and_refuses_duplicates() {
     assert_eq!(results.len(), 4);
     assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
     assert_eq!(results[3].as_ref().unwrap_err().kind(), "duplicate_item");
-    let dead = store.get("dead").unwrap();
+    let dead = store.get(&id("dead")).unwrap();
     assert_eq!(dead.status(), retryq::item::ItemStatus::Failed);
     assert_eq!((dead.attempts, dead.last_error.as_str()), (1, "400"));
-    let claimed = store.get("claimed").unwrap();
+    let claimed = store.get(&id("claimed")).unwrap();
     assert_eq!(claimed.status(), retryq::item::ItemStatus::Pending);
     assert_eq!(claimed.lease_until(), None, "an imported claim is dropped");
-    assert_eq!(store.get("p").unwrap().attempts, 1);
+    assert_eq!(store.get(&id("p")).unwrap().attempts, 1);
     assert_eq!(store.size().unwrap(), 4);
 }
 

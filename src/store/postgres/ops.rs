@@ -9,14 +9,14 @@ use chrono::{DateTime, SubsecRound, Utc};
 use super::{admit, row, PostgresRetryQueue};
 use crate::backoff::add_saturating;
 use crate::error::{QueueError, QueueResult};
-use crate::item::{NewItem, QueueItem};
+use crate::item::{ItemId, NewItem, QueueItem};
 use crate::store::{
     importable, CleanupReport, ListFilter, OrderBy, OverflowPolicy, PendingSync, QueueStats,
     RetryQueue, WriteOp, WriteOutcome,
 };
 
 impl RetryQueue for PostgresRetryQueue {
-    fn enqueue(&self, item: NewItem) -> QueueResult<String> {
+    fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
         self.check_open()?;
         let prepared = self.prepare_new(vec![item], None);
         let mut results = self.admit("enqueue", prepared)?;
@@ -26,7 +26,7 @@ impl RetryQueue for PostgresRetryQueue {
             .map(|item| item.id)
     }
 
-    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<String>>> {
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>> {
         self.check_open()?;
         let prepared = self.prepare_new(items, None);
         Ok(self
@@ -64,7 +64,7 @@ impl RetryQueue for PostgresRetryQueue {
         })
     }
 
-    fn get(&self, id: &str) -> QueueResult<QueueItem> {
+    fn get(&self, id: &ItemId) -> QueueResult<QueueItem> {
         self.write("get", |tx| self.item_in(tx, id, false))
     }
 
@@ -72,19 +72,24 @@ impl RetryQueue for PostgresRetryQueue {
         self.write("update", |tx| self.update_in(tx, item))
     }
 
-    fn delete(&self, id: &str) -> QueueResult<()> {
+    fn delete(&self, id: &ItemId) -> QueueResult<()> {
         self.write("delete", |tx| self.delete_in(tx, id))
     }
 
-    fn mark_failed(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
         self.write("mark_failed", |tx| self.mark_failed_in(tx, id, reason))
     }
 
-    fn requeue(&self, id: &str, error: &str, next_retry: DateTime<Utc>) -> QueueResult<QueueItem> {
+    fn requeue(
+        &self,
+        id: &ItemId,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> QueueResult<QueueItem> {
         self.write("requeue", |tx| self.requeue_in(tx, id, error, next_retry))
     }
 
-    fn revive(&self, id: &str) -> QueueResult<QueueItem> {
+    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
         self.write("revive", |tx| {
             let item = self.change_in(tx, id, |item, now| {
                 item.revive(now)?;
@@ -95,7 +100,7 @@ impl RetryQueue for PostgresRetryQueue {
         })
     }
 
-    fn release(&self, id: &str) -> QueueResult<()> {
+    fn release(&self, id: &ItemId) -> QueueResult<()> {
         self.write("release", |tx| self.release_in(tx, id))
     }
 

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use postgres::types::ToSql;
 use postgres::{GenericClient, Row};
 
-use crate::item::{payload_checksum, ItemRecord, ItemStatus, ItemType, Payload, QueueItem};
+use crate::item::{payload_checksum, ItemId, ItemRecord, ItemStatus, ItemType, Payload, QueueItem};
 
 /// The columns of `items`, in the order [`decode`] reads and [`params`]
 /// writes them.
@@ -55,8 +55,9 @@ pub(super) fn decode(row: &Row) -> Result<QueueItem, CorruptRow> {
     let attributes: BTreeMap<String, String> =
         serde_json::from_str(&attributes).map_err(|e| corrupt(format!("attributes: {e}")))?;
     let item_type: String = row.try_get(1).map_err(get_err)?;
+    let checked_id = ItemId::parse(&id).map_err(|e| corrupt(format!("id: {e}")))?;
     Ok(QueueItem::from(ItemRecord {
-        id: id.clone(),
+        id: checked_id,
         item_type: ItemType::from(item_type),
         fingerprint: row.try_get(2).map_err(get_err)?,
         status,
@@ -105,7 +106,7 @@ pub(super) struct Encoded {
 impl Encoded {
     pub(super) fn new(item: &QueueItem) -> Self {
         Encoded {
-            id: item.id.clone(),
+            id: item.id.to_string(),
             item_type: item.item_type.as_str().to_owned(),
             fingerprint: item.fingerprint.clone(),
             status: status_str(item.status()),
