@@ -64,6 +64,14 @@ jitter = 0.0
 threshold = 1000
 "#;
 
+/// The tests take turns: each runs two or three daemons, and several at
+/// once on a small machine would measure its load instead of the fleet.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// One daemon's deployment on the shared schema.
 struct Node {
     dep: Deployment,
@@ -142,6 +150,7 @@ fn three_daemons_drain_3000_items_each_delivered_once() {
     let Some(pg) = PgSchema::fresh("three_daemons_drain") else {
         return;
     };
+    let _turn = take_turn();
     let upstream = Upstream::start(Mode::Accept);
     let nodes: Vec<Node> = (0..3).map(|_| Node::new(&pg, &upstream, "")).collect();
     let daemons: Vec<Daemon> = nodes.iter().map(Node::start).collect();
@@ -190,6 +199,7 @@ fn a_killed_daemons_items_are_delivered_by_the_others_within_seconds() {
     let Some(pg) = PgSchema::fresh("killed_daemon") else {
         return;
     };
+    let _turn = take_turn();
     // Slow answers keep every daemon's pushes in flight.
     let upstream = Upstream::start(Mode::Delay(Duration::from_millis(30)));
     let nodes: Vec<Node> = (0..3).map(|_| Node::new(&pg, &upstream, "")).collect();
@@ -298,6 +308,7 @@ fn a_database_restart_loses_nothing_and_delivery_resumes() {
     let Some(server) = pg_support::PgServer::dedicated("database_restart") else {
         return;
     };
+    let _turn = take_turn();
     let pg = server.schema("database_restart");
     let upstream = Upstream::start(Mode::Delay(Duration::from_millis(10)));
     let nodes: Vec<Node> = (0..2).map(|_| Node::new(&pg, &upstream, "")).collect();
@@ -407,6 +418,7 @@ fn an_operator_pause_holds_fleet_wide_and_across_restarts_but_a_401_stays_local(
     let Some(pg) = PgSchema::fresh("fleet_pause") else {
         return;
     };
+    let _turn = take_turn();
     // Node 0 meets revoked credentials; nodes 1 and 2 a healthy upstream.
     let refusing = Upstream::start(Mode::Unauthorized);
     let healthy = Upstream::start(Mode::Accept);
