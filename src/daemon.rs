@@ -14,8 +14,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admin::{self, record_worker_metrics, AdminState, RetryWorkerControl};
+use crate::admin::{self, record_worker_metrics, AdminState, RetryWorkerControl, WorkerControl};
 use crate::config::{Settings, StoreBackend};
+use crate::fleet::Fleet;
 use crate::item::ItemId;
 use crate::metrics::Metrics;
 use crate::plugin::{describe_plugin, PluginError};
@@ -64,13 +65,22 @@ pub enum DaemonError {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run_until_signal(settings: Settings) -> Result<(), DaemonError> {
-    actix_rt::System::new().block_on(run(settings))
+    let mut last_ref = None;
+    let result = actix_rt::System::new().block_on(run(settings, &mut last_ref));
+    // The store's last reference goes here, off the runtime: a PostgreSQL
+    // store closes its connections with blocking calls, which panic on it.
+    drop(last_ref);
+    result
 }
 
-async fn run(settings: Settings) -> Result<(), DaemonError> {
+async fn run(
+    settings: Settings,
+    last_ref: &mut Option<Arc<dyn RetryQueue>>,
+) -> Result<(), DaemonError> {
     let mut owner = take_ownership(&settings)?;
-    let (queue, stale) = open_as_owner(&settings, owner.info())?;
-    let result = serve(&settings, queue.clone(), &mut owner, stale).await;
+    let (queue, stale, fleet) = open_as_owner(&settings, owner.info())?;
+    *last_ref = Some(queue.clone());
+    let result = serve(&settings, queue.clone(), &mut owner, stale, fleet).await;
     if result.is_err() {
         // Stopped early: leave nothing open behind the lock. A close error
         // would only hide the error that stopped us.
@@ -117,19 +127,26 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)
 }
 
+/// The store opened, what earlier instances left in flight, and the fleet
+/// when the store is a shared PostgreSQL one.
+type Opened = (Arc<dyn RetryQueue>, Vec<ItemId>, Option<Fleet>);
+
 /// Opens the store with `owner`'s instance ID on every claim, then returns
 /// the leases of earlier instances to pending: holding the lock proves none
 /// of them is alive, so waiting for their leases to expire helps nobody.
 /// Also returns what those instances had in flight, for the poison-item
 /// guard ([`crate::poison`]).
-fn open_as_owner(
-    settings: &Settings,
-    owner: &OwnerInfo,
-) -> Result<(Arc<dyn RetryQueue>, Vec<ItemId>), DaemonError> {
+fn open_as_owner(settings: &Settings, owner: &OwnerInfo) -> Result<Opened, DaemonError> {
     let options = StoreOptions {
         instance_id: owner.instance_id.clone(),
         ..settings.store_options()
     };
+    if settings.store.backend == StoreBackend::Postgres {
+        // What other live daemons hold is theirs, not stale: the fleet
+        // releases only the leases of daemons that are gone.
+        let fleet = Fleet::open(settings.store.postgres.as_ref(), options)?;
+        return Ok((fleet.queue(), Vec::new(), Some(fleet)));
+    }
     let queue = open_waiting_for_cli(settings, options)?;
     let stale = match crate::poison::stale_in_flight(queue.as_ref(), &owner.instance_id) {
         Ok(stale) => stale,
@@ -149,7 +166,7 @@ fn open_as_owner(
             return Err(e.into());
         }
     }
-    Ok((queue, stale))
+    Ok((queue, stale, None))
 }
 
 /// Opens the store. The files backend refuses a second opener while a CLI
@@ -180,6 +197,7 @@ async fn serve(
     queue: Arc<dyn RetryQueue>,
     owner: &mut OwnerLock,
     stale: Vec<ItemId>,
+    fleet: Option<Fleet>,
 ) -> Result<(), DaemonError> {
     let search_path = &settings.plugins.search_path;
     // In the daemon or in a plugin-host child, as [pusher] isolation says.
@@ -212,15 +230,19 @@ async fn serve(
     record_worker_metrics(&worker, metrics.clone());
     let admin_config = settings.admin.clone().with_token()?;
     let admin_tls = admin_config.tls_cert.is_some();
+    let fleet_pause = match &fleet {
+        Some(fleet) => fleet.apply_pause(&worker)?,
+        None => None,
+    };
     worker.start().await?;
+    let fleet_link = fleet.as_ref().map(|f| f.link(worker.clone(), fleet_pause));
     let console = Arc::new(console_state(settings));
     console.feed.attach(&worker);
-    let state = AdminState::new(
-        queue.clone(),
-        Arc::new(RetryWorkerControl::new(worker.clone())),
-        metrics,
-    )
-    .with_console(console.clone());
+    let control: Arc<dyn WorkerControl> = match &fleet {
+        Some(fleet) => fleet.control(worker.clone()),
+        None => Arc::new(RetryWorkerControl::new(worker.clone())),
+    };
+    let state = AdminState::new(queue.clone(), control, metrics).with_console(console.clone());
     let server = match admin::bind(admin_config, state) {
         Ok(server) => server,
         Err(e) => {
@@ -249,7 +271,7 @@ async fn serve(
     }
     tracing::info!(
         admin = %server.local_addr(),
-        store = %settings.store.effective_path().display(),
+        store = %settings.store.location(),
         pusher = %settings.pusher.describe(),
         "retryq running"
     );
@@ -267,6 +289,9 @@ async fn serve(
     console.feed.close();
     handle.stop(true).await;
     let _ = serving.await;
+    if let Some(link) = fleet_link {
+        link.stop();
+    }
     worker.stop(STOP_TIMEOUT).await?;
     queue.close()?;
     tracing::info!("retryq stopped; nothing in flight was lost");

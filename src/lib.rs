@@ -23,6 +23,7 @@ pub mod config;
 pub mod daemon;
 pub mod delivery;
 pub mod error;
+pub mod fleet;
 pub mod item;
 pub mod metrics;
 pub mod plugin;

@@ -419,6 +419,19 @@ impl RetryWorker {
         }
     }
 
+    /// Lifts only the host's pause: an unauthorized pause and an open
+    /// circuit stay, because they are this worker's own (a fleet's resume
+    /// asked through another daemon, see [`crate::fleet`]).
+    pub fn lift_host_pause(&self) {
+        {
+            let mut state = self.shared.state();
+            state.paused = false;
+            state.pause_reason = None;
+            state.paused_since = None;
+        }
+        self.wake();
+    }
+
     /// Resumes after `pause`, an unauthorized pause or an open circuit.
     pub fn resume(&self) {
         self.shared.state().open_gates();

@@ -22,6 +22,9 @@ use retryq::store::{
 };
 use retryq::{QueueError, QueueResult};
 
+#[path = "store_postgres_support/mod.rs"]
+mod pg;
+
 /// How to open one backend, and what it can do.
 struct Backend {
     /// Opens (or reopens) the store kept in `dir`.
@@ -88,6 +91,11 @@ const FILE: Backend = Backend {
     open: open_file,
     durable: true,
     corrupt: Some(corrupt_file),
+};
+const POSTGRES: Backend = Backend {
+    open: pg::open_boxed,
+    durable: true,
+    corrupt: Some(pg::corrupt),
 };
 
 /// The start of every test's clock: a whole second.
@@ -1645,9 +1653,13 @@ fn every_admission_asks_the_planner(b: &'static Backend) {
 
 macro_rules! conformance_suite {
     ($name:ident, $backend:expr) => {
+        conformance_suite!($name, $backend, |_| true);
+    };
+    // `$available`: whether the backend's service is there (else skip).
+    ($name:ident, $backend:expr, $available:expr) => {
         mod $name {
             use super::*;
-            conformance_suite!(@tests $backend;
+            conformance_suite!(@tests $backend, $available;
                 enqueue_fills_in_and_get_returns_it,
                 invalid_items_are_refused_and_change_nothing,
                 duplicates_by_id_and_by_live_fingerprint,
@@ -1681,10 +1693,14 @@ macro_rules! conformance_suite {
             );
         }
     };
-    (@tests $backend:expr; $($test:ident),* $(,)?) => {
+    (@tests $backend:expr, $available:expr; $($test:ident),* $(,)?) => {
         $(
             #[test]
             fn $test() {
+                let available: fn(&str) -> bool = $available;
+                if !available(stringify!($test)) {
+                    return;
+                }
                 super::$test(&$backend);
             }
         )*
@@ -1695,3 +1711,4 @@ macro_rules! conformance_suite {
 conformance_suite!(memory, MEMORY);
 conformance_suite!(sqlite, SQLITE);
 conformance_suite!(file, FILE);
+conformance_suite!(postgres, POSTGRES, pg::available);

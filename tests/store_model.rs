@@ -25,6 +25,9 @@ use retryq::store::{
 };
 use retryq::{QueueError, QueueResult};
 
+#[path = "store_postgres_support/mod.rs"]
+mod pg;
+
 /// Caller IDs; "a" and "a1" look alike on purpose (exact matching).
 const IDS: [&str; 8] = ["a", "a1", "b", "c", "d", "e", "f", "a1b"];
 /// Payload string lengths: from tiny to a third of the byte limit.
@@ -436,5 +439,17 @@ proptest! {
         ops in prop::collection::vec(op(), 1..40),
     ) {
         run(open_file, false, drop_oldest, dead_letter_ttl, &ops)?;
+    }
+
+    #[test]
+    fn postgres_agrees_with_the_model(
+        drop_oldest in any::<bool>(),
+        dead_letter_ttl in prop::option::of(1..600u16),
+        ops in prop::collection::vec(op(), 1..40),
+    ) {
+        // Like SQLite, a shared database keeps live leases at reopen.
+        if pg::available("postgres_agrees_with_the_model") {
+            run(pg::open_boxed, true, drop_oldest, dead_letter_ttl, &ops)?;
+        }
     }
 }

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use super::messages::{Apply, Claim, Maintain, MaintenanceReport, NextDue, ProbeWritable};
 use crate::error::{QueueError, QueueResult};
 use crate::store::maintenance::run_maintenance;
+use crate::store::postgres::PgUnavailable;
 use crate::store::{PendingSync, RetryQueue, WriteOp, WriteOutcome};
 
 type ApplyReply = oneshot::Sender<QueueResult<Vec<QueueResult<WriteOutcome>>>>;
@@ -171,6 +172,19 @@ impl Group {
                             what,
                             detail: detail.clone(),
                         },
+                        // A shared database that is down stays one (503, not 500).
+                        QueueError::Storage { source, .. } => {
+                            match source.downcast_ref::<PgUnavailable>() {
+                                Some(down) => QueueError::storage(
+                                    "group commit",
+                                    PgUnavailable {
+                                        endpoint: down.endpoint.clone(),
+                                        source: down.source.to_string().into(),
+                                    },
+                                ),
+                                None => QueueError::storage("group commit", message.clone()),
+                            }
+                        }
                         _ => QueueError::storage("group commit", message.clone()),
                     };
                     let _ = reply.send(Err(err));

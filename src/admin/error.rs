@@ -7,13 +7,15 @@ use serde::Serialize;
 
 use super::ControlError;
 use crate::error::QueueError;
+use crate::store::postgres::PgUnavailable;
 
 /// An API failure, answered as `{"error": kind, "message": ..., "existing_id"?: ...}`.
 ///
 /// Kinds: the store's ([`QueueError::kind`]: `queue_full` and `disk_full`
 /// 507, `queue_closed` and `store_in_use` 503, `item_not_found` 404,
 /// `duplicate_item` and `wrong_state` 409, `invalid_item` 400, `too_large`
-/// 413, `corrupt`, `storage` and `internal` 500) and the API's own:
+/// 413, `corrupt`, `storage` and `internal` 500, but `storage` 503 when a
+/// shared PostgreSQL server is down or failing) and the API's own:
 /// `invalid_request` 400, `unauthorized` 401, `not_found` 404, `not_failed`
 /// 409, `worker_unavailable` 503, `worker_error` and `internal` 500.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
@@ -102,6 +104,11 @@ impl From<QueueError> for ApiError {
             }
             QueueError::InvalidItem { .. } => StatusCode::BAD_REQUEST,
             QueueError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // A shared database that is down or failing over: the caller
+            // should retry, as for a closed store.
+            QueueError::Storage { source, .. } if source.is::<PgUnavailable>() => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             // The daemon's store was opened before the API started, so
             // its options are never at fault in a request.
             QueueError::Corrupt { .. }

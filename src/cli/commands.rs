@@ -577,7 +577,7 @@ fn daemon_for(ctx: &Ctx, command: &'static str) -> anyhow::Result<DaemonClient> 
     match route {
         Route::Daemon(client) => Ok(client),
         Route::Direct => Err(NoDaemon {
-            store: settings.store.effective_path().display().to_string(),
+            store: settings.store.location(),
             command,
         }
         .into()),
@@ -713,6 +713,11 @@ fn config_check(ctx: &Ctx) -> anyhow::Result<()> {
     let loaded = Settings::load_with_origins(&ctx.load)?;
     let settings = loaded.settings;
     let layers: Vec<String> = loaded.layers.iter().map(ToString::to_string).collect();
+    // A shared store is checked by reaching it: the url, password and TLS
+    // settings only prove themselves on a real connection.
+    if let (StoreBackend::Postgres, Some(pg)) = (settings.store.backend, &settings.store.postgres) {
+        retryq::fleet::probe(pg)?;
+    }
     if ctx.json {
         print_json(&json!({
             "ok": true,
@@ -720,6 +725,7 @@ fn config_check(ctx: &Ctx) -> anyhow::Result<()> {
             "store": {
                 "backend": settings.store.backend.as_str(),
                 "path": settings.store.effective_path(),
+                "location": settings.store.location(),
             },
             "pusher": settings.pusher.is_configured().then(|| settings.pusher.describe()),
             "checker": settings.checker.is_configured().then(|| settings.checker.describe()),
@@ -729,7 +735,7 @@ fn config_check(ctx: &Ctx) -> anyhow::Result<()> {
             "configuration OK ({}): store {} at {}, pusher {}",
             layers.join(", "),
             settings.store.backend.as_str(),
-            settings.store.effective_path().display(),
+            settings.store.location(),
             settings.pusher.describe()
         ))
     }
@@ -748,6 +754,13 @@ fn config_show(ctx: &Ctx) -> anyhow::Result<()> {
 fn repair(ctx: &Ctx) -> anyhow::Result<()> {
     let settings = ctx.settings()?;
     let path = settings.store.effective_path();
+    if settings.store.backend == StoreBackend::Postgres {
+        bail!(UsageError(
+            "retryq repair salvages a SQLite store; a PostgreSQL store is the server's to \
+             repair, and retryq quarantines a corrupt row when it reads it"
+                .to_owned()
+        ));
+    }
     if settings.store.backend == StoreBackend::Files {
         bail!(UsageError(format!(
             "retryq repair salvages a SQLite store; the files backend at {} needs none: \

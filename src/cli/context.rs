@@ -37,13 +37,13 @@ impl Ctx {
                     Some(&marker),
                 )
             }),
-            StoreBackend::Files => settings.open_store(),
+            StoreBackend::Files | StoreBackend::Postgres => settings.open_store(),
         };
         opened.with_context(|| {
             format!(
                 "cannot open the {} store at {}",
                 settings.store.backend.as_str(),
-                settings.store.effective_path().display()
+                settings.store.location()
             )
         })
     }
@@ -62,6 +62,10 @@ impl Ctx {
             }
             StoreBackend::Files => retryq::FileRetryQueue::open(&path, settings.store_options())
                 .map(|q| Arc::new(q) as Arc<dyn RetryQueue>),
+            StoreBackend::Postgres => retryq::fleet::open_postgres(
+                settings.store.postgres.as_ref(),
+                settings.store_options(),
+            ),
         };
         opened.with_context(|| {
             format!(

@@ -1,5 +1,6 @@
 //! `retryq migrate --from DIR`: imports a Go SDK retry-queue directory into
-//! the configured store.
+//! the configured store; `--from FILE` imports a SQLite store
+//! ([`super::migrate_sqlite`]) the same way, e.g. into a fleet's PostgreSQL.
 //!
 //! The Go directory is only read, never changed ([`QueueDirScan`]): each
 //! item file is read and checked as the files backend would at open; a
@@ -42,6 +43,7 @@ use retryq::{ItemStatus, QueueError, QueueItem, RetryQueue};
 use serde::Serialize;
 
 use super::context::Ctx;
+use super::migrate_sqlite::SqliteSource;
 use super::output::{print_json, println_out};
 use super::UsageError;
 
@@ -166,9 +168,9 @@ type ReadBatch = Vec<(String, Result<QueueItem, String>)>;
 /// Imports the Go SDK queue in `from` into the configured store.
 pub fn migrate(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
     let settings = ctx.settings()?;
-    if !from.is_dir() {
+    if !from.is_dir() && !from.is_file() {
         bail!(UsageError(format!(
-            "--from {}: not a directory",
+            "--from {}: neither a Go SDK queue directory nor a SQLite store file",
             from.display()
         )));
     }
@@ -180,7 +182,12 @@ pub fn migrate(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
         )));
     }
     let lock = owner_lock_path(&target_path, settings.store.backend == StoreBackend::Files);
-    if let Some(holder) = OwnerLock::holder(&lock).context("cannot check who owns the store")? {
+    // A shared PostgreSQL store takes an import beside its running fleet.
+    let owned = match settings.store.backend {
+        StoreBackend::Postgres => None,
+        _ => OwnerLock::holder(&lock).context("cannot check who owns the store")?,
+    };
+    if let Some(holder) = owned {
         bail!(
             "the store {} is owned by a running retryq daemon ({}): stop the daemon before \
              migrating into its store, or migrate into a separate store (another --config \
@@ -190,29 +197,46 @@ pub fn migrate(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
         );
     }
 
-    let scan = QueueDirScan::open(from)
-        .with_context(|| format!("cannot read the Go SDK queue {}", from.display()))?;
+    let source = if from.is_file() {
+        Source::Sqlite(Box::new(SqliteSource::open(from)?))
+    } else {
+        Source::Go(
+            QueueDirScan::open(from)
+                .with_context(|| format!("cannot read the Go SDK queue {}", from.display()))?,
+        )
+    };
     let mut options = settings.store_options();
     options.dedupe = false;
     let target = open_store(&settings.store, options).with_context(|| {
         format!(
             "cannot open the {} store at {}",
             settings.store.backend.as_str(),
-            target_path.display()
+            settings.store.location()
         )
     })?;
     let mut report = MigrateReport {
         source: from.to_path_buf(),
-        target: target_path.clone(),
-        foreign_entries: scan.skipped().len(),
+        target: PathBuf::from(settings.store.location()),
         ..MigrateReport::default()
     };
-    let mut progress = Progress::new(scan.item_files().len(), ctx.json);
-    for (name, why) in scan.skipped() {
-        progress.warn(&format!("ignored: {name} ({why})"));
+    let total = match &source {
+        Source::Go(scan) => scan.item_files().len(),
+        Source::Sqlite(sqlite) => sqlite.total(),
+    };
+    let mut progress = Progress::new(total, ctx.json);
+    if let Source::Go(scan) = &source {
+        report.foreign_entries = scan.skipped().len();
+        for (name, why) in scan.skipped() {
+            progress.warn(&format!("ignored: {name} ({why})"));
+        }
     }
     let started = Instant::now();
-    let imported = import_all(&scan, target.as_ref(), &mut report, &mut progress);
+    let imported = match source {
+        Source::Go(scan) => import_all(&scan, target.as_ref(), &mut report, &mut progress),
+        Source::Sqlite(mut sqlite) => {
+            import_sqlite(&mut sqlite, target.as_ref(), &mut report, &mut progress)
+        }
+    };
     report.seconds = started.elapsed().as_secs_f64();
     progress.finish();
     let closed = target.close();
@@ -257,6 +281,27 @@ fn import_all(
         }
         Ok(())
     })
+}
+
+/// Where `migrate` reads from.
+enum Source {
+    Go(QueueDirScan),
+    Sqlite(Box<SqliteSource>),
+}
+
+/// Reads a SQLite store a batch at a time and commits each in turn.
+fn import_sqlite(
+    source: &mut SqliteSource,
+    target: &dyn RetryQueue,
+    report: &mut MigrateReport,
+    progress: &mut Progress,
+) -> anyhow::Result<()> {
+    while let Some(batch) = source.next_batch(BATCH)? {
+        let n = batch.len();
+        import_batch(batch, target, report, progress)?;
+        progress.advance(n);
+    }
+    Ok(())
 }
 
 /// Commits one batch and counts what became of each item.

@@ -28,6 +28,7 @@ mod daemon_client;
 mod keys;
 pub mod logging;
 mod migrate;
+mod migrate_sqlite;
 mod output;
 mod plugin_check;
 
@@ -180,10 +181,12 @@ pub enum Command {
     /// Plugin tools.
     #[command(subcommand)]
     Plugins(PluginsCommand),
-    /// Import a Go SDK retry-queue directory into the configured store.
+    /// Import a Go SDK retry-queue directory, or a SQLite store, into the
+    /// configured store (e.g. a fleet's PostgreSQL).
     Migrate {
-        /// The Go SDK queue directory (left untouched: a copy is read).
-        #[arg(long, value_name = "DIR")]
+        /// The Go SDK queue directory or SQLite database file (left
+        /// untouched: it is only read).
+        #[arg(long, value_name = "DIR|FILE")]
         from: PathBuf,
     },
     /// Configuration tools.

@@ -204,6 +204,16 @@ pub(super) fn check(
     if let Err(e) = settings.store_options().validate() {
         return Err(refused(store_key(e.field), e.reason.to_owned()));
     }
+    // Its own value text: the url may hold a password, never echoed.
+    let postgres = settings.store.backend == super::StoreBackend::Postgres;
+    if let Err(e) = crate::fleet::check_store_options(postgres, settings.store.postgres.as_ref()) {
+        return Err(ConfigError::InvalidValue {
+            layer: origins.get(&e.key).cloned().unwrap_or(Layer::Defaults),
+            key: e.key,
+            value: e.value,
+            reason: e.reason,
+        });
+    }
     match settings.admin.validate() {
         Err(AdminError::InvalidSetting { key, reason, .. }) => {
             return Err(refused(admin_key(key), reason.to_owned()))

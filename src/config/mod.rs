@@ -135,6 +135,9 @@ pub enum StoreBackend {
     Sqlite,
     /// One JSON file per item, compatible with the Go SDK.
     Files,
+    /// A schema on a PostgreSQL server shared by a fleet of daemons
+    /// (`[store.postgres]`; see [`crate::fleet`]).
+    Postgres,
 }
 
 impl StoreBackend {
@@ -143,6 +146,7 @@ impl StoreBackend {
         match self {
             StoreBackend::Sqlite => "sqlite",
             StoreBackend::Files => "files",
+            StoreBackend::Postgres => "postgres",
         }
     }
 }
@@ -152,7 +156,7 @@ impl StoreBackend {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSettings {
-    /// `sqlite` or `files`.
+    /// `sqlite`, `files` or `postgres`.
     pub backend: StoreBackend,
     /// The database file (sqlite) or directory (files); relative paths are
     /// relative to the working directory. `None`: [`DEFAULT_SQLITE_PATH`] or
@@ -164,6 +168,10 @@ pub struct StoreSettings {
     pub options: StoreOptions,
     /// `[store.encryption]`: payloads sealed at rest ([`crate::seal`]).
     pub encryption: crate::seal::EncryptionSettings,
+    /// `[store.postgres]`: the server, for `backend = "postgres"` (`path`
+    /// is then this daemon's own folder: owner lock, poison marker).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<crate::store::postgres::PostgresOptions>,
 }
 
 /// Equal when they describe the same store: the options' clock and
@@ -172,6 +180,7 @@ impl PartialEq for StoreSettings {
     fn eq(&self, other: &Self) -> bool {
         self.backend == other.backend
             && self.path == other.path
+            && self.postgres == other.postgres
             && serde_json::to_value(&self.options).ok() == serde_json::to_value(&other.options).ok()
             && self.encryption == other.encryption
     }
@@ -184,6 +193,18 @@ impl StoreSettings {
             (Some(p), _) => p.clone(),
             (None, StoreBackend::Sqlite) => PathBuf::from(DEFAULT_SQLITE_PATH),
             (None, StoreBackend::Files) => PathBuf::from(DEFAULT_FILES_PATH),
+            (None, StoreBackend::Postgres) => PathBuf::from(crate::fleet::DEFAULT_NODE_PATH),
+        }
+    }
+
+    /// Where the items are, for messages: the file or directory, or the
+    /// PostgreSQL server and schema (never the url, which names a user).
+    pub fn location(&self) -> String {
+        match (&self.postgres, self.backend) {
+            (Some(pg), StoreBackend::Postgres) => {
+                format!("{} (schema {})", pg.endpoint(), pg.schema)
+            }
+            _ => self.effective_path().display().to_string(),
         }
     }
 
@@ -193,7 +214,7 @@ impl StoreSettings {
     pub fn owner_lock_path(&self) -> PathBuf {
         crate::store::owner::owner_lock_path(
             &self.effective_path(),
-            self.backend == StoreBackend::Files,
+            self.backend != StoreBackend::Sqlite,
         )
     }
 }
@@ -346,9 +367,16 @@ pub fn open_store(
     let inner = match store.backend {
         StoreBackend::Sqlite => open_sqlite(&path, options),
         StoreBackend::Files => open_files(&path, options),
+        StoreBackend::Postgres => crate::fleet::open_postgres(store.postgres.as_ref(), options),
     }?;
-    let marker = crate::seal::marker::marker_path(&path, store.backend == StoreBackend::Files);
-    crate::seal::wrap_store_marked(inner, &store.encryption, Some(&marker))
+    // A database server has no file beside it for the marker: its open
+    // always takes the census.
+    let marker = match store.backend {
+        StoreBackend::Sqlite => Some(crate::seal::marker::marker_path(&path, false)),
+        StoreBackend::Files => Some(crate::seal::marker::marker_path(&path, true)),
+        StoreBackend::Postgres => None,
+    };
+    crate::seal::wrap_store_marked(inner, &store.encryption, marker.as_deref())
 }
 
 fn open_sqlite(path: &Path, options: StoreOptions) -> Result<Arc<dyn RetryQueue>, QueueError> {

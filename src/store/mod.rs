@@ -53,10 +53,12 @@ pub mod file;
 pub mod maintenance;
 pub mod memory;
 pub mod owner;
+pub mod postgres;
 pub mod sqlite;
 
 pub use file::FileRetryQueue;
 pub use memory::MemoryRetryQueue;
+pub use postgres::{PostgresOptions, PostgresRetryQueue};
 pub use sqlite::SqliteRetryQueue;
 
 /// Default item limit (the seed's).

@@ -1,0 +1,205 @@
+//! Admission inside one transaction: the shared planner
+//! ([`crate::store::admission`]) decides, over [`DbView`] (SQL in the open
+//! transaction); this file only persists what it decided.
+//!
+//! A run of new items is held back and written at once (the planner's
+//! "hold a batch back" mode): one `DELETE` of the stored victims, then one
+//! multi-row `INSERT` of the items that stay. The caller holds the
+//! schema's admission lock, so no other daemon changes what the view reads
+//! until the commit.
+
+use postgres::Transaction;
+
+use super::{row, PgUnavailable};
+use crate::error::{QueueError, QueueResult};
+use crate::item::QueueItem;
+use crate::store::admission::{
+    AdmissionView, Limits, Planner, Totals, Victim, VictimClass, VictimPage,
+};
+use crate::store::StoreOptions;
+
+/// What admission reads of the `items` table, in the open transaction.
+pub(super) struct DbView<'t, 'c> {
+    pub tx: &'t mut Transaction<'c>,
+    pub items_table: &'t str,
+    pub endpoint: &'t str,
+    /// The totals read once per run: the run writes nothing until the
+    /// end, and the admission lock keeps other daemons out, so they hold.
+    pub totals: Option<Totals>,
+}
+
+impl DbView<'_, '_> {
+    fn err(&self, e: postgres::Error) -> QueueError {
+        QueueError::storage(
+            "admission",
+            PgUnavailable {
+                endpoint: self.endpoint.to_owned(),
+                source: Box::new(e),
+            },
+        )
+    }
+}
+
+impl AdmissionView for DbView<'_, '_> {
+    fn id_exists(&mut self, id: &str) -> QueueResult<bool> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1)",
+            self.items_table
+        );
+        match self.tx.query_one(&sql, &[&id]) {
+            Ok(row) => Ok(row.get(0)),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn live_ids_with_fingerprint(&mut self, fingerprint: &str) -> QueueResult<Vec<String>> {
+        let sql = format!(
+            "SELECT id FROM {} WHERE fingerprint = $1 AND status <> 'failed'",
+            self.items_table
+        );
+        match self.tx.query(&sql, &[&fingerprint]) {
+            Ok(rows) => Ok(rows.iter().map(|r| r.get(0)).collect()),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn totals(&mut self) -> QueueResult<Totals> {
+        if let Some(totals) = self.totals {
+            return Ok(totals);
+        }
+        let sql = format!(
+            "SELECT count(*), coalesce(sum(size_bytes), 0)::bigint FROM {}",
+            self.items_table
+        );
+        match self.tx.query_one(&sql, &[]) {
+            Ok(row) => {
+                let (items, bytes): (i64, i64) = (row.get(0), row.get(1));
+                let totals = Totals {
+                    items: items.max(0) as u64,
+                    bytes: bytes.max(0) as u64,
+                };
+                self.totals = Some(totals);
+                Ok(totals)
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
+        let status = match page.class {
+            VictimClass::DeadLetters => "status = 'failed'",
+            VictimClass::Live => "status <> 'failed'",
+        };
+        let limit = i64::try_from(page.limit).unwrap_or(i64::MAX);
+        let rows = match page.after {
+            Some((created_at, id)) => self.tx.query(
+                &format!(
+                    "SELECT id, created_at, size_bytes FROM {} WHERE {status} \
+                     AND (created_at, id) > ($1, $2) ORDER BY created_at, id LIMIT $3",
+                    self.items_table
+                ),
+                &[&created_at, &id, &limit],
+            ),
+            None => self.tx.query(
+                &format!(
+                    "SELECT id, created_at, size_bytes FROM {} WHERE {status} \
+                     ORDER BY created_at, id LIMIT $1",
+                    self.items_table
+                ),
+                &[&limit],
+            ),
+        };
+        let rows = rows.map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let size: i64 = r.get(2);
+                Victim {
+                    id: r.get(0),
+                    created_at: r.get(1),
+                    size_bytes: size.max(0) as u64,
+                    held: false,
+                }
+            })
+            .collect())
+    }
+}
+
+/// A new item for [`admit_run`]: validated (or refused), and whether its
+/// ID was generated here (a fresh UUIDv7 needs no look-up).
+pub(super) struct Candidate {
+    pub item: QueueResult<QueueItem>,
+    pub fresh_id: bool,
+}
+
+/// The planner's answers for a run, once persisted.
+pub(super) struct Admitted {
+    /// Per item, in order: stored (as returned) or refused.
+    pub results: Vec<QueueResult<QueueItem>>,
+    /// Items evicted to make room, stored ones and the run's own.
+    pub evicted: u64,
+}
+
+/// Admits `candidates` in order with one planner, then persists its
+/// decisions: the stored victims deleted, the admitted items that no later
+/// item evicted inserted with one multi-row INSERT. An outer error (the
+/// view or a write failed) means the transaction must not commit.
+pub(super) fn admit_run(
+    view: &mut DbView<'_, '_>,
+    options: &StoreOptions,
+    candidates: Vec<Candidate>,
+) -> QueueResult<Admitted> {
+    let mut planner = Planner::new(Limits::of(options));
+    let mut held: Vec<QueueItem> = Vec::new();
+    let mut victims: Vec<String> = Vec::new();
+    let mut evicted = 0u64;
+    let mut results = Vec::with_capacity(candidates.len());
+    for Candidate { item, fresh_id } in candidates {
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                results.push(Err(e));
+                continue;
+            }
+        };
+        match planner.decide(view, item, fresh_id)? {
+            Ok(admitted) => {
+                let (item, evict) = admitted.into_parts();
+                for victim in evict {
+                    if victim.held {
+                        held.retain(|h| h.id != victim.id);
+                    } else {
+                        victims.push(victim.id);
+                    }
+                    evicted += 1;
+                }
+                held.push(item.clone());
+                results.push(Ok(item));
+            }
+            Err(refused) => results.push(Err(refused)),
+        }
+    }
+    if !victims.is_empty() {
+        let sql = format!("DELETE FROM {} WHERE id = ANY($1)", view.items_table);
+        view.tx
+            .execute(&sql, &[&victims])
+            .map_err(|e| view.err(e))?;
+    }
+    row::insert_all(view.tx, view.items_table, &held).map_err(|e| view.err(e))?;
+    planner.caught_up();
+    Ok(Admitted { results, evicted })
+}
+
+/// The stored items `enforce_limits` evicts: the planner's [`trim`]
+/// deleted; how many.
+///
+/// [`trim`]: crate::store::admission::trim
+pub(super) fn trim_run(view: &mut DbView<'_, '_>, options: &StoreOptions) -> QueueResult<usize> {
+    let victims = crate::store::admission::trim(&Limits::of(options), view)?;
+    let ids: Vec<String> = victims.into_iter().map(|v| v.id).collect();
+    if !ids.is_empty() {
+        let sql = format!("DELETE FROM {} WHERE id = ANY($1)", view.items_table);
+        view.tx.execute(&sql, &[&ids]).map_err(|e| view.err(e))?;
+    }
+    Ok(ids.len())
+}

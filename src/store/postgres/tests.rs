@@ -1,0 +1,221 @@
+//! Unit tests of the PostgreSQL backend's refusals: each bad input gets a
+//! clear error naming what is wrong, and no secret in it. The ones that
+//! need a server use the test server (`RETRYQ_TEST_PG_URL`,
+//! `RETRYQ_TEST_PG_PASSWORD_FILE`) and skip without one, unless
+//! `RETRYQ_REQUIRE_SERVICES=1`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::options::{quote_ident, validate_schema_name};
+use super::*;
+
+fn opts(url: &str) -> PostgresOptions {
+    PostgresOptions {
+        url: url.to_owned(),
+        ..PostgresOptions::default()
+    }
+}
+
+fn test_server(test: &str) -> Option<(String, PathBuf)> {
+    match (
+        std::env::var("RETRYQ_TEST_PG_URL"),
+        std::env::var("RETRYQ_TEST_PG_PASSWORD_FILE"),
+    ) {
+        (Ok(url), Ok(file)) => Some((url, PathBuf::from(file))),
+        _ => {
+            if std::env::var("RETRYQ_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                panic!("RETRYQ_REQUIRE_SERVICES=1 but {test} has no PostgreSQL test server");
+            }
+            eprintln!("skipping {test}: RETRYQ_TEST_PG_URL is not set (scripts/pg-test-server)");
+            None
+        }
+    }
+}
+
+fn fresh_schema() -> String {
+    format!("u_{}", uuid::Uuid::new_v4().simple())
+}
+
+#[test]
+fn a_url_with_a_password_is_refused_without_quoting_it() {
+    for url in [
+        "postgres://retryq:hunter2-secret@db.example:5432/retryq",
+        "host=db.example user=retryq password=hunter2-secret dbname=retryq",
+    ] {
+        let err = opts(url).validate().unwrap_err();
+        assert_eq!(err.field, "url");
+        let text = err.to_string();
+        assert!(text.contains("password_file"), "{text}");
+        assert!(!text.contains("hunter2"), "the secret leaked: {text}");
+    }
+    let fine = opts("postgres://retryq@db.example:5432/retryq");
+    assert_eq!(fine.validate(), Ok(()));
+    assert_eq!(fine.endpoint(), "db.example:5432");
+}
+
+#[test]
+fn an_unparsable_url_is_refused_without_quoting_it() {
+    let err = opts("postgres://retryq@db.example:notaport/x?password=hunter2")
+        .validate()
+        .unwrap_err();
+    assert_eq!(err.field, "url");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert_eq!(opts("").validate().unwrap_err().field, "url");
+}
+
+#[test]
+fn a_schema_that_is_not_an_identifier_is_refused() {
+    for bad in [
+        "",
+        "1abc",
+        "a-b",
+        "a\"; DROP TABLE x; --",
+        "with space",
+        "pg_catalog",
+        "été",
+        &"s".repeat(64),
+    ] {
+        let options = PostgresOptions {
+            schema: bad.to_owned(),
+            ..opts("postgres://u@h/db")
+        };
+        let err = options.validate().unwrap_err();
+        assert_eq!(err.field, "schema", "{bad:?}: {err}");
+        assert!(err.to_string().starts_with("postgres `schema`"), "{err}");
+    }
+    for good in ["retryq", "_q", "Fleet_2", &"s".repeat(63)] {
+        assert_eq!(validate_schema_name(good), Ok(()), "{good:?}");
+    }
+    assert_eq!(quote_ident("Fleet_2"), "\"Fleet_2\"");
+}
+
+#[test]
+fn other_fields_name_themselves() {
+    let base = opts("postgres://u@h/db");
+    let both = PostgresOptions {
+        password_file: Some("/x".into()),
+        password_env: Some("X".into()),
+        ..base.clone()
+    };
+    assert_eq!(both.validate().unwrap_err().field, "password_env");
+    let zero = PostgresOptions {
+        pool_size: 0,
+        ..base.clone()
+    };
+    assert_eq!(zero.validate().unwrap_err().field, "pool_size");
+    let root_without_verify = PostgresOptions {
+        sslrootcert: Some("/ca.pem".into()),
+        sslmode: Some(SslMode::Require),
+        ..base.clone()
+    };
+    assert_eq!(
+        root_without_verify.validate().unwrap_err().field,
+        "sslrootcert"
+    );
+    let no_user = opts("postgres://h/db");
+    assert_eq!(no_user.validate().unwrap_err().field, "url");
+}
+
+#[test]
+fn sslmode_comes_from_the_option_then_the_url() {
+    let from_url = opts("postgres://u@h/db?sslmode=require");
+    assert_eq!(from_url.effective_sslmode(), Ok(SslMode::Require));
+    assert_eq!(
+        opts("postgres://u@h/db").effective_sslmode(),
+        Ok(SslMode::Prefer)
+    );
+    let option = PostgresOptions {
+        sslmode: Some(SslMode::VerifyFull),
+        ..from_url
+    };
+    assert_eq!(option.effective_sslmode(), Ok(SslMode::VerifyFull));
+    let parsed: PostgresOptions =
+        toml::from_str("url = \"postgres://u@h/db\"\nsslmode = \"verify-ca\"\n").unwrap();
+    assert_eq!(parsed.sslmode, Some(SslMode::VerifyCa));
+    // The config file cannot carry a password at all.
+    assert!(toml::from_str::<PostgresOptions>("password = \"x\"\n").is_err());
+}
+
+#[test]
+fn a_missing_password_source_is_named() {
+    let options = PostgresOptions {
+        password_env: Some("RETRYQ_TEST_SURELY_UNSET_VAR".into()),
+        ..opts("postgres://u@127.0.0.1:1/db")
+    };
+    let err = PostgresRetryQueue::open(&options, StoreOptions::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("password_env") && text.contains("RETRYQ_TEST_SURELY_UNSET_VAR"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_unreachable_server_is_named_by_host_and_port() {
+    // Port 1 on loopback: nothing listens, the connection is refused.
+    let options = PostgresOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..opts("postgres://retryq@127.0.0.1:1/retryq")
+    };
+    let err = PostgresRetryQueue::open(&options, StoreOptions::default()).unwrap_err();
+    assert!(err.is_storage(), "{err:?}");
+    let text = format!("{err}");
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert_ne!(err.kind(), "item_not_found");
+}
+
+#[test]
+fn a_wrong_password_fails_without_the_secret_in_the_error() {
+    let Some((url, _)) = test_server("a_wrong_password_fails_without_the_secret_in_the_error")
+    else {
+        return;
+    };
+    let var = format!("RETRYQ_TEST_WRONG_PW_{}", std::process::id());
+    std::env::set_var(&var, "wrong-secret-4242");
+    let options = PostgresOptions {
+        password_env: Some(var),
+        schema: fresh_schema(),
+        ..opts(&url)
+    };
+    let err = PostgresRetryQueue::open(&options, StoreOptions::default()).unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(
+        !text.contains("wrong-secret-4242"),
+        "the secret leaked: {text}"
+    );
+    assert!(text.contains(&options.endpoint()), "{text}");
+}
+
+#[test]
+fn a_schema_newer_than_the_binary_is_refused_naming_both_versions() {
+    let Some((url, password_file)) =
+        test_server("a_schema_newer_than_the_binary_is_refused_naming_both_versions")
+    else {
+        return;
+    };
+    let options = PostgresOptions {
+        password_file: Some(password_file),
+        schema: fresh_schema(),
+        ..opts(&url)
+    };
+    let store = PostgresRetryQueue::open(&options, StoreOptions::default()).unwrap();
+    let mut conn = store.conn("test").unwrap();
+    conn.execute(
+        &format!(
+            "INSERT INTO {}.schema_version (version) VALUES (99)",
+            quote_ident(&options.schema)
+        ),
+        &[],
+    )
+    .unwrap();
+    drop(conn);
+    store.close().unwrap();
+    let err = PostgresRetryQueue::open(&options, StoreOptions::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("version 99") && text.contains(&format!("({SCHEMA_VERSION})")),
+        "{text}"
+    );
+    assert!(text.contains(&options.schema), "{text}");
+}
