@@ -56,7 +56,7 @@ impl Clock for ManualClock {
     }
 }
 
-/// A shared clock handle.
+/// The clock as the worker and the API hold it: the system's, or a manual one in tests.
 pub type SharedClock = Arc<dyn Clock>;
 
 /// The system clock as a shared handle.

@@ -93,7 +93,7 @@ pub enum QueueError {
     /// Nothing was stored; the same call succeeds once space returns.
     #[error("disk is full during {op}: {source}")]
     DiskFull {
-        /// The operation that failed.
+        /// The store operation refused (e.g. "enqueue"), for the message.
         op: &'static str,
         /// The I/O or database error that caused it.
         #[source]
@@ -117,7 +117,7 @@ pub enum QueueError {
     Internal {
         /// The part or the call that failed, e.g. "store actor mailbox".
         what: &'static str,
-        /// What it reported.
+        /// The underlying error's text (a `MailboxError`, a `JoinError`).
         detail: String,
     },
 

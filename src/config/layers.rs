@@ -61,7 +61,7 @@ pub struct LoadOptions {
 /// A loaded configuration with where each value came from.
 #[derive(Debug, Clone)]
 pub struct Loaded {
-    /// The effective settings.
+    /// The settings after every layer, each section's `validate()` passed.
     pub settings: Settings,
     /// For each key some layer set, the layer that set it last.
     pub origins: BTreeMap<String, Layer>,

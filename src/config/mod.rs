@@ -7,10 +7,10 @@
 //! [`StoreOptions`], `[admin]` is [`crate::admin::AdminConfig`]. Each has one `validate()` naming the field at fault;
 //! this module adds no rule of its own to them. It only:
 //!
-//! - layers the sources ([`layers`]): built-in defaults, then
+//! - layers the sources (`layers.rs`): built-in defaults, then
 //!   `config/default.toml`, then each `--config FILE`, then environment
 //!   variables `RETRYQ__SECTION__KEY`;
-//! - attributes errors ([`attribution`]): a type error names the key, the
+//! - attributes errors (`attribution.rs`): a type error names the key, the
 //!   value and the layer it came from; a field a `validate()` refuses is
 //!   mapped to its key and to the layer (file or variable) that set it.
 //!

@@ -16,7 +16,7 @@ use crate::clock::{system_clock, SharedClock};
 use crate::delivery::CircuitState;
 use crate::error::QueueError;
 
-/// Circuit-breaker settings.
+/// The `[circuit]` section: when delivery stops for an upstream outage and for how long.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CircuitConfig {
@@ -298,7 +298,7 @@ impl EventKind {
 pub struct RetryResult {
     /// ID of the item it concerns.
     pub item_id: String,
-    /// What happened.
+    /// The outcome, which also picks the callback that hears of it.
     pub kind: EventKind,
     /// Attempts after this one.
     pub attempts: u32,
@@ -313,7 +313,7 @@ pub struct RetryResult {
 pub struct WorkerEvent {
     /// ID of the item it concerns.
     pub item_id: String,
-    /// What happened.
+    /// The outcome, which also picks the callback that hears of it.
     pub kind: EventKind,
     /// Attempts after this one.
     pub attempts: u32,

@@ -128,7 +128,7 @@ pub struct PluginTarget {
 pub struct PluginHealth {
     /// The plugin's name.
     pub plugin: String,
-    /// Children started.
+    /// Children started, the first included; `starts - 1` is the restarts.
     pub starts: u64,
     /// Children that died (crashed, exited, killed for hanging).
     pub deaths: u64,

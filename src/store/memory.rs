@@ -37,6 +37,7 @@ use chrono::{DateTime, Utc};
 use super::admission::{
     self, AdmissionView, Admitted, Limits, Totals, Victim, VictimClass, VictimPage,
 };
+use super::apply::{apply_op, ApplyOps, ItemChange};
 use super::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, QueueStats, RetryQueue, StoreOptions,
     WriteOp, WriteOutcome,
@@ -214,42 +215,57 @@ impl MemoryRetryQueue {
         Ok(state.store(admitted))
     }
 
-    fn delete_locked(state: &mut State, id: &str) -> QueueResult<()> {
-        state
+    /// The state of an open queue as the context of its calls.
+    fn locked(&self) -> QueueResult<Locked<'_>> {
+        Ok(Locked {
+            queue: self,
+            state: self.lock_open()?,
+        })
+    }
+}
+
+/// The queue with its state locked: every change runs here.
+struct Locked<'a> {
+    queue: &'a MemoryRetryQueue,
+    state: MutexGuard<'a, State>,
+}
+
+impl ApplyOps for Locked<'_> {
+    fn enqueue(&mut self, item: NewItem) -> QueueResult<ItemId> {
+        self.queue.enqueue_locked(&mut self.state, item)
+    }
+
+    fn enqueue_claimed(&mut self, item: NewItem, lease: Duration) -> QueueResult<QueueItem> {
+        self.queue
+            .store_new_locked(&mut self.state, item, Some(lease))
+    }
+
+    fn delete(&mut self, id: &ItemId) -> QueueResult<()> {
+        self.state
             .items
-            .remove(id)
+            .remove(id.as_str())
             .map(|_| ())
             .ok_or_else(|| QueueError::not_found(id))
     }
 
-    fn mark_failed_locked(
-        &self,
-        state: &mut State,
-        id: &str,
-        reason: &str,
+    fn change(
+        &mut self,
+        _op: &'static str,
+        id: &ItemId,
+        change: &mut ItemChange<'_>,
     ) -> QueueResult<QueueItem> {
-        let now = self.now();
-        let item = state.item_mut(id)?;
-        item.dead_letter(reason, now);
-        Ok(item.clone())
+        let now = self.queue.now();
+        let item = self.state.item_mut(id)?;
+        // Changed on a copy, so that a refused change leaves the item as it was.
+        let mut changed = item.clone();
+        change(&mut changed, now)?;
+        *item = changed.clone();
+        Ok(changed)
     }
 
-    fn requeue_locked(
-        &self,
-        state: &mut State,
-        id: &str,
-        error: &str,
-        next_retry: DateTime<Utc>,
-    ) -> QueueResult<QueueItem> {
-        let now = self.now();
-        let item = state.item_mut(id)?;
-        item.requeue(error, next_retry, now);
-        Ok(item.clone())
-    }
-
-    fn release_locked(&self, state: &mut State, id: &str) -> QueueResult<()> {
-        let now = self.now();
-        let item = state.item_mut(id)?;
+    fn release(&mut self, id: &ItemId) -> QueueResult<()> {
+        let now = self.queue.now();
+        let item = self.state.item_mut(id)?;
         // Releasing an item nobody holds is a no-op (the contract's).
         if item.status() == ItemStatus::Processing {
             item.release(now)?;
@@ -320,36 +336,20 @@ impl RetryQueue for MemoryRetryQueue {
     }
 
     fn delete(&self, id: &ItemId) -> QueueResult<()> {
-        let mut state = self.lock_open()?;
-        Self::delete_locked(&mut state, id)
+        self.locked()?.delete(id)
     }
 
-    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
-        let mut state = self.lock_open()?;
-        self.mark_failed_locked(&mut state, id, reason)
-    }
-
-    fn requeue(
+    fn change_item(
         &self,
+        op: &'static str,
         id: &ItemId,
-        error: &str,
-        next_retry: DateTime<Utc>,
+        change: &mut ItemChange<'_>,
     ) -> QueueResult<QueueItem> {
-        let mut state = self.lock_open()?;
-        self.requeue_locked(&mut state, id, error, next_retry)
-    }
-
-    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
-        let now = self.now();
-        let mut state = self.lock_open()?;
-        let item = state.item_mut(id)?;
-        item.revive(now)?;
-        Ok(item.clone())
+        self.locked()?.change(op, id, change)
     }
 
     fn release(&self, id: &ItemId) -> QueueResult<()> {
-        let mut state = self.lock_open()?;
-        self.release_locked(&mut state, id)
+        self.locked()?.release(id)
     }
 
     fn claim(&self, limit: usize, lease: Duration) -> QueueResult<Vec<QueueItem>> {
@@ -467,36 +467,11 @@ impl RetryQueue for MemoryRetryQueue {
     }
 
     fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
-        let mut state = self.lock_open()?;
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            let result = match op {
-                WriteOp::Enqueue(item) => self
-                    .enqueue_locked(&mut state, item)
-                    .map(WriteOutcome::Enqueued),
-                WriteOp::EnqueueClaimed { item, lease } => self
-                    .store_new_locked(&mut state, item, Some(lease))
-                    .map(|item| WriteOutcome::Claimed(Box::new(item))),
-                WriteOp::Delete { id } => {
-                    Self::delete_locked(&mut state, &id).map(|()| WriteOutcome::Applied)
-                }
-                WriteOp::Requeue {
-                    id,
-                    error,
-                    next_retry,
-                } => self
-                    .requeue_locked(&mut state, &id, &error, next_retry)
-                    .map(|_| WriteOutcome::Applied),
-                WriteOp::MarkFailed { id, reason } => self
-                    .mark_failed_locked(&mut state, &id, &reason)
-                    .map(|_| WriteOutcome::Applied),
-                WriteOp::Release { id } => self
-                    .release_locked(&mut state, &id)
-                    .map(|()| WriteOutcome::Applied),
-            };
-            results.push(result);
-        }
-        Ok(results)
+        let mut locked = self.locked()?;
+        Ok(ops
+            .into_iter()
+            .map(|op| apply_op(&mut locked, op))
+            .collect())
     }
 
     fn quarantine(&self, id: &ItemId, reason: &str) -> QueueResult<()> {

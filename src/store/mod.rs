@@ -47,8 +47,10 @@ pub use crate::error::{InvalidStoreOption, QueueError, QueueResult};
 use crate::item::{
     ItemId, ItemStatus, ItemType, NewItem, Payload, QueueItem, DEFAULT_MAX_ATTEMPTS,
 };
+use apply::ItemChange;
 
 pub mod admission;
+pub mod apply;
 pub mod file;
 pub mod maintenance;
 pub mod memory;
@@ -378,10 +380,32 @@ pub trait RetryQueue: Send + Sync {
     /// Removes the item (an acknowledgement). `ItemNotFound` if absent.
     fn delete(&self, id: &ItemId) -> QueueResult<()>;
 
+    /// The primitive of the single-item state changes below: loads the
+    /// item with this ID (`ItemNotFound` if absent), applies `change` (one
+    /// of the item's own state changes, which sets `updated_at`) at now and
+    /// persists the result durably; returns the item as stored. A refusal
+    /// from `change` changes nothing. `op` names the call in errors. The
+    /// default refuses: a backend implements this, or each of the calls
+    /// built on it.
+    fn change_item(
+        &self,
+        op: &'static str,
+        id: &ItemId,
+        change: &mut ItemChange<'_>,
+    ) -> QueueResult<QueueItem> {
+        let _ = (id, change);
+        Err(QueueError::storage(
+            op,
+            "this backend cannot change one item's state",
+        ))
+    }
+
     /// Records a final failed attempt and makes the item a dead letter:
     /// `attempts + 1` (saturating), `last_error = reason`, `last_attempt = now`,
     /// status `failed`, lease cleared. Returns the updated item.
-    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem>;
+    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
+        self.change_item("mark_failed", id, &mut apply::dead_letter_change(reason))
+    }
 
     /// Records a failed attempt and schedules the next one: `attempts + 1`
     /// (saturating), `last_error = error`, `last_attempt = now`,
@@ -391,11 +415,15 @@ pub trait RetryQueue: Send + Sync {
         id: &ItemId,
         error: &str,
         next_retry: DateTime<Utc>,
-    ) -> QueueResult<QueueItem>;
+    ) -> QueueResult<QueueItem> {
+        self.change_item("requeue", id, &mut apply::requeue_change(error, next_retry))
+    }
 
     /// Brings a dead letter back: status `pending`, `attempts = 0`, due now,
     /// `last_error` kept. `WrongState` (naming its status) if the item is not `failed`.
-    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem>;
+    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
+        self.change_item("revive", id, &mut |item, now| item.revive(now))
+    }
 
     /// Returns a `processing` item to `pending` without counting an attempt
     /// (used on graceful stop). `next_retry` is unchanged. A no-op `Ok` for
@@ -460,39 +488,11 @@ pub trait RetryQueue: Send + Sync {
     /// them one durable transaction; the default applies them one by one.
     /// Each op has its own result; the outer error means nothing was applied.
     fn apply_batch(&self, ops: Vec<WriteOp>) -> QueueResult<Vec<QueueResult<WriteOutcome>>> {
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            let result = match op {
-                WriteOp::Enqueue(item) => self.enqueue(item).map(WriteOutcome::Enqueued),
-                // Its own result even when the call fails as a whole: the
-                // ops before it were applied, so the batch cannot fail.
-                WriteOp::EnqueueClaimed { item, lease } => self
-                    .enqueue_claimed(vec![item], lease)
-                    .and_then(|mut results| {
-                        results.pop().unwrap_or_else(|| {
-                            Err(QueueError::storage(
-                                "enqueue_claimed",
-                                "no result for the item",
-                            ))
-                        })
-                    })
-                    .map(|item| WriteOutcome::Claimed(Box::new(item))),
-                WriteOp::Delete { id } => self.delete(&id).map(|_| WriteOutcome::Applied),
-                WriteOp::Requeue {
-                    id,
-                    error,
-                    next_retry,
-                } => self
-                    .requeue(&id, &error, next_retry)
-                    .map(|_| WriteOutcome::Applied),
-                WriteOp::MarkFailed { id, reason } => self
-                    .mark_failed(&id, &reason)
-                    .map(|_| WriteOutcome::Applied),
-                WriteOp::Release { id } => self.release(&id).map(|_| WriteOutcome::Applied),
-            };
-            results.push(result);
-        }
-        Ok(results)
+        let mut each = apply::OneByOne(self);
+        Ok(ops
+            .into_iter()
+            .map(|op| apply::apply_op(&mut each, op))
+            .collect())
     }
 
     /// Stores items taken from another store (`retryq migrate`) exactly as
@@ -683,6 +683,14 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     fn delete(&self, id: &ItemId) -> QueueResult<()> {
         (**self).delete(id)
     }
+    fn change_item(
+        &self,
+        op: &'static str,
+        id: &ItemId,
+        change: &mut ItemChange<'_>,
+    ) -> QueueResult<QueueItem> {
+        (**self).change_item(op, id, change)
+    }
     fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
         (**self).mark_failed(id, reason)
     }
@@ -766,6 +774,14 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
 /// An item for [`RetryQueue::import_batch`], checked as `enqueue` checks a
 /// new one, with any claim dropped.
 pub(crate) fn importable(mut item: QueueItem) -> QueueResult<QueueItem> {
+    check_fields(&item)?;
+    item.drop_claim();
+    Ok(item)
+}
+
+/// The checks `enqueue` makes of a new item's fields, for an item given
+/// whole (`import_batch`, `update`).
+pub(crate) fn check_fields(item: &QueueItem) -> QueueResult<()> {
     if item.max_attempts == 0 {
         return Err(QueueError::invalid("max_attempts must be at least 1"));
     }
@@ -775,8 +791,7 @@ pub(crate) fn importable(mut item: QueueItem) -> QueueResult<QueueItem> {
     if item.item_type.as_str().is_empty() {
         return Err(QueueError::invalid("type is empty"));
     }
-    item.drop_claim();
-    Ok(item)
+    Ok(())
 }
 
 /// Sorts `items` as `filter` says (total order: ties by id) and applies

@@ -4,14 +4,15 @@
 //! one directory fsync, or undone, index included.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use super::commit::{Change, Saved};
 use super::index::Index;
 use super::record::parse_file_name;
 use super::{FileRetryQueue, Inner};
 use crate::error::{QueueError, QueueResult};
-use crate::item::QueueItem;
-use crate::store::{WriteOp, WriteOutcome};
+use crate::item::{ItemId, NewItem, QueueItem};
+use crate::store::apply::{ApplyOps, ItemChange};
 
 /// The changes of one `apply_batch` group, held back while its ops run and
 /// committed together when the last one has: one directory fsync for the
@@ -55,47 +56,55 @@ impl Group {
     }
 }
 
-impl FileRetryQueue {
-    /// One op of `apply_batch`, inside its group.
-    pub(super) fn apply_one(&self, inner: &mut Inner, op: WriteOp) -> QueueResult<WriteOutcome> {
-        let one = |results: QueueResult<Vec<QueueResult<QueueItem>>>, op: &'static str| {
-            results.and_then(|mut r| {
-                r.pop()
-                    .unwrap_or_else(|| Err(QueueError::storage(op, "no result for the item")))
-            })
-        };
-        match op {
-            WriteOp::Enqueue(item) => one(
-                self.store_new_in(inner, "enqueue", vec![item], None),
-                "enqueue",
-            )
-            .map(|item| WriteOutcome::Enqueued(item.id)),
-            WriteOp::EnqueueClaimed { item, lease } => one(
-                self.store_new_in(inner, "enqueue_claimed", vec![item], Some(lease)),
-                "enqueue_claimed",
-            )
-            .map(|item| WriteOutcome::Claimed(Box::new(item))),
-            WriteOp::Delete { id } => self.delete_in(inner, &id).map(|_| WriteOutcome::Applied),
-            WriteOp::Requeue {
-                id,
-                error,
-                next_retry,
-            } => self
-                .change_one_in(inner, "requeue", &id, |item, now| {
-                    item.requeue(&error, next_retry, now);
-                    Ok(())
-                })
-                .map(|_| WriteOutcome::Applied),
-            WriteOp::MarkFailed { id, reason } => self
-                .change_one_in(inner, "mark_failed", &id, |item, now| {
-                    item.dead_letter(&reason, now);
-                    Ok(())
-                })
-                .map(|_| WriteOutcome::Applied),
-            WriteOp::Release { id } => self.release_in(inner, &id).map(|_| WriteOutcome::Applied),
-        }
+/// The store's state inside an open group: the context each op of
+/// `apply_batch` runs in, as it would alone.
+pub(super) struct InGroup<'a> {
+    pub(super) queue: &'a FileRetryQueue,
+    pub(super) inner: &'a mut Inner,
+}
+
+impl InGroup<'_> {
+    fn store_one(
+        &mut self,
+        op: &'static str,
+        item: NewItem,
+        lease: Option<Duration>,
+    ) -> QueueResult<QueueItem> {
+        self.queue
+            .store_new_in(self.inner, op, vec![item], lease)?
+            .pop()
+            .unwrap_or_else(|| Err(QueueError::storage(op, "no result for the item")))
+    }
+}
+
+impl ApplyOps for InGroup<'_> {
+    fn enqueue(&mut self, item: NewItem) -> QueueResult<ItemId> {
+        self.store_one("enqueue", item, None).map(|item| item.id)
     }
 
+    fn enqueue_claimed(&mut self, item: NewItem, lease: Duration) -> QueueResult<QueueItem> {
+        self.store_one("enqueue_claimed", item, Some(lease))
+    }
+
+    fn delete(&mut self, id: &ItemId) -> QueueResult<()> {
+        self.queue.delete_in(self.inner, id)
+    }
+
+    fn change(
+        &mut self,
+        op: &'static str,
+        id: &ItemId,
+        change: &mut ItemChange<'_>,
+    ) -> QueueResult<QueueItem> {
+        self.queue.change_one_in(self.inner, op, id, change)
+    }
+
+    fn release(&mut self, id: &ItemId) -> QueueResult<()> {
+        self.queue.release_in(self.inner, id)
+    }
+}
+
+impl FileRetryQueue {
     /// Commits the open group (see [`Group`]): every file written and
     /// synced, the renames and unlinks done, then one directory fsync. On
     /// failure the disk is undone as for any commit and the index goes

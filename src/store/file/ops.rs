@@ -7,10 +7,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::fs::with_path as io_ctx;
-use super::group::Group;
+use super::group::{Group, InGroup};
 use super::{saturating_add, FileRetryQueue, Inner};
 use crate::error::{QueueError, QueueResult};
 use crate::item::{ItemId, ItemStatus, NewItem, QueueItem};
+use crate::store::apply::{apply_op, ItemChange};
 use crate::store::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, QueueStats, RetryQueue, WriteOp,
     WriteOutcome,
@@ -67,19 +68,6 @@ impl FileRetryQueue {
             .collect();
         self.store_items_in(inner, op, built)
     }
-
-    fn check_item(item: &QueueItem) -> QueueResult<()> {
-        if item.max_attempts == 0 {
-            return Err(QueueError::invalid("max_attempts must be at least 1"));
-        }
-        if item.fingerprint.trim().is_empty() {
-            return Err(QueueError::invalid("fingerprint is empty"));
-        }
-        if item.item_type.as_str().is_empty() {
-            return Err(QueueError::invalid("type is empty"));
-        }
-        Ok(())
-    }
 }
 
 impl RetryQueue for FileRetryQueue {
@@ -124,7 +112,7 @@ impl RetryQueue for FileRetryQueue {
 
     fn update(&self, item: &QueueItem) -> QueueResult<()> {
         self.change_one("update", &item.id, |stored, now| {
-            Self::check_item(item)?;
+            crate::store::check_fields(item)?;
             let mut replacement = item.clone();
             replacement.id = stored.id.clone();
             replacement.created_at = stored.created_at;
@@ -140,27 +128,13 @@ impl RetryQueue for FileRetryQueue {
         self.delete_in(&mut inner, id)
     }
 
-    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
-        self.change_one("mark_failed", id, |item, now| {
-            item.dead_letter(reason, now);
-            Ok(())
-        })
-    }
-
-    fn requeue(
+    fn change_item(
         &self,
+        op: &'static str,
         id: &ItemId,
-        error: &str,
-        next_retry: DateTime<Utc>,
+        change: &mut ItemChange<'_>,
     ) -> QueueResult<QueueItem> {
-        self.change_one("requeue", id, |item, now| {
-            item.requeue(error, next_retry, now);
-            Ok(())
-        })
-    }
-
-    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
-        self.change_one("revive", id, |item, now| item.revive(now))
+        self.change_one(op, id, change)
     }
 
     fn release(&self, id: &ItemId) -> QueueResult<()> {
@@ -348,9 +322,13 @@ impl RetryQueue for FileRetryQueue {
             evicted: inner.evicted,
             ..Group::default()
         });
+        let mut in_group = InGroup {
+            queue: self,
+            inner: &mut inner,
+        };
         let results = ops
             .into_iter()
-            .map(|op| self.apply_one(&mut inner, op))
+            .map(|op| apply_op(&mut in_group, op))
             .collect();
         self.commit_group(&mut inner)?;
         Ok(results)

@@ -153,6 +153,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 
+use super::apply::ItemChange;
 use super::{
     CleanupReport, ListFilter, PendingSync, QueueStats, RetryQueue, StoreOptions, WriteOp,
     WriteOutcome,
@@ -300,21 +301,13 @@ impl RetryQueue for SqliteRetryQueue {
         self.delete_one(id)
     }
 
-    fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
-        self.mark_failed_one(id, reason)
-    }
-
-    fn requeue(
+    fn change_item(
         &self,
+        op: &'static str,
         id: &ItemId,
-        error: &str,
-        next_retry: DateTime<Utc>,
+        change: &mut ItemChange<'_>,
     ) -> QueueResult<QueueItem> {
-        self.requeue_one(id, error, next_retry)
-    }
-
-    fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
-        self.revive_one(id)
+        self.change_one(op, id, change)
     }
 
     fn release(&self, id: &ItemId) -> QueueResult<()> {

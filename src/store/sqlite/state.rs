@@ -9,6 +9,7 @@ use super::row::{self, sql_err, status_code};
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
 use crate::item::{payload_checksum, ItemId, QueueItem};
+use crate::store::apply::ItemChange;
 use crate::store::WriteOutcome;
 
 impl SqliteRetryQueue {
@@ -25,31 +26,6 @@ impl SqliteRetryQueue {
         change(&mut item, self.now())?;
         self.write_meta(conn, &item, before)?;
         Ok(item)
-    }
-
-    pub(super) fn requeue_in(
-        &self,
-        conn: &Connection,
-        id: &str,
-        error: &str,
-        next_retry: DateTime<Utc>,
-    ) -> QueueResult<QueueItem> {
-        self.change_in(conn, id, |item, now| {
-            item.requeue(error, next_retry, now);
-            Ok(())
-        })
-    }
-
-    pub(super) fn mark_failed_in(
-        &self,
-        conn: &Connection,
-        id: &str,
-        reason: &str,
-    ) -> QueueResult<QueueItem> {
-        self.change_in(conn, id, |item, now| {
-            item.dead_letter(reason, now);
-            Ok(())
-        })
     }
 
     pub(super) fn delete_in(&self, conn: &Connection, id: &ItemId) -> QueueResult<()> {
@@ -206,22 +182,13 @@ impl SqliteRetryQueue {
         self.salvaging(|| self.write("delete", |tx| self.delete_in(tx, id)))
     }
 
-    pub(super) fn mark_failed_one(&self, id: &str, reason: &str) -> QueueResult<QueueItem> {
-        self.salvaging(|| self.write("mark_failed", |tx| self.mark_failed_in(tx, id, reason)))
-    }
-
-    pub(super) fn requeue_one(
+    /// One item's state change in its own transaction (`change_item`).
+    pub(super) fn change_one(
         &self,
+        op: &'static str,
         id: &str,
-        error: &str,
-        next_retry: DateTime<Utc>,
+        change: &mut ItemChange<'_>,
     ) -> QueueResult<QueueItem> {
-        self.salvaging(|| self.write("requeue", |tx| self.requeue_in(tx, id, error, next_retry)))
-    }
-
-    pub(super) fn revive_one(&self, id: &str) -> QueueResult<QueueItem> {
-        self.write("revive", |tx| {
-            self.change_in(tx, id, |item, now| item.revive(now))
-        })
+        self.salvaging(|| self.write(op, |tx| self.change_in(tx, id, &mut *change)))
     }
 }

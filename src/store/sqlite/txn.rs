@@ -4,6 +4,8 @@
 //! dedupe index kept beside the open transaction, and when its changes
 //! reach the disk ([`Durability`]).
 
+use std::time::Duration;
+
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use super::admission::KnownTotals;
@@ -11,7 +13,8 @@ use super::fingerprints::FingerprintIndex;
 use super::row::sql_err;
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
-use crate::item::ItemId;
+use crate::item::{ItemId, NewItem, QueueItem};
+use crate::store::apply::{apply_op, ApplyOps, ItemChange};
 use crate::store::{PendingSync, WriteOp, WriteOutcome};
 
 /// Changes to the item count and byte total not yet written to `totals`.
@@ -286,42 +289,59 @@ impl SqliteRetryQueue {
                     self.delete_many(conn, ids, results)
                 }
                 Unit::One(op) => apply_checked("apply_batch", conn, results, |conn| {
-                    self.apply_one(conn, op, known)
+                    apply_op(
+                        &mut InTxn {
+                            queue: self,
+                            conn,
+                            known,
+                        },
+                        op,
+                    )
                 }),
             },
         )
     }
+}
 
-    pub(super) fn apply_one(
-        &self,
-        conn: &Connection,
-        op: WriteOp,
-        known: &mut KnownTotals,
-    ) -> QueueResult<WriteOutcome> {
-        if !matches!(op, WriteOp::Enqueue(_) | WriteOp::EnqueueClaimed { .. }) {
-            // Deletes and state changes may change the totals.
-            known.0 = None;
-        }
-        match op {
-            WriteOp::Enqueue(item) => self
-                .enqueue_in(conn, item, None, known)
-                .map(|item| WriteOutcome::Enqueued(item.id)),
-            WriteOp::EnqueueClaimed { item, lease } => self
-                .enqueue_in(conn, item, Some(lease), known)
-                .map(|item| WriteOutcome::Claimed(Box::new(item))),
-            WriteOp::Delete { id } => self.delete_in(conn, &id).map(|_| WriteOutcome::Applied),
-            WriteOp::Requeue {
-                id,
-                error,
-                next_retry,
-            } => self
-                .requeue_in(conn, &id, &error, next_retry)
-                .map(|_| WriteOutcome::Applied),
-            WriteOp::MarkFailed { id, reason } => self
-                .mark_failed_in(conn, &id, &reason)
-                .map(|_| WriteOutcome::Applied),
-            WriteOp::Release { id } => self.release_in(conn, &id).map(|_| WriteOutcome::Applied),
-        }
+/// The open transaction of a batch: the context each op of `apply_batch`
+/// runs in, with the totals its enqueues have admitted so far.
+struct InTxn<'a> {
+    queue: &'a SqliteRetryQueue,
+    conn: &'a Connection,
+    known: &'a mut KnownTotals,
+}
+
+impl ApplyOps for InTxn<'_> {
+    fn enqueue(&mut self, item: NewItem) -> QueueResult<ItemId> {
+        self.queue
+            .enqueue_in(self.conn, item, None, self.known)
+            .map(|item| item.id)
+    }
+
+    fn enqueue_claimed(&mut self, item: NewItem, lease: Duration) -> QueueResult<QueueItem> {
+        self.queue
+            .enqueue_in(self.conn, item, Some(lease), self.known)
+    }
+
+    // Deletes and state changes may change the totals the enqueues knew.
+    fn delete(&mut self, id: &ItemId) -> QueueResult<()> {
+        self.known.0 = None;
+        self.queue.delete_in(self.conn, id)
+    }
+
+    fn change(
+        &mut self,
+        _op: &'static str,
+        id: &ItemId,
+        change: &mut ItemChange<'_>,
+    ) -> QueueResult<QueueItem> {
+        self.known.0 = None;
+        self.queue.change_in(self.conn, id, change)
+    }
+
+    fn release(&mut self, id: &ItemId) -> QueueResult<()> {
+        self.known.0 = None;
+        self.queue.release_in(self.conn, id)
     }
 }
 

@@ -114,7 +114,7 @@ const MAX_SKIPPED: usize = 10_000;
 /// `retryq repair --json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SalvageReport {
-    /// The database file.
+    /// The database salvaged; the damaged copy sits beside it as `<path>.corrupt-<UTC time>`.
     pub path: PathBuf,
     /// `repair` found the database healthy (`PRAGMA quick_check` said ok)
     /// and changed nothing.
