@@ -123,7 +123,7 @@ impl Limits {
 /// Items and bytes a store holds, all statuses together.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
-    /// Items held.
+    /// Items held, the count `max_items` caps.
     pub items: u64,
     /// Their [`QueueItem::size_bytes`], summed.
     pub bytes: u64,
@@ -152,7 +152,7 @@ impl VictimClass {
 /// An item the planner decided to evict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Victim {
-    /// Its ID.
+    /// The ID the backend deletes it by.
     pub id: String,
     /// Its creation time (the eviction order, with the ID).
     pub created_at: DateTime<Utc>,
@@ -205,7 +205,7 @@ pub struct VictimPage<'a> {
     pub class: VictimClass,
     /// The last item of the previous page; `None` for the first page.
     pub after: Option<(DateTime<Utc>, &'a str)>,
-    /// Most items returned.
+    /// Page size; a page shorter than this is the last.
     pub limit: usize,
 }
 
@@ -222,7 +222,7 @@ impl VictimPage<'_> {
 /// What the planner admits: the new item, as a backend holds it on its
 /// way to storage (owned, borrowed, or already encoded with it).
 pub trait Candidate {
-    /// The new item.
+    /// The new item as the planner judges it: its ID, fingerprint and size.
     fn item(&self) -> &QueueItem;
 }
 
@@ -249,7 +249,7 @@ pub struct Admitted<T = QueueItem> {
 }
 
 impl<T: Candidate> Admitted<T> {
-    /// The item to store.
+    /// The item to store, exactly as admitted.
     pub fn item(&self) -> &QueueItem {
         self.item.item()
     }
