@@ -1,9 +1,10 @@
 //! What each [`WriteOp`] does, written once for every backend: a backend
-//! only says how it stores a new item (claimed or not), deletes one, persists one item's
-//! state change and releases a claim inside its own batch context (an
-//! SQLite transaction, a file group commit, the memory lock), and
-//! [`apply_op`] maps each op onto those. A new op is added here, and each
-//! backend then fails to compile until it can carry it out.
+//! only says how it stores a new item (claimed or not), deletes one,
+//! persists one item's state change and releases a claim inside its own
+//! batch context (an SQLite transaction, a file group commit, the memory
+//! lock), and `apply_op` maps each op onto those. A new op is added here;
+//! a backend changes only if the op needs something of it that `ApplyOps`
+//! cannot yet ask, and then fails to compile until it can answer.
 
 use std::time::Duration;
 
@@ -18,6 +19,16 @@ use crate::item::{ItemId, NewItem, QueueItem};
 /// persists the result.
 pub type ItemChange<'a> = dyn FnMut(&mut QueueItem, DateTime<Utc>) -> QueueResult<()> + 'a;
 
+/// One item's state change, as [`RetryQueue::change_item`] takes it.
+pub struct ItemUpdate<'a> {
+    /// The call, as errors name it (`requeue`, `mark_failed`, ...).
+    pub op: &'static str,
+    /// The item changed.
+    pub id: &'a ItemId,
+    /// The change, run on the item as loaded, at now.
+    pub apply: &'a mut ItemChange<'a>,
+}
+
 /// A backend's batch context: the five things a [`WriteOp`] can ask of it.
 pub(crate) trait ApplyOps {
     /// Stores a new item if admission lets it in; returns its ID.
@@ -30,14 +41,8 @@ pub(crate) trait ApplyOps {
     /// Removes the item (an acknowledgement); `ItemNotFound` if absent.
     fn delete(&mut self, id: &ItemId) -> QueueResult<()>;
 
-    /// Loads the item, applies `change` at now and persists it; `op`
-    /// names the call in errors.
-    fn change(
-        &mut self,
-        op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem>;
+    /// Loads the item, applies the change at now and persists it.
+    fn change(&mut self, update: ItemUpdate<'_>) -> QueueResult<QueueItem>;
 
     /// Returns a claimed item to pending; a no-op for an item nobody holds.
     fn release(&mut self, id: &ItemId) -> QueueResult<()>;
@@ -49,13 +54,21 @@ pub(crate) trait ApplyOps {
         error: &str,
         next_retry: DateTime<Utc>,
     ) -> QueueResult<QueueItem> {
-        self.change("requeue", id, &mut requeue_change(error, next_retry))
+        self.change(ItemUpdate {
+            op: "requeue",
+            id,
+            apply: &mut requeue_change(error, next_retry),
+        })
     }
 
     /// [`WriteOp::MarkFailed`]: the item's `dead_letter` through
     /// [`Self::change`].
     fn mark_failed(&mut self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
-        self.change("mark_failed", id, &mut dead_letter_change(reason))
+        self.change(ItemUpdate {
+            op: "mark_failed",
+            id,
+            apply: &mut dead_letter_change(reason),
+        })
     }
 }
 
@@ -129,13 +142,8 @@ impl<Q: RetryQueue + ?Sized> ApplyOps for OneByOne<'_, Q> {
         self.0.delete(id)
     }
 
-    fn change(
-        &mut self,
-        op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
-        self.0.change_item(op, id, change)
+    fn change(&mut self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
+        self.0.change_item(update)
     }
 
     fn release(&mut self, id: &ItemId) -> QueueResult<()> {

@@ -37,7 +37,7 @@ use chrono::{DateTime, Utc};
 use super::admission::{
     self, AdmissionView, Admitted, Limits, Totals, Victim, VictimClass, VictimPage,
 };
-use super::apply::{apply_op, ApplyOps, ItemChange};
+use super::apply::{apply_op, ApplyOps, ItemUpdate};
 use super::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, QueueStats, RetryQueue, StoreOptions,
     WriteOp, WriteOutcome,
@@ -215,6 +215,20 @@ impl MemoryRetryQueue {
         Ok(state.store(admitted))
     }
 
+    /// `store` applied to each item in order under one lock: a batch is
+    /// the items enqueued one at a time.
+    fn each_locked<T>(
+        &self,
+        items: Vec<NewItem>,
+        mut store: impl FnMut(&mut Locked<'_>, NewItem) -> QueueResult<T>,
+    ) -> QueueResult<Vec<QueueResult<T>>> {
+        let mut locked = self.locked()?;
+        Ok(items
+            .into_iter()
+            .map(|item| store(&mut locked, item))
+            .collect())
+    }
+
     /// The state of an open queue as the context of its calls.
     fn locked(&self) -> QueueResult<Locked<'_>> {
         Ok(Locked {
@@ -248,17 +262,12 @@ impl ApplyOps for Locked<'_> {
             .ok_or_else(|| QueueError::not_found(id))
     }
 
-    fn change(
-        &mut self,
-        _op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
+    fn change(&mut self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
         let now = self.queue.now();
-        let item = self.state.item_mut(id)?;
+        let item = self.state.item_mut(update.id)?;
         // Changed on a copy, so that a refused change leaves the item as it was.
         let mut changed = item.clone();
-        change(&mut changed, now)?;
+        (update.apply)(&mut changed, now)?;
         *item = changed.clone();
         Ok(changed)
     }
@@ -282,16 +291,11 @@ impl Default for MemoryRetryQueue {
 
 impl RetryQueue for MemoryRetryQueue {
     fn enqueue(&self, item: NewItem) -> QueueResult<ItemId> {
-        let mut state = self.lock_open()?;
-        self.enqueue_locked(&mut state, item)
+        self.locked()?.enqueue(item)
     }
 
     fn enqueue_batch(&self, items: Vec<NewItem>) -> QueueResult<Vec<QueueResult<ItemId>>> {
-        let mut state = self.lock_open()?;
-        Ok(items
-            .into_iter()
-            .map(|item| self.enqueue_locked(&mut state, item))
-            .collect())
+        self.each_locked(items, |locked, item| locked.enqueue(item))
     }
 
     fn enqueue_claimed(
@@ -299,11 +303,7 @@ impl RetryQueue for MemoryRetryQueue {
         items: Vec<NewItem>,
         lease: Duration,
     ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
-        let mut state = self.lock_open()?;
-        Ok(items
-            .into_iter()
-            .map(|item| self.store_new_locked(&mut state, item, Some(lease)))
-            .collect())
+        self.each_locked(items, |locked, item| locked.enqueue_claimed(item, lease))
     }
 
     fn dequeue(&self) -> QueueResult<Option<QueueItem>> {
@@ -339,13 +339,8 @@ impl RetryQueue for MemoryRetryQueue {
         self.locked()?.delete(id)
     }
 
-    fn change_item(
-        &self,
-        op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
-        self.locked()?.change(op, id, change)
+    fn change_item(&self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
+        self.locked()?.change(update)
     }
 
     fn release(&self, id: &ItemId) -> QueueResult<()> {

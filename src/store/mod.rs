@@ -47,7 +47,7 @@ pub use crate::error::{InvalidStoreOption, QueueError, QueueResult};
 use crate::item::{
     ItemId, ItemStatus, ItemType, NewItem, Payload, QueueItem, DEFAULT_MAX_ATTEMPTS,
 };
-use apply::ItemChange;
+use apply::ItemUpdate;
 
 pub mod admission;
 pub mod apply;
@@ -387,15 +387,9 @@ pub trait RetryQueue: Send + Sync {
     /// from `change` changes nothing. `op` names the call in errors. The
     /// default refuses: a backend implements this, or each of the calls
     /// built on it.
-    fn change_item(
-        &self,
-        op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
-        let _ = (id, change);
+    fn change_item(&self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
         Err(QueueError::storage(
-            op,
+            update.op,
             "this backend cannot change one item's state",
         ))
     }
@@ -404,7 +398,11 @@ pub trait RetryQueue: Send + Sync {
     /// `attempts + 1` (saturating), `last_error = reason`, `last_attempt = now`,
     /// status `failed`, lease cleared. Returns the updated item.
     fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
-        self.change_item("mark_failed", id, &mut apply::dead_letter_change(reason))
+        self.change_item(ItemUpdate {
+            op: "mark_failed",
+            id,
+            apply: &mut apply::dead_letter_change(reason),
+        })
     }
 
     /// Records a failed attempt and schedules the next one: `attempts + 1`
@@ -416,13 +414,21 @@ pub trait RetryQueue: Send + Sync {
         error: &str,
         next_retry: DateTime<Utc>,
     ) -> QueueResult<QueueItem> {
-        self.change_item("requeue", id, &mut apply::requeue_change(error, next_retry))
+        self.change_item(ItemUpdate {
+            op: "requeue",
+            id,
+            apply: &mut apply::requeue_change(error, next_retry),
+        })
     }
 
     /// Brings a dead letter back: status `pending`, `attempts = 0`, due now,
     /// `last_error` kept. `WrongState` (naming its status) if the item is not `failed`.
     fn revive(&self, id: &ItemId) -> QueueResult<QueueItem> {
-        self.change_item("revive", id, &mut |item, now| item.revive(now))
+        self.change_item(ItemUpdate {
+            op: "revive",
+            id,
+            apply: &mut |item, now| item.revive(now),
+        })
     }
 
     /// Returns a `processing` item to `pending` without counting an attempt
@@ -683,13 +689,8 @@ impl<T: RetryQueue + ?Sized> RetryQueue for std::sync::Arc<T> {
     fn delete(&self, id: &ItemId) -> QueueResult<()> {
         (**self).delete(id)
     }
-    fn change_item(
-        &self,
-        op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
-        (**self).change_item(op, id, change)
+    fn change_item(&self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
+        (**self).change_item(update)
     }
     fn mark_failed(&self, id: &ItemId, reason: &str) -> QueueResult<QueueItem> {
         (**self).mark_failed(id, reason)
@@ -792,6 +793,15 @@ pub(crate) fn check_fields(item: &QueueItem) -> QueueResult<()> {
         return Err(QueueError::invalid("type is empty"));
     }
     Ok(())
+}
+
+/// The IDs `list` returns with the default filter (backends' unit tests).
+#[cfg(test)]
+pub(crate) fn listed_ids(queue: &dyn RetryQueue) -> Vec<ItemId> {
+    match queue.list(&ListFilter::default()) {
+        Ok(items) => items.into_iter().map(|item| item.id).collect(),
+        Err(e) => panic!("list failed: {e}"),
+    }
 }
 
 /// Sorts `items` as `filter` says (total order: ties by id) and applies

@@ -12,7 +12,7 @@ use super::record::parse_file_name;
 use super::{FileRetryQueue, Inner};
 use crate::error::{QueueError, QueueResult};
 use crate::item::{ItemId, NewItem, QueueItem};
-use crate::store::apply::{ApplyOps, ItemChange};
+use crate::store::apply::{ApplyOps, ItemUpdate};
 
 /// The changes of one `apply_batch` group, held back while its ops run and
 /// committed together when the last one has: one directory fsync for the
@@ -90,13 +90,9 @@ impl ApplyOps for InGroup<'_> {
         self.queue.delete_in(self.inner, id)
     }
 
-    fn change(
-        &mut self,
-        op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
-        self.queue.change_one_in(self.inner, op, id, change)
+    fn change(&mut self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
+        let ItemUpdate { op, id, apply } = update;
+        self.queue.change_one_in(self.inner, op, id, apply)
     }
 
     fn release(&mut self, id: &ItemId) -> QueueResult<()> {

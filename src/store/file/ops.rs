@@ -11,7 +11,7 @@ use super::group::{Group, InGroup};
 use super::{saturating_add, FileRetryQueue, Inner};
 use crate::error::{QueueError, QueueResult};
 use crate::item::{ItemId, ItemStatus, NewItem, QueueItem};
-use crate::store::apply::{apply_op, ItemChange};
+use crate::store::apply::{apply_op, ItemUpdate};
 use crate::store::{
     filter_matches, sort_and_page, CleanupReport, ListFilter, QueueStats, RetryQueue, WriteOp,
     WriteOutcome,
@@ -128,13 +128,8 @@ impl RetryQueue for FileRetryQueue {
         self.delete_in(&mut inner, id)
     }
 
-    fn change_item(
-        &self,
-        op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
-        self.change_one(op, id, change)
+    fn change_item(&self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
+        self.change_one(update.op, update.id, update.apply)
     }
 
     fn release(&self, id: &ItemId) -> QueueResult<()> {

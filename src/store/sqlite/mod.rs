@@ -153,7 +153,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 
-use super::apply::ItemChange;
+use super::apply::ItemUpdate;
 use super::{
     CleanupReport, ListFilter, PendingSync, QueueStats, RetryQueue, StoreOptions, WriteOp,
     WriteOutcome,
@@ -301,13 +301,8 @@ impl RetryQueue for SqliteRetryQueue {
         self.delete_one(id)
     }
 
-    fn change_item(
-        &self,
-        op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
-        self.change_one(op, id, change)
+    fn change_item(&self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
+        self.change_one(update)
     }
 
     fn release(&self, id: &ItemId) -> QueueResult<()> {

@@ -9,7 +9,7 @@ use super::row::{self, sql_err, status_code};
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
 use crate::item::{payload_checksum, ItemId, QueueItem};
-use crate::store::apply::ItemChange;
+use crate::store::apply::ItemUpdate;
 use crate::store::WriteOutcome;
 
 impl SqliteRetryQueue {
@@ -183,12 +183,8 @@ impl SqliteRetryQueue {
     }
 
     /// One item's state change in its own transaction (`change_item`).
-    pub(super) fn change_one(
-        &self,
-        op: &'static str,
-        id: &str,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
-        self.salvaging(|| self.write(op, |tx| self.change_in(tx, id, &mut *change)))
+    pub(super) fn change_one(&self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
+        let ItemUpdate { op, id, apply } = update;
+        self.salvaging(|| self.write(op, |tx| self.change_in(tx, id, &mut *apply)))
     }
 }

@@ -14,7 +14,7 @@ use super::row::sql_err;
 use super::{salvage, SqliteRetryQueue};
 use crate::error::{QueueError, QueueResult};
 use crate::item::{ItemId, NewItem, QueueItem};
-use crate::store::apply::{apply_op, ApplyOps, ItemChange};
+use crate::store::apply::{apply_op, ApplyOps, ItemUpdate};
 use crate::store::{PendingSync, WriteOp, WriteOutcome};
 
 /// Changes to the item count and byte total not yet written to `totals`.
@@ -329,14 +329,9 @@ impl ApplyOps for InTxn<'_> {
         self.queue.delete_in(self.conn, id)
     }
 
-    fn change(
-        &mut self,
-        _op: &'static str,
-        id: &ItemId,
-        change: &mut ItemChange<'_>,
-    ) -> QueueResult<QueueItem> {
+    fn change(&mut self, update: ItemUpdate<'_>) -> QueueResult<QueueItem> {
         self.known.0 = None;
-        self.queue.change_in(self.conn, id, change)
+        self.queue.change_in(self.conn, update.id, update.apply)
     }
 
     fn release(&mut self, id: &ItemId) -> QueueResult<()> {
