@@ -89,7 +89,9 @@ format = "json"
         vec![base, own]
     }
 
-    fn command(&self, config: &[PathBuf]) -> Command {
+    /// `retryq` with this deployment's layers, token and working directory,
+    /// for a test that reads a run's exit status and stderr itself.
+    pub fn command(&self, config: &[PathBuf]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.arg("--config-dir")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config"));
