@@ -29,3 +29,4 @@ mod corruption;
 mod crash;
 mod disk;
 mod outage;
+mod sealed;
