@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::fingerprints::{self, FingerprintIndex};
+use super::fingerprints;
+#[cfg(debug_assertions)]
+use super::fingerprints::FingerprintIndex;
 use super::row::{from_nanos, query_optional, sql_err, to_nanos, ItemRow, STATUS_FAILED};
 use super::SqliteRetryQueue;
 use crate::error::QueueResult;
