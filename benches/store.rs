@@ -82,7 +82,7 @@ fn bench_keys() -> retryq::seal::KeySource {
         "bench",
     )
     .expect("bench keyring");
-    retryq::seal::KeySource::fixed(ring)
+    retryq::seal::KeySource::fixed(ring).expect("bench sealer")
 }
 
 fn sealed(inner: Box<dyn RetryQueue>) -> Box<dyn RetryQueue> {

@@ -603,7 +603,7 @@ fn bench_keys() -> retryq::seal::KeySource {
         "bench",
     )
     .expect("bench keyring");
-    retryq::seal::KeySource::fixed(ring)
+    retryq::seal::KeySource::fixed(ring).expect("bench sealer")
 }
 
 /// One clear or sealed run: (enqueue items/s, store CPU µs per item,

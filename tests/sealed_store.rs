@@ -42,7 +42,7 @@ fn ring() -> Keyring {
 }
 
 fn sealed(inner: &Arc<dyn RetryQueue>, ring: &Keyring) -> SealedQueue {
-    SealedQueue::new(inner.clone(), KeySource::fixed(ring.clone()))
+    SealedQueue::new(inner.clone(), KeySource::fixed(ring.clone()).unwrap())
 }
 
 fn report(n: usize) -> NewItem {
@@ -292,6 +292,150 @@ fn a_truncated_sqlite_record_is_quarantined_by_its_integrity_check() {
     let reasons = rusqlite_reasons(&dir.path().join("queue.db"));
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert_eq!(reasons[0].0, "item-1");
+}
+
+/// Rewrites item `item`'s stored body in the SQLite file with a valid
+/// checksum, so only the seal can tell.
+fn tamper_sqlite_body(db: &Path, item: &str, f: impl FnOnce(Vec<u8>) -> Vec<u8>) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let seq_of = "(SELECT seq FROM items WHERE id = ?1)";
+    let body: Vec<u8> = conn
+        .query_row(
+            &format!("SELECT body FROM payloads WHERE seq = {seq_of}"),
+            [item],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let body = f(body);
+    let checksum = i64::from(retryq::item::payload_checksum(&body));
+    conn.execute(
+        &format!("UPDATE payloads SET body = ?2, checksum = ?3 WHERE seq = {seq_of}"),
+        rusqlite::params![item, body, checksum],
+    )
+    .unwrap();
+}
+
+/// SQLite keeps sealed payloads in their binary form: the same tampering,
+/// done to those bytes in the file, ends in quarantine with the reasons.
+#[test]
+fn binary_sealed_bodies_tampered_in_the_sqlite_file_are_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let inner = open_inner(Backend::Sqlite, dir.path());
+    let keys = ring();
+    let q = sealed(&inner, &keys);
+    for n in 0..6 {
+        q.enqueue(report(n)).unwrap();
+    }
+    q.close().unwrap();
+    let body_of = |item: &str| -> Vec<u8> {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row(
+            "SELECT body FROM payloads WHERE seq = (SELECT seq FROM items WHERE id = ?1)",
+            [item],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let (a, b) = (body_of("item-1"), body_of("item-2"));
+    assert!(a.starts_with(b"\x01RQS1"), "stored in the binary form");
+    assert!(!a.starts_with(b"{"));
+    // A flipped byte of the tag, swapped bodies, and one cut inside its nonce.
+    tamper_sqlite_body(&db, "item-0", |mut body| {
+        let last = body.len() - 1;
+        body[last] ^= 0x40;
+        body
+    });
+    tamper_sqlite_body(&db, "item-1", |_| b.clone());
+    tamper_sqlite_body(&db, "item-2", |_| a.clone());
+    tamper_sqlite_body(&db, "item-3", |body| body[..5 + 8 + 1 + 6 + 4].to_vec());
+
+    let inner = open_inner(Backend::Sqlite, dir.path());
+    let q = sealed(&inner, &keys);
+    let claimed = q.claim(10, LEASE).unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["item-4", "item-5"]);
+    assert!(claimed.iter().all(|i| i.report.as_str().contains(MARKER)));
+    assert_eq!(q.stats().unwrap().quarantined, 4);
+    q.close().unwrap();
+    let reasons = rusqlite_reasons(&db);
+    let find = |id: &str| {
+        reasons
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        find("item-0").contains("failed authentication"),
+        "{reasons:?}"
+    );
+    assert!(
+        find("item-1").contains("sealed for item item-2"),
+        "{reasons:?}"
+    );
+    assert!(
+        find("item-2").contains("sealed for item item-1"),
+        "{reasons:?}"
+    );
+    assert!(
+        find("item-3").contains("cut short in the nonce"),
+        "{reasons:?}"
+    );
+}
+
+/// A sealed SQLite store moved into a JSON backend and back
+/// (`retryq migrate`): the envelopes change form, not contents, and open.
+#[test]
+fn sealed_items_imported_between_byte_and_json_backends_still_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = ring();
+    let sqlite = open_inner(Backend::Sqlite, dir.path());
+    let q = sealed(&sqlite, &keys);
+    for n in 0..3 {
+        q.enqueue(report(n)).unwrap();
+    }
+    let raw = sqlite.list(&Default::default()).unwrap();
+    let files = open_inner(Backend::Files, dir.path());
+    let to_files = sealed(&files, &keys);
+    assert!(to_files
+        .import_batch(raw)
+        .unwrap()
+        .into_iter()
+        .all(|r| r.is_ok()));
+    let stored = files.list(&Default::default()).unwrap();
+    assert!(stored
+        .iter()
+        .all(|i| i.report.as_str().starts_with("{\"retryq_sealed\":1,")));
+    let back_dir = tempfile::tempdir().unwrap();
+    let sqlite_again = open_inner(Backend::Sqlite, back_dir.path());
+    let to_sqlite = sealed(&sqlite_again, &keys);
+    assert!(to_sqlite
+        .import_batch(stored)
+        .unwrap()
+        .into_iter()
+        .all(|r| r.is_ok()));
+    assert_eq!(seal::census(sqlite_again.as_ref()).unwrap().sealed(), 3);
+    for (q, name) in [(&to_files, "files"), (&to_sqlite, "sqlite")] {
+        let claimed = q.claim(10, LEASE).unwrap();
+        assert_eq!(claimed.len(), 3, "{name}");
+        assert!(
+            claimed.iter().all(|i| i.report.as_str().contains(MARKER)
+                && i.attributes["x-secret-header"].contains(MARKER)),
+            "{name}"
+        );
+    }
+    let db = back_dir.path().join("queue.db");
+    to_sqlite.close().unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let binary: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM payloads WHERE substr(body, 1, 5) = ?1",
+            [b"\x01RQS1".as_slice()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(binary, 3, "imported into SQLite in the binary form");
 }
 
 #[test]

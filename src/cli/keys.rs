@@ -123,7 +123,7 @@ fn rotate(ctx: &Ctx, settings: &Settings, reseal: bool, batch: usize) -> anyhow:
         ))?;
     }
     let report = if reseal {
-        Some(reseal_all(ctx, settings, &Sealer::new(ring), batch)?)
+        Some(reseal_all(ctx, settings, &Sealer::new(ring)?, batch)?)
     } else {
         None
     };

@@ -16,6 +16,7 @@ use crate::error::{QueueError, QueueResult};
 
 pub mod id;
 pub mod payload;
+pub mod sealed_form;
 pub mod state;
 pub mod wire;
 

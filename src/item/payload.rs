@@ -1,10 +1,12 @@
 //! The payload: any JSON document, kept as compact text in document order
 //! (whitespace outside strings removed, nothing reordered), so the default
 //! fingerprint, SHA-256 of those bytes, equals the one the Go SDK computes
-//! for the same report; and the checksum stores keep beside it.
+//! for the same report; and the checksum stores keep beside it. In a store
+//! a payload may instead be sealed bytes ([`super::sealed_form`]), which
+//! show as their JSON envelope.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -29,12 +31,34 @@ pub fn payload_checksum(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
 }
 
-/// A JSON document, kept as compact text in document order.
+/// A JSON document, kept as compact text in document order, or a sealed
+/// payload in its binary form.
 ///
 /// Cheap to clone (shared). Built only through [`Payload::from_json_bytes`] /
-/// [`Payload::from_value`], which validate and compact it.
+/// [`Payload::from_value`], which validate and compact it, and by the
+/// stores and the sealer.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Payload(Arc<str>);
+pub struct Payload(Repr);
+
+#[derive(Clone, PartialEq, Eq)]
+enum Repr {
+    Json(Arc<str>),
+    Sealed(Arc<SealedBytes>),
+}
+
+/// A binary sealed payload and, once asked for, its text form.
+struct SealedBytes {
+    bytes: Box<[u8]>,
+    text: OnceLock<Box<str>>,
+}
+
+impl PartialEq for SealedBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for SealedBytes {}
 
 impl Payload {
     /// Parses `bytes` as one JSON document and keeps its compact form.
@@ -52,49 +76,98 @@ impl Payload {
         serde::de::IgnoredAny::deserialize(&mut de)
             .and_then(|_| de.end())
             .map_err(|e| QueueError::invalid(format!("payload is not valid JSON: {e}")))?;
-        Ok(Payload(Arc::from(compact_json(text))))
+        Ok(Payload::json(compact_json(text)))
+    }
+
+    fn json(text: String) -> Self {
+        Payload(Repr::Json(Arc::from(text)))
     }
 
     /// Bytes a store wrote from a `Payload` and has just verified against
-    /// their checksum: they were valid compact JSON when written, so only
-    /// UTF-8 is checked (parsing every payload again was a tenth of a
-    /// claim).
+    /// their checksum: a binary sealed payload by its first bytes, or text
+    /// that was valid compact JSON when written, so only UTF-8 is checked
+    /// (parsing every payload again was a tenth of a claim).
     pub(crate) fn from_stored(bytes: Vec<u8>) -> QueueResult<Self> {
+        if bytes.starts_with(super::sealed_form::BINARY_PREFIX) {
+            return Ok(Payload::from_sealed_bytes(bytes));
+        }
+        Self::from_trusted_text(bytes)
+    }
+
+    /// Text known to be compact JSON (a store's, or a sealed report that
+    /// just authenticated): only UTF-8 is checked.
+    pub(crate) fn from_trusted_text(bytes: Vec<u8>) -> QueueResult<Self> {
         let text = String::from_utf8(bytes)
             .map_err(|e| QueueError::invalid(format!("payload is not UTF-8: {e}")))?;
-        Ok(Payload(Arc::from(text)))
+        Ok(Payload::json(text))
+    }
+
+    /// A sealed payload in its binary form ([`super::sealed_form`]).
+    pub(crate) fn from_sealed_bytes(bytes: Vec<u8>) -> Self {
+        Payload(Repr::Sealed(Arc::new(SealedBytes {
+            bytes: bytes.into_boxed_slice(),
+            text: OnceLock::new(),
+        })))
+    }
+
+    /// The bytes of a sealed payload in binary form; `None` for JSON text
+    /// (which may be a text envelope).
+    pub fn sealed_bytes(&self) -> Option<&[u8]> {
+        match &self.0 {
+            Repr::Json(_) => None,
+            Repr::Sealed(sealed) => Some(&sealed.bytes),
+        }
+    }
+
+    /// The same payload as JSON text: itself, or a binary sealed payload's
+    /// text envelope (for a backend that stores JSON).
+    pub fn to_text_form(&self) -> Payload {
+        match &self.0 {
+            Repr::Json(_) => self.clone(),
+            Repr::Sealed(_) => Payload::json(self.as_str().to_owned()),
+        }
     }
 
     /// Serializes a JSON value (keys in the value's own order).
     pub fn from_value(value: &serde_json::Value) -> Self {
         // Serializing a Value cannot fail: keys are strings.
-        Payload(Arc::from(value.to_string()))
+        Payload::json(value.to_string())
     }
 
-    /// The compact JSON text.
+    /// The compact JSON text; for a binary sealed payload, its text
+    /// envelope (made on first use).
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            Repr::Json(text) => text,
+            Repr::Sealed(sealed) => sealed
+                .text
+                .get_or_init(|| super::sealed_form::binary_to_text(&sealed.bytes).into()),
+        }
     }
 
-    /// The compact JSON bytes: what transports send and fingerprints hash.
+    /// The bytes as stored: the compact JSON text (what transports send
+    /// and fingerprints hash), or a sealed payload's binary form.
     pub fn as_bytes(&self) -> &[u8] {
-        self.0.as_bytes()
+        match &self.0 {
+            Repr::Json(text) => text.as_bytes(),
+            Repr::Sealed(sealed) => &sealed.bytes,
+        }
     }
 
-    /// Length in bytes.
+    /// Length in bytes, as stored.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_bytes().len()
     }
 
     /// True for an empty payload (never produced by the constructors).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_bytes().is_empty()
     }
 
     /// Parses the payload into a `serde_json::Value`.
     pub fn to_value(&self) -> serde_json::Value {
         // The text was validated at construction.
-        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
+        serde_json::from_str(self.as_str()).unwrap_or(serde_json::Value::Null)
     }
 
     /// SHA-256 hex of the payload bytes: the default fingerprint.
@@ -106,13 +179,16 @@ impl Payload {
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print payloads in full: they can be large and sensitive.
-        write!(f, "Payload({} bytes)", self.0.len())
+        match &self.0 {
+            Repr::Json(_) => write!(f, "Payload({} bytes)", self.len()),
+            Repr::Sealed(_) => write!(f, "Payload(sealed, {} bytes)", self.len()),
+        }
     }
 }
 
 impl Serialize for Payload {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let raw: &serde_json::value::RawValue = serde_json::from_str(&self.0)
+        let raw: &serde_json::value::RawValue = serde_json::from_str(self.as_str())
             .map_err(|e| serde::ser::Error::custom(format!("payload: {e}")))?;
         raw.serialize(s)
     }
@@ -121,7 +197,7 @@ impl Serialize for Payload {
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw: Box<serde_json::value::RawValue> = Deserialize::deserialize(d)?;
-        Ok(Payload(Arc::from(compact_json(raw.get()))))
+        Ok(Payload::json(compact_json(raw.get())))
     }
 }
 

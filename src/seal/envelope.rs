@@ -1,8 +1,10 @@
 //! The sealed envelope: what a sealed item holds in its payload field, and
 //! sealing and opening it with AES-256-GCM.
 //!
-//! An envelope is itself a JSON document, so every backend stores it where
-//! it stores a clear payload, and clear and sealed items live side by side:
+//! A sealed payload has four parts, laid out by [`crate::item::sealed_form`]
+//! in a binary form (SQLite, memory) or as a JSON envelope (files,
+//! PostgreSQL, and whatever shows a payload), so clear and sealed items live
+//! side by side in every backend:
 //!
 //! ```json
 //! {"retryq_sealed":1,"kid":"3f9a0c1e","id":"0193…","nonce":"<12 bytes b64>","ct":"<b64>"}
@@ -16,27 +18,55 @@
 //! - `ct` is the AES-256-GCM ciphertext and tag of the sealed fields: the
 //!   report, the attributes, and the agent, scanner and target strings.
 //! - `nonce` is 96 fresh bits from the OS for each seal.
+//!
+//! The cipher is ring's AES-256-GCM (BoringSSL's assembly), about five
+//! times the speed of RustCrypto's `aes-gcm` on this project's machines; a
+//! test opens what it seals with `aes-gcm`, so the format is plain
+//! AES-256-GCM either way.
 
 use std::collections::BTreeMap;
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use serde::{Deserialize, Serialize};
 
 use super::keyring::Keyring;
 use super::SealError;
+use crate::item::sealed_form::{self, NONCE_LEN};
 use crate::item::Payload;
 
-/// How every envelope starts (the version key first).
+/// How every text envelope starts (the version key first).
 pub const ENVELOPE_PREFIX: &str = "{\"retryq_sealed\":";
-/// How an envelope of this format starts, up to its key ID (which has
+/// How a text envelope of this format starts, up to its key ID (which has
 /// [`super::keyring::KEY_ID_LEN`] characters): what the census counts.
-pub const KID_PREFIX: &str = "{\"retryq_sealed\":1,\"kid\":\"";
+pub const KID_PREFIX: &str = sealed_form::TEXT_KID_PREFIX;
+/// How a binary sealed payload starts, up to its key ID: what the census
+/// counts too.
+pub const BINARY_KID_PREFIX: &str = sealed_form::BINARY_PREFIX_STR;
 /// The envelope format this build writes and reads.
 pub const ENVELOPE_VERSION: u32 = 1;
-const NONCE_LEN: usize = 12;
 const AD_DOMAIN: &[u8] = b"retryq-seal-v1\0";
+const TAG_LEN: usize = 16;
+
+/// Which of the two forms ([`sealed_form`]) a sealed payload is stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// Bytes, for a backend that stores bytes.
+    Binary,
+    /// A JSON envelope, for a backend that stores JSON.
+    Text,
+}
+
+impl Form {
+    /// The form `payload` is in (text for anything not binary).
+    pub fn of(payload: &Payload) -> Form {
+        if payload.sealed_bytes().is_some() {
+            Form::Binary
+        } else {
+            Form::Text
+        }
+    }
+}
 
 /// The fields of an item that are sealed.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -84,27 +114,23 @@ struct Meta {
     t: String,
 }
 
-/// The plaintext of `fields` (see [`Meta`]).
-fn plaintext(report: &Payload, fields: &ClearFields) -> Result<Vec<u8>, SealError> {
-    let mut out = Vec::with_capacity(report.len() + 64 + 16);
+/// The sealed fields other than the report, as the plaintext starts
+/// (see [`Meta`]); the caller wipes it once copied.
+fn meta_bytes(fields: &ClearFields) -> Result<Vec<u8>, SealError> {
     if fields.attributes.is_empty()
         && fields.agent_id.is_empty()
         && fields.scanner_name.is_empty()
         && fields.target_path.is_empty()
     {
-        out.extend_from_slice(b"{}");
-    } else {
-        let meta = Meta {
-            a: fields.attributes.clone(),
-            g: fields.agent_id.clone(),
-            s: fields.scanner_name.clone(),
-            t: fields.target_path.clone(),
-        };
-        serde_json::to_writer(&mut out, &meta).map_err(|e| SealError::Seal(e.to_string()))?;
+        return Ok(b"{}".to_vec());
     }
-    out.push(b'\n');
-    out.extend_from_slice(report.as_bytes());
-    Ok(out)
+    let meta = Meta {
+        a: fields.attributes.clone(),
+        g: fields.agent_id.clone(),
+        s: fields.scanner_name.clone(),
+        t: fields.target_path.clone(),
+    };
+    serde_json::to_vec(&meta).map_err(|e| SealError::Seal(e.to_string()))
 }
 
 /// Why an envelope did not open.
@@ -134,11 +160,15 @@ pub enum Kind {
     Malformed(String),
 }
 
-/// True when the payload is (or claims to be) an envelope: a JSON object
-/// with a top-level `retryq_sealed` key. As this build writes them, the
-/// key comes first; one re-ordered by a tool is still an envelope (and
-/// then opens, or is damage), never taken for a clear report.
+/// True when the payload is (or claims to be) an envelope: binary sealed
+/// bytes, or a JSON object with a top-level `retryq_sealed` key. As this
+/// build writes them, the key comes first; one re-ordered by a tool is
+/// still an envelope (and then opens, or is damage), never taken for a
+/// clear report.
 pub fn is_envelope(payload: &Payload) -> bool {
+    if payload.sealed_bytes().is_some() {
+        return true;
+    }
     let text = payload.as_str();
     if text.starts_with(ENVELOPE_PREFIX) {
         return true;
@@ -152,6 +182,12 @@ pub fn is_envelope(payload: &Payload) -> bool {
 
 /// Classifies a stored payload without opening it.
 pub fn kind(payload: &Payload) -> Kind {
+    if let Some(bytes) = payload.sealed_bytes() {
+        return match sealed_form::parse_binary(bytes) {
+            Ok(parts) => Kind::Sealed(parts.kid.to_owned()),
+            Err(e) => Kind::Malformed(e.to_string()),
+        };
+    }
     if !is_envelope(payload) {
         return Kind::Clear;
     }
@@ -251,7 +287,7 @@ pub struct Sealer {
     ring: Keyring,
     /// One cipher per key of the ring, in the same order (key schedules
     /// computed once, not per item).
-    ciphers: Vec<Aes256Gcm>,
+    ciphers: Vec<LessSafeKey>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -260,15 +296,85 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
+/// An envelope's parts, the ciphertext copied out to be opened in place.
+struct Parts<'a> {
+    kid: std::borrow::Cow<'a, str>,
+    id: std::borrow::Cow<'a, str>,
+    nonce: [u8; NONCE_LEN],
+    ct: Vec<u8>,
+}
+
+fn malformed(what: &str, e: &dyn std::fmt::Display) -> OpenError {
+    OpenError::Corrupt(format!(
+        "sealed payload is malformed (a truncated or damaged record): {what}: {e}"
+    ))
+}
+
+/// The parts of `sealed`, in either form.
+fn parts(sealed: &Payload) -> Result<Parts<'_>, OpenError> {
+    if let Some(bytes) = sealed.sealed_bytes() {
+        let p = sealed_form::parse_binary(bytes).map_err(|e| {
+            OpenError::Corrupt(format!(
+                "sealed payload is malformed (a truncated or damaged record): {e}"
+            ))
+        })?;
+        return Ok(Parts {
+            kid: p.kid.into(),
+            id: p.id.into(),
+            nonce: *p.nonce,
+            ct: p.ct.to_vec(),
+        });
+    }
+    let env = match parse_fast(sealed.as_str()) {
+        Some(env) => env,
+        None => parse(sealed)?,
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let nonce = b64
+        .decode(env.nonce.as_bytes())
+        .map_err(|e| malformed("nonce", &e))?;
+    let nonce: [u8; NONCE_LEN] = nonce
+        .as_slice()
+        .try_into()
+        .map_err(|_| malformed("nonce", &format!("{} bytes", nonce.len())))?;
+    let ct = b64
+        .decode(env.ct.as_bytes())
+        .map_err(|e| malformed("ct", &e))?;
+    Ok(Parts {
+        kid: env.kid,
+        id: env.id,
+        nonce,
+        ct,
+    })
+}
+
+/// The binary form of a text envelope, for a store that keeps bytes;
+/// `None` when it is not one that reads (it is then stored as it is, and
+/// quarantined when opened).
+pub fn to_binary_form(sealed: &Payload) -> Option<Payload> {
+    if sealed.sealed_bytes().is_some() {
+        return Some(sealed.clone());
+    }
+    let p = parts(sealed).ok()?;
+    sealed_form::to_binary(&p.kid, &p.id, &p.nonce, &p.ct).map(Payload::from_sealed_bytes)
+}
+
 impl Sealer {
     /// A sealer over `ring`.
-    pub fn new(ring: Keyring) -> Sealer {
+    pub fn new(ring: Keyring) -> Result<Sealer, SealError> {
         let ciphers = ring
             .keys()
             .iter()
-            .map(|k| Aes256Gcm::new((&*k.secret).into()))
-            .collect();
-        Sealer { ring, ciphers }
+            .map(|k| {
+                UnboundKey::new(&AES_256_GCM, k.secret.as_slice())
+                    .map(LessSafeKey::new)
+                    .map_err(|_| SealError::BadKeyring {
+                        source_name: ring.source().to_owned(),
+                        reason: format!("key {} is not an AES-256 key", k.id),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Sealer { ring, ciphers })
     }
 
     /// The keys it uses.
@@ -281,104 +387,123 @@ impl Sealer {
         &self.ring.sealing().id
     }
 
-    /// Seals `fields` for item `item_id` under the newest key.
-    pub fn seal(&self, item_id: &str, fields: &ClearFields) -> Result<Payload, SealError> {
+    /// Seals `fields` for item `item_id` under the newest key, in `form`.
+    pub fn seal(
+        &self,
+        form: Form,
+        item_id: &str,
+        fields: &ClearFields,
+    ) -> Result<Payload, SealError> {
         let report = fields
             .report
             .as_ref()
             .ok_or_else(|| SealError::Seal("an item without a report".to_owned()))?;
-        let mut buffer = zeroize::Zeroizing::new(plaintext(report, fields)?);
         let index = self.ciphers.len() - 1;
         let kid = &self.ring.keys()[index].id;
         let nonce = fresh_nonce()?;
-        self.ciphers[index]
-            .encrypt_in_place(
-                Nonce::from_slice(&nonce),
-                &associated_data(item_id, kid),
-                &mut *buffer,
-            )
-            .map_err(|_| SealError::Seal("AES-GCM refused to encrypt".to_owned()))?;
-        // Written by hand, in the order the census and `parse_fast` read:
-        // base64 and key IDs never need escaping, so serde's escaping scan
-        // over the ciphertext is saved (it was a quarter of a seal).
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut text = String::with_capacity(buffer.len() * 4 / 3 + item_id.len() + 96);
-        text.push_str(KID_PREFIX);
-        text.push_str(kid);
-        text.push_str("\",\"id\":");
-        // Store IDs never need escaping either; serde keeps any other safe.
-        text.push_str(&serde_json::to_string(item_id).map_err(|e| SealError::Seal(e.to_string()))?);
-        text.push_str(",\"nonce\":\"");
-        b64.encode_string(nonce, &mut text);
-        text.push_str("\",\"ct\":\"");
-        b64.encode_string(&*buffer, &mut text);
-        text.push_str("\"}");
-        Payload::from_stored(text.into_bytes()).map_err(|e| SealError::Seal(e.to_string()))
-    }
-
-    /// Opens the envelope `sealed` held by item `item_id`.
-    pub fn open(&self, item_id: &str, sealed: &Payload) -> Result<ClearFields, OpenError> {
-        let env = match parse_fast(sealed.as_str()) {
-            Some(env) => env,
-            None => parse(sealed)?,
+        let meta = zeroize::Zeroizing::new(meta_bytes(fields)?);
+        // The plaintext is laid out where its ciphertext goes (behind the
+        // binary form's header) and encrypted in place: no copy of it is
+        // left behind, and the buffer is sized once so it never moves.
+        let header = match form {
+            Form::Binary => sealed_form::binary_header_len(item_id),
+            Form::Text => 0,
         };
-        if env.id != item_id {
-            return Err(OpenError::Corrupt(format!(
-                "sealed payload was sealed for item {}, not this one (a ciphertext copied between items)",
-                env.id
+        let mut out = Vec::with_capacity(header + meta.len() + 1 + report.len() + TAG_LEN);
+        if form == Form::Binary && !sealed_form::write_binary_header(&mut out, kid, item_id, &nonce)
+        {
+            return Err(SealError::Seal(format!(
+                "item ID of {} bytes or key ID {kid} does not fit the sealed form",
+                item_id.len()
             )));
         }
-        let Some(index) = self.ring.keys().iter().position(|k| k.id == env.kid) else {
+        out.extend_from_slice(&meta);
+        out.push(b'\n');
+        out.extend_from_slice(report.as_bytes());
+        let tag = match self.ciphers[index].seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(associated_data(item_id, kid)),
+            &mut out[header..],
+        ) {
+            Ok(tag) => tag,
+            Err(_) => {
+                zeroize::Zeroize::zeroize(&mut out);
+                return Err(SealError::Seal("AES-GCM refused to encrypt".to_owned()));
+            }
+        };
+        out.extend_from_slice(tag.as_ref());
+        match form {
+            Form::Binary => Ok(Payload::from_sealed_bytes(out)),
+            Form::Text => {
+                let text = sealed_form::to_text(kid, item_id, &nonce, &out);
+                Payload::from_trusted_text(text.into_bytes())
+                    .map_err(|e| SealError::Seal(e.to_string()))
+            }
+        }
+    }
+
+    /// Opens the envelope `sealed` (either form) held by item `item_id`.
+    pub fn open(&self, item_id: &str, sealed: &Payload) -> Result<ClearFields, OpenError> {
+        let Parts { kid, id, nonce, ct } = parts(sealed)?;
+        if id != item_id {
+            return Err(OpenError::Corrupt(format!(
+                "sealed payload was sealed for item {id}, not this one (a ciphertext copied between items)"
+            )));
+        }
+        let Some(index) = self.ring.keys().iter().position(|k| k.id == kid) else {
             return Err(OpenError::UnknownKey {
-                kid: env.kid.into_owned(),
+                kid: kid.into_owned(),
             });
         };
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let malformed = |what: &str, e: &dyn std::fmt::Display| {
-            OpenError::Corrupt(format!(
-                "sealed payload is malformed (a truncated or damaged record): {what}: {e}"
-            ))
-        };
-        let nonce = b64
-            .decode(env.nonce.as_bytes())
-            .map_err(|e| malformed("nonce", &e))?;
-        if nonce.len() != NONCE_LEN {
-            return Err(malformed("nonce", &format!("{} bytes", nonce.len())));
-        }
-        let mut plaintext = b64
-            .decode(env.ct.as_bytes())
-            .map_err(|e| malformed("ct", &e))?;
-        self.ciphers[index]
-            .decrypt_in_place(
-                Nonce::from_slice(&nonce),
-                &associated_data(item_id, &env.kid),
+        let mut plaintext = ct;
+        let len = self.ciphers[index]
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(associated_data(item_id, &kid)),
                 &mut plaintext,
             )
             .map_err(|_| {
                 OpenError::Corrupt(format!(
-                    "sealed payload failed authentication under key {} (the ciphertext was changed or damaged)",
-                    env.kid
+                    "sealed payload failed authentication under key {kid} (the ciphertext was changed or damaged)"
                 ))
-            })?;
-        let mut plaintext = zeroize::Zeroizing::new(plaintext);
-        let not_an_item = |e: &dyn std::fmt::Display| {
+            })?
+            .len();
+        plaintext.truncate(len);
+        let not_an_item = |plaintext: &mut Vec<u8>, e: &dyn std::fmt::Display| {
+            zeroize::Zeroize::zeroize(plaintext);
             // Authenticated yet unreadable: written by a broken sealer.
             OpenError::Corrupt(format!(
                 "sealed payload opened but is not a sealed item: {e}"
             ))
         };
         let Some(split) = plaintext.iter().position(|b| *b == b'\n') else {
-            return Err(not_an_item(&"no newline after the sealed fields"));
+            return Err(not_an_item(
+                &mut plaintext,
+                &"no newline after the sealed fields",
+            ));
         };
         let meta = &plaintext[..split];
         let sealed: Meta = if meta == b"{}" {
             Meta::default()
         } else {
-            serde_json::from_slice(meta).map_err(|e| not_an_item(&e))?
+            match serde_json::from_slice(meta) {
+                Ok(meta) => meta,
+                Err(e) => return Err(not_an_item(&mut plaintext, &e)),
+            }
         };
+        // The sealed fields are wiped, and the report (clear from here on)
+        // moved to the front: the buffer becomes the payload, uncopied.
+        zeroize::Zeroize::zeroize(&mut plaintext[..split]);
+        plaintext.drain(..=split);
         // The report was compact JSON text when sealed, and it is authentic.
-        let report =
-            Payload::from_stored(plaintext.split_off(split + 1)).map_err(|e| not_an_item(&e))?;
+        let report = match Payload::from_trusted_text(plaintext) {
+            Ok(report) => report,
+            Err(e) => {
+                return Err(OpenError::Corrupt(format!(
+                    "sealed payload opened but is not a sealed item: {e}"
+                )))
+            }
+        };
         Ok(ClearFields {
             report: Some(report),
             attributes: sealed.a,
@@ -396,7 +521,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn sealer() -> Sealer {
-        Sealer::new(Keyring::new(vec![Key::generate().unwrap()], "test").unwrap())
+        Sealer::new(Keyring::new(vec![Key::generate().unwrap()], "test").unwrap()).unwrap()
     }
 
     fn fields(report: &str) -> ClearFields {
@@ -413,7 +538,7 @@ mod tests {
     fn an_envelope_names_its_key_and_item_and_never_holds_the_plaintext() {
         let s = sealer();
         let sealed = s
-            .seal("item-1", &fields(r#"{"secret":"MARKER-123"}"#))
+            .seal(Form::Text, "item-1", &fields(r#"{"secret":"MARKER-123"}"#))
             .unwrap();
         assert!(is_envelope(&sealed));
         assert!(
@@ -430,7 +555,7 @@ mod tests {
             "the census reads the key ID there"
         );
         let again = s
-            .seal("item-1", &fields(r#"{"secret":"MARKER-123"}"#))
+            .seal(Form::Text, "item-1", &fields(r#"{"secret":"MARKER-123"}"#))
             .unwrap();
         assert_ne!(sealed, again, "a fresh nonce per seal");
         assert_eq!(sealed.len(), again.len(), "same plaintext, same size");
@@ -443,7 +568,7 @@ mod tests {
     #[test]
     fn an_envelope_copied_onto_another_item_does_not_open() {
         let s = sealer();
-        let sealed = s.seal("a", &fields("{}")).unwrap();
+        let sealed = s.seal(Form::Text, "a", &fields("{}")).unwrap();
         let err = s.open("b", &sealed).unwrap_err();
         assert!(err.to_string().contains("sealed for item a"), "{err}");
         // Relabelled to fit: the associated data still differs.
@@ -456,9 +581,11 @@ mod tests {
 
     #[test]
     fn an_unknown_key_is_not_damage() {
-        let sealed = sealer().seal("a", &fields("{}")).unwrap();
-        let err = sealer().open("a", &sealed).unwrap_err();
-        assert!(matches!(err, OpenError::UnknownKey { .. }), "{err}");
+        for form in [Form::Binary, Form::Text] {
+            let sealed = sealer().seal(form, "a", &fields("{}")).unwrap();
+            let err = sealer().open("a", &sealed).unwrap_err();
+            assert!(matches!(err, OpenError::UnknownKey { .. }), "{err}");
+        }
     }
 
     proptest! {
@@ -476,8 +603,18 @@ mod tests {
                 scanner_name: String::new(),
                 target_path: text,
             };
-            let sealed = s.seal(&id, &clear).unwrap();
-            prop_assert_eq!(s.open(&id, &sealed).unwrap(), clear);
+            for form in [Form::Binary, Form::Text] {
+                let sealed = s.seal(form, &id, &clear).unwrap();
+                prop_assert_eq!(Form::of(&sealed), form);
+                prop_assert_eq!(s.open(&id, &sealed).unwrap(), clear.clone());
+                // Either form converts to the other without the key.
+                let other = match form {
+                    Form::Binary => sealed.to_text_form(),
+                    Form::Text => to_binary_form(&sealed).unwrap(),
+                };
+                prop_assert_ne!(Form::of(&other), form);
+                prop_assert_eq!(s.open(&id, &other).unwrap(), clear.clone());
+            }
         }
 
         /// Every single-byte change of an envelope is refused: either it is
@@ -491,13 +628,21 @@ mod tests {
         ) {
             let s = sealer();
             let clear = fields(&serde_json::Value::String(report).to_string());
-            let sealed = s.seal("item-7", &clear).unwrap();
+            for form in [Form::Binary, Form::Text] {
+            let sealed = s.seal(form, "item-7", &clear).unwrap();
             let bytes = sealed.as_bytes().to_vec();
             for at in 0..bytes.len() {
                 let mut bad = bytes.clone();
                 bad[at] = bad[at].wrapping_add(delta);
-                let Ok(text) = String::from_utf8(bad) else { continue };
-                let Ok(payload) = Payload::from_json_str(&text) else { continue };
+                // As a store would hand it back: binary by its magic, else
+                // text, which a store only ever holds as JSON.
+                let payload = if bad.starts_with(sealed_form::BINARY_PREFIX) {
+                    Payload::from_sealed_bytes(bad)
+                } else {
+                    let Ok(text) = String::from_utf8(bad) else { continue };
+                    let Ok(payload) = Payload::from_json_str(&text) else { continue };
+                    payload
+                };
                 if payload == sealed {
                     continue;
                 }
@@ -514,6 +659,31 @@ mod tests {
                     Err(OpenError::Corrupt(_)) => {}
                 }
             }
+            }
         }
+    }
+
+    /// The format is plain AES-256-GCM: RustCrypto's implementation opens
+    /// what ring sealed, given the same nonce and associated data.
+    #[test]
+    fn another_aes_gcm_implementation_opens_what_is_sealed() {
+        use aes_gcm::aead::{AeadInPlace, KeyInit};
+        let key = Key::generate().unwrap();
+        let secret = *key.secret;
+        let s = Sealer::new(Keyring::new(vec![key], "test").unwrap()).unwrap();
+        let clear = fields(r#"{"secret":"MARKER-9"}"#);
+        let sealed = s.seal(Form::Binary, "item-3", &clear).unwrap();
+        let parts = sealed_form::parse_binary(sealed.as_bytes()).unwrap();
+        let cipher = aes_gcm::Aes256Gcm::new((&secret).into());
+        let mut buffer = parts.ct.to_vec();
+        cipher
+            .decrypt_in_place(
+                aes_gcm::Nonce::from_slice(parts.nonce),
+                &associated_data("item-3", parts.kid),
+                &mut buffer,
+            )
+            .unwrap();
+        let text = String::from_utf8(buffer).unwrap();
+        assert!(text.ends_with("\n{\"secret\":\"MARKER-9\"}"), "{text}");
     }
 }

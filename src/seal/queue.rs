@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
 
-use super::envelope::{self, ClearFields, Kind, OpenError, Sealer};
+use super::envelope::{self, ClearFields, Form, Kind, OpenError, Sealer};
 use super::keyring;
 use super::keyring::Keyring;
 use super::marker;
@@ -55,14 +55,14 @@ impl KeySource {
             (Some(path), _) => {
                 let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 let ring = Keyring::load_file(path)?;
-                let source = Self::fixed(ring);
+                let source = Self::fixed(ring)?;
                 *source.mtime.lock().unwrap_or_else(|p| p.into_inner()) = mtime;
                 Ok(KeySource {
                     file: Some(path.clone()),
                     ..source
                 })
             }
-            (None, Some(var)) => Ok(Self::fixed(Keyring::load_env(var)?)),
+            (None, Some(var)) => Self::fixed(Keyring::load_env(var)?),
             (None, None) => Err(SealError::Config(
                 "[store.encryption] sets neither key_file nor key_env".to_owned(),
             )),
@@ -70,14 +70,14 @@ impl KeySource {
     }
 
     /// A source that never changes (tests, benches, `key_env`).
-    pub fn fixed(ring: Keyring) -> KeySource {
-        KeySource {
+    pub fn fixed(ring: Keyring) -> Result<KeySource, SealError> {
+        Ok(KeySource {
             file: None,
-            sealer: RwLock::new(Arc::new(Sealer::new(ring))),
+            sealer: RwLock::new(Arc::new(Sealer::new(ring)?)),
             mtime: Mutex::new(None),
             start: Instant::now(),
             checked_ms: AtomicU64::new(0),
-        }
+        })
     }
 
     /// The sealer over the current keys, re-reading a changed key file at
@@ -113,12 +113,11 @@ impl KeySource {
         if !force && *seen == mtime {
             return false;
         }
-        match Keyring::load_file(path) {
-            Ok(ring) => {
+        match Keyring::load_file(path).and_then(|ring| Ok((Sealer::new(ring.clone())?, ring))) {
+            Ok((sealer, ring)) => {
                 let ids: Vec<&str> = ring.keys().iter().map(|k| k.id.as_str()).collect();
                 tracing::info!(key_file = %path.display(), keys = ?ids, sealing = %ring.sealing().id, "keyring re-read");
-                *self.sealer.write().unwrap_or_else(|p| p.into_inner()) =
-                    Arc::new(Sealer::new(ring));
+                *self.sealer.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(sealer);
                 *seen = mtime;
                 true
             }
@@ -149,12 +148,17 @@ impl Census {
 }
 
 /// Counts the sealed items per key ID without opening any (nor, on SQLite,
-/// reading them into memory: [`RetryQueue::count_payload_prefix`]).
-/// Envelopes as this build writes them are counted; one re-ordered by a
-/// tool is found when it is read.
+/// reading them into memory: [`RetryQueue::count_payload_prefix`]), in
+/// both forms. Envelopes as this build writes them are counted; one
+/// re-ordered by a tool is found when it is read.
 pub fn census(store: &dyn RetryQueue) -> QueueResult<Census> {
     let mut census = Census::default();
-    let counts = store.count_payload_prefix(envelope::KID_PREFIX, keyring::KEY_ID_LEN)?;
+    // Both forms, whatever the store says it keeps: a store moved between
+    // backends, or opened through a wrapper, may hold either.
+    let counts = store.count_payload_prefix(
+        &[envelope::KID_PREFIX, envelope::BINARY_KID_PREFIX],
+        keyring::KEY_ID_LEN,
+    )?;
     for (kid, n) in counts {
         if keyring::is_key_id(&kid) {
             *census.by_key.entry(kid).or_default() += n;
@@ -230,6 +234,9 @@ pub fn wrap_store_marked(
 pub struct SealedQueue {
     inner: Arc<dyn RetryQueue>,
     keys: KeySource,
+    /// The form `inner` keeps sealed payloads in: binary where it stores
+    /// bytes, the JSON envelope where it stores JSON.
+    form: Form,
     /// Marks an item this queue sealed in [`RetryQueue::prepare_new`]: a
     /// random value in the attribute [`PREPARED_ATTR`] (removed before it
     /// is stored), which no producer can guess, so nobody else's envelope
@@ -264,9 +271,15 @@ impl SealedQueue {
         let mut token = [0u8; 16];
         // Without randomness no item is marked prepared that could match.
         let _ = getrandom::getrandom(&mut token);
+        let form = if inner.stores_bytes() {
+            Form::Binary
+        } else {
+            Form::Text
+        };
         SealedQueue {
             inner,
             keys,
+            form,
             token: token.iter().map(|b| format!("{b:02x}")).collect(),
             prepared: Mutex::new(HashMap::new()),
         }
@@ -337,7 +350,7 @@ impl SealedQueue {
             scanner_name: std::mem::take(&mut item.scanner_name),
             target_path: std::mem::take(&mut item.target_path),
         };
-        item.report = sealer.seal(&id, &kept)?;
+        item.report = sealer.seal(self.form, &id, &kept)?;
         Ok((item, kept))
     }
 
@@ -350,6 +363,19 @@ impl SealedQueue {
         }
     }
 
+    /// An imported item that is already sealed, in the form `inner`
+    /// keeps (`retryq migrate` between a SQLite and a JSON backend): the
+    /// parts are unchanged, so it opens as before, without the key.
+    fn in_stored_form(&self, item: &QueueItem) -> QueueItem {
+        let mut item = item.clone();
+        if self.form == Form::Text {
+            item.report = item.report.to_text_form();
+        } else if let Some(binary) = envelope::to_binary_form(&item.report) {
+            item.report = binary;
+        }
+        item
+    }
+
     fn seal_item(&self, sealer: &Sealer, item: &QueueItem) -> QueueResult<QueueItem> {
         let mut sealed = item.clone();
         let fields = ClearFields {
@@ -359,7 +385,7 @@ impl SealedQueue {
             scanner_name: std::mem::take(&mut sealed.scanner_name),
             target_path: std::mem::take(&mut sealed.target_path),
         };
-        sealed.report = sealer.seal(&item.id, &fields)?;
+        sealed.report = sealer.seal(self.form, &item.id, &fields)?;
         Ok(sealed)
     }
 
@@ -650,7 +676,7 @@ impl RetryQueue for SealedQueue {
             .iter()
             .map(|item| {
                 if envelope::is_envelope(&item.report) {
-                    Ok(item.clone())
+                    Ok(self.in_stored_form(item))
                 } else {
                     self.seal_item(&sealer, item)
                 }
@@ -701,6 +727,10 @@ impl RetryQueue for SealedQueue {
 
     fn replace_payloads(&self, swaps: Vec<PayloadSwap>) -> QueueResult<Vec<bool>> {
         self.inner.replace_payloads(swaps)
+    }
+
+    fn stores_bytes(&self) -> bool {
+        self.inner.stores_bytes()
     }
 
     fn close(&self) -> QueueResult<()> {
@@ -762,7 +792,8 @@ pub fn reseal_batch(
         swaps.push(PayloadSwap {
             id: item.id.clone(),
             expected: item.report.clone(),
-            replacement: sealer.seal(&item.id, &fields)?,
+            // The same form, so the same size: a swap keeps the accounting.
+            replacement: sealer.seal(Form::of(&item.report), &item.id, &fields)?,
         });
     }
     let tried = swaps.len();

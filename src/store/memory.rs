@@ -484,6 +484,11 @@ impl RetryQueue for MemoryRetryQueue {
         Ok(())
     }
 
+    /// Payloads are kept as they are given.
+    fn stores_bytes(&self) -> bool {
+        true
+    }
+
     fn close(&self) -> QueueResult<()> {
         self.lock_any().closed = true;
         Ok(())

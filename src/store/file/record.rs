@@ -89,7 +89,9 @@ impl From<&QueueItem> for FileRecord {
             item_type: item.item_type.clone(),
             fingerprint: item.fingerprint.clone(),
             status: item.status(),
-            report: item.report.clone(),
+            // JSON files hold JSON: a binary sealed payload is written as
+            // its envelope, and checksummed as that text.
+            report: item.report.to_text_form(),
             attempts: item.attempts,
             max_attempts: item.max_attempts,
             last_error: item.last_error.clone(),
@@ -103,7 +105,7 @@ impl From<&QueueItem> for FileRecord {
             lease_until: item.lease_until(),
             lease_owner: item.lease_owner().map(str::to_owned),
             attributes: item.attributes.clone(),
-            checksum: Some(payload_checksum(item.report.as_bytes())),
+            checksum: Some(payload_checksum(item.report.as_str().as_bytes())),
         }
     }
 }

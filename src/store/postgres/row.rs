@@ -110,8 +110,10 @@ impl Encoded {
             item_type: item.item_type.as_str().to_owned(),
             fingerprint: item.fingerprint.clone(),
             status: status_str(item.status()),
+            // A text column: a binary sealed payload goes in as its
+            // envelope, checksummed as that text.
             report: item.report.as_str().to_owned(),
-            checksum: i64::from(payload_checksum(item.report.as_bytes())),
+            checksum: i64::from(payload_checksum(item.report.as_str().as_bytes())),
             attempts: i64::from(item.attempts),
             max_attempts: i64::from(item.max_attempts),
             last_error: item.last_error.clone(),

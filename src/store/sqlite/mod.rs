@@ -378,10 +378,15 @@ impl RetryQueue for SqliteRetryQueue {
 
     fn count_payload_prefix(
         &self,
-        prefix: &str,
+        prefixes: &[&str],
         width: usize,
     ) -> QueueResult<std::collections::BTreeMap<String, usize>> {
-        self.count_prefix(prefix, width)
+        self.count_prefix(prefixes, width)
+    }
+
+    /// Bodies are BLOBs, written and checksummed as the bytes they are.
+    fn stores_bytes(&self) -> bool {
+        true
     }
 
     fn close(&self) -> QueueResult<()> {

@@ -69,29 +69,42 @@ impl SqliteRetryQueue {
         })
     }
 
+    /// One scan of the payloads: each body is matched against the
+    /// prefixes in turn (a `CASE`), and grouped by what follows the match.
     pub(super) fn count_prefix(
         &self,
-        prefix: &str,
+        prefixes: &[&str],
         width: usize,
     ) -> QueueResult<BTreeMap<String, usize>> {
         let op = "count_payload_prefix";
+        if prefixes.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut case = String::from("CASE");
+        let mut params: Vec<rusqlite::types::Value> = Vec::new();
+        for prefix in prefixes {
+            let n = params.len();
+            // ?(n+1) the prefix, ?(n+2) its length.
+            case.push_str(&format!(
+                " WHEN substr(body, 1, ?{len}) = ?{p} THEN substr(body, ?{len} + 1, ?{w})",
+                p = n + 1,
+                len = n + 2,
+                w = 2 * prefixes.len() + 1,
+            ));
+            params.push(rusqlite::types::Value::Blob(prefix.as_bytes().to_vec()));
+            params.push(rusqlite::types::Value::Integer(prefix.len() as i64));
+        }
+        params.push(rusqlite::types::Value::Integer(width as i64));
+        let sql = format!(
+            "SELECT tail, COUNT(*) FROM (SELECT {case} END AS tail FROM payloads) \
+             WHERE tail IS NOT NULL GROUP BY tail"
+        );
         self.read(op, |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT substr(body, ?2, ?3), COUNT(*) FROM payloads \
-                     WHERE substr(body, 1, ?4) = ?1 GROUP BY 1",
-                )
-                .map_err(sql_err(op))?;
+            let mut stmt = conn.prepare_cached(&sql).map_err(sql_err(op))?;
             let rows = stmt
-                .query_map(
-                    rusqlite::params![
-                        prefix.as_bytes(),
-                        (prefix.len() + 1) as i64,
-                        width as i64,
-                        prefix.len() as i64
-                    ],
-                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)),
-                )
+                .query_map(rusqlite::params_from_iter(params.iter()), |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+                })
                 .map_err(sql_err(op))?;
             let mut counts = BTreeMap::new();
             for row in rows {
