@@ -102,6 +102,14 @@ impl Payload {
         Ok(Payload::json(text))
     }
 
+    /// [`Self::from_trusted_text`] from borrowed bytes (one copy, into the
+    /// shared buffer).
+    pub(crate) fn from_trusted_slice(bytes: &[u8]) -> QueueResult<Self> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| QueueError::invalid(format!("payload is not UTF-8: {e}")))?;
+        Ok(Payload(Repr::Json(Arc::from(text))))
+    }
+
     /// A sealed payload in its binary form ([`super::sealed_form`]).
     pub(crate) fn from_sealed_bytes(bytes: Vec<u8>) -> Self {
         Payload(Repr::Sealed(Arc::new(SealedBytes {

@@ -115,14 +115,15 @@ struct Meta {
 }
 
 /// The sealed fields other than the report, as the plaintext starts
-/// (see [`Meta`]); the caller wipes it once copied.
-fn meta_bytes(fields: &ClearFields) -> Result<Vec<u8>, SealError> {
+/// (see [`Meta`]), or `None` when all are empty (then `{}`); the caller
+/// wipes it once copied.
+fn meta_bytes(fields: &ClearFields) -> Result<Option<Vec<u8>>, SealError> {
     if fields.attributes.is_empty()
         && fields.agent_id.is_empty()
         && fields.scanner_name.is_empty()
         && fields.target_path.is_empty()
     {
-        return Ok(b"{}".to_vec());
+        return Ok(None);
     }
     let meta = Meta {
         a: fields.attributes.clone(),
@@ -130,7 +131,9 @@ fn meta_bytes(fields: &ClearFields) -> Result<Vec<u8>, SealError> {
         s: fields.scanner_name.clone(),
         t: fields.target_path.clone(),
     };
-    serde_json::to_vec(&meta).map_err(|e| SealError::Seal(e.to_string()))
+    serde_json::to_vec(&meta)
+        .map(Some)
+        .map_err(|e| SealError::Seal(e.to_string()))
 }
 
 /// Why an envelope did not open.
@@ -273,13 +276,38 @@ fn fresh_nonce() -> Result<[u8; NONCE_LEN], SealError> {
     Ok(nonce)
 }
 
-fn associated_data(item_id: &str, kid: &str) -> Vec<u8> {
-    let mut ad = Vec::with_capacity(AD_DOMAIN.len() + item_id.len() + 1 + kid.len());
-    ad.extend_from_slice(AD_DOMAIN);
-    ad.extend_from_slice(item_id.as_bytes());
-    ad.push(0);
-    ad.extend_from_slice(kid.as_bytes());
-    ad
+/// The associated data: a domain, the item ID and the key ID. Built on the
+/// stack (item IDs are at most 64 bytes, key IDs 8), so each seal and open
+/// spares an allocation.
+struct AssociatedData {
+    bytes: [u8; AD_MAX],
+    len: usize,
+}
+
+const AD_MAX: usize = AD_DOMAIN.len() + crate::item::MAX_ID_LEN + 1 + 64;
+
+impl AssociatedData {
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn associated_data(item_id: &str, kid: &str) -> Result<AssociatedData, OpenError> {
+    let len = AD_DOMAIN.len() + item_id.len() + 1 + kid.len();
+    if len > AD_MAX {
+        return Err(OpenError::Corrupt(format!(
+            "sealed payload names an item ID of {} bytes and a key ID of {}, longer than any this build seals",
+            item_id.len(),
+            kid.len()
+        )));
+    }
+    let mut bytes = [0u8; AD_MAX];
+    let mut at = 0;
+    for part in [AD_DOMAIN, item_id.as_bytes(), &[0], kid.as_bytes()] {
+        bytes[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    Ok(AssociatedData { bytes, len })
 }
 
 /// Seals and opens with the keys of one keyring.
@@ -402,6 +430,7 @@ impl Sealer {
         let kid = &self.ring.keys()[index].id;
         let nonce = fresh_nonce()?;
         let meta = zeroize::Zeroizing::new(meta_bytes(fields)?);
+        let meta: &[u8] = meta.as_deref().unwrap_or(b"{}");
         // The plaintext is laid out where its ciphertext goes (behind the
         // binary form's header) and encrypted in place: no copy of it is
         // left behind, and the buffer is sized once so it never moves.
@@ -417,12 +446,13 @@ impl Sealer {
                 item_id.len()
             )));
         }
-        out.extend_from_slice(&meta);
+        out.extend_from_slice(meta);
         out.push(b'\n');
         out.extend_from_slice(report.as_bytes());
+        let ad = associated_data(item_id, kid).map_err(|e| SealError::Seal(e.to_string()))?;
         let tag = match self.ciphers[index].seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(associated_data(item_id, kid)),
+            Aad::from(ad.as_slice()),
             &mut out[header..],
         ) {
             Ok(tag) => tag,
@@ -459,7 +489,7 @@ impl Sealer {
         let len = self.ciphers[index]
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(associated_data(item_id, &kid)),
+                Aad::from(associated_data(item_id, &kid)?.as_slice()),
                 &mut plaintext,
             )
             .map_err(|_| {
@@ -491,12 +521,12 @@ impl Sealer {
                 Err(e) => return Err(not_an_item(&mut plaintext, &e)),
             }
         };
-        // The sealed fields are wiped, and the report (clear from here on)
-        // moved to the front: the buffer becomes the payload, uncopied.
+        // The report was compact JSON text when sealed, and it is
+        // authentic; then the sealed fields are wiped (the rest of the
+        // buffer is the report, clear from here on).
+        let report = Payload::from_trusted_slice(&plaintext[split + 1..]);
         zeroize::Zeroize::zeroize(&mut plaintext[..split]);
-        plaintext.drain(..=split);
-        // The report was compact JSON text when sealed, and it is authentic.
-        let report = match Payload::from_trusted_text(plaintext) {
+        let report = match report {
             Ok(report) => report,
             Err(e) => {
                 return Err(OpenError::Corrupt(format!(
@@ -679,7 +709,7 @@ mod tests {
         cipher
             .decrypt_in_place(
                 aes_gcm::Nonce::from_slice(parts.nonce),
-                &associated_data("item-3", parts.kid),
+                associated_data("item-3", parts.kid).unwrap().as_slice(),
                 &mut buffer,
             )
             .unwrap();

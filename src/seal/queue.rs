@@ -393,10 +393,18 @@ impl SealedQueue {
     /// unknown key ID makes the keys be re-read once (a rotation by the
     /// CLI) before it is reported.
     fn open(&self, item: QueueItem) -> Result<QueueItem, (Box<QueueItem>, OpenError)> {
+        self.open_with(&self.keys.current(), item)
+    }
+
+    /// [`Self::open`] with the sealer already in hand (one look-up per batch).
+    fn open_with(
+        &self,
+        sealer: &Sealer,
+        item: QueueItem,
+    ) -> Result<QueueItem, (Box<QueueItem>, OpenError)> {
         if !envelope::is_envelope(&item.report) {
             return Ok(item);
         }
-        let sealer = self.keys.current();
         match sealer.open(&item.id, &item.report) {
             Ok(fields) => Ok(restore(item, fields)),
             Err(OpenError::UnknownKey { .. }) if self.keys.reload(true) => {
@@ -444,7 +452,11 @@ impl SealedQueue {
         &self,
         items: Vec<QueueItem>,
     ) -> Vec<Result<QueueItem, (Box<QueueItem>, OpenError)>> {
-        items.into_iter().map(|item| self.open(item)).collect()
+        let sealer = self.keys.current();
+        items
+            .into_iter()
+            .map(|item| self.open_with(&sealer, item))
+            .collect()
     }
 
     /// Opens one item for a caller that asked for exactly it.
