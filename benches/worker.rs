@@ -24,8 +24,10 @@
 //!
 //! Last, sealed against clear on SQLite (`[store.encryption]`: the store
 //! wrapped in [`retryq::seal::SealedQueue`]): the 64-producer enqueue and
-//! the end-to-end delivery, alternating clear and sealed runs, each three
-//! times, medians compared (the target is a cost of at most 10%).
+//! the end-to-end delivery, alternating clear and sealed runs, each seven
+//! times, medians compared (the target is a cost of at most 10%). Runs of
+//! one kind spread by up to a fifth on a virtual disk, so each line also
+//! prints that spread: a cost inside it is not told apart from noise.
 //! `RETRYQ_BENCH_SEALED_ONLY=1` runs only that.
 
 use std::path::Path;
@@ -653,7 +655,7 @@ fn sealed_run(rt: &Runtime, dir: &Path, seal: bool, round: usize) -> (f64, f64, 
 }
 
 fn sealed_summary(rt: &Runtime, root: &Path) {
-    const ROUNDS: usize = 3;
+    const ROUNDS: usize = 7;
     let (mut clear, mut sealed) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         clear.push(sealed_run(rt, root, false, round));
@@ -676,10 +678,20 @@ fn sealed_summary(rt: &Runtime, root: &Path) {
     ] {
         let (c_rate, s_rate) = (pick(&clear, rate), pick(&sealed, rate));
         let (c_cpu, s_cpu) = (pick(&clear, cpu), pick(&sealed, cpu));
+        // (max - min) / median of one kind's runs.
+        let spread = |runs: &[(f64, f64, f64, f64)]| {
+            let values: Vec<f64> = runs.iter().map(rate).collect();
+            let (lo, hi) = values
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+            100.0 * (hi - lo) / median(values)
+        };
         println!(
-            "{what}: clear {c_rate:>8.0} items/s, sealed {s_rate:>8.0} items/s -> sealed/clear throughput {:.3} (cost {:+.1}%, target <= 10%); store thread CPU {c_cpu:.1} vs {s_cpu:.1} µs per item ({:+.1}%)",
+            "{what}: clear {c_rate:>8.0} items/s, sealed {s_rate:>8.0} items/s -> sealed/clear throughput {:.3} (cost {:+.1}%, target <= 10%; runs spread {:.0}% clear, {:.0}% sealed); store thread CPU {c_cpu:.1} vs {s_cpu:.1} µs per item ({:+.1}%)",
             s_rate / c_rate,
             100.0 * (c_rate / s_rate - 1.0),
+            spread(&clear),
+            spread(&sealed),
             100.0 * (s_cpu / c_cpu - 1.0),
         );
     }
