@@ -407,12 +407,59 @@ impl PairedCosts {
     }
 }
 
+/// The seal and the open of one report on their own, in both stored
+/// forms (µs per call, the median of five timings of 2,000 calls).
+fn seal_open_costs() {
+    use retryq::seal::envelope::{ClearFields, Form, Sealer};
+    let ring = retryq::seal::Keyring::parse_file_text(
+        "[[key]]\nid = \"0000be9c\"\nsecret = \"YmVuY2ggYmVuY2ggYmVuY2ggYmVuY2ggYmVuY2ggYmU=\"\n",
+        "bench",
+    )
+    .expect("bench keyring");
+    let sealer = Sealer::new(ring).expect("bench sealer");
+    let id = "0193c0de-0000-7000-8000-000000000000";
+    let per_call = |f: &mut dyn FnMut()| {
+        const CALLS: u32 = 2_000;
+        let mut rounds: Vec<Duration> = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                for _ in 0..CALLS {
+                    f();
+                }
+                started.elapsed() / CALLS
+            })
+            .collect();
+        rounds.sort();
+        rounds[2]
+    };
+    for size in [1024, PAYLOAD_BYTES] {
+        let fields = ClearFields {
+            report: Some(payload(7, size)),
+            ..ClearFields::default()
+        };
+        for form in [Form::Binary, Form::Text] {
+            let sealed = sealer.seal(form, id, &fields).expect("seal");
+            let seal = per_call(&mut || {
+                black_box(sealer.seal(form, id, &fields).expect("seal"));
+            });
+            let open = per_call(&mut || {
+                black_box(sealer.open(id, &sealed).expect("open"));
+            });
+            println!(
+                "seal / open of a {size}-byte report, {form:?} form: {seal:.2?} / {open:.2?}; stored {} bytes",
+                sealed.len()
+            );
+        }
+    }
+}
+
 fn sealed_costs() {
     println!();
     println!(
         "=== sealed vs clear, alternating runs, medians (under {}) ===",
         bench_parent_dir().display()
     );
+    seal_open_costs();
     paired_costs("sqlite", open_sqlite, 8).print();
     paired_costs("file", open_file, 2).print();
 }
