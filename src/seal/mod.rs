@@ -8,9 +8,11 @@
 //! `enqueue_claimed`, `update`, `import_batch`) and opens them on the way out
 //! (`get`, `peek`, `dequeue`, `claim`, `list`, ...). Every backend (memory,
 //! files, SQLite, and PostgreSQL or any later one) gets sealing without a
-//! line of its own: the backends only ever see an envelope, which is a JSON
-//! document like any payload. The daemon, the CLI and `retryq migrate` all
-//! open their store through [`wrap_store`], so none of them can forget it.
+//! line of its own: the backends only ever see a sealed payload, in the form
+//! they keep ([`crate::item::sealed_form`]: bytes where
+//! [`RetryQueue::stores_bytes`], a JSON envelope elsewhere). The daemon, the
+//! CLI and `retryq migrate` all open their store through [`wrap_store`], so
+//! none of them can forget it.
 //!
 //! # What stays clear
 //!

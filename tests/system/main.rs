@@ -8,7 +8,9 @@
 //! rounds and SIGTERM (`crash`), 401 then fixed credentials (`auth`), a full
 //! disk (`disk`), corruption of either backend (`corruption`), and how
 //! single answers map to delivery: 429 Retry-After, a hang, fail-first-N
-//! (`answers`).
+//! (`answers`), and a sealed store (`sealed`): no plaintext on disk while
+//! items wait, `kill -9`, key rotation and a re-seal beside the daemon, and
+//! a refusal to start without the key.
 //!
 //! Run alone with `cargo test --test system`; the plugin library is built
 //! on first use (`support::plugin_lib`). The full-disk test needs root and
