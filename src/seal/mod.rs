@@ -3,14 +3,14 @@
 //!
 //! # Where sealing happens, and why there
 //!
-//! [`SealedQueue`] is a [`RetryQueue`] that wraps any other: it seals each
+//! [`SealedQueue`] is a [`RetryQueue`](crate::store::RetryQueue) that wraps any other: it seals each
 //! item's payload and attributes on the way in (`enqueue`, batches,
 //! `enqueue_claimed`, `update`, `import_batch`) and opens them on the way out
 //! (`get`, `peek`, `dequeue`, `claim`, `list`, ...). Every backend (memory,
 //! files, SQLite, and PostgreSQL or any later one) gets sealing without a
 //! line of its own: the backends only ever see a sealed payload, in the form
 //! they keep ([`crate::item::sealed_form`]: bytes where
-//! [`RetryQueue::stores_bytes`], a JSON envelope elsewhere). The daemon, the
+//! [`stores_bytes`](crate::store::RetryQueue::stores_bytes), a JSON envelope elsewhere). The daemon, the
 //! CLI and `retryq migrate` all open their store through [`wrap_store`], so
 //! none of them can forget it.
 //!
@@ -26,7 +26,7 @@
 //!
 //! - An envelope that fails authentication, names another item or cannot
 //!   be parsed is damage: the item is moved to the store's quarantine
-//!   ([`RetryQueue::quarantine`]) with the reason, and every other item
+//!   ([`RetryQueue::quarantine`](crate::store::RetryQueue::quarantine)) with the reason, and every other item
 //!   goes on.
 //! - An envelope under a key the ring does not hold is not damage: the
 //!   item is never touched. Opening the store counts such items and refuses

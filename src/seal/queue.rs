@@ -81,7 +81,7 @@ impl KeySource {
     }
 
     /// The sealer over the current keys, re-reading a changed key file at
-    /// most once per [`RELOAD_CHECK`].
+    /// most once a second.
     pub fn current(&self) -> Arc<Sealer> {
         if self.file.is_some() {
             let now = self.start.elapsed().as_millis() as u64;
