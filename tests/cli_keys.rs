@@ -222,6 +222,27 @@ fn a_missing_key_is_refused_by_the_cli_and_the_daemon_naming_it() {
     assert!(!daemon.status.success(), "the daemon must refuse to start");
     let err = stderr(&daemon);
     assert!(err.contains(&format!("{lost} (3 items)")), "{err}");
+    assert!(err.contains("retryq keys quarantine --key-id"), "{err}");
+
+    // The key is lost for good: the operator sets its items aside. A key
+    // the ring holds is refused, and nothing else is touched.
+    let held = key_ids(&env).remove(0);
+    let out = env.run(&["keys", "quarantine", "--key-id", &held]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is in the keyring"),
+        "{}",
+        stderr(&out)
+    );
+    let moved = env.ok(&["keys", "quarantine", "--key-id", &lost]);
+    assert!(moved.contains("moved 3 item(s)"), "{moved}");
+    let kept = env.enqueue(7);
+    assert!(env.ok(&["list"]).contains(&kept));
+    let stats = env.ok(&["stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["quarantined"], 3, "{stats}");
+    assert_eq!(stats["total_items"], 1, "{stats}");
+    env.ok(&["keys", "check"]);
 }
 
 #[test]

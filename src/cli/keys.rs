@@ -1,14 +1,15 @@
 //! `retryq keys`: make a keyring, add a key to it, re-seal items under the
-//! newest key, and check that every item opens.
+//! newest key, check that every item opens, and set aside the items whose
+//! key is gone.
 //!
 //! What is safe while a `retryq run` daemon owns the store:
 //! - `generate` and `rotate` only write the key file, through a temporary
 //!   file renamed over it; the daemon re-reads a changed key file within a
 //!   second (and at once when it meets a key ID it lacks), and every older
 //!   key keeps opening what it sealed.
-//! - `rotate --reseal` and `check` read the store directly (these are the
-//!   only commands that must see envelopes, which the daemon's API never
-//!   shows). On SQLite that is safe beside the daemon: a re-seal changes
+//! - `rotate --reseal`, `check` and `quarantine` read the store directly
+//!   (these are the only commands that must see envelopes, which the
+//!   daemon's API never shows). On SQLite that is safe beside the daemon: a re-seal changes
 //!   only payloads, one transaction per batch, each only where the payload
 //!   is still the one read, so a delivery meanwhile is never undone. The
 //!   files backend is locked by one process: there they need the daemon
@@ -59,6 +60,15 @@ pub enum KeysCommand {
     /// Check that every item opens with the keyring; otherwise say how
     /// many do not, under which key ID (exit 1).
     Check,
+    /// Move the items sealed under the given key IDs, which the keyring
+    /// does not hold (a lost key, or a damaged key ID), to the store's
+    /// quarantine, where they are kept with the reason: the store then
+    /// opens again. Refuses a key ID the keyring holds.
+    Quarantine {
+        /// A missing key ID, as the refusal to open named it (repeatable).
+        #[arg(long = "key-id", value_name = "ID", required = true)]
+        key_ids: Vec<String>,
+    },
 }
 
 /// Runs one `retryq keys` command.
@@ -68,7 +78,62 @@ pub(crate) fn run(ctx: &Ctx, command: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Generate { out } => generate(ctx, &settings, out),
         KeysCommand::Rotate { reseal, batch } => rotate(ctx, &settings, reseal, batch as usize),
         KeysCommand::Check => check(ctx, &settings),
+        KeysCommand::Quarantine { key_ids } => quarantine(ctx, &settings, &key_ids),
     }
+}
+
+/// Quarantines the items sealed under `key_ids`, none of which the
+/// keyring may hold: the one way past a refusal to open for a key that
+/// will not come back, and an operator's decision, never the daemon's.
+fn quarantine(ctx: &Ctx, settings: &Settings, key_ids: &[String]) -> anyhow::Result<()> {
+    let enc = &settings.store.encryption;
+    enc.validate()?;
+    if enc.is_disabled() {
+        bail!(UsageError(
+            "encryption is off: set [store.encryption] to the keyring the store's other items              are sealed with, so that only items under key IDs it lacks are set aside"
+                .to_owned()
+        ));
+    }
+    let sealer = seal::KeySource::from_settings(enc)?.current();
+    if let Some(held) = key_ids.iter().find(|id| sealer.ring().get(id).is_some()) {
+        bail!(UsageError(format!(
+            "key {held} is in the keyring {}: its items open and are not set aside",
+            sealer.ring().source()
+        )));
+    }
+    let store = raw_store(ctx, settings, "`retryq keys quarantine`")?;
+    let result = (|| -> anyhow::Result<usize> {
+        let mut moved = 0;
+        for item in store
+            .list(&ListFilter::default())
+            .context("cannot list the items")?
+        {
+            let Kind::Sealed(kid) = seal::envelope::kind(&item.report) else {
+                continue;
+            };
+            if !key_ids.contains(&kid) {
+                continue;
+            }
+            let reason = format!(
+                "sealed under key {kid}, which the keyring does not hold; set aside by                  `retryq keys quarantine`"
+            );
+            store
+                .quarantine(&item.id, &reason)
+                .with_context(|| format!("cannot quarantine item {}", item.id))?;
+            moved += 1;
+        }
+        Ok(moved)
+    })();
+    let closed = store.close();
+    let moved = result?;
+    closed.context("cannot close the store")?;
+    if ctx.json {
+        return print_json(&json!({ "quarantined": moved, "key_ids": key_ids }));
+    }
+    println_out(&format!(
+        "moved {moved} item(s) sealed under {} to the quarantine",
+        key_ids.join(", ")
+    ))
 }
 
 fn key_file(settings: &Settings) -> anyhow::Result<&Path> {

@@ -121,7 +121,7 @@ pub enum SealError {
     },
     /// Items are sealed under keys the ring does not hold.
     #[error(
-        "items are sealed under key IDs missing from the keyring {source_name}: {}; add those keys to it (nothing was changed)",
+        "items are sealed under key IDs missing from the keyring {source_name}: {}; add those keys to it, or, for a key that is lost, set its items aside with `retryq keys quarantine --key-id ID` (nothing was changed)",
         keyring::describe_counts(needed)
     )]
     MissingKeys {
