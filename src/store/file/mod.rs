@@ -373,4 +373,6 @@ impl FileRetryQueue {
 }
 
 #[cfg(test)]
+mod record_golden_tests;
+#[cfg(test)]
 mod tests;
