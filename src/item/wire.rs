@@ -93,6 +93,33 @@ impl From<ItemRecord> for QueueItem {
     }
 }
 
+// The one listing of an item's flat fields read from the item: the files
+// backend writes its JSON from this (see `store::file::record`).
+impl From<&QueueItem> for ItemRecord {
+    fn from(item: &QueueItem) -> Self {
+        ItemRecord {
+            id: item.id.clone(),
+            item_type: item.item_type.clone(),
+            fingerprint: item.fingerprint.clone(),
+            status: item.status(),
+            report: item.report.clone(),
+            attempts: item.attempts,
+            max_attempts: item.max_attempts,
+            last_error: item.last_error.clone(),
+            last_attempt: item.last_attempt,
+            next_retry: item.next_retry,
+            created_at: item.created_at,
+            updated_at: item.updated_at,
+            agent_id: item.agent_id.clone(),
+            scanner_name: item.scanner_name.clone(),
+            target_path: item.target_path.clone(),
+            lease_until: item.lease_until(),
+            lease_owner: item.lease_owner().map(str::to_owned),
+            attributes: item.attributes.clone(),
+        }
+    }
+}
+
 // By hand rather than through an `ItemRecord` copy: the API and the plugin
 // host serialize every item they show or send.
 impl Serialize for QueueItem {
@@ -194,6 +221,27 @@ mod tests {
         assert_eq!(claimed["lease_until"], serde_json::to_value(t(30)).unwrap());
         let back: QueueItem = serde_json::from_str(&text).unwrap();
         assert_eq!(back, item);
+    }
+
+    #[test]
+    fn the_flat_form_of_an_item_builds_the_same_item() {
+        let mut item = NewItem::from_json(br#"{"a":1}"#)
+            .unwrap()
+            .with_attribute("k", "v")
+            .into_item(t(0), 3)
+            .unwrap();
+        assert_eq!(QueueItem::from(ItemRecord::from(&item)), item);
+        item.claim(t(30), "me", t(1)).unwrap();
+        let record = ItemRecord::from(&item);
+        assert_eq!(
+            (
+                record.status,
+                record.lease_until,
+                record.lease_owner.as_deref()
+            ),
+            (ItemStatus::Processing, Some(t(30)), Some("me"))
+        );
+        assert_eq!(QueueItem::from(record), item);
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! and the file naming rule `{created_at unix nanos}_{id}.json`.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::de::value::{MapAccessDeserializer, StringDeserializer};
+use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::item::{payload_checksum, ItemId, ItemRecord, ItemStatus, ItemType, Payload, QueueItem};
 
@@ -21,7 +24,7 @@ pub(crate) const TMP_SUFFIX: &str = ".tmp";
 /// Serde for an optional time written the Go way: `None` is the zero time.
 mod go_time {
     use super::*;
-    use serde::{Deserializer, Serializer};
+    use serde::Serializer;
 
     pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
         match t {
@@ -40,10 +43,30 @@ mod go_time {
     }
 }
 
-/// One item file's JSON. Field names and order are the Go SDK's; `lease_until`,
-/// `attributes` and `checksum` are ours (Go ignores unknown fields).
-#[derive(Debug, Serialize, Deserialize)]
+/// One item file's JSON: the Go SDK's fields ([`GoForm`]), then our
+/// `checksum`.
+#[derive(Debug, Serialize)]
 pub(crate) struct FileRecord {
+    // Flattened for writing only: serde_json writes the report's raw JSON
+    // straight through. Reading goes by hand (below), because a flattened
+    // read buffers every value and the report's `RawValue` cannot be read
+    // back from that buffer.
+    #[serde(flatten, with = "GoForm")]
+    record: ItemRecord,
+    /// CRC-32 of the compact report bytes; absent in files the Go SDK wrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checksum: Option<u32>,
+}
+
+/// How an [`ItemRecord`] is written in an item file: the Go SDK's field
+/// names and order, and Go's zero time for "never"; `lease_until`,
+/// `lease_owner` and `attributes` are ours (Go ignores unknown fields).
+/// serde's remote derive writes the conversions to and from `ItemRecord`,
+/// so each field is named once here, and a field `ItemRecord` gains does
+/// not compile until this form says how it is stored.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "ItemRecord")]
+struct GoForm {
     /// Checked as it is read: a file naming a bad ID is refused.
     id: ItemId,
     #[serde(rename = "type")]
@@ -77,61 +100,81 @@ pub(crate) struct FileRecord {
     lease_owner: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     attributes: BTreeMap<String, String>,
-    /// CRC-32 of the compact report bytes; absent in files the Go SDK wrote.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    checksum: Option<u32>,
 }
 
 impl From<&QueueItem> for FileRecord {
     fn from(item: &QueueItem) -> Self {
+        let record = ItemRecord::from(item);
+        // JSON files hold JSON: a binary sealed payload is written as its
+        // envelope (a payload serializes as its text form, `as_str`), and
+        // checksummed as that text.
+        let checksum = payload_checksum(record.report.as_str().as_bytes());
         FileRecord {
-            id: item.id.clone(),
-            item_type: item.item_type.clone(),
-            fingerprint: item.fingerprint.clone(),
-            status: item.status(),
-            // JSON files hold JSON: a binary sealed payload is written as
-            // its envelope, and checksummed as that text.
-            report: item.report.to_text_form(),
-            attempts: item.attempts,
-            max_attempts: item.max_attempts,
-            last_error: item.last_error.clone(),
-            last_attempt: item.last_attempt,
-            next_retry: item.next_retry,
-            created_at: item.created_at,
-            updated_at: item.updated_at,
-            agent_id: item.agent_id.clone(),
-            scanner_name: item.scanner_name.clone(),
-            target_path: item.target_path.clone(),
-            lease_until: item.lease_until(),
-            lease_owner: item.lease_owner().map(str::to_owned),
-            attributes: item.attributes.clone(),
-            checksum: Some(payload_checksum(item.report.as_str().as_bytes())),
+            record,
+            checksum: Some(checksum),
         }
     }
 }
 
-impl From<FileRecord> for QueueItem {
-    fn from(r: FileRecord) -> Self {
-        QueueItem::from(ItemRecord {
-            id: r.id,
-            item_type: r.item_type,
-            fingerprint: r.fingerprint,
-            status: r.status,
-            report: r.report,
-            attempts: r.attempts,
-            max_attempts: r.max_attempts,
-            last_error: r.last_error,
-            last_attempt: r.last_attempt,
-            next_retry: r.next_retry,
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-            agent_id: r.agent_id,
-            scanner_name: r.scanner_name,
-            target_path: r.target_path,
-            lease_until: r.lease_until,
-            lease_owner: r.lease_owner,
-            attributes: r.attributes,
+impl<'de> Deserialize<'de> for FileRecord {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(FileRecordVisitor)
+    }
+}
+
+/// Reads an item file in one pass: [`GoForm`] reads the object's keys
+/// while [`ChecksumAside`] takes `checksum` out of its way.
+struct FileRecordVisitor;
+
+impl<'de> Visitor<'de> for FileRecordVisitor {
+    type Value = FileRecord;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an item record")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<FileRecord, A::Error> {
+        let mut keys = ChecksumAside {
+            map,
+            checksum: None,
+        };
+        let record = GoForm::deserialize(MapAccessDeserializer::new(&mut keys))?;
+        Ok(FileRecord {
+            record,
+            checksum: keys.checksum.flatten(),
         })
+    }
+}
+
+/// The keys of an item file but `checksum`, whose value it keeps.
+struct ChecksumAside<A> {
+    map: A,
+    /// `Some` once the key was seen (its value may be `null`).
+    checksum: Option<Option<u32>>,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for ChecksumAside<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        while let Some(key) = self.map.next_key::<String>()? {
+            if key != "checksum" {
+                let key: StringDeserializer<A::Error> = key.into_deserializer();
+                return seed.deserialize(key).map(Some);
+            }
+            if self.checksum.is_some() {
+                return Err(de::Error::duplicate_field("checksum"));
+            }
+            self.checksum = Some(self.map.next_value()?);
+        }
+        Ok(None)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
     }
 }
 
@@ -148,13 +191,14 @@ pub(crate) fn encode(item: &QueueItem) -> Result<Vec<u8>, serde_json::Error> {
 pub(crate) fn decode(bytes: &[u8], expected_id: &str) -> Result<QueueItem, String> {
     let record: FileRecord =
         serde_json::from_slice(bytes).map_err(|e| format!("not a valid item record: {e}"))?;
+    let FileRecord { record, checksum } = record;
     if record.id != expected_id {
         return Err(format!(
             "record holds id {:?} but its file name says {expected_id:?}",
             record.id
         ));
     }
-    if let Some(stored) = record.checksum {
+    if let Some(stored) = checksum {
         let actual = payload_checksum(record.report.as_bytes());
         if stored != actual {
             return Err(format!(
@@ -194,12 +238,16 @@ mod tests {
     use super::*;
     use crate::item::NewItem;
 
-    #[test]
-    fn round_trip_writes_go_zero_time_and_checksum() {
-        let item = NewItem::from_json(br#"{"a": [1, 2]}"#)
+    fn item(report: &[u8]) -> QueueItem {
+        NewItem::from_json(report)
             .unwrap()
             .into_item(Utc::now(), 10)
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn round_trip_writes_go_zero_time_and_checksum() {
+        let item = item(br#"{"a": [1, 2]}"#);
         let bytes = encode(&item).unwrap();
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(text.contains(&format!("\"last_attempt\": \"{GO_ZERO_TIME}\"")));
@@ -211,15 +259,45 @@ mod tests {
 
     #[test]
     fn checksum_mismatch_is_refused() {
-        let item = NewItem::from_json(br#"{"a":1}"#)
-            .unwrap()
-            .into_item(Utc::now(), 10)
-            .unwrap();
+        let item = item(br#"{"a":1}"#);
         let text = String::from_utf8(encode(&item).unwrap()).unwrap();
         let tampered = text.replace(r#"{"a":1}"#, r#"{"a":2}"#);
         assert_ne!(text, tampered);
         let err = decode(tampered.as_bytes(), &item.id).unwrap_err();
         assert!(err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn checksum_is_read_wherever_it_stands_once_and_may_be_absent() {
+        let item = item(br#"{"a":1}"#);
+        let text = String::from_utf8(encode(&item).unwrap()).unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let checksum = value["checksum"].clone();
+        let object = value.as_object_mut().unwrap();
+        object.remove("checksum");
+        // The record as the Go SDK writes it (no checksum), with `fields` first.
+        let go_shaped = serde_json::to_string(&object).unwrap();
+        let with = |fields: &str| go_shaped.replacen('{', &format!("{{{fields},"), 1);
+        let read = |text: String| decode(text.as_bytes(), &item.id);
+        // Anywhere, beside a field Go or a later retryq added: still checked.
+        let first = format!(r#""checksum":{checksum},"extra":[1]"#);
+        assert_eq!(read(with(&first)).unwrap(), item);
+        assert!(read(with(r#""checksum":1"#))
+            .unwrap_err()
+            .contains("checksum"));
+        // Absent or null: not checked.
+        assert_eq!(read(go_shaped.clone()).unwrap(), item);
+        assert_eq!(read(with(r#""checksum":null"#)).unwrap(), item);
+        // Twice: refused, like any other field named twice.
+        let twice = format!(r#""checksum":{checksum},"checksum":{checksum}"#);
+        let err = read(with(&twice)).unwrap_err();
+        assert!(err.contains("duplicate field `checksum`"), "{err}");
+        let err = read(with(&format!(r#""id":"{}""#, item.id))).unwrap_err();
+        assert!(err.contains("duplicate field `id`"), "{err}");
+        // Not an object, or missing a field: refused with the reason.
+        assert!(read("[]".into()).unwrap_err().contains("an item record"));
+        let err = read(r#"{"checksum":5}"#.into()).unwrap_err();
+        assert!(err.contains("missing field `id`"), "{err}");
     }
 
     #[test]
