@@ -79,53 +79,40 @@ pub(super) fn decode(row: &Row) -> Result<QueueItem, CorruptRow> {
     }))
 }
 
-/// Owned column values of one item, ready to bind.
-pub(super) struct Encoded {
-    id: String,
-    item_type: String,
-    fingerprint: String,
+/// The column values of one item, ready to bind: the columns stored as
+/// the item holds them are bound from the item itself, the others
+/// converted here once.
+pub(super) struct Encoded<'a> {
+    item: &'a QueueItem,
+    id: &'a str,
+    item_type: &'a str,
     status: &'static str,
-    report: String,
+    report: &'a str,
     checksum: i64,
     attempts: i64,
     max_attempts: i64,
-    last_error: String,
-    last_attempt: Option<DateTime<Utc>>,
-    next_retry: DateTime<Utc>,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    agent_id: String,
-    scanner_name: String,
-    target_path: String,
     lease_until: Option<DateTime<Utc>>,
-    lease_owner: Option<String>,
+    lease_owner: Option<&'a str>,
     attributes: String,
     size_bytes: i64,
 }
 
-impl Encoded {
-    pub(super) fn new(item: &QueueItem) -> Self {
+impl<'a> Encoded<'a> {
+    pub(super) fn new(item: &'a QueueItem) -> Self {
+        // A text column: a binary sealed payload goes in as its envelope,
+        // checksummed as that text.
+        let report = item.report.as_str();
         Encoded {
-            id: item.id.to_string(),
-            item_type: item.item_type.as_str().to_owned(),
-            fingerprint: item.fingerprint.clone(),
+            item,
+            id: item.id.as_str(),
+            item_type: item.item_type.as_str(),
             status: status_str(item.status()),
-            // A text column: a binary sealed payload goes in as its
-            // envelope, checksummed as that text.
-            report: item.report.as_str().to_owned(),
-            checksum: i64::from(payload_checksum(item.report.as_str().as_bytes())),
+            report,
+            checksum: i64::from(payload_checksum(report.as_bytes())),
             attempts: i64::from(item.attempts),
             max_attempts: i64::from(item.max_attempts),
-            last_error: item.last_error.clone(),
-            last_attempt: item.last_attempt,
-            next_retry: item.next_retry,
-            created_at: item.created_at,
-            updated_at: item.updated_at,
-            agent_id: item.agent_id.clone(),
-            scanner_name: item.scanner_name.clone(),
-            target_path: item.target_path.clone(),
             lease_until: item.lease_until(),
-            lease_owner: item.lease_owner().map(str::to_owned),
+            lease_owner: item.lease_owner(),
             // A map of strings always serializes.
             attributes: serde_json::to_string(&item.attributes).unwrap_or_else(|_| "{}".into()),
             size_bytes: i64::try_from(item.size_bytes()).unwrap_or(i64::MAX),
@@ -134,23 +121,24 @@ impl Encoded {
 
     /// The values in [`COLUMNS`] order.
     fn params(&self) -> [&(dyn ToSql + Sync); COLUMN_COUNT] {
+        let item = self.item;
         [
             &self.id,
             &self.item_type,
-            &self.fingerprint,
+            &item.fingerprint,
             &self.status,
             &self.report,
             &self.checksum,
             &self.attempts,
             &self.max_attempts,
-            &self.last_error,
-            &self.last_attempt,
-            &self.next_retry,
-            &self.created_at,
-            &self.updated_at,
-            &self.agent_id,
-            &self.scanner_name,
-            &self.target_path,
+            &item.last_error,
+            &item.last_attempt,
+            &item.next_retry,
+            &item.created_at,
+            &item.updated_at,
+            &item.agent_id,
+            &item.scanner_name,
+            &item.target_path,
             &self.lease_until,
             &self.lease_owner,
             &self.attributes,
