@@ -7,6 +7,16 @@
 //! multi-row `INSERT` of the items that stay. The caller holds the
 //! schema's admission lock, so no other daemon changes what the view reads
 //! until the commit.
+//!
+//! Round trips, not rows, are what a run costs: before the planner starts,
+//! [`DbView::prefetch`] reads in one query each the live IDs of every
+//! fingerprint and the stored IDs among every caller-chosen ID the run
+//! holds, so the planner's per-item questions are answered from memory.
+//! That is the same answer a query per item would give: the run writes
+//! nothing until the planner is done, and the planner itself accounts for
+//! what it admitted and evicted since.
+
+use std::collections::{HashMap, HashSet};
 
 use postgres::Transaction;
 
@@ -26,6 +36,11 @@ pub(super) struct DbView<'t, 'c> {
     /// The totals read once per run: the run writes nothing until the
     /// end, and the admission lock keeps other daemons out, so they hold.
     pub totals: Option<Totals>,
+    /// Live IDs by fingerprint, for the fingerprints [`DbView::prefetch`]
+    /// read (an empty list: none live). Others are asked one by one.
+    pub live_by_fingerprint: HashMap<String, Vec<String>>,
+    /// The IDs [`DbView::prefetch`] looked up, and which of them are stored.
+    pub looked_up_ids: HashMap<String, bool>,
 }
 
 impl DbView<'_, '_> {
@@ -40,8 +55,73 @@ impl DbView<'_, '_> {
     }
 }
 
+impl DbView<'_, '_> {
+    /// Drops everything read so far: for after the caller wrote.
+    fn forget(&mut self) {
+        self.totals = None;
+        self.live_by_fingerprint.clear();
+        self.looked_up_ids.clear();
+    }
+
+    /// Reads at once what the planner will ask about `candidates`: the
+    /// live IDs of their fingerprints (with `dedupe`; one query) and
+    /// whether their caller-chosen IDs are stored (one query).
+    fn prefetch(&mut self, candidates: &[Candidate], dedupe: bool) -> QueueResult<()> {
+        let items = || candidates.iter().filter_map(|c| c.item.as_ref().ok());
+        if dedupe {
+            let wanted: HashSet<&str> = items().map(|i| i.fingerprint.as_str()).collect();
+            let fingerprints: Vec<&str> = wanted
+                .into_iter()
+                .filter(|f| !self.live_by_fingerprint.contains_key(*f))
+                .collect();
+            if !fingerprints.is_empty() {
+                let sql = format!(
+                    "SELECT fingerprint, id FROM {} \
+                     WHERE fingerprint = ANY($1) AND status <> 'failed'",
+                    self.items_table
+                );
+                let rows = self
+                    .tx
+                    .query(&sql, &[&fingerprints])
+                    .map_err(|e| self.err(e))?;
+                for f in fingerprints {
+                    self.live_by_fingerprint.insert(f.to_owned(), Vec::new());
+                }
+                for r in &rows {
+                    let fingerprint: String = r.get(0);
+                    self.live_by_fingerprint
+                        .entry(fingerprint)
+                        .or_default()
+                        .push(r.get(1));
+                }
+            }
+        }
+        let ids: Vec<&str> = candidates
+            .iter()
+            .filter(|c| !c.fresh_id)
+            .filter_map(|c| c.item.as_ref().ok())
+            .map(|i| i.id.as_str())
+            .filter(|id| !self.looked_up_ids.contains_key(*id))
+            .collect();
+        if !ids.is_empty() {
+            let sql = format!("SELECT id FROM {} WHERE id = ANY($1)", self.items_table);
+            let rows = self.tx.query(&sql, &[&ids]).map_err(|e| self.err(e))?;
+            for id in ids {
+                self.looked_up_ids.insert(id.to_owned(), false);
+            }
+            for r in &rows {
+                self.looked_up_ids.insert(r.get(0), true);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl AdmissionView for DbView<'_, '_> {
     fn id_exists(&mut self, id: &str) -> QueueResult<bool> {
+        if let Some(&stored) = self.looked_up_ids.get(id) {
+            return Ok(stored);
+        }
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1)",
             self.items_table
@@ -53,6 +133,9 @@ impl AdmissionView for DbView<'_, '_> {
     }
 
     fn live_ids_with_fingerprint(&mut self, fingerprint: &str) -> QueueResult<Vec<String>> {
+        if let Some(ids) = self.live_by_fingerprint.get(fingerprint) {
+            return Ok(ids.clone());
+        }
         let sql = format!(
             "SELECT id FROM {} WHERE fingerprint = $1 AND status <> 'failed'",
             self.items_table
@@ -149,7 +232,9 @@ pub(super) fn admit_run(
     options: &StoreOptions,
     candidates: Vec<Candidate>,
 ) -> QueueResult<Admitted> {
-    let mut planner = Planner::new(Limits::of(options));
+    let limits = Limits::of(options);
+    view.prefetch(&candidates, limits.dedupe)?;
+    let mut planner = Planner::new(limits);
     let mut held: Vec<QueueItem> = Vec::new();
     let mut victims: Vec<String> = Vec::new();
     let mut evicted = 0u64;
@@ -186,6 +271,8 @@ pub(super) fn admit_run(
             .map_err(|e| view.err(e))?;
     }
     row::insert_all(view.tx, view.items_table, &held).map_err(|e| view.err(e))?;
+    // What the view read before these writes no longer holds.
+    view.forget();
     planner.caught_up();
     Ok(Admitted { results, evicted })
 }

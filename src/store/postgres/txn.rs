@@ -2,6 +2,7 @@
 //! one-transaction writes, the admission lock, NOTIFY, quarantine, and
 //! the state changes every operation (single or batched) shares.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -397,6 +398,8 @@ impl PostgresRetryQueue {
             items_table: &self.names.items,
             endpoint: &self.endpoint,
             totals: None,
+            live_by_fingerprint: HashMap::new(),
+            looked_up_ids: HashMap::new(),
         }
     }
 
