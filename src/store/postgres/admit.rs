@@ -15,6 +15,10 @@
 //! That is the same answer a query per item would give: the run writes
 //! nothing until the planner is done, and the planner itself accounts for
 //! what it admitted and evicted since.
+//!
+//! The caps' totals come from the `totals` rows that triggers on `items`
+//! append (schema version 2), summed: a few rows instead of the whole
+//! table, read once per run.
 
 use std::collections::{HashMap, HashSet};
 
@@ -32,6 +36,9 @@ use crate::store::StoreOptions;
 pub(super) struct DbView<'t, 'c> {
     pub tx: &'t mut Transaction<'c>,
     pub items_table: &'t str,
+    /// The rows of differences that add up to the totals (schema.rs,
+    /// version 2).
+    pub totals_table: &'t str,
     pub endpoint: &'t str,
     /// The totals read once per run: the run writes nothing until the
     /// end, and the admission lock keeps other daemons out, so they hold.
@@ -146,26 +153,39 @@ impl AdmissionView for DbView<'_, '_> {
         }
     }
 
+    /// The sum of the `totals` rows the triggers append, which equals
+    /// `count(*)` and `sum(size_bytes)` of `items` in the same snapshot,
+    /// without reading the table. Past [`FOLD_AT`] rows they are folded
+    /// into one, which only a holder of the admission lock does (every
+    /// view is used under it), so two folds never race; rows other
+    /// transactions append meanwhile are not in the fold's snapshot and
+    /// stay as they are.
     fn totals(&mut self) -> QueueResult<Totals> {
         if let Some(totals) = self.totals {
             return Ok(totals);
         }
         let sql = format!(
-            "SELECT count(*), coalesce(sum(size_bytes), 0)::bigint FROM {}",
-            self.items_table
+            "SELECT coalesce(sum(items), 0)::bigint, coalesce(sum(bytes), 0)::bigint, count(*) \
+             FROM {}",
+            self.totals_table
         );
-        match self.tx.query_one(&sql, &[]) {
-            Ok(row) => {
-                let (items, bytes): (i64, i64) = (row.get(0), row.get(1));
-                let totals = Totals {
-                    items: items.max(0) as u64,
-                    bytes: bytes.max(0) as u64,
-                };
-                self.totals = Some(totals);
-                Ok(totals)
-            }
-            Err(e) => Err(self.err(e)),
+        let row = self.tx.query_one(&sql, &[]).map_err(|e| self.err(e))?;
+        let (items, bytes, rows): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        if rows > FOLD_AT {
+            let fold = format!(
+                "WITH folded AS (DELETE FROM {t} RETURNING items, bytes) \
+                 INSERT INTO {t} (items, bytes) \
+                 SELECT coalesce(sum(items), 0), coalesce(sum(bytes), 0) FROM folded",
+                t = self.totals_table
+            );
+            self.tx.execute(&fold, &[]).map_err(|e| self.err(e))?;
         }
+        let totals = Totals {
+            items: items.max(0) as u64,
+            bytes: bytes.max(0) as u64,
+        };
+        self.totals = Some(totals);
+        Ok(totals)
     }
 
     fn oldest(&mut self, page: &VictimPage<'_>) -> QueueResult<Vec<Victim>> {
@@ -207,6 +227,11 @@ impl AdmissionView for DbView<'_, '_> {
             .collect())
     }
 }
+
+/// How many rows of differences `totals` may hold before admission folds
+/// them into one: each acknowledgement's `DELETE` appends one, and the
+/// sum stays cheap well past this; folding costs a write, so not every run.
+pub(super) const FOLD_AT: i64 = 256;
 
 /// A new item for [`admit_run`]: validated (or refused), and whether its
 /// ID was generated here (a fresh UUIDv7 needs no look-up).

@@ -396,6 +396,7 @@ impl PostgresRetryQueue {
         admit::DbView {
             tx,
             items_table: &self.names.items,
+            totals_table: &self.names.totals,
             endpoint: &self.endpoint,
             totals: None,
             live_by_fingerprint: HashMap::new(),
