@@ -88,7 +88,7 @@
 //! (`fresh_id`): a new UUIDv7 cannot collide, and a round trip is saved.
 //! A view that holds a batch back may also read at once, before the
 //! planner starts, what the planner will ask about each item (every
-//! fingerprint with `= ANY($1)`): the answers are the same, since nothing
+//! fingerprint in one query): the answers are the same, since nothing
 //! is written until the planner is done, and the round trips are one per
 //! batch instead of one per item (`store/postgres/admit.rs` does).
 
