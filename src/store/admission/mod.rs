@@ -86,6 +86,11 @@
 //! view's error and aborts the decision; the planner never swallows one.
 //! `id_exists` is not asked for an ID the store generated itself
 //! (`fresh_id`): a new UUIDv7 cannot collide, and a round trip is saved.
+//! A view that holds a batch back may also read at once, before the
+//! planner starts, what the planner will ask about each item (every
+//! fingerprint in one query): the answers are the same, since nothing
+//! is written until the planner is done, and the round trips are one per
+//! batch instead of one per item (`store/postgres/admit.rs` does).
 
 use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};

@@ -3,9 +3,11 @@
 //!
 //! # Layout
 //! One schema (the `schema` option, quoted everywhere) holds `items` (one
-//! row per item, the payload's CRC-32 beside it), `quarantine` (rows that
-//! failed their checks, kept as JSON), `fleet_settings` (state every
-//! daemon obeys) and `schema_version` (see [`schema`]).
+//! row per item, the payload's CRC-32 beside it), `totals` (the item and
+//! byte counts admission caps, kept by triggers on `items` as rows of
+//! differences), `quarantine` (rows that failed their checks, kept as
+//! JSON), `fleet_settings` (state every daemon obeys) and
+//! `schema_version` (see [`schema`]).
 //!
 //! # Crates
 //! `postgres` (the synchronous client over tokio-postgres, by the same
@@ -115,6 +117,8 @@ struct Names {
     items: String,
     quarantine: String,
     settings: String,
+    /// What admission caps (see `schema.rs`, version 2).
+    totals: String,
     update_sql: String,
 }
 
@@ -185,6 +189,7 @@ impl PostgresRetryQueue {
             items,
             quarantine: format!("{q}.quarantine"),
             settings: format!("{q}.fleet_settings"),
+            totals: format!("{q}.totals"),
         };
         let lock_class = schema::instance_lock_class(&pg.schema);
         let subscribers: session::Subscribers = Arc::default();

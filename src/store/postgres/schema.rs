@@ -7,6 +7,9 @@
 //! and the others wait, then find the version current and do nothing. A
 //! database whose version is newer than this binary knows is refused,
 //! naming both versions, before anything is written.
+//!
+//! Version 1 made the tables; version 2 added `totals`, which triggers on
+//! `items` keep, counted from the rows already there when it runs.
 
 use postgres::Client;
 use sha2::{Digest, Sha256};
@@ -14,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::options::quote_ident;
 
 /// The schema version this binary writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Why the schema could not be brought to [`SCHEMA_VERSION`].
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +48,10 @@ pub enum SchemaError {
 
 /// One migration: the version it brings the schema to and its DDL, with
 /// `{s}` standing for the quoted schema name.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE {s}.items (
     id           text COLLATE "C" PRIMARY KEY,
     item_type    text NOT NULL,
@@ -87,7 +91,66 @@ CREATE TABLE {s}.fleet_settings (
     updated_at timestamptz NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        // Version 2: `totals`, what admission caps, kept by triggers so a
+        // cap costs a sum over a few rows instead of a count of the table.
+        // Every statement that adds or removes rows appends one row of
+        // differences (a resize appends its own), so transactions never
+        // wait on one another for it; admission folds the rows back into
+        // one under its lock (`admit.rs`). Triggers rather than the
+        // store's code, so that every writer keeps it: an older retryq of
+        // the fleet still running during an upgrade, an operator's psql,
+        // the quarantine's `DELETE`.
+        //
+        // On a table that already holds rows, the `LOCK` keeps out every
+        // writer from before the triggers exist until this commits, so the
+        // count taken here plus what the triggers record after it is exact.
+        2,
+        r#"
+LOCK TABLE {s}.items IN SHARE ROW EXCLUSIVE MODE;
+CREATE TABLE {s}.totals (
+    items bigint NOT NULL,
+    bytes bigint NOT NULL
+);
+CREATE FUNCTION {s}.retryq_items_added() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {s}.totals (items, bytes)
+        SELECT count(*), coalesce(sum(size_bytes), 0) FROM added HAVING count(*) > 0;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION {s}.retryq_items_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {s}.totals (items, bytes)
+        SELECT -count(*), -coalesce(sum(size_bytes), 0) FROM removed HAVING count(*) > 0;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION {s}.retryq_items_resized() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {s}.totals (items, bytes) VALUES (0, NEW.size_bytes - OLD.size_bytes);
+    RETURN NULL;
+END $$;
+CREATE FUNCTION {s}.retryq_items_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM {s}.totals;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER totals_added AFTER INSERT ON {s}.items
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.retryq_items_added();
+CREATE TRIGGER totals_removed AFTER DELETE ON {s}.items
+    REFERENCING OLD TABLE AS removed
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.retryq_items_removed();
+CREATE TRIGGER totals_resized AFTER UPDATE OF size_bytes ON {s}.items
+    FOR EACH ROW WHEN (OLD.size_bytes IS DISTINCT FROM NEW.size_bytes)
+    EXECUTE FUNCTION {s}.retryq_items_resized();
+CREATE TRIGGER totals_truncated AFTER TRUNCATE ON {s}.items
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.retryq_items_truncated();
+INSERT INTO {s}.totals (items, bytes)
+    SELECT count(*), coalesce(sum(size_bytes), 0) FROM {s}.items;
+"#,
+    ),
+];
 
 /// A 64-bit advisory-lock key for `purpose` in `schema`.
 pub(super) fn lock_key(purpose: &str, schema: &str) -> i64 {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::options::{quote_ident, validate_schema_name};
 use super::*;
+use crate::store::WriteOp;
 
 fn opts(url: &str) -> PostgresOptions {
     PostgresOptions {
@@ -218,4 +219,186 @@ fn a_schema_newer_than_the_binary_is_refused_naming_both_versions() {
         "{text}"
     );
     assert!(text.contains(&options.schema), "{text}");
+}
+
+/// What `totals` adds up to, and what the table itself holds.
+fn kept_and_real(store: &PostgresRetryQueue) -> ((i64, i64), (i64, i64)) {
+    let mut conn = store.conn("test").unwrap();
+    let kept = conn
+        .query_one(
+            &format!(
+                "SELECT coalesce(sum(items), 0)::bigint, coalesce(sum(bytes), 0)::bigint FROM {}",
+                store.names.totals
+            ),
+            &[],
+        )
+        .unwrap();
+    let real = conn
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(sum(size_bytes), 0)::bigint FROM {}",
+                store.names.items
+            ),
+            &[],
+        )
+        .unwrap();
+    ((kept.get(0), kept.get(1)), (real.get(0), real.get(1)))
+}
+
+fn totals_rows(store: &PostgresRetryQueue) -> i64 {
+    let mut conn = store.conn("test").unwrap();
+    conn.query_one(&format!("SELECT count(*) FROM {}", store.names.totals), &[])
+        .unwrap()
+        .get(0)
+}
+
+fn new_item(name: &str) -> crate::item::NewItem {
+    crate::item::NewItem::new(
+        crate::item::Payload::from_json_str(&format!("{{\"for\":\"{name}\"}}")).unwrap(),
+    )
+    .with_id(crate::item::ItemId::parse(name).unwrap())
+}
+
+fn server_options(test: &str) -> Option<PostgresOptions> {
+    let (url, password_file) = test_server(test)?;
+    Some(PostgresOptions {
+        password_file: Some(password_file),
+        schema: fresh_schema(),
+        ..opts(&url)
+    })
+}
+
+#[test]
+fn the_kept_totals_follow_every_write() {
+    let Some(options) = server_options("the_kept_totals_follow_every_write") else {
+        return;
+    };
+    let capped = StoreOptions {
+        max_items: 6,
+        overflow: crate::store::OverflowPolicy::DropOldest,
+        ..StoreOptions::default()
+    };
+    let store = PostgresRetryQueue::open(&options, capped.clone()).unwrap();
+    let check = |step: &str| {
+        let (kept, real) = kept_and_real(&store);
+        assert_eq!(kept, real, "after {step}: kept totals, then the table's");
+    };
+    check("open");
+    store
+        .enqueue_batch((0..5).map(|n| new_item(&format!("a{n}"))).collect())
+        .unwrap();
+    check("a batch");
+    for n in 0..4 {
+        store.enqueue(new_item(&format!("b{n}"))).unwrap();
+    }
+    check("enqueues that evict");
+    assert!(store.stats().unwrap().evicted > 0);
+    let claimed = store.claim(4, Duration::from_secs(60)).unwrap();
+    check("a claim");
+    let long = "x".repeat(500);
+    store
+        .requeue(&claimed[0].id, &long, chrono::Utc::now())
+        .unwrap();
+    check("a requeue that grows the item");
+    store.mark_failed(&claimed[1].id, "short").unwrap();
+    check("a dead letter");
+    store.release(&claimed[2].id).unwrap();
+    store.delete(&claimed[3].id).unwrap();
+    check("a release and a delete");
+    let mut grown = store.get(&claimed[2].id).unwrap();
+    grown.last_error = "y".repeat(300);
+    store.update(&grown).unwrap();
+    check("an update");
+    let outcomes = store
+        .apply_batch(vec![
+            WriteOp::Delete {
+                id: claimed[2].id.clone(),
+            },
+            WriteOp::Enqueue(new_item("c0")),
+            WriteOp::Delete {
+                id: claimed[0].id.clone(),
+            },
+            WriteOp::Enqueue(new_item("c1")),
+        ])
+        .unwrap();
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    check("a group commit");
+    let lowered = PostgresRetryQueue::open(
+        &options,
+        StoreOptions {
+            max_items: 2,
+            instance_id: "lowered".into(),
+            ..capped.clone()
+        },
+    )
+    .unwrap();
+    assert!(lowered.enforce_limits().unwrap() > 0);
+    check("lowered limits");
+    lowered.close().unwrap();
+    store.cleanup(Duration::ZERO).unwrap();
+    check("a cleanup");
+    assert_eq!(kept_and_real(&store).1 .0, 0, "the cleanup left items");
+    // Many single writes, then one admission: the rows are folded, the
+    // sum kept.
+    let roomy = PostgresRetryQueue::open(
+        &options,
+        StoreOptions {
+            instance_id: "roomy".into(),
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    for n in 0..(admit::FOLD_AT + 10) {
+        roomy.enqueue(new_item(&format!("d{n}"))).unwrap();
+        if n % 2 == 0 {
+            roomy
+                .delete(&crate::item::ItemId::parse(&format!("d{n}")).unwrap())
+                .unwrap();
+        }
+    }
+    check("many writes");
+    // At most a fold's row, then the rows up to the next fold, then the
+    // two writes of the last round.
+    assert!(totals_rows(&roomy) <= admit::FOLD_AT + 2, "never folded");
+    roomy.close().unwrap();
+    store.close().unwrap();
+}
+
+#[test]
+fn a_schema_at_version_1_gets_totals_counted_from_its_rows() {
+    let Some(options) = server_options("a_schema_at_version_1_gets_totals_counted_from_its_rows")
+    else {
+        return;
+    };
+    let store = PostgresRetryQueue::open(&options, StoreOptions::default()).unwrap();
+    store
+        .enqueue_batch((0..7).map(|n| new_item(&format!("e{n}"))).collect())
+        .unwrap();
+    let q = quote_ident(&options.schema);
+    // Back to what version 1 left: no totals, no triggers.
+    store
+        .conn("test")
+        .unwrap()
+        .batch_execute(&format!(
+            "DROP TABLE {q}.totals;
+             DROP FUNCTION {q}.retryq_items_added, {q}.retryq_items_removed,
+                 {q}.retryq_items_resized, {q}.retryq_items_truncated CASCADE;
+             DELETE FROM {q}.schema_version WHERE version > 1;"
+        ))
+        .unwrap();
+    store.close().unwrap();
+    drop(store);
+    let capped = StoreOptions {
+        max_items: 8,
+        ..StoreOptions::default()
+    };
+    let store = PostgresRetryQueue::open(&options, capped).unwrap();
+    let (kept, real) = kept_and_real(&store);
+    assert_eq!(kept, real);
+    assert_eq!(real.0, 7);
+    // The cap counts what was there before the migration.
+    store.enqueue(new_item("f0")).unwrap();
+    let err = store.enqueue(new_item("f1")).unwrap_err();
+    assert!(matches!(err, QueueError::QueueFull { .. }), "{err}");
+    store.close().unwrap();
 }

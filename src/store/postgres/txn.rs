@@ -2,6 +2,7 @@
 //! one-transaction writes, the admission lock, NOTIFY, quarantine, and
 //! the state changes every operation (single or batched) shares.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -395,8 +396,11 @@ impl PostgresRetryQueue {
         admit::DbView {
             tx,
             items_table: &self.names.items,
+            totals_table: &self.names.totals,
             endpoint: &self.endpoint,
             totals: None,
+            live_by_fingerprint: HashMap::new(),
+            looked_up_ids: HashMap::new(),
         }
     }
 
