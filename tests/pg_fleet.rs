@@ -508,11 +508,20 @@ fn an_operator_pause_holds_fleet_wide_and_across_restarts_but_a_401_stays_local(
         "the fleet did not resume: node 1 {}",
         d(&daemons, 1)
     );
-    // The others read the fleet's pause every half second.
+    // The others read the fleet's pause every half second, node 0 too: it
+    // drops the fleet's pause when it reads the resume, and only then shows
+    // its own 401 pause again (waiting for that was missing, and the check
+    // below failed whenever node 0 read the resume after nodes 1 and 2).
     let all_resumed = wait_until(Duration::from_secs(5), || {
         [1, 2].iter().all(|&i| d(&daemons, i)["paused"] == false)
+            && d(&daemons, 0)["pause_reason"] != reason
     });
-    assert!(all_resumed, "node 1 still paused: {}", d(&daemons, 1));
+    assert!(
+        all_resumed,
+        "a node still holds the fleet's pause: node 0 {}, node 1 {}",
+        d(&daemons, 0),
+        d(&daemons, 1)
+    );
     let node0 = d(&daemons, 0);
     assert_eq!(
         node0["paused"], true,
