@@ -180,13 +180,7 @@ impl AdmissionView for DbView<'_, '_> {
         let row = self.tx.query_one(&sql, &[]).map_err(|e| self.err(e))?;
         let (items, bytes, rows): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
         if rows > FOLD_AT {
-            let fold = format!(
-                "WITH folded AS (DELETE FROM {t} RETURNING items, bytes) \
-                 INSERT INTO {t} (items, bytes) \
-                 SELECT coalesce(sum(items), 0), coalesce(sum(bytes), 0) FROM folded",
-                t = self.totals_table
-            );
-            self.tx.execute(&fold, &[]).map_err(|e| self.err(e))?;
+            fold_totals(self.tx, self.totals_table).map_err(|e| self.err(e))?;
         }
         let totals = Totals {
             items: items.max(0) as u64,
@@ -234,6 +228,21 @@ impl AdmissionView for DbView<'_, '_> {
             })
             .collect())
     }
+}
+
+/// Folds the rows of `totals_table` into one. Only for a holder of the
+/// admission lock: two folds must not race (see [`DbView::totals`]).
+pub(super) fn fold_totals(
+    tx: &mut postgres::Transaction<'_>,
+    totals_table: &str,
+) -> Result<u64, postgres::Error> {
+    let fold = format!(
+        "WITH folded AS (DELETE FROM {t} RETURNING items, bytes) \
+         INSERT INTO {t} (items, bytes) \
+         SELECT coalesce(sum(items), 0), coalesce(sum(bytes), 0) FROM folded",
+        t = totals_table
+    );
+    tx.execute(&fold, &[])
 }
 
 /// How many rows of differences `totals` may hold before admission folds

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::options::{quote_ident, validate_schema_name};
 use super::*;
-use crate::store::WriteOp;
+use crate::store::{ListFilter, WriteOp};
 
 fn opts(url: &str) -> PostgresOptions {
     PostgresOptions {
@@ -360,6 +360,15 @@ fn the_kept_totals_follow_every_write() {
     // At most a fold's row, then the rows up to the next fold, then the
     // two writes of the last round.
     assert!(totals_rows(&roomy) <= admit::FOLD_AT + 2, "never folded");
+    // A drain appends a row per delete, with no admission to fold them:
+    // the janitor's cleanup does.
+    for item in roomy.list(&ListFilter::default()).unwrap() {
+        roomy.delete(&item.id).unwrap();
+    }
+    assert!(totals_rows(&roomy) > admit::FOLD_AT / 2, "the drain's rows");
+    roomy.cleanup(Duration::from_secs(3600)).unwrap();
+    check("a cleanup after a drain");
+    assert_eq!(totals_rows(&roomy), 1, "the cleanup did not fold");
     roomy.close().unwrap();
     store.close().unwrap();
 }

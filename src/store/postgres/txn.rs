@@ -76,6 +76,19 @@ impl PostgresRetryQueue {
             .map(|_| ())
     }
 
+    /// Takes the schema's admission lock for the rest of the transaction
+    /// if no one holds it; false (and nothing taken) otherwise.
+    pub(super) fn try_lock_admission(
+        &self,
+        tx: &mut Transaction<'_>,
+    ) -> Result<bool, postgres::Error> {
+        tx.query_one(
+            "SELECT pg_try_advisory_xact_lock($1)",
+            &[&self.admission_key],
+        )
+        .map(|row| row.get(0))
+    }
+
     /// Sends a wake-up to every listening daemon when `tx` commits.
     pub(super) fn notify(
         &self,
