@@ -91,19 +91,20 @@ impl Payload {
         if bytes.starts_with(super::sealed_form::BINARY_PREFIX) {
             return Ok(Payload::from_sealed_bytes(bytes));
         }
-        Self::from_trusted_text(bytes)
-    }
-
-    /// Text known to be compact JSON (a store's, or a sealed report that
-    /// just authenticated): only UTF-8 is checked.
-    pub(crate) fn from_trusted_text(bytes: Vec<u8>) -> QueueResult<Self> {
         let text = String::from_utf8(bytes)
             .map_err(|e| QueueError::invalid(format!("payload is not UTF-8: {e}")))?;
         Ok(Payload::json(text))
     }
 
-    /// [`Self::from_trusted_text`] from borrowed bytes (one copy, into the
-    /// shared buffer).
+    /// Text this crate wrote as compact JSON (a sealed payload's envelope),
+    /// taken as it is.
+    pub(crate) fn from_trusted_string(text: String) -> Self {
+        Payload::json(text)
+    }
+
+    /// A report that just authenticated, compact JSON when it was sealed:
+    /// only UTF-8 is checked, and the bytes are copied once, into the
+    /// shared buffer.
     pub(crate) fn from_trusted_slice(bytes: &[u8]) -> QueueResult<Self> {
         let text = std::str::from_utf8(bytes)
             .map_err(|e| QueueError::invalid(format!("payload is not UTF-8: {e}")))?;

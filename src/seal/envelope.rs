@@ -467,8 +467,7 @@ impl Sealer {
             Form::Binary => Ok(Payload::from_sealed_bytes(out)),
             Form::Text => {
                 let text = sealed_form::to_text(kid, item_id, &nonce, &out);
-                Payload::from_trusted_text(text.into_bytes())
-                    .map_err(|e| SealError::Seal(e.to_string()))
+                Ok(Payload::from_trusted_string(text))
             }
         }
     }

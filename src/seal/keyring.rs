@@ -38,7 +38,7 @@ use super::SealError;
 /// Length of a key in bytes (AES-256).
 pub const KEY_LEN: usize = 32;
 /// Length of a key ID in characters.
-pub const KEY_ID_LEN: usize = 8;
+pub const KEY_ID_LEN: usize = crate::item::sealed_form::KID_LEN;
 
 /// One key: its ID and its secret bytes.
 #[derive(Clone)]
