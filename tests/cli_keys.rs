@@ -243,6 +243,15 @@ fn a_missing_key_is_refused_by_the_cli_and_the_daemon_naming_it() {
     assert_eq!(stats["quarantined"], 3, "{stats}");
     assert_eq!(stats["total_items"], 1, "{stats}");
     env.ok(&["keys", "check"]);
+
+    // Without a keyring nothing tells a lost key from a held one: refused.
+    env.write_config("sqlite", false);
+    let out = env.run(&["keys", "quarantine", "--key-id", &lost]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("encryption is off"), "{}", stderr(&out));
+    let out = env.run(&["keys", "quarantine"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--key-id"), "{}", stderr(&out));
 }
 
 #[test]
