@@ -248,7 +248,11 @@ fn a_missing_key_is_refused_by_the_cli_and_the_daemon_naming_it() {
     env.write_config("sqlite", false);
     let out = env.run(&["keys", "quarantine", "--key-id", &lost]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("encryption is off"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("encryption is off"),
+        "{}",
+        stderr(&out)
+    );
     let out = env.run(&["keys", "quarantine"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--key-id"), "{}", stderr(&out));
