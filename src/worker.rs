@@ -97,6 +97,7 @@ impl RetryWorker {
         Ok(RetryWorker {
             shared: Arc::new(Shared {
                 clock: config.clock.clone(),
+                push_slots: tokio::sync::Semaphore::new(config.concurrency.max(1)),
                 config,
                 state: Mutex::new(DeliveryState::default()),
                 in_flight: Mutex::new(Default::default()),
@@ -529,7 +530,7 @@ impl Parts {
         let timeout = config.push_timeout;
         let store = StoreActor::new(self.store).start();
         let pusher = self.pusher;
-        let pusher_pool = PusherActor::new(pusher, timeout, config.concurrency).start();
+        let pusher_pool = PusherActor::new(pusher, timeout).start();
         let checker = self
             .checker
             .map(|c| SyncArbiter::start(1, move || CheckerActor::new(c.clone(), timeout)));

@@ -1047,7 +1047,10 @@ async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_af
 
 /// Handed-off items still waiting for a slot when the circuit opens go back
 /// to pending with no attempt spent, and wait for the circuit like the
-/// rest: none is pushed into the outage.
+/// rest: none is pushed into the outage. That holds for an item of another
+/// hand-off running at the same time, which had passed the gate and was
+/// waiting for the pusher's one slot: it looks at the gate again once it
+/// has the slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_handed_off_items_are_released_when_the_circuit_opens() {
     let dir = tempfile::tempdir().unwrap();
@@ -1073,14 +1076,22 @@ async fn waiting_handed_off_items_are_released_when_the_circuit_opens() {
         .map(Result::unwrap)
         .collect();
     wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
-    for id in &ids[2..] {
-        wait_until("the waiting item released", || {
+    for id in &ids {
+        wait_until("every item back to pending", || {
             queue.get(&ItemId::parse(id).unwrap()).unwrap().status() == ItemStatus::Pending
         })
         .await;
+    }
+    assert_eq!(
+        transport.push_count(),
+        1,
+        "only the push that opened the circuit went out: {:?}",
+        transport.counts()
+    );
+    let pushed = transport.counts().into_keys().next().unwrap();
+    for id in ids.iter().filter(|id| id.as_str() != pushed) {
         let released = queue.get(&ItemId::parse(id).unwrap()).unwrap();
-        assert_eq!(released.attempts, 0, "no attempt spent");
-        assert_eq!(transport.counts().get(id.as_str()), None, "not pushed");
+        assert_eq!(released.attempts, 0, "{id}: no attempt spent");
     }
     worker.stop(Duration::from_secs(5)).await.unwrap();
 }

@@ -3,7 +3,7 @@
 //!
 //! - [`store::StoreActor`]: the queue on a committer thread, group commit.
 //! - [`scheduler::SchedulerActor`]: when to deliver; outcomes to state.
-//! - [`pusher::PusherActor`]: the transport on reusable call threads, `concurrency` at once.
+//! - [`pusher::PusherActor`]: the transport on reusable call threads, each call held to its deadline.
 //! - [`checker::CheckerActor`]: the optional fingerprint checker.
 //! - [`janitor::JanitorActor`]: TTL, caps, quarantine, lease recovery.
 //!

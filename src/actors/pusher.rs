@@ -1,12 +1,15 @@
 //! The pusher actor: runs each push on a reusable call thread
-//! ([`CallPool`]), at most `concurrency` at once, and waits for it only
-//! until its deadline. A late push is a retryable failure and its thread is
+//! ([`CallPool`]) and waits for it only until its deadline. A late push is a retryable failure and its thread is
 //! abandoned (and replaced for later pushes); a panic inside the transport
 //! is contained and becomes a retryable failure of that one item.
 //!
 //! The actor itself is async: a push costs one thread switch there and one
 //! back, where a `SyncArbiter` thread in between (and a thread of its own
 //! per call to abandon it at the deadline) cost three.
+//!
+//! How many pushes run at once is the delivery core's decision
+//! ([`crate::delivery::Shared::push_slots`]): a push waiting for a slot must
+//! see the circuit open, and only the core knows the gates.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -15,7 +18,6 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Context, Handler, ResponseFuture};
 use retryq_plugin::host::{deadline_enforced_by_caller, CallPool};
 use retryq_plugin::{CallContext, ItemMeta, PushOutcome, Pusher};
-use tokio::sync::Semaphore;
 
 use super::messages::{Push, PushReport};
 use crate::item::QueueItem;
@@ -122,24 +124,20 @@ pub async fn push_with_deadline(
     }
 }
 
-/// The pusher actor: up to `concurrency` pushes at once, each on a
-/// reusable call thread.
+/// The pusher actor: each push on a reusable call thread.
 pub struct PusherActor {
     pusher: Arc<dyn Pusher>,
     timeout: Duration,
     pool: Arc<CallPool>,
-    slots: Arc<Semaphore>,
 }
 
 impl PusherActor {
-    /// An actor calling `pusher` with `timeout` per call, at most
-    /// `concurrency` calls at once (`worker.concurrency`).
-    pub fn new(pusher: Arc<dyn Pusher>, timeout: Duration, concurrency: usize) -> Self {
+    /// An actor calling `pusher` with `timeout` per call.
+    pub fn new(pusher: Arc<dyn Pusher>, timeout: Duration) -> Self {
         PusherActor {
             pusher,
             timeout,
             pool: Arc::new(CallPool::new("retryq-pusher")),
-            slots: Arc::new(Semaphore::new(concurrency.max(1))),
         }
     }
 }
@@ -151,17 +149,8 @@ impl Actor for PusherActor {
 impl Handler<Push> for PusherActor {
     type Result = ResponseFuture<PushReport>;
     fn handle(&mut self, msg: Push, _: &mut Context<Self>) -> Self::Result {
-        let (pusher, pool, slots, timeout) = (
-            self.pusher.clone(),
-            self.pool.clone(),
-            self.slots.clone(),
-            self.timeout,
-        );
-        Box::pin(async move {
-            // Never closed: the actor owns the semaphore.
-            let _slot = slots.acquire_owned().await;
-            push_with_deadline(&pool, pusher, msg.0, timeout).await
-        })
+        let (pusher, pool, timeout) = (self.pusher.clone(), self.pool.clone(), self.timeout);
+        Box::pin(async move { push_with_deadline(&pool, pusher, msg.0, timeout).await })
     }
 }
 

@@ -150,6 +150,11 @@ pub struct Shared {
     /// `in_flight`; `stop` takes it exclusively before it releases what is
     /// in flight, so items a claim returns meanwhile are not left leased.
     pub claim_gate: tokio::sync::RwLock<()>,
+    /// `config.concurrency` permits: one per push in flight, across every
+    /// cycle and hand-off running at once. A push takes its permit before it
+    /// looks at the gates, so one still waiting when the circuit opens (or a
+    /// 401 pauses delivery) is held back, not sent into the outage.
+    pub push_slots: tokio::sync::Semaphore,
 }
 
 impl Shared {

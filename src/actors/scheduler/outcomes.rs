@@ -191,9 +191,12 @@ enum Pushed {
     Done(PushReport),
 }
 
-/// Pushes `item` unless delivery is gated now (a probe is pushed by
-/// design), and counts the outcome against the circuit at once.
+/// Pushes `item` unless delivery is gated once it has a push slot (a probe
+/// is pushed by design), and counts the outcome against the circuit before
+/// it gives the slot back, so the next push in line sees that outcome.
 async fn push_unless_gated(shared: &Shared, io: &Io, item: QueueItem, probing: bool) -> Pushed {
+    // Never closed: `Shared` owns the semaphore.
+    let _slot = shared.push_slots.acquire().await;
     if !probing && !matches!(shared.gate(shared.clock.now()), Gate::Open) {
         return Pushed::Held(item);
     }
