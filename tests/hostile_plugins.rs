@@ -72,13 +72,15 @@ fn open_queue(dir: &Path) -> Arc<dyn RetryQueue> {
     Arc::new(SqliteRetryQueue::open(dir.join("q.db"), StoreOptions::default()).unwrap())
 }
 
-fn worker_config() -> RetryWorkerConfig {
+/// Room for the replays one at a time after a crash, child restarts
+/// included: they share the deadline of the call that was in flight.
+const REPLAY_ROOM: Duration = Duration::from_secs(10);
+
+fn worker_config(push_timeout: Duration) -> RetryWorkerConfig {
     RetryWorkerConfig {
         batch_size: 8,
         concurrency: 4,
-        // Room for the replays one at a time after a crash: they share the
-        // deadline of the call that was in flight.
-        push_timeout: Duration::from_secs(3),
+        push_timeout,
         lease: Duration::from_secs(30),
         ..RetryWorkerConfig::default()
     }
@@ -91,10 +93,20 @@ fn item(payload: &str) -> NewItem {
 /// Runs one batch of `good` innocent items and one poison item through a
 /// worker; checks the guarantees and returns the poison's `last_error`.
 async fn one_poison(poison: &str, good: &[&str]) -> (String, Arc<ProcessPusher>) {
+    one_poison_within(poison, good, REPLAY_ROOM).await
+}
+
+/// [`one_poison`] with pushes bounded by `push_timeout`.
+async fn one_poison_within(
+    poison: &str,
+    good: &[&str],
+    push_timeout: Duration,
+) -> (String, Arc<ProcessPusher>) {
     let dir = tempfile::tempdir().unwrap();
     let queue = open_queue(dir.path());
     let pusher = start(options());
-    let worker = RetryWorker::new(worker_config(), queue.clone(), pusher.clone()).unwrap();
+    let worker =
+        RetryWorker::new(worker_config(push_timeout), queue.clone(), pusher.clone()).unwrap();
     let mut goods = Vec::new();
     for (n, g) in good.iter().enumerate() {
         goods.push(
@@ -158,7 +170,7 @@ async fn a_child_that_dies_fails_only_its_item_and_names_the_cause() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hang_is_killed_at_the_deadline_and_unbounded_allocation_dies_alone() {
-    let (error, pusher) = one_poison("loop", &["a", "b", "c"]).await;
+    let (error, pusher) = one_poison_within("loop", &["a", "b", "c"], Duration::from_secs(3)).await;
     assert!(
         error.contains("hung in push past its deadline (3s)"),
         "{error}"
@@ -214,7 +226,9 @@ fn a_crash_loop_holds_restarts_back_and_does_not_spin() {
         crash_loop_deaths: 3,
         ..options()
     });
-    let ctx = || CallContext::with_timeout(Duration::from_secs(2));
+    // Room for a child to start on a loaded machine: each of the first
+    // three pushes must reach a child and kill it.
+    let ctx = || CallContext::with_timeout(Duration::from_secs(10));
     let mut messages = Vec::new();
     for n in 0..20 {
         let meta = ItemMeta {
@@ -560,7 +574,9 @@ fn plugins_check_gives_a_crashing_plugin_a_verdict_naming_the_call() {
 #[test]
 fn plugins_check_gives_a_hanging_plugin_a_verdict() {
     let (_dir, lib) = compile_hostile(&["-DALWAYS=\"loop\""]);
-    let (code, stdout) = plugins_check(&lib, "1s");
+    // Long enough for the child to start and load the plugin on a loaded
+    // machine; the hang outlasts any deadline.
+    let (code, stdout) = plugins_check(&lib, "3s");
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("the plugin hangs in push"), "{stdout}");
 }
