@@ -17,7 +17,8 @@ use retryq::{ItemStatus, NewItem, Payload, QueueError};
 const CHILD_ENV: &str = "RETRYQ_KILL_TEST_DIR";
 /// Steps the parent waits for before killing the child, one run each.
 const KILL_POINTS: [usize; 3] = [3, 40, 150];
-/// The child stops by itself after this many steps (if never killed).
+/// The child runs out of steps after this many, and then waits, holding the
+/// store, until it is killed or its parent closes its stdin.
 const MAX_STEPS: u64 = 5_000;
 
 /// What step `k` does, the same in child and parent.
@@ -100,6 +101,9 @@ fn child_workload() {
         // A closed pipe (parent gone) panics here and ends the child.
         println!("ACK {k}");
     }
+    // Still the store's holder when the parent looks at the lock, however
+    // long the parent was descheduled; gone with the parent.
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
 }
 
 #[test]
@@ -120,6 +124,7 @@ fn kill_after(acks_before_kill: usize) {
             "--test-threads=1",
         ])
         .env(CHILD_ENV, &dir)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
