@@ -72,14 +72,25 @@ fn a_hanging_upstream_costs_one_attempt_per_deadline() {
         !error.contains("0ns") && (error.contains("1s") || error.contains("timed out")),
         "last_error does not name the 1 s deadline: {item}"
     );
-    // One attempt per deadline: about one a second plus the 100 ms backoff.
-    std::thread::sleep(Duration::from_secs(2));
-    let attempts = daemon.api_ok("GET", &path, None, 200)["attempts"]
-        .as_u64()
-        .unwrap();
+    // One attempt per deadline. Without one there is never a second
+    // attempt; with too short a one, pushes follow each other at the 100 ms
+    // backoff and 200 ms interval.
     assert!(
-        (2..=4).contains(&attempts),
-        "{attempts} attempts after about 3 s of 1 s deadlines"
+        wait_until(Duration::from_secs(30), || {
+            daemon.api_ok("GET", &path, None, 200)["attempts"].as_u64() >= Some(3)
+                && upstream.request_count() >= 3
+        }),
+        "no third attempt of a hung push: {}",
+        daemon.api_ok("GET", &path, None, 200)
+    );
+    // Each push starts at least 1.1 s (deadline and backoff) after the one
+    // before: three span 2.2 s, less however much later the first reached
+    // the upstream in its push than the third did. 1.5 s leaves that room.
+    let requests = upstream.requests();
+    let span = requests[2].at - requests[0].at;
+    assert!(
+        span >= Duration::from_millis(1500),
+        "three pushes to a hung upstream within {span:?}: the 1 s deadline was not waited out"
     );
     upstream.set_mode(Mode::Accept);
     assert!(
