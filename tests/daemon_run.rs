@@ -9,7 +9,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -21,18 +21,31 @@ fn chaos_lib() -> PathBuf {
     support::plugin_lib("retryq_chaos")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Deployment {
     dir: tempfile::TempDir,
-    port: u16,
     backend: &'static str,
+}
+
+/// A running `retryq run` and the port its admin API listens on (the
+/// kernel's pick: `listen` is port 0). Killed if a test panics with it.
+struct Daemon {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Daemon {
+    fn id(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Deployment {
@@ -45,11 +58,7 @@ impl Deployment {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("plugins")).unwrap();
         std::fs::copy(chaos_lib(), dir.path().join("plugins/libretryq_chaos.so")).unwrap();
-        Deployment {
-            dir,
-            port: free_port(),
-            backend,
-        }
+        Deployment { dir, backend }
     }
 
     fn store_path(&self) -> PathBuf {
@@ -57,6 +66,21 @@ impl Deployment {
             "files" => self.dir.path().join("queue"),
             _ => self.dir.path().join("queue.db"),
         }
+    }
+
+    fn owner_lock(&self) -> PathBuf {
+        match self.backend {
+            "files" => self.store_path().join(".retryq.owner.lock"),
+            _ => self.dir.path().join("queue.db.owner.lock"),
+        }
+    }
+
+    /// The owner lock's content once `pid` wrote its admin address there.
+    fn owner_with_addr(&self, pid: u32) -> Option<serde_json::Value> {
+        let owner: serde_json::Value = std::fs::read_to_string(self.owner_lock())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())?;
+        (owner["pid"] == pid && owner["admin_addr"].is_string()).then_some(owner)
     }
 
     fn delivered_dir(&self) -> PathBuf {
@@ -107,7 +131,7 @@ record_dir = "{rec}"
 [plugins]
 search_path = ["{plugins}"]
 [admin]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 [log]
 level = "info"
 "#,
@@ -115,14 +139,16 @@ level = "info"
                 db = self.store_path().display(),
                 rec = self.delivered_dir().display(),
                 plugins = d.join("plugins").display(),
-                port = self.port,
             ),
         )
         .unwrap();
         path
     }
 
-    fn start(&self, config: &Path) -> Child {
+    /// Starts `retryq run` and waits for its API, found (as the CLI finds
+    /// it) through the address it writes into the owner lock: a port picked
+    /// beforehand could be taken by someone else before the daemon binds it.
+    fn start(&self, config: &Path) -> Daemon {
         let child = Command::new(BIN)
             .arg("--config")
             .arg(config)
@@ -133,10 +159,23 @@ level = "info"
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        wait_for("the admin API", || {
-            http(self.port, "GET", "/healthz", None).is_some_and(|(s, _)| s == 200)
+        let mut daemon = Daemon {
+            child: Some(child),
+            port: 0,
+        };
+        let pid = daemon.id();
+        let mut owner = None;
+        wait_for("the admin address in the owner lock", || {
+            let exited = daemon.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(exited.is_none(), "retryq run exited: {exited:?}");
+            owner = self.owner_with_addr(pid);
+            owner.is_some()
         });
-        child
+        daemon.port = port_of(&owner.unwrap());
+        wait_for("the admin API", || {
+            http(daemon.port, "GET", "/healthz", None).is_some_and(|(s, _)| s == 200)
+        });
+        daemon
     }
 
     fn cli(&self, config: &Path, args: &[&str], stdin: Option<&str>) -> String {
@@ -222,6 +261,13 @@ fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> Option<(u16
     Some((status, body))
 }
 
+/// Whether the chaos plugin recorded a delivery of every one of `ids`.
+fn all_delivered(dep: &Deployment, ids: &[String]) -> bool {
+    let delivered = dep.deliveries();
+    ids.iter()
+        .all(|id| delivered.iter().any(|f| f.starts_with(&format!("{id}__"))))
+}
+
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     // A bounded wait for the daemon to act, not a timing assertion.
     for _ in 0..600 {
@@ -233,7 +279,17 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-fn sigterm(mut child: Child) -> i32 {
+/// The port of the admin address in an owner lock.
+fn port_of(owner: &serde_json::Value) -> u16 {
+    owner["admin_addr"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no admin port in the owner lock: {owner}"))
+}
+
+fn sigterm(mut daemon: Daemon) -> i32 {
+    let mut child = daemon.child.take().unwrap();
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -260,13 +316,9 @@ fn the_daemon_delivers_what_the_cli_enqueues_and_guards_its_api() {
             .to_owned()
         })
         .collect();
-    wait_for("three deliveries", || dep.deliveries().len() == 3);
-    for id in &ids {
-        assert!(
-            dep.deliveries().iter().any(|f| f.starts_with(id.as_str())),
-            "{id} delivered"
-        );
-    }
+    // Every ID, not a count of files: a push recorded and then timed out
+    // and retried leaves a second file for its item.
+    wait_for("three deliveries", || all_delivered(&dep, &ids));
     // A push is acknowledged (deleted) in the commit after it: wait for it.
     wait_for("the acknowledgements", || {
         let stats = dep.cli(&config, &["stats", "--json"], None);
@@ -275,10 +327,10 @@ fn the_daemon_delivers_what_the_cli_enqueues_and_guards_its_api() {
     });
 
     // The API needs the token for everything but health.
-    assert_eq!(http(dep.port, "GET", "/v1/stats", None).unwrap().0, 401);
-    let (status, body) = http(dep.port, "GET", "/v1/stats", Some(TOKEN)).unwrap();
+    assert_eq!(http(daemon.port, "GET", "/v1/stats", None).unwrap().0, 401);
+    let (status, body) = http(daemon.port, "GET", "/v1/stats", Some(TOKEN)).unwrap();
     assert_eq!(status, 200, "{body}");
-    let (status, metrics) = http(dep.port, "GET", "/metrics", Some(TOKEN)).unwrap();
+    let (status, metrics) = http(daemon.port, "GET", "/metrics", Some(TOKEN)).unwrap();
     assert_eq!(status, 200);
     assert!(metrics.contains("retryq_"), "{metrics}");
 
@@ -315,15 +367,13 @@ fn sigterm_during_an_outage_loses_nothing_and_a_restart_drains() {
     // The upstream is back: a restart drains the backlog.
     let up = dep.config(0);
     let daemon = dep.start(&up);
-    wait_for("the backlog to drain", || dep.deliveries().len() == 5);
-    for id in &ids {
-        assert!(dep.deliveries().iter().any(|f| f.starts_with(id.as_str())));
-    }
+    wait_for("the backlog to drain", || all_delivered(&dep, &ids));
     assert_eq!(sigterm(daemon), 0);
 }
 
 /// Sends SIGKILL: no graceful stop, no lease released.
-fn kill9(mut child: Child) {
+fn kill9(mut daemon: Daemon) {
+    let mut child = daemon.child.take().unwrap();
     let ok = Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
         .status()
@@ -339,16 +389,11 @@ fn a_second_daemon_on_the_same_store_is_refused_naming_the_first() {
         let dep = Deployment::on(backend);
         let config = dep.config(0);
         let first = dep.start(&config);
-        // Same store, another port: only the store is shared.
-        let other = dep.dir.path().join("second.toml");
-        let text = std::fs::read_to_string(&config).unwrap().replace(
-            &format!("127.0.0.1:{}", dep.port),
-            &format!("127.0.0.1:{}", free_port()),
-        );
-        std::fs::write(&other, text).unwrap();
+        // Same config: only the store is shared, as each listens on a port
+        // of the kernel's choosing.
         let out = Command::new(BIN)
             .arg("--config")
-            .arg(&other)
+            .arg(&config)
             .arg("run")
             .env("RETRYQ_ADMIN_TOKEN", TOKEN)
             .current_dir(dep.dir.path())
@@ -371,7 +416,7 @@ fn a_second_daemon_on_the_same_store_is_refused_naming_the_first() {
             );
         }
         // The first one is untouched and still serving.
-        let (status, _) = http(dep.port, "GET", "/v1/stats", Some(TOKEN)).unwrap();
+        let (status, _) = http(first.port, "GET", "/v1/stats", Some(TOKEN)).unwrap();
         assert_eq!(status, 200, "{backend}");
         assert_eq!(sigterm(first), 0, "{backend}");
     }
@@ -523,10 +568,7 @@ fn after_kill_9_the_next_daemon_takes_the_killed_ones_claims_back_at_once() {
             "push_timeout = \"2s\"\nlease = \"5m\"\nmax_attempts = 1000",
         );
         let daemon = dep.start(&up);
-        wait_for("every item delivered", || {
-            ids.iter()
-                .all(|id| dep.deliveries().iter().any(|f| f.starts_with(id.as_str())))
-        });
+        wait_for("every item delivered", || all_delivered(&dep, &ids));
         assert_eq!(sigterm(daemon), 0, "{backend}");
     }
 }
@@ -535,40 +577,15 @@ fn after_kill_9_the_next_daemon_takes_the_killed_ones_claims_back_at_once() {
 fn with_port_0_the_cli_finds_the_daemon_through_the_owner_lock() {
     let dep = Deployment::new();
     let config = dep.config(1_000_000);
-    // Let the kernel pick the port: only the owner lock says which.
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&format!("127.0.0.1:{}", dep.port), "127.0.0.1:0");
-    std::fs::write(&config, text).unwrap();
-    let daemon = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .env("RETRYQ_ADMIN_TOKEN", TOKEN)
-        .current_dir(dep.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lock = dep.dir.path().join("queue.db.owner.lock");
-    let mut owner = serde_json::Value::Null;
-    wait_for("the admin address in the owner lock", || {
-        owner = std::fs::read_to_string(&lock)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(serde_json::Value::Null);
-        owner["admin_addr"].is_string()
-    });
-    assert_eq!(owner["pid"], daemon.id(), "{owner}");
-    let port: u16 = owner["admin_addr"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    // The kernel picks the port (every deployment here listens on port 0):
+    // only the owner lock says which.
+    let daemon = dep.start(&config);
+    let owner = dep
+        .owner_with_addr(daemon.id())
+        .expect("the daemon's pid and admin address in the owner lock");
+    let port = port_of(&owner);
     assert_ne!(port, 0);
+    assert_eq!(port, daemon.port, "{owner}");
 
     // Pause needs the daemon: it is found.
     let paused = dep.cli_json(&config, &["pause"], None);
