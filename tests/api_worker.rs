@@ -3,7 +3,7 @@
 
 use retryq::item::ItemId;
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
@@ -178,12 +178,28 @@ async fn api_drives_the_real_worker_and_metrics_follow_its_outcomes() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
 
-/// Answers after a pause, so a test can look at an item mid-push.
-struct SlowUpstream;
+/// Answers only once let go (or after 30 s, so a failed test cannot hang
+/// on it), so a test can look at an item mid-push without racing a timer.
+#[derive(Default)]
+struct HeldUpstream {
+    let_go: Mutex<bool>,
+    changed: Condvar,
+}
 
-impl Pusher for SlowUpstream {
+impl HeldUpstream {
+    fn let_go(&self) {
+        *self.let_go.lock().unwrap() = true;
+        self.changed.notify_all();
+    }
+}
+
+impl Pusher for HeldUpstream {
     fn push(&self, _item: &ItemMeta, _payload: &[u8], _ctx: &CallContext) -> PushOutcome {
-        std::thread::sleep(Duration::from_millis(300));
+        let held = self.let_go.lock().unwrap();
+        let _ = self
+            .changed
+            .wait_timeout_while(held, Duration::from_secs(30), |let_go| !*let_go)
+            .unwrap();
         PushOutcome::Delivered
     }
 }
@@ -195,7 +211,8 @@ impl Pusher for SlowUpstream {
 #[actix_web::test]
 async fn api_ingest_goes_through_the_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let (queue, worker) = sqlite_worker(dir.path(), Arc::new(SlowUpstream));
+    let upstream = Arc::new(HeldUpstream::default());
+    let (queue, worker) = sqlite_worker(dir.path(), upstream.clone());
     worker.start().await.unwrap();
     let (state, config) = api_over(&queue, &worker, Arc::new(Metrics::new()));
     let svc = test::init_service(App::new().configure(admin::routes(&config, &state))).await;
@@ -236,6 +253,7 @@ async fn api_ingest_goes_through_the_worker() {
     );
     assert_eq!(queue.size().unwrap(), size_before);
 
+    upstream.let_go();
     for _ in 0..3000 {
         if queue.size().unwrap() == 0 {
             break;

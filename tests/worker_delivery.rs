@@ -5,7 +5,7 @@ use retryq::item::ItemId;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -28,6 +28,28 @@ struct Scripted {
     active: Mutex<HashSet<String>>,
     overlapped: AtomicBool,
     delay: Mutex<Duration>,
+    /// Pushes of these items wait (already `active`) until the hold changes:
+    /// a test looks at an item mid-push without racing a timer.
+    held: Mutex<Hold>,
+    held_changed: Condvar,
+}
+
+#[derive(Default, PartialEq)]
+enum Hold {
+    #[default]
+    Nothing,
+    Everything,
+    Only(String),
+}
+
+impl Hold {
+    fn holds(&self, id: &str) -> bool {
+        match self {
+            Hold::Nothing => false,
+            Hold::Everything => true,
+            Hold::Only(held) => held == id,
+        }
+    }
 }
 
 impl Scripted {
@@ -38,6 +60,10 @@ impl Scripted {
     }
     fn set(&self, outcome: PushOutcome) {
         *self.fallback.lock().unwrap() = Some(outcome);
+    }
+    fn hold(&self, hold: Hold) {
+        *self.held.lock().unwrap() = hold;
+        self.held_changed.notify_all();
     }
     fn push_count(&self) -> usize {
         self.pushes.lock().unwrap().len()
@@ -56,6 +82,12 @@ impl Pusher for Scripted {
         if !self.active.lock().unwrap().insert(item.id.clone()) {
             self.overlapped.store(true, Ordering::SeqCst);
         }
+        let held = self.held.lock().unwrap();
+        drop(
+            self.held_changed
+                .wait_while(held, |held| held.holds(&item.id))
+                .unwrap(),
+        );
         let delay = *self.delay.lock().unwrap();
         if !delay.is_zero() {
             std::thread::sleep(delay);
@@ -822,7 +854,7 @@ async fn an_enqueue_goes_straight_to_delivery_stored_claimed() {
     let dir = tempfile::tempdir().unwrap();
     let queue = roomy_sqlite_queue(dir.path());
     let transport = Scripted::always(PushOutcome::Delivered);
-    *transport.delay.lock().unwrap() = Duration::from_millis(300);
+    transport.hold(Hold::Everything);
     let config = RetryWorkerConfig::default();
     let lease = config.lease;
     let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
@@ -836,6 +868,7 @@ async fn an_enqueue_goes_straight_to_delivery_stored_claimed() {
         stored.lease_until(),
         Some(stored.created_at + chrono::Duration::from_std(lease).unwrap())
     );
+    transport.hold(Hold::Nothing);
     wait_until("delivered", || queue.size().unwrap() == 0).await;
     assert_eq!(transport.counts().get(id.as_str()), Some(&1));
     worker.stop(Duration::from_secs(5)).await.unwrap();
@@ -849,7 +882,7 @@ async fn gated_delivery_stores_enqueues_pending() {
     let dir = tempfile::tempdir().unwrap();
     let queue = roomy_sqlite_queue(dir.path());
     let transport = Scripted::always(PushOutcome::Delivered);
-    *transport.delay.lock().unwrap() = Duration::from_millis(300);
+    transport.hold(Hold::Everything);
     let mut config = RetryWorkerConfig::default();
     config.circuit.threshold = 1;
     config.circuit.cooldown = Duration::from_secs(3600);
@@ -870,10 +903,10 @@ async fn gated_delivery_stores_enqueues_pending() {
     let claimed = queue.get(&paused).unwrap();
     assert_eq!(claimed.status(), ItemStatus::Processing);
     assert!(claimed.updated_at > claimed.created_at);
+    transport.hold(Hold::Nothing);
     wait_until("delivered", || queue.size().unwrap() == 0).await;
 
     // The circuit opens on the first failure.
-    *transport.delay.lock().unwrap() = Duration::ZERO;
     transport.set(PushOutcome::retryable("connection refused"));
     let failing = worker.enqueue(item(2)).await.unwrap();
     wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
@@ -1000,7 +1033,7 @@ async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_af
     let env = Env::new();
     let queue = env.store();
     let transport = Scripted::always(PushOutcome::Delivered);
-    *transport.delay.lock().unwrap() = Duration::from_millis(300);
+    transport.hold(Hold::Everything);
     let mut config = env.config();
     // Outbox room 4; two batches of one run at once, the third item waits.
     config.batch_size = 1;
@@ -1024,6 +1057,7 @@ async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_af
     })
     .await;
     env.clock.advance(lease / 2 + Duration::from_secs(1));
+    transport.hold(Hold::Only(ids[2].to_string()));
     wait_until("the waiting item's push", || {
         transport.active.lock().unwrap().contains(ids[2].as_str())
     })
@@ -1033,6 +1067,7 @@ async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_af
         reclaimed.updated_at > reclaimed.created_at,
         "pushed under a fresh claim: {reclaimed:?}"
     );
+    transport.hold(Hold::Nothing);
     wait_until("all delivered", || queue.size().unwrap() == 0).await;
     worker.stop(Duration::from_secs(5)).await.unwrap();
     for id in &ids {
