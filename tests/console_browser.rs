@@ -13,7 +13,7 @@
 
 mod console_support;
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -67,7 +67,7 @@ fn screenshot_dir() -> PathBuf {
     dir
 }
 
-/// chromedriver on a free port, and a fresh Chromium profile.
+/// chromedriver on a port of its own choosing, and a fresh Chromium profile.
 struct Browser {
     driver: Child,
     client: Option<Client>,
@@ -76,16 +76,15 @@ struct Browser {
 
 impl Browser {
     async fn start() -> Browser {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
+        // Port 0, and the port read from its banner: a port picked here
+        // and handed over could be taken before chromedriver binds it.
+        let mut driver = Command::new(CHROMEDRIVER)
+            .arg("--port=0")
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("start chromedriver");
+        let port = driver_port(&mut driver).await;
         let profile = tempfile::tempdir().expect("profile dir");
         let caps: serde_json::Map<String, Value> = serde_json::from_value(json!({
             "browserName": "chrome",
@@ -130,6 +129,39 @@ impl Browser {
         if let Some(client) = self.client.take() {
             let _ = client.close().await;
         }
+    }
+}
+
+/// The port in chromedriver's "ChromeDriver was started successfully on
+/// port N." line; its stdout is drained afterwards so it never blocks.
+async fn driver_port(driver: &mut Child) -> u16 {
+    let stdout = driver.stdout.take().expect("chromedriver stdout");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+        let mut seen = Vec::new();
+        let port = loop {
+            let Some(line) = lines.next() else {
+                break Err(format!("chromedriver said no port: {seen:?}"));
+            };
+            if line.contains("started successfully") {
+                break line
+                    .trim_end_matches('.')
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .ok_or_else(|| format!("no port in {line:?}"));
+            }
+            seen.push(line);
+        };
+        let _ = tx.send(port);
+        lines.for_each(drop);
+    });
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok(port))) => port,
+        Ok(Ok(Err(e))) => panic!("{e}"),
+        Ok(Err(_)) => panic!("chromedriver's stdout reader stopped"),
+        Err(_) => panic!("chromedriver did not say its port within 30 s"),
     }
 }
 

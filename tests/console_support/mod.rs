@@ -9,7 +9,6 @@ mod support;
 #[path = "../system/upstream.rs"]
 pub mod upstream;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,14 +19,6 @@ pub use upstream::{Mode, Upstream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_retryq");
 pub const TOKEN: &str = "console-test-token-0123456789";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("its address")
-        .port()
-}
 
 /// A running daemon; killed when dropped (tests that care stop it with
 /// SIGTERM through [`Daemon::sigterm`]).
@@ -74,7 +65,6 @@ impl Daemon {
         let lib = support::plugin_lib("retryq_http");
         let plugin = plugins.join(lib.file_name().expect("library name"));
         std::fs::copy(&lib, &plugin).expect("copy the http plugin");
-        let port = free_port();
         let config = dir.path().join("retryq.toml");
         let tls_lines = match tls {
             Some((cert, key)) => format!(
@@ -109,7 +99,7 @@ connect_timeout = "1s"
 [plugins]
 search_path = ["{plugins}"]
 [admin]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 {tls_lines}
 [log]
 level = "info"
@@ -144,15 +134,16 @@ level = "info"
             builder = builder.tls_certs_only(certs);
         }
         let client = builder.build().expect("http client");
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             dir,
-            port,
+            port: 0,
             scheme: if tls.is_some() { "https" } else { "http" },
             log,
             plugin,
             child: Some(child),
             client,
         };
+        daemon.port = daemon.admin_port();
         daemon.wait_for("the admin API", Duration::from_secs(30), || {
             daemon
                 .client
@@ -161,6 +152,42 @@ level = "info"
                 .is_ok_and(|r| r.status() == 200)
         });
         daemon
+    }
+
+    /// The port the daemon's API listens on, from the address it writes
+    /// into its store's owner lock (where the CLI finds it): `listen` is
+    /// port 0, as a port picked beforehand could be taken before the daemon
+    /// binds it.
+    fn admin_port(&mut self) -> u16 {
+        let lock = self.dir.path().join("queue.db.owner.lock");
+        let child = self.child.as_mut().expect("daemon running");
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("daemon status") {
+                panic!("retryq run exited with {status}\n{}", self.log_tail());
+            }
+            let owner: Value = std::fs::read_to_string(&lock)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(Value::Null);
+            let port = owner["admin_addr"]
+                .as_str()
+                .filter(|_| owner["pid"] == pid)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok());
+            if let Some(port) = port {
+                return port;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no admin address in {} within 30 s: {owner}\n{}",
+                    lock.display(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
