@@ -49,7 +49,10 @@
 //! `synchronous_commit = on` (the server default) that is after the WAL
 //! reached disk (and the synchronous standbys, if any). A lost connection
 //! is a `Storage` error naming the server; nothing is reported applied
-//! unless its commit returned. The pool reconnects on the next call.
+//! unless its commit returned. The pool reconnects on the next call. A
+//! claim whose commit went unanswered may still have committed; the next
+//! transaction releases what it leased ([`unanswered`]), rather than leave
+//! it to its lease.
 //!
 //! Time comes from `StoreOptions::clock`, never from the server, so leases
 //! assume the daemons' clocks agree (as NTP keeps them). Times are stored
@@ -73,6 +76,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 mod txn;
+mod unanswered;
 
 pub use options::{PostgresOptions, PostgresOptionsError, SslMode};
 pub use schema::{SchemaError, SCHEMA_VERSION};
@@ -134,6 +138,7 @@ pub struct PostgresRetryQueue {
     lock_class: i32,
     session: Mutex<Option<session::Session>>,
     subscribers: session::Subscribers,
+    unanswered: unanswered::UnansweredLeases,
 }
 
 impl std::fmt::Debug for PostgresRetryQueue {
@@ -216,6 +221,7 @@ impl PostgresRetryQueue {
             evicted: AtomicU64::new(0),
             session: Mutex::new(Some(session)),
             subscribers,
+            unanswered: Default::default(),
         };
         store.release_expired_leases()?;
         Ok(store)

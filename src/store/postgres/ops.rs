@@ -114,7 +114,7 @@ impl RetryQueue for PostgresRetryQueue {
         let now = self.now();
         let lease_until = add_saturating(now, lease).trunc_subsecs(6);
         let owner = self.options.instance_id.clone();
-        self.write("claim", |tx| {
+        self.write_leasing("claim", |tx| {
             let mut claimed: Vec<QueueItem> = Vec::new();
             loop {
                 let want = i64::try_from(limit - claimed.len()).unwrap_or(i64::MAX);

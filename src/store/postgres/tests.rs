@@ -411,3 +411,100 @@ fn a_schema_at_version_1_gets_totals_counted_from_its_rows() {
     assert!(matches!(err, QueueError::QueueFull { .. }), "{err}");
     store.close().unwrap();
 }
+
+/// A claim, an enqueue stored claimed and a group commit holding one, each
+/// committed with its answer lost: the caller saw a storage error, and the
+/// next transaction of the handle returns exactly what they leased to
+/// pending, touching neither a lease it was told about nor another
+/// instance's, nor a row leased anew since the lost answer.
+#[test]
+fn leases_whose_commit_went_unanswered_are_released_by_the_next_transaction() {
+    use crate::item::ItemStatus;
+    use std::sync::atomic::Ordering;
+
+    let test = "leases_whose_commit_went_unanswered_are_released_by_the_next_transaction";
+    let Some(options) = server_options(test) else {
+        return;
+    };
+    let lease = Duration::from_secs(60);
+    let store = PostgresRetryQueue::open(&options, StoreOptions::default()).unwrap();
+    // Another daemon's handle: it looks without settling anything of `store`.
+    let other = PostgresRetryQueue::open(&options, StoreOptions::default()).unwrap();
+    store
+        .enqueue_batch((0..4).map(|n| new_item(&format!("p{n}"))).collect())
+        .unwrap();
+    let answered = store.claim(1, lease).unwrap().remove(0);
+    let others = other.claim(1, lease).unwrap().remove(0);
+    let leased_by_store = || -> Vec<String> {
+        other
+            .list(&ListFilter {
+                status: Some(ItemStatus::Processing),
+                ..ListFilter::default()
+            })
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.lease_owner() == Some(store.options.instance_id.as_str()))
+            .map(|i| i.id.to_string())
+            .filter(|id| *id != answered.id.as_str())
+            .collect()
+    };
+
+    type LostWrite<'a> = Box<dyn Fn() -> QueueResult<()> + 'a>;
+    let writes: Vec<(&str, usize, LostWrite)> = vec![
+        ("claim", 2, Box::new(|| store.claim(2, lease).map(drop))),
+        (
+            "enqueue_claimed",
+            1,
+            Box::new(|| store.enqueue_claimed(vec![new_item("c0")], lease).map(drop)),
+        ),
+        (
+            "a group commit",
+            1,
+            Box::new(|| {
+                let group = vec![
+                    WriteOp::Enqueue(new_item("e0")),
+                    WriteOp::EnqueueClaimed {
+                        item: new_item("c1"),
+                        lease,
+                    },
+                ];
+                store.apply_batch(group).map(drop)
+            }),
+        ),
+    ];
+    for (what, leases, write) in writes {
+        store
+            .unanswered
+            .lose_next_answer
+            .store(true, Ordering::SeqCst);
+        let e = write().unwrap_err();
+        assert!(e.is_storage(), "{what}: {e}");
+        let committed = leased_by_store();
+        assert_eq!(committed.len(), leases, "{what} committed: {committed:?}");
+        // The next transaction of the handle, whatever it is for.
+        store.get(&answered.id).unwrap();
+        assert_eq!(leased_by_store(), Vec::<String>::new(), "{what} released");
+        for id in committed {
+            let item = other
+                .get(&crate::item::ItemId::parse(&id).unwrap())
+                .unwrap();
+            assert_eq!(item.status(), ItemStatus::Pending, "{what}: {id}");
+            assert_eq!(item.attempts, 0, "{what}: no attempt counted for {id}");
+        }
+        assert!(store.unanswered.pending().is_empty(), "{what}: forgotten");
+    }
+
+    // A lease remembered as unanswered but with another `lease_until` (the
+    // row was leased anew since) is not the lost write's: left alone, as is
+    // another instance's lease.
+    store.unanswered.remember(vec![unanswered::TakenLease::new(
+        answered.id.to_string(),
+        answered.lease_until().unwrap() - chrono::Duration::seconds(1),
+    )]);
+    store.get(&answered.id).unwrap();
+    for held in [&answered, &others] {
+        let item = other.get(&held.id).unwrap();
+        assert_eq!(item.status(), ItemStatus::Processing, "{}", held.id);
+        assert_eq!(item.lease_until(), held.lease_until());
+    }
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, Utc};
 use postgres::{GenericClient, Transaction};
 
+use super::unanswered::{TakenLease, TakesLeases};
 use super::{admit, row, Conn, PgUnavailable, PostgresRetryQueue, TxError};
 use crate::backoff::add_saturating;
 use crate::error::{QueueError, QueueResult};
@@ -54,7 +55,29 @@ impl PostgresRetryQueue {
         op: &'static str,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<T, TxError>,
     ) -> QueueResult<T> {
+        self.write_then(op, f, |_| Vec::new())
+    }
+
+    /// [`Self::write`] for a write that leases items: if its commit goes
+    /// unanswered, what it leased is released by the next transaction
+    /// (see [`super::unanswered`]).
+    pub(super) fn write_leasing<T: TakesLeases>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, TxError>,
+    ) -> QueueResult<T> {
+        self.write_then(op, f, T::taken_leases)
+    }
+
+    fn write_then<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, TxError>,
+        leased: impl FnOnce(&T) -> Vec<TakenLease>,
+    ) -> QueueResult<T> {
         let mut conn = self.conn(op)?;
+        self.settle_unanswered(&mut conn)
+            .map_err(|e| self.sql_err(op, e))?;
         let mut tx = conn.transaction().map_err(|e| self.sql_err(op, e))?;
         let value = match f(&mut tx) {
             Ok(value) => value,
@@ -66,8 +89,33 @@ impl PostgresRetryQueue {
             }
             Err(TxError::Queue(e)) => return Err(e),
         };
-        tx.commit().map_err(|e| self.sql_err(op, e))?;
+        if let Err(e) = self.commit(op, tx) {
+            // Committed or not, nobody will be told: see `unanswered`.
+            self.unanswered.remember(leased(&value));
+            return Err(e);
+        }
         Ok(value)
+    }
+
+    #[cfg(not(test))]
+    fn commit(&self, op: &'static str, tx: Transaction<'_>) -> QueueResult<()> {
+        tx.commit().map_err(|e| self.sql_err(op, e))
+    }
+
+    /// Commits, then (when a test asked for it) loses the answer: the
+    /// server committed, and the caller sees a storage error as from a
+    /// broken connection.
+    #[cfg(test)]
+    fn commit(&self, op: &'static str, tx: Transaction<'_>) -> QueueResult<()> {
+        tx.commit().map_err(|e| self.sql_err(op, e))?;
+        if self
+            .unanswered
+            .lose_next_answer
+            .swap(false, Ordering::SeqCst)
+        {
+            return Err(QueueError::storage(op, "the answer to COMMIT was lost"));
+        }
+        Ok(())
     }
 
     /// Takes the schema's admission lock for the rest of the transaction.
@@ -304,7 +352,7 @@ impl PostgresRetryQueue {
         candidates: Vec<admit::Candidate>,
     ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
         let before = self.evicted.load(Ordering::Relaxed);
-        let result = self.write(op, |tx| self.admit_in(tx, candidates));
+        let result = self.write_leasing(op, |tx| self.admit_in(tx, candidates));
         if result.is_err() {
             // Nothing committed: nothing was evicted.
             self.evicted.store(before, Ordering::Relaxed);
@@ -323,7 +371,7 @@ impl PostgresRetryQueue {
         let admits = ops
             .iter()
             .any(|op| matches!(op, WriteOp::Enqueue(_) | WriteOp::EnqueueClaimed { .. }));
-        let result = self.write("apply_batch", |tx| {
+        let result = self.write_leasing("apply_batch", |tx| {
             if admits {
                 // Before any row lock: an admission elsewhere may wait on a
                 // row this group locks (to evict it) while holding the
