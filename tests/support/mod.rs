@@ -16,12 +16,33 @@ pub fn plugin_lib(crate_name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        build
             .args(["build", "-p", "retryq-chaos", "-p", "retryq-http"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap()
-            .success();
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // What cargo sets for this test process only: build scripts that
+        // watch one of them (ring's watches CARGO_MANIFEST_DIR) would
+        // otherwise see it change between this build and a build from a
+        // shell, and rebuild the TLS stack each time, ten seconds of both
+        // cores in the middle of the tests.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_")
+                || matches!(
+                    name.as_ref(),
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_MANIFEST_LINKS"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                )
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
+        let ok = build.status().unwrap().success();
         assert!(ok, "building the bundled plugins failed");
     });
     let lib = target_dir().join(format!(
