@@ -125,14 +125,21 @@ async fn release_handed_off(shared: &Shared, io: &Io, items: Vec<QueueItem>) {
             .collect()
     };
     if !ids.is_empty() {
-        let ops = ids
+        let ops: Vec<WriteOp> = ids
             .iter()
             .map(|id| WriteOp::Release { id: id.clone() })
             .collect();
         // Out of the in-flight set only once released: a `stop` waiting on
         // that set must not shut the actors down under this write.
-        if let Err(e) = io.apply(ops).await {
-            tracing::warn!(error = %e, count = ids.len(), "could not release handed-off items; they are delivered once their lease expires");
+        if let Err(e) = io.apply(ops.clone()).await {
+            if e.is_storage() {
+                // Written before the next claim, once the store takes
+                // writes: not left to wait out their lease.
+                tracing::warn!(error = %e, count = ids.len(), "the store refused to release handed-off items; they are released once it accepts writes");
+                shared.unapplied_writes().extend(ops);
+            } else {
+                tracing::warn!(error = %e, count = ids.len(), "could not release handed-off items; they are delivered once their lease expires");
+            }
         }
         shared.settle_in_flight(&ids);
     }
