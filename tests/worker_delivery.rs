@@ -14,7 +14,12 @@ use retryq::clock::{Clock, ManualClock};
 use retryq::plugin_sdk::{
     CallContext, CheckError, CheckResult, FingerprintChecker, ItemMeta, PushOutcome, Pusher,
 };
-use retryq::store::{ListFilter, RetryQueue, SqliteRetryQueue, StoreOptions};
+use retryq::store::apply::ItemUpdate;
+use retryq::store::{
+    ListFilter, PendingSync, RetryQueue, SqliteRetryQueue, StoreOptions, WriteOp, WriteOutcome,
+};
+
+type QResult<T> = Result<T, retryq::QueueError>;
 use retryq::worker::{EventKind, RetryWorker, RetryWorkerConfig};
 use retryq::{ItemStatus, NewItem};
 
@@ -1176,5 +1181,197 @@ async fn a_batch_failing_at_once_opens_the_circuit_for_one_cooldown_only() {
         assert!(counts.contains_key(id.as_str()), "{id} delivered");
     }
     assert_eq!(worker.stats().circuit_opened, 1);
+    worker.stop(Duration::from_secs(5)).await.unwrap();
+}
+
+/// A store that refuses, while told to, every batch holding a release (as
+/// a full disk or a database outage would), and records what it refused.
+struct RefusingReleases {
+    inner: Arc<dyn RetryQueue>,
+    refusing: AtomicBool,
+    refused: Mutex<HashSet<String>>,
+}
+
+impl RefusingReleases {
+    fn check(&self, ops: &[WriteOp]) -> Result<(), retryq::QueueError> {
+        if !self.refusing.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let released: Vec<String> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Release { id } => Some(id.to_string()),
+                _ => None,
+            })
+            .collect();
+        if released.is_empty() {
+            return Ok(());
+        }
+        self.refused.lock().unwrap().extend(released);
+        Err(retryq::QueueError::storage(
+            "apply_batch",
+            "no space left on device",
+        ))
+    }
+}
+
+impl std::fmt::Debug for RefusingReleases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefusingReleases")
+    }
+}
+
+impl RetryQueue for RefusingReleases {
+    fn enqueue(&self, item: NewItem) -> QResult<ItemId> {
+        self.inner.enqueue(item)
+    }
+    fn enqueue_batch(&self, items: Vec<NewItem>) -> QResult<Vec<QResult<ItemId>>> {
+        self.inner.enqueue_batch(items)
+    }
+    fn enqueue_claimed(
+        &self,
+        items: Vec<NewItem>,
+        lease: Duration,
+    ) -> QResult<Vec<QResult<retryq::QueueItem>>> {
+        self.inner.enqueue_claimed(items, lease)
+    }
+    fn dequeue(&self) -> QResult<Option<retryq::QueueItem>> {
+        self.inner.dequeue()
+    }
+    fn peek(&self) -> QResult<Option<retryq::QueueItem>> {
+        self.inner.peek()
+    }
+    fn get(&self, id: &ItemId) -> QResult<retryq::QueueItem> {
+        self.inner.get(id)
+    }
+    fn update(&self, item: &retryq::QueueItem) -> QResult<()> {
+        self.inner.update(item)
+    }
+    fn delete(&self, id: &ItemId) -> QResult<()> {
+        self.inner.delete(id)
+    }
+    fn change_item(&self, update: ItemUpdate<'_>) -> QResult<retryq::QueueItem> {
+        self.inner.change_item(update)
+    }
+    fn release(&self, id: &ItemId) -> QResult<()> {
+        self.check(&[WriteOp::Release { id: id.clone() }])?;
+        self.inner.release(id)
+    }
+    fn claim(&self, limit: usize, lease: Duration) -> QResult<Vec<retryq::QueueItem>> {
+        self.inner.claim(limit, lease)
+    }
+    fn release_expired_leases(&self) -> QResult<usize> {
+        self.inner.release_expired_leases()
+    }
+    fn next_due(&self) -> QResult<Option<chrono::DateTime<Utc>>> {
+        self.inner.next_due()
+    }
+    fn size(&self) -> QResult<usize> {
+        self.inner.size()
+    }
+    fn stats(&self) -> QResult<retryq::store::QueueStats> {
+        self.inner.stats()
+    }
+    fn cleanup(&self, ttl: Duration) -> QResult<retryq::store::CleanupReport> {
+        self.inner.cleanup(ttl)
+    }
+    fn enforce_limits(&self) -> QResult<usize> {
+        self.inner.enforce_limits()
+    }
+    fn list(&self, filter: &ListFilter) -> QResult<Vec<retryq::QueueItem>> {
+        self.inner.list(filter)
+    }
+    fn apply_batch(&self, ops: Vec<WriteOp>) -> QResult<Vec<QResult<WriteOutcome>>> {
+        self.check(&ops)?;
+        self.inner.apply_batch(ops)
+    }
+    fn apply_batch_deferred(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> QResult<(Vec<QResult<WriteOutcome>>, Option<PendingSync>)> {
+        self.check(&ops)?;
+        self.inner.apply_batch_deferred(ops)
+    }
+    fn probe_writable(&self) -> QResult<bool> {
+        self.inner.probe_writable()
+    }
+    fn close(&self) -> QResult<()> {
+        self.inner.close()
+    }
+}
+
+/// Handed-off items that meet an open circuit are released to pending; a
+/// release the store refuses (a full disk, a database outage) is written
+/// once it takes writes again, not left to wait out the lease (an hour
+/// here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_release_of_handed_off_items_is_written_once_the_store_takes_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RefusingReleases {
+        inner: roomy_sqlite_queue(dir.path()),
+        refusing: AtomicBool::new(false),
+        refused: Mutex::new(HashSet::new()),
+    });
+    let queue: Arc<dyn RetryQueue> = store.clone();
+    let transport = Scripted::always(PushOutcome::retryable("connection refused"));
+    transport.hold(Hold::Everything);
+    let mut config = RetryWorkerConfig {
+        batch_size: 1,
+        concurrency: 1,
+        interval: Duration::from_millis(50),
+        lease: Duration::from_secs(3600),
+        ..RetryWorkerConfig::default()
+    };
+    config.circuit.threshold = 1;
+    config.circuit.cooldown = Duration::from_secs(3600);
+    config.circuit.max_cooldown = Duration::from_secs(3600);
+    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    worker.start().await.unwrap();
+    // Two hand-offs of one item run at once; the third item waits for one
+    // of them to finish, and meets the open circuit then.
+    let ids: Vec<ItemId> = worker
+        .enqueue_batch((0..3).map(item).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    wait_until("the first push", || {
+        !transport.active.lock().unwrap().is_empty()
+    })
+    .await;
+    store.refusing.store(true, Ordering::SeqCst);
+    transport.hold(Hold::Nothing);
+    wait_until("the waiting hand-off's release refused", || {
+        store.refused.lock().unwrap().contains(ids[2].as_str())
+    })
+    .await;
+    assert_eq!(
+        queue.get(&ids[2]).unwrap().status(),
+        ItemStatus::Processing,
+        "still leased while the store refuses"
+    );
+
+    store.refusing.store(false, Ordering::SeqCst);
+    for id in &ids {
+        for _ in 0..500 {
+            if queue.get(id).unwrap().status() == ItemStatus::Pending {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let item = queue.get(id).unwrap();
+        assert_eq!(
+            item.status(),
+            ItemStatus::Pending,
+            "{id} released: {item:?} {:?}",
+            worker.stats()
+        );
+    }
+    assert_eq!(
+        transport.push_count(),
+        1,
+        "nothing pushed into the open circuit"
+    );
     worker.stop(Duration::from_secs(5)).await.unwrap();
 }

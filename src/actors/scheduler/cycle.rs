@@ -89,8 +89,18 @@ impl SchedulerActor {
                 // Paused or circuit open: nothing is claimed, and the timer
                 // goes by the pause, the cool-down or the poll, not by the
                 // next due item, so asking the store would be wasted work
-                // on its thread (after every enqueue, while paused).
-                return (Ok(Vec::new()), None);
+                // on its thread (after every enqueue, while paused). What
+                // the store refused earlier is still written (no store call
+                // when there is none): an acknowledgement must not wait out
+                // a pause, by which time its lease may have run out and the
+                // item been pushed again, nor a release of a leased item.
+                let recorded = record_unapplied_writes(&shared, &io)
+                    .await
+                    .map(|()| Vec::new());
+                if recorded.is_err() {
+                    observe_cycle(&shared, &io, &recorded).await;
+                }
+                return (recorded, None);
             }
             let results = run_cycle(&shared, &io).await;
             observe_cycle(&shared, &io, &results).await;
