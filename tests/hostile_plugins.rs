@@ -338,11 +338,6 @@ fn cli(dir: &Path, config: &Path, args: &[&str], stdin: &str) -> String {
 #[test]
 fn the_real_daemon_survives_a_segfaulting_plugin_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let config = dir.path().join("retryq.toml");
     std::fs::write(
         &config,
@@ -359,7 +354,7 @@ path = "{lib}"
 isolation = "process"
 memory_limit = 536870912
 [admin]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 [log]
 level = "info"
 "#,
@@ -442,12 +437,7 @@ level = "info"
 }
 
 /// Writes a daemon config for the hostile plugin with `isolation`.
-fn daemon_config(dir: &Path, isolation: &str) -> (PathBuf, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+fn daemon_config(dir: &Path, isolation: &str) -> PathBuf {
     let config = dir.join(format!("retryq-{isolation}.toml"));
     std::fs::write(
         &config,
@@ -463,7 +453,7 @@ lease = "20s"
 path = "{lib}"
 isolation = "{isolation}"
 [admin]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 [log]
 level = "info"
 "#,
@@ -472,14 +462,14 @@ level = "info"
         ),
     )
     .unwrap();
-    (config, port)
+    config
 }
 
 #[test]
 fn in_process_a_poison_item_is_dead_lettered_after_two_crashes_and_innocents_are_delivered() {
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
-    let (config, _) = daemon_config(dir.path(), "in_process");
+    let config = daemon_config(dir.path(), "in_process");
     for payload in [
         r#"{"w":"slow","n":1}"#,
         r#"{"w":"slow segv"}"#,
