@@ -12,10 +12,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use retryq::item::{ItemId, NewItem, Payload};
+use retryq::item::{ItemId, ItemStatus, NewItem, Payload};
 use retryq::store::postgres::{SslMode, SCHEMA_VERSION};
 use retryq::store::{
-    OverflowPolicy, PostgresOptions, PostgresRetryQueue, RetryQueue, StoreOptions,
+    OverflowPolicy, PostgresOptions, PostgresRetryQueue, RetryQueue, StoreOptions, WriteOp,
+    WriteOutcome,
 };
 
 #[path = "store_postgres_support/mod.rs"]
@@ -714,7 +715,32 @@ fn a_handle_without_its_instance_lock_claims_nothing() {
     assert!(!second.holds_lock());
     second.enqueue(item("ready")).unwrap();
     assert!(second.claim(5, Duration::from_secs(60)).unwrap().is_empty());
-    assert_eq!(first.claim(5, Duration::from_secs(60)).unwrap().len(), 1);
+    // Nor does it store an item claimed: the outbox's item is stored
+    // pending (for a claim), and a direct call is refused, storing nothing.
+    let lease = Duration::from_secs(60);
+    let outcomes = second
+        .apply_batch(vec![WriteOp::EnqueueClaimed {
+            item: item("handed"),
+            lease,
+        }])
+        .unwrap();
+    assert!(
+        matches!(outcomes.as_slice(), [Ok(WriteOutcome::Enqueued(_))]),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        second.get(&id("handed")).unwrap().status(),
+        ItemStatus::Pending
+    );
+    let e = second
+        .enqueue_claimed(vec![item("direct")], lease)
+        .unwrap_err();
+    assert!(
+        e.is_storage() && e.to_string().contains("instance lock"),
+        "{e}"
+    );
+    assert!(second.get(&id("direct")).is_err(), "nothing stored");
+    assert_eq!(first.claim(5, Duration::from_secs(60)).unwrap().len(), 2);
     // Once the first is gone, the second takes the lock over.
     first.close().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);

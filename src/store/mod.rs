@@ -273,7 +273,10 @@ impl CleanupReport {
 pub enum WriteOp {
     /// [`RetryQueue::enqueue`].
     Enqueue(NewItem),
-    /// [`RetryQueue::enqueue_claimed`] of one item.
+    /// [`RetryQueue::enqueue_claimed`] of one item; its outcome is
+    /// `Claimed`. A backend that may not lease items at the moment (a
+    /// PostgreSQL handle without its instance lock) stores it pending
+    /// instead, with the outcome `Enqueued`, for a claim to take later.
     EnqueueClaimed {
         /// Stored as `Processing`, owned by this instance, as the planner admits it.
         item: NewItem,

@@ -67,8 +67,10 @@ pub async fn store_and_hand_off(
             })
         })
         .collect();
-    // Slots of items refused (duplicates, a full queue).
-    shared.unreserve_handoff(handoff - claimed.len());
+    // Slots of items refused (duplicates, a full queue) or stored pending
+    // (a store that may not lease now, as PostgreSQL without its lock).
+    let handed = claimed.len();
+    shared.unreserve_handoff(handoff - handed);
     if !claimed.is_empty() {
         if let Err(stranded) = hand_off(&shared, &scheduler, claimed) {
             let stranded_count = stranded.len();
@@ -82,7 +84,7 @@ pub async fn store_and_hand_off(
             shared.unreserve_handoff(stranded_count);
         }
     }
-    if handoff < count {
+    if handed < count {
         shared.wake_with(|| scheduler.do_send(Wake));
     }
     Ok(ids)

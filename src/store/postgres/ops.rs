@@ -42,6 +42,16 @@ impl RetryQueue for PostgresRetryQueue {
         lease: Duration,
     ) -> QueueResult<Vec<QueueResult<QueueItem>>> {
         self.check_open()?;
+        if !self.holds_lock() {
+            // See `claim`; nothing is stored, so the caller may retry.
+            return Err(QueueError::storage(
+                "enqueue_claimed",
+                format!(
+                    "PostgreSQL at {}: this handle does not hold its instance lock (reconnecting, or another handle runs as instance {:?}), so it may not lease items",
+                    self.endpoint, self.options.instance_id
+                ),
+            ));
+        }
         let prepared = self.prepare_new(items, Some(lease));
         self.admit("enqueue_claimed", prepared)
     }

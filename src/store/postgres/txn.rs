@@ -371,6 +371,11 @@ impl PostgresRetryQueue {
         let admits = ops
             .iter()
             .any(|op| matches!(op, WriteOp::Enqueue(_) | WriteOp::EnqueueClaimed { .. }));
+        // As `claim`: without its instance lock this handle looks dead to
+        // the fleet, whose orphan release would take back an item stored
+        // claimed and push it beside our hand-off. Stored pending instead,
+        // it is claimed once the lock is back.
+        let may_lease = self.holds_lock();
         let result = self.write_leasing("apply_batch", |tx| {
             if admits {
                 // Before any row lock: an admission elsewhere may wait on a
@@ -399,8 +404,9 @@ impl PostgresRetryQueue {
                                     prepared.extend(self.prepare_new(vec![item], None));
                                 }
                                 WriteOp::EnqueueClaimed { item, lease } => {
-                                    claimed.push(true);
-                                    prepared.extend(self.prepare_new(vec![item], Some(lease)));
+                                    let lease = may_lease.then_some(lease);
+                                    claimed.push(lease.is_some());
+                                    prepared.extend(self.prepare_new(vec![item], lease));
                                 }
                                 _ => {}
                             }
