@@ -1085,6 +1085,31 @@ async fn a_handed_off_item_that_waited_half_its_lease_is_released_and_claimed_af
     assert!(!transport.overlapped.load(Ordering::SeqCst));
 }
 
+/// One push at a time, batches (and hand-offs) of one, and a circuit that
+/// opens on the first failure and stays open for an hour.
+fn one_slot_config() -> RetryWorkerConfig {
+    let mut config = RetryWorkerConfig {
+        batch_size: 1,
+        concurrency: 1,
+        ..RetryWorkerConfig::default()
+    };
+    config.circuit.threshold = 1;
+    config.circuit.cooldown = Duration::from_secs(3600);
+    config.circuit.max_cooldown = Duration::from_secs(3600);
+    config
+}
+
+/// Enqueues `count` items through the running `worker` (the outbox path).
+async fn enqueue_through(worker: &RetryWorker, count: usize) -> Vec<ItemId> {
+    worker
+        .enqueue_batch((0..count).map(item).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
 /// Handed-off items still waiting for a slot when the circuit opens go back
 /// to pending with no attempt spent, and wait for the circuit like the
 /// rest: none is pushed into the outage. That holds for an item of another
@@ -1097,24 +1122,10 @@ async fn waiting_handed_off_items_are_released_when_the_circuit_opens() {
     let queue = roomy_sqlite_queue(dir.path());
     let transport = Scripted::always(PushOutcome::retryable("connection refused"));
     *transport.delay.lock().unwrap() = Duration::from_millis(200);
-    let mut config = RetryWorkerConfig {
-        batch_size: 1,
-        concurrency: 1,
-        ..RetryWorkerConfig::default()
-    };
-    config.circuit.threshold = 1;
-    config.circuit.cooldown = Duration::from_secs(3600);
-    config.circuit.max_cooldown = Duration::from_secs(3600);
-    let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
+    let worker = RetryWorker::new(one_slot_config(), queue.clone(), transport.clone()).unwrap();
     worker.start().await.unwrap();
     // Outbox room 4: two batches of one are dispatched, the rest wait.
-    let ids: Vec<ItemId> = worker
-        .enqueue_batch((0..4).map(item).collect())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let ids = enqueue_through(&worker, 4).await;
     wait_until("the circuit to open", || worker.stats().circuit_opened == 1).await;
     for id in &ids {
         wait_until("every item back to pending", || {
@@ -1315,27 +1326,16 @@ async fn a_refused_release_of_handed_off_items_is_written_once_the_store_takes_w
     let queue: Arc<dyn RetryQueue> = store.clone();
     let transport = Scripted::always(PushOutcome::retryable("connection refused"));
     transport.hold(Hold::Everything);
-    let mut config = RetryWorkerConfig {
-        batch_size: 1,
-        concurrency: 1,
+    let config = RetryWorkerConfig {
         interval: Duration::from_millis(50),
         lease: Duration::from_secs(3600),
-        ..RetryWorkerConfig::default()
+        ..one_slot_config()
     };
-    config.circuit.threshold = 1;
-    config.circuit.cooldown = Duration::from_secs(3600);
-    config.circuit.max_cooldown = Duration::from_secs(3600);
     let worker = RetryWorker::new(config, queue.clone(), transport.clone()).unwrap();
     worker.start().await.unwrap();
     // Two hand-offs of one item run at once; the third item waits for one
     // of them to finish, and meets the open circuit then.
-    let ids: Vec<ItemId> = worker
-        .enqueue_batch((0..3).map(item).collect())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let ids = enqueue_through(&worker, 3).await;
     wait_until("the first push", || {
         !transport.active.lock().unwrap().is_empty()
     })

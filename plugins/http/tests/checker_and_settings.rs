@@ -105,26 +105,9 @@ fn checker_malformed_json_is_unavailable() {
     }
 }
 
-/// A base URL where connecting is refused at once: port P is held by a
-/// listener on 127.0.0.1, so no other socket can take it, and the URL dials
-/// P on 127.0.0.2, where nothing listens (Linux answers all of 127/8). A
-/// port bound and released before the connect instead could be taken by a
-/// parallel test's server, or picked as the client's own source port (a
-/// TCP self-connect). Keep the listener alive while the URL is used.
-fn refusing_base_url() -> (Option<std::net::TcpListener>, String) {
-    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = held.local_addr().unwrap().port();
-    if cfg!(target_os = "linux") {
-        (Some(held), format!("http://127.0.0.2:{port}"))
-    } else {
-        // Elsewhere only 127.0.0.1 may be up: released, with that small race.
-        (None, format!("http://127.0.0.1:{port}"))
-    }
-}
-
 #[test]
 fn checker_connection_refused_is_unavailable() {
-    let (_held, base_url) = refusing_base_url();
+    let (_held, base_url) = server::refusing_base_url();
     let checker = HttpChecker::from_settings(&json!({ "base_url": base_url })).unwrap();
     assert!(matches!(
         checker.check(&fingerprints(&["fp-a"]), &ctx()),

@@ -212,3 +212,20 @@ fn serve_one<S: Read + Write>(
     out.write_all(&reply.body)?;
     out.flush()
 }
+
+/// A base URL where connecting is refused at once: port P is held by a
+/// listener on 127.0.0.1, so no other socket can take it, and the URL dials
+/// P on 127.0.0.2, where nothing listens (Linux answers all of 127/8). A
+/// port bound and released before the connect instead could be taken by a
+/// parallel test's server, or picked as the client's own source port (a
+/// TCP self-connect). Keep the listener alive while the URL is used.
+pub fn refusing_base_url() -> (Option<std::net::TcpListener>, String) {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    if cfg!(target_os = "linux") {
+        (Some(held), format!("http://127.0.0.2:{port}"))
+    } else {
+        // Elsewhere only 127.0.0.1 may be up: released, with that small race.
+        (None, format!("http://127.0.0.1:{port}"))
+    }
+}
