@@ -10,7 +10,9 @@
 //!   test's own): enqueues meanwhile answer 503, nothing acknowledged is
 //!   lost, delivery resumes without restarting a daemon;
 //! - an operator's pause through one daemon stops them all and survives a
-//!   restart, while a 401 pause stays with the daemon that met the 401.
+//!   restart, while a 401 pause stays with the daemon that met the 401;
+//! - outcomes the database refused while down are written once it is back,
+//!   though the circuit is open (on a server of the test's own).
 //!
 //! Without a server configured each test skips, saying why (fails under
 //! `RETRYQ_REQUIRE_SERVICES=1`).
@@ -539,4 +541,105 @@ fn an_operator_pause_holds_fleet_wide_and_across_restarts_but_a_401_stays_local(
             .contains("credentials"),
         "node 0's pause is no longer its 401: {node0}"
     );
+}
+
+/// Outcomes the database refused are written as soon as it is back, even
+/// while the circuit is open: the real daemon pushes one item to a slow
+/// upstream, the database goes down before the upstream answers 200, and the
+/// next push fails and opens the circuit for an hour. Once the database
+/// is back the delivered item is acknowledged (gone), and the failed and
+/// the waiting hand-off are back to pending, within seconds: not at the
+/// probe an hour later, nor at the end of a minute's lease.
+#[test]
+fn outcomes_refused_during_a_database_outage_are_written_while_the_circuit_is_open() {
+    let Some(server) = pg_support::PgServer::dedicated("gated_outcomes") else {
+        return;
+    };
+    let _turn = take_turn();
+    let pg = server.schema("gated_outcomes");
+    let answer_after = Duration::from_secs(5);
+    let upstream = Upstream::start(Mode::Delay(answer_after));
+    let dep = Deployment::new();
+    let store = pg.store_toml(&dep.path().join("node"), "");
+    // One push at a time, hand-offs of one item: the first is in flight,
+    // the second waits for the push slot, the third for a hand-off.
+    let settings = r#"
+[worker]
+concurrency = 1
+batch_size = 1
+lease = "60s"
+push_timeout = "20s"
+interval = "200ms"
+poll_interval = "200ms"
+[backoff]
+base = "200ms"
+max = "1s"
+jitter = 0.0
+[pusher.settings]
+timeout = "20s"
+[circuit]
+threshold = 1
+cooldown = "1h"
+max_cooldown = "1h"
+"#;
+    let config = dep.config(&upstream, &format!("{store}\n{settings}"));
+    let daemon = dep.start(&config);
+    let ids: Vec<String> = (0..3)
+        .map(|n| daemon.enqueue(&report("gated", n)))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || upstream.request_count() == 1),
+        "the first push never reached the upstream"
+    );
+    let first_arrival = upstream.requests()[0].at;
+    server.ctl("down");
+    upstream.set_mode(Mode::Fail(503));
+    assert!(
+        first_arrival.elapsed() < answer_after,
+        "the database took too long to stop: the first answer may have been recorded"
+    );
+    // The 200 comes back with the database down, the next push fails and
+    // opens the circuit.
+    let opened = wait_until(Duration::from_secs(20), || {
+        daemon.log_count("the store refused to record outcomes") >= 1
+            && daemon.log_count("circuit opened") >= 1
+    });
+    assert!(
+        opened,
+        "expected a refused outcome and an open circuit; requests {:?}",
+        upstream.requests()
+    );
+    server.ctl("up");
+
+    let status = |id: &str| -> (u16, Value) {
+        daemon
+            .api("GET", &format!("/v1/items/{id}"), None)
+            .unwrap_or((0, Value::Null))
+    };
+    let settled = wait_until(Duration::from_secs(20), || {
+        let delivered = upstream
+            .accepted_per_key()
+            .into_keys()
+            .collect::<BTreeSet<_>>();
+        delivered.len() == 1
+            && ids.iter().all(|id| {
+                let (code, item) = status(id);
+                if delivered.contains(id) {
+                    code == 404
+                } else {
+                    code == 200 && item["status"] == "pending"
+                }
+            })
+    });
+    let stats = daemon.stats();
+    assert!(
+        settled,
+        "outcomes not written within 20 s of the database's return; items {:?}; stats {stats}",
+        ids.iter().map(|id| status(id)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        stats["worker"]["circuit_state"], "open",
+        "written while the circuit was still open: {stats}"
+    );
+    assert_eq!(upstream.duplicates(), 0);
 }
